@@ -1,0 +1,166 @@
+"""`llmops`: one command per stage. Every command takes --profile and repeated --set KEY=VALUE.
+
+    llmops synth --days 3 --faults --chatterbot
+    llmops ingest --day 2026-11-01 --set ingest.max_reject_rate=0.3
+    llmops validate --day 2026-11-01
+    llmops snapshot
+    llmops shard
+    llmops config            # the resolved config and its hash
+
+Each stage prints its result as JSON on stdout. A user error (bad config, bad input, failed
+gate) prints one clear message on stderr and exits with status 2 (config) or 1 (data).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import typer
+
+from tasks.config import ConfigError, Settings, load_settings
+
+app = typer.Typer(help="Run the stages of the chat-model lifecycle.", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False)
+
+ProfileOpt = Annotated[str | None, typer.Option("--profile", "-p", help="configs/profiles/<name>.yaml (default tiny)")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="override a config key: --set ingest.max_reject_rate=0.3")]
+DayOpt = Annotated[str, typer.Option("--day", "-d", help="partition date, YYYY-MM-DD")]
+
+
+def _settings(profile: str | None, overrides: list[str] | None) -> Settings:
+    try:
+        return load_settings(profile, overrides or [])
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _run(fn: Callable[[], Any]) -> None:
+    from tasks.ingest import IngestError
+    from tasks.shard import ShardError
+    from tasks.snapshot import SnapshotError
+    from tasks.validate import ValidationFailed
+
+    try:
+        result = fn()
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    except (IngestError, ValidationFailed, SnapshotError, ShardError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(json.dumps(result, indent=2, default=str))
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def config(profile: ProfileOpt = None, set_: SetOpt = None) -> None:
+    """Print the resolved configuration and its hash."""
+    s = _settings(profile, set_)
+    typer.echo(json.dumps({"hash": s.hash(), "config": s.resolved()}, indent=2, default=str))
+
+
+@app.command()
+def synth(
+    days: Annotated[int, typer.Option(min=1, max=366, help="number of days to write")] = 3,
+    start: Annotated[str, typer.Option(help="first day, YYYY-MM-DD")] = "2026-11-01",
+    records: Annotated[int, typer.Option(min=2, help="clean conversations per day")] = 200,
+    faults: Annotated[bool, typer.Option(help="add one line of every reject kind per day")] = False,
+    chatterbot: Annotated[bool, typer.Option(help="also copy the packaged chatterbot-corpus to the first day")] = False,
+    profile: ProfileOpt = None, set_: SetOpt = None,
+) -> None:
+    """Write synthetic raw chat logs (and the packaged chatterbot corpus) under data/raw/."""
+    from tasks.synth import synth as run
+
+    s = _settings(profile, set_)
+    _run(lambda: run(s, days, start, records, faults, chatterbot))
+
+
+@app.command()
+def ingest(day: DayOpt, profile: ProfileOpt = None, set_: SetOpt = None) -> None:
+    """Raw logs of one day -> data/clean/dt=DAY (parquet) + data/quarantine/dt=DAY/rejects.jsonl."""
+    from tasks.ingest import ingest as run
+
+    s = _settings(profile, set_)
+    _run(lambda: run(day, s))
+
+
+@app.command()
+def validate(day: DayOpt, profile: ProfileOpt = None, set_: SetOpt = None) -> None:
+    """Run the Great Expectations suite on a clean partition; fails when an expectation fails."""
+    from tasks.validate import validate as run
+
+    s = _settings(profile, set_)
+    _run(lambda: run(day, s))
+
+
+@app.command()
+def snapshot(profile: ProfileOpt = None, set_: SetOpt = None) -> None:
+    """Version data/clean with DVC and push it to the DVC remote."""
+    from tasks.snapshot import snapshot as run
+
+    s = _settings(profile, set_)
+    _run(lambda: run(s))
+
+
+@app.command()
+def shard(
+    snapshot_hash: Annotated[str | None, typer.Option("--snapshot", help="snapshot hash (default: latest)")] = None,
+    profile: ProfileOpt = None, set_: SetOpt = None,
+) -> None:
+    """Train or reuse the BPE tokenizer and write train/val token shards with a manifest."""
+    from tasks.shard import shard as run
+
+    s = _settings(profile, set_)
+    _run(lambda: run(s, snapshot_hash))
+
+
+@app.command()
+def days(
+    start: Annotated[str, typer.Option("--from", help="first day, YYYY-MM-DD")],
+    end: Annotated[str, typer.Option("--to", help="last day, YYYY-MM-DD (inclusive)")],
+    profile: ProfileOpt = None, set_: SetOpt = None,
+) -> None:
+    """Run ingest -> validate for each day in a range, then snapshot and shard (no Airflow needed)."""
+    from tasks.ingest import check_day
+    from tasks.ingest import ingest as run_ingest
+    from tasks.shard import shard as run_shard
+    from tasks.snapshot import snapshot as run_snapshot
+    from tasks.validate import validate as run_validate
+
+    s = _settings(profile, set_)
+
+    def go() -> dict[str, Any]:
+        first, last = dt.date.fromisoformat(check_day(start)), dt.date.fromisoformat(check_day(end))
+        out: dict[str, Any] = {"days": []}
+        for i in range((last - first).days + 1):
+            d = (first + dt.timedelta(days=i)).isoformat()
+            out["days"].append({"ingest": run_ingest(d, s), "validate": run_validate(d, s)["success"]})
+        out["snapshot"] = run_snapshot(s)
+        out["shard"] = run_shard(s)
+        return out
+
+    _run(go)
+
+
+def run_stage(name: str) -> None:
+    """Entry point for `python -m tasks.<name>`."""
+    app(args=[name, *sys.argv[1:]], prog_name=f"python -m tasks.{name}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""Typed configuration: one YAML per concern in configs/, a profile on top, `--set` overrides last.
+
+    settings = load_settings(profile="tiny", overrides=["ingest.max_reject_rate=0.3"])
+    settings.ingest.max_reject_rate   # 0.3
+    settings.hash("ingest")           # stable sha256 of the resolved section
+
+Order of precedence (later wins): configs/<section>.yaml, configs/profiles/<profile>.yaml,
+environment (LLMOPS_ROOT for paths.root), overrides. A bad key or value raises ConfigError
+naming the dotted key and the file (or override) it came from, before any work starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG_DIR = PROJECT_DIR / "configs"
+ROLES = ("system", "user", "assistant")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the person who has to fix it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathsConfig(_Section):
+    """Where state lives. Everything is relative to `root` unless given absolute."""
+
+    root: Path = PROJECT_DIR
+    data: Path = Path("data")
+    reports: Path = Path("reports")
+    models: Path = Path("models")
+    var: Path = Path("var")
+
+    def _abs(self, p: Path) -> Path:
+        return p if p.is_absolute() else (self.root / p)
+
+    @property
+    def data_dir(self) -> Path:
+        return self._abs(self.data)
+
+    @property
+    def raw(self) -> Path:
+        return self.data_dir / "raw"
+
+    @property
+    def clean(self) -> Path:
+        return self.data_dir / "clean"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.data_dir / "quarantine"
+
+    @property
+    def shards(self) -> Path:
+        return self.data_dir / "shards"
+
+    @property
+    def snapshots(self) -> Path:
+        return self.data_dir / "snapshots"
+
+    @property
+    def tokenizers(self) -> Path:
+        return self.data_dir / "tokenizers"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self._abs(self.reports)
+
+    @property
+    def models_dir(self) -> Path:
+        return self._abs(self.models)
+
+    @property
+    def var_dir(self) -> Path:
+        return self._abs(self.var)
+
+
+class NearDupConfig(_Section):
+    enabled: bool = True
+    threshold: float = Field(0.85, gt=0.0, le=1.0, description="estimated Jaccard similarity to call a near duplicate")
+    num_perm: int = Field(64, ge=16, le=512)
+    shingle_words: int = Field(3, ge=1, le=16)
+    min_words: int = Field(8, ge=1, description="shorter conversations are only checked for exact duplicates")
+
+
+class IngestConfig(_Section):
+    roles: tuple[str, ...] = ROLES
+    max_record_bytes: int = Field(65536, gt=0)
+    max_messages: int = Field(64, gt=0)
+    max_reject_rate: float = Field(0.2, ge=0.0, le=1.0)
+    # Duplicates are expected in real logs (retries, copy-paste); they are quarantined but do
+    # not count against the data-quality gate unless listed here.
+    rate_counts_duplicates: bool = False
+    rows_per_part: int = Field(200_000, gt=0)
+    pii_kinds: tuple[Literal["email", "phone", "card", "ip"], ...] = ("email", "phone", "card", "ip")
+    near_dup: NearDupConfig = NearDupConfig()
+
+    @field_validator("roles")
+    @classmethod
+    def _known_roles(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        bad = sorted(set(v) - set(ROLES))
+        if bad:
+            raise ValueError(f"unknown roles {bad}; allowed: {list(ROLES)}")
+        return v
+
+
+class ExpectationSpec(_Section):
+    """One Great Expectations expectation, by class name, applied to one table."""
+
+    expectation: str = Field(pattern=r"^Expect[A-Za-z]+$")
+    table: Literal["records", "turns"]
+    kwargs: dict[str, Any] = {}
+
+
+class ValidateConfig(_Section):
+    suite_name: str = "chat_clean"
+    expectations: tuple[ExpectationSpec, ...] = ()
+    data_docs: bool = True
+
+
+class SnapshotConfig(_Section):
+    remote_name: str = Field("storage", pattern=r"^[A-Za-z0-9_-]+$")
+    # Empty means a local directory <root>/var/dvcstore; production sets s3://bucket/prefix.
+    remote_url: str = ""
+    push: bool = True
+
+
+class ShardConfig(_Section):
+    vocab_size: int = Field(4096, ge=300, le=1 << 20)
+    min_frequency: int = Field(2, ge=1)
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    shard_tokens: int = Field(50_000_000, gt=0, description="max tokens per .bin file")
+    encode_batch: int = Field(4096, gt=0)
+
+
+class Settings(_Section):
+    profile: str = "tiny"
+    seed: int = 1337
+    paths: PathsConfig = PathsConfig()
+    ingest: IngestConfig = IngestConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    snapshot: SnapshotConfig = SnapshotConfig()
+    shard: ShardConfig = ShardConfig()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _profile_name(self) -> Settings:
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", self.profile):
+            raise ValueError(f"profile must be a plain name, got {self.profile!r}")
+        return self
+
+    def section(self, name: str) -> BaseModel:
+        return getattr(self, "validate_" if name == "validate" else name)
+
+    def hash(self, *sections: str) -> str:
+        """sha256 of the resolved config (all of it but `paths`, or just the named sections)."""
+        dump = self.model_dump(mode="json", by_alias=True, exclude={"paths"})
+        if sections:
+            dump = {s: dump[s] for s in sections}
+        return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()
+
+    def resolved(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+SECTIONS = tuple(Settings.model_fields[n].alias or n for n in Settings.model_fields)
+
+
+def _deep_merge(base: dict, new: dict, origin: dict[str, str], source: str, prefix: str = "") -> dict:
+    for k, v in new.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            base[k] = _deep_merge(dict(base[k]), v, origin, source, key + ".")
+        else:
+            base[k] = v
+            origin[key] = source
+            if isinstance(v, dict):
+                for sub in _leaves(v, key + "."):
+                    origin[sub] = source
+    return base
+
+
+def _leaves(d: dict, prefix: str) -> list[str]:
+    out = []
+    for k, v in d.items():
+        out += _leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=c` -> ("a.b", yaml-parsed c)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key.strip()):
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE with a dotted key, e.g. ingest.max_reject_rate=0.3")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from None
+    return key.strip(), value
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: Any = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def load_settings(
+    profile: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    config_dir: Path | str | None = None,
+) -> Settings:
+    config_dir = Path(config_dir or os.environ.get("LLMOPS_CONFIG_DIR") or DEFAULT_CONFIG_DIR)
+    if not config_dir.is_dir():
+        raise ConfigError(f"config directory {config_dir} does not exist")
+    merged: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for path in sorted(config_dir.glob("*.yaml")):
+        section = path.stem
+        if section not in SECTIONS or section == "profile":
+            raise ConfigError(f"{path}: unknown config file; one of {sorted(set(SECTIONS) - {'profile', 'seed'})}.yaml expected")
+        body = _read_yaml(path)
+        if section == "seed":
+            raise ConfigError(f"{path}: 'seed' is set in a profile or with --set seed=N")
+        _deep_merge(merged, {section: body}, origin, str(path))
+
+    profile = profile or os.environ.get("LLMOPS_PROFILE") or "tiny"
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", profile):
+        raise ConfigError(f"profile {profile!r}: must be a plain name such as tiny or small")
+    ppath = config_dir / "profiles" / f"{profile}.yaml"
+    if not ppath.is_file():
+        known = sorted(p.stem for p in (config_dir / "profiles").glob("*.yaml"))
+        raise ConfigError(f"profile {profile!r}: no file {ppath}; known profiles: {known}")
+    _deep_merge(merged, _read_yaml(ppath), origin, str(ppath))
+    merged["profile"] = profile
+
+    if os.environ.get("LLMOPS_ROOT"):
+        _deep_merge(merged, {"paths": {"root": os.environ["LLMOPS_ROOT"]}}, origin, "$LLMOPS_ROOT")
+    for text in overrides:
+        key, value = parse_override(text)
+        _deep_merge(merged, _nest(key, value), origin, f"--set {text}")
+
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"]).replace("validate_", "validate")
+            src = origin.get(key) or next((s for k, s in origin.items() if k.startswith(key + ".")), None)
+            where = f" (from {src})" if src else ""
+            got = f"; got {err['input']!r}" if err["type"] != "missing" and not isinstance(err["input"], dict) else ""
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"  {key}: {msg}{got}{where}")
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None

@@ -1,0 +1,71 @@
+"""Lineage: every artifact carries a manifest saying where it came from.
+
+`_lineage.json` beside (or inside) an artifact holds the seed, the data snapshot hash, the
+tokenizer version and hash, the config hash, the code version, the parent artifact id and
+when it was made. From a served model one follows `parent` back to the raw data.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from tasks import __version__
+from tasks.atomic import write_json
+from tasks.config import PROJECT_DIR
+
+LINEAGE_FILE = "_lineage.json"
+
+
+@functools.cache
+def code_version() -> str:
+    """`git:<sha>[-dirty]` when run from a checkout, else the package version."""
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(PROJECT_DIR), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(PROJECT_DIR), "status", "--porcelain", "--untracked-files=no", "--", "tasks", "dags", "configs"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+        return f"git:{sha}{'-dirty' if dirty else ''}"
+    except (OSError, subprocess.SubprocessError):
+        return f"pkg:{__version__}"
+
+
+def make_lineage(
+    kind: str,
+    artifact_id: str,
+    *,
+    config_hash: str,
+    seed: int | None = None,
+    parent: str | None = None,
+    snapshot_hash: str | None = None,
+    tokenizer: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "id": artifact_id,
+        "parent": parent,
+        "seed": seed,
+        "snapshot_hash": snapshot_hash,
+        "tokenizer": tokenizer,
+        "config_hash": config_hash,
+        "code_version": code_version(),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        **(extra or {}),
+    }
+
+
+def write_lineage(directory: Path, record: dict[str, Any]) -> Path:
+    return write_json(Path(directory) / LINEAGE_FILE, record)
+
+
+def read_lineage(directory: Path) -> dict[str, Any]:
+    return json.loads((Path(directory) / LINEAGE_FILE).read_text())
