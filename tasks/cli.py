@@ -61,6 +61,7 @@ def _run(fn: Callable[[], Any]) -> None:
 def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 @app.command()
@@ -151,6 +152,109 @@ def days(
         return out
 
     _run(go)
+
+
+stack_app = typer.Typer(help="Start, stop and inspect the embedded stack (Airflow + MLflow on 127.0.0.1).",
+                        no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+
+
+def _stack_run(fn: Callable[[], Any]) -> None:
+    from tasks.stack import StackError
+
+    try:
+        _run(fn)
+    except StackError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
+@stack_app.command("up")
+def stack_up(profile: ProfileOpt = None, set_: SetOpt = None) -> None:
+    """Start Airflow and MLflow (what is not already running) and wait until both answer."""
+    from tasks import stack
+
+    s = _settings(profile, set_)
+    _stack_run(lambda: stack.up(s))
+
+
+@stack_app.command("down")
+def stack_down(profile: ProfileOpt = None, set_: SetOpt = None) -> None:
+    """Stop everything `stack up` started."""
+    from tasks import stack
+
+    s = _settings(profile, set_)
+    _stack_run(lambda: stack.down(s))
+
+
+@stack_app.command("status")
+def stack_status(profile: ProfileOpt = None, set_: SetOpt = None) -> None:
+    """Which stack processes are running, and their URLs."""
+    from tasks import stack
+
+    s = _settings(profile, set_)
+    _stack_run(lambda: stack.status(s))
+
+
+@app.command()
+def trigger(
+    dag_id: Annotated[str, typer.Argument(help="chat_ingest, chat_train, ...")],
+    conf: Annotated[str, typer.Option(help="run conf as JSON (the Trigger form's params)")] = "{}",
+    wait: Annotated[bool, typer.Option(help="wait for the run to finish")] = True,
+    profile: ProfileOpt = None, set_: SetOpt = None,
+) -> None:
+    """Trigger a DAG run through the running Airflow's REST API (as the UI's Trigger button does)."""
+    from tasks.stack import AirflowClient, StackError
+
+    s = _settings(profile, set_)
+    try:
+        params = json.loads(conf)
+    except json.JSONDecodeError as e:
+        typer.echo(f"error: --conf is not JSON: {e}", err=True)
+        raise typer.Exit(2) from None
+
+    def go() -> dict[str, Any]:
+        client = AirflowClient(s)
+        client.wait_for_dag(dag_id)
+        client.unpause(dag_id)
+        run_id = client.trigger(dag_id, params)
+        state = client.wait_run(dag_id, run_id) if wait else "queued"
+        out = {"dag_id": dag_id, "run_id": run_id, "state": state, "tasks": client.task_states(dag_id, run_id)}
+        if state == "failed":
+            raise StackError(f"{dag_id} run {run_id} failed: {out['tasks']}; see the task logs in the Airflow UI")
+        return out
+
+    _stack_run(go)
+
+
+@app.command()
+def backfill(
+    start: Annotated[str, typer.Option("--from", help="first logical date, YYYY-MM-DD")],
+    end: Annotated[str, typer.Option("--to", help="last logical date, YYYY-MM-DD (inclusive)")],
+    dag_id: Annotated[str, typer.Option("--dag", help="DAG to backfill")] = "chat_ingest",
+    reprocess: Annotated[str, typer.Option(help="re-run days that already ran: none, failed or completed")] = "completed",
+    profile: ProfileOpt = None, set_: SetOpt = None,
+) -> None:
+    """Backfill a DAG over past days through Airflow's backfill API and wait for it."""
+    from tasks.ingest import check_day
+    from tasks.stack import AirflowClient, StackError
+
+    s = _settings(profile, set_)
+    if reprocess not in ("none", "failed", "completed"):
+        typer.echo("error: --reprocess must be none, failed or completed", err=True)
+        raise typer.Exit(2)
+
+    def go() -> dict[str, Any]:
+        client = AirflowClient(s)
+        client.wait_for_dag(dag_id)
+        client.unpause(dag_id)
+        bf = client.backfill(dag_id, check_day(start), check_day(end), reprocess)
+        runs = client.wait_backfill(dag_id, bf)
+        if any(v != "success" for v in runs.values()):
+            raise StackError(f"backfill {bf} of {dag_id}: {runs}")
+        return {"dag_id": dag_id, "backfill_id": bf, "runs": runs}
+
+    _stack_run(go)
 
 
 def run_stage(name: str) -> None:

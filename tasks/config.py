@@ -145,6 +145,18 @@ class ShardConfig(_Section):
     encode_batch: int = Field(4096, gt=0)
 
 
+class StackConfig(_Section):
+    """The embedded stack `make run` starts (tasks/stack.py). Servers bind to `host` only."""
+
+    host: str = "127.0.0.1"
+    airflow_port: int = Field(8080, ge=1, le=65535)
+    mlflow_port: int = Field(5000, ge=1, le=65535)
+    airflow_parallelism: int = Field(4, ge=1, le=64, description="LocalExecutor worker processes")
+    # Empty: sqlite under var/. Production: postgresql+psycopg2://... (issue: production topology).
+    airflow_db_url: str = ""
+    mlflow_backend_uri: str = ""
+
+
 class Settings(_Section):
     profile: str = "tiny"
     seed: int = 1337
@@ -153,6 +165,7 @@ class Settings(_Section):
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     snapshot: SnapshotConfig = SnapshotConfig()
     shard: ShardConfig = ShardConfig()
+    stack: StackConfig = StackConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

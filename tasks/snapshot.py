@@ -6,7 +6,8 @@ data/ is a DVC project (initialised on first use, without git so that the stage 
 in a bare worker); data/clean is tracked as one directory output. The snapshot id is our
 sha256 over the partitions' content hashes; the DVC revision is the `.dir` md5 DVC gives the
 tree. Each version's `.dvc` file is kept in data/snapshots/, so any snapshot can be brought
-back with `dvc checkout` / `dvc pull` from the remote. Unchanged data makes no new version.
+back by copying data/snapshots/<id>.dvcmeta to data/clean.dvc and running `dvc pull`
+(or `dvc checkout`) in data/. Unchanged data makes no new version.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 DVCIGNORE = """# in-flight and backup directories of atomic writes (tasks/atomic.py)
 .*.tmp-*
 .*.old
+snapshots/
 """
 
 
@@ -102,7 +104,8 @@ def snapshot(settings: Settings) -> dict[str, Any]:
             repo.close()
 
         settings.paths.snapshots.mkdir(parents=True, exist_ok=True)
-        with atomic_file(settings.paths.snapshots / f"{content_hash}.dvc") as tmp:
+        # not named *.dvc: DVC would read every copy as a second stage tracking data/clean
+        with atomic_file(settings.paths.snapshots / f"{content_hash}.dvcmeta") as tmp:
             shutil.copyfile(dvc_file, tmp)
         if new_version:
             record = make_lineage(

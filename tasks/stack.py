@@ -1,0 +1,253 @@
+"""The embedded stack: Airflow (api-server, scheduler, dag-processor, triggerer) and MLflow.
+
+    llmops stack up        # start what is not running, wait until healthy, print URLs
+    llmops stack status
+    llmops stack down
+
+Airflow's components are started one by one rather than through `airflow standalone`, because
+standalone's scheduler and triggerer start log servers bound to every interface; with the
+LocalExecutor on one machine the api-server reads task logs from disk, so they are skipped
+(`--skip-serve-logs`) and every port this stack opens is bound to `stack.host` (127.0.0.1).
+Each process runs in its own session; its process-group id is kept in var/run/<name>.pid and
+`down` sends SIGTERM to the group (then SIGKILL after a grace period).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tasks.config import PROJECT_DIR, Settings
+
+
+class StackError(RuntimeError):
+    pass
+
+
+def _bin(name: str) -> str:
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else (shutil.which(name) or name)
+
+
+def airflow_home(settings: Settings) -> Path:
+    return settings.paths.var_dir / "airflow"
+
+
+def airflow_env(settings: Settings) -> dict[str, str]:
+    """Environment for every Airflow process (and for `airflow` CLI calls against this stack)."""
+    home = airflow_home(settings)
+    home.mkdir(parents=True, exist_ok=True)
+    secret_file = home / "jwt_secret"
+    if not secret_file.exists():  # generated per install, never committed
+        secret_file.write_text(secrets.token_urlsafe(48))
+        secret_file.chmod(0o600)
+    st = settings.stack
+    base = f"http://{st.host}:{st.airflow_port}"
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT_DIR / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__PARALLELISM": str(st.airflow_parallelism),
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{base}/execution/",
+        "AIRFLOW__API__HOST": st.host,
+        "AIRFLOW__API__PORT": str(st.airflow_port),
+        "AIRFLOW__API__BASE_URL": base,
+        "AIRFLOW__API_AUTH__JWT_SECRET": secret_file.read_text().strip(),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": st.airflow_db_url or f"sqlite:///{home / 'airflow.db'}",
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
+        "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+        "LLMOPS_ROOT": str(settings.paths.root),
+        "LLMOPS_PROFILE": settings.profile,
+        "GX_ANALYTICS_ENABLED": "false",
+        "MLFLOW_TRACKING_URI": f"http://{st.host}:{st.mlflow_port}",
+        "NO_PROXY": "127.0.0.1,localhost",
+    }
+    return env
+
+
+def _components(settings: Settings) -> dict[str, list[str]]:
+    st = settings.stack
+    af = _bin("airflow")
+    mlflow_dir = settings.paths.var_dir / "mlflow"
+    return {
+        "airflow-api-server": [af, "api-server", "--host", st.host, "--port", str(st.airflow_port)],
+        "airflow-scheduler": [af, "scheduler", "--skip-serve-logs"],
+        "airflow-dag-processor": [af, "dag-processor"],
+        "airflow-triggerer": [af, "triggerer", "--skip-serve-logs"],
+        "mlflow": [_bin("mlflow"), "server", "--host", st.host, "--port", str(st.mlflow_port), "--workers", "1",
+                   "--backend-store-uri", st.mlflow_backend_uri or f"sqlite:///{mlflow_dir / 'mlflow.db'}",
+                   "--artifacts-destination", str(mlflow_dir / "artifacts")],
+    }
+
+
+def _pidfile(settings: Settings, name: str) -> Path:
+    return settings.paths.var_dir / "run" / f"{name}.pid"
+
+
+def _alive(settings: Settings, name: str) -> int | None:
+    pf = _pidfile(settings, name)
+    if not pf.is_file():
+        return None
+    pgid = int(pf.read_text())
+    try:
+        os.killpg(pgid, 0)
+        return pgid
+    except ProcessLookupError:
+        pf.unlink(missing_ok=True)
+        return None
+
+
+def urls(settings: Settings) -> dict[str, str]:
+    st = settings.stack
+    return {"airflow": f"http://{st.host}:{st.airflow_port}", "mlflow": f"http://{st.host}:{st.mlflow_port}",
+            "airflow_password_file": str(airflow_home(settings) / "simple_auth_manager_passwords.json.generated")}
+
+
+def _wait_http(url: str, timeout: float, name: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2.0).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1.0)
+    tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+    raise StackError(f"{name} did not answer {url} within {timeout:.0f}s; last log lines ({log}):\n{tail}")
+
+
+def up(settings: Settings, timeout: float = 180.0) -> dict[str, Any]:
+    env = airflow_env(settings)
+    logs = settings.paths.var_dir / "log"
+    logs.mkdir(parents=True, exist_ok=True)
+    (settings.paths.var_dir / "run").mkdir(parents=True, exist_ok=True)
+    (settings.paths.var_dir / "mlflow" / "artifacts").mkdir(parents=True, exist_ok=True)
+    if not any(_alive(settings, n) for n in _components(settings) if n.startswith("airflow")):
+        subprocess.run([_bin("airflow"), "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
+    started = []
+    for name, cmd in _components(settings).items():
+        if _alive(settings, name):
+            continue
+        with open(logs / f"{name}.log", "ab") as out:
+            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, cwd=settings.paths.root)
+        _pidfile(settings, name).write_text(str(proc.pid))
+        started.append(name)
+    u = urls(settings)
+    _wait_http(f"{u['airflow']}/api/v2/monitor/health", timeout, "Airflow api-server", logs / "airflow-api-server.log")
+    _wait_http(f"{u['mlflow']}/health", timeout, "MLflow", logs / "mlflow.log")
+    return {"started": started, **u}
+
+
+def down(settings: Settings, grace: float = 20.0) -> dict[str, Any]:
+    stopped = []
+    groups = {n: g for n in _components(settings) if (g := _alive(settings, n))}
+    for g in groups.values():
+        os.killpg(g, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for name, g in groups.items():
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(g, 0)
+                time.sleep(0.2)
+            except ProcessLookupError:
+                break
+        else:
+            try:
+                os.killpg(g, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        _pidfile(settings, name).unlink(missing_ok=True)
+        stopped.append(name)
+    return {"stopped": stopped}
+
+
+def status(settings: Settings) -> dict[str, Any]:
+    return {"running": {n: bool(_alive(settings, n)) for n in _components(settings)}, **urls(settings)}
+
+
+class AirflowClient:
+    """The REST calls the UI's Trigger form makes (Airflow 3 /api/v2, JWT from /auth/token)."""
+
+    def __init__(self, settings: Settings, username: str = "admin"):
+        u = urls(settings)
+        pw_file = Path(u["airflow_password_file"])
+        if not pw_file.is_file():
+            raise StackError(f"{pw_file} not found: is the stack up? (`llmops stack up`)")
+        password = json.loads(pw_file.read_text())[username]
+        self.http = httpx.Client(base_url=u["airflow"], timeout=30.0)
+        r = self.http.post("/auth/token", json={"username": username, "password": password})
+        if r.status_code >= 300:
+            raise StackError(f"Airflow login failed: {r.status_code} {r.text[:300]}")
+        self.http.headers["Authorization"] = f"Bearer {r.json()['access_token']}"
+
+    def _ok(self, r: httpx.Response) -> Any:
+        if r.status_code >= 300:
+            raise StackError(f"{r.request.method} {r.request.url.path}: {r.status_code} {r.text[:500]}")
+        return r.json() if r.content else None
+
+    def wait_for_dag(self, dag_id: str, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.http.get(f"/api/v2/dags/{dag_id}").status_code == 200:
+                return
+            time.sleep(2.0)
+        errors = self.http.get("/api/v2/importErrors").text[:1500]
+        raise StackError(f"DAG {dag_id} not parsed within {timeout:.0f}s; import errors: {errors}")
+
+    def unpause(self, dag_id: str) -> None:
+        self._ok(self.http.patch(f"/api/v2/dags/{dag_id}", json={"is_paused": False}))
+
+    def trigger(self, dag_id: str, conf: dict[str, Any] | None = None) -> str:
+        run = self._ok(self.http.post(f"/api/v2/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": conf or {}}))
+        return run["dag_run_id"]
+
+    def run_state(self, dag_id: str, run_id: str) -> str:
+        return self._ok(self.http.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}"))["state"]
+
+    def wait_run(self, dag_id: str, run_id: str, timeout: float = 900.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = self.run_state(dag_id, run_id)
+            if state in ("success", "failed"):
+                return state
+            time.sleep(2.0)
+        raise StackError(f"{dag_id} run {run_id} still running after {timeout:.0f}s")
+
+    def task_states(self, dag_id: str, run_id: str) -> dict[str, str]:
+        tis = self._ok(self.http.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances"))["task_instances"]
+        return {t["task_id"]: t["state"] for t in tis}
+
+    def backfill(self, dag_id: str, start: str, end: str, reprocess: str = "completed") -> int:
+        """Create a backfill over [start, end] (dates); returns its id. `reprocess`: none|failed|completed."""
+        body = {"dag_id": dag_id, "from_date": f"{start}T00:00:00Z", "to_date": f"{end}T00:00:00Z",
+                "run_backwards": False, "dag_run_conf": {}, "reprocess_behavior": reprocess, "max_active_runs": 1}
+        return self._ok(self.http.post("/api/v2/backfills", json=body))["id"]
+
+    def wait_backfill(self, dag_id: str, backfill_id: int, timeout: float = 1800.0) -> dict[str, str]:
+        """Wait until the backfill completes; return {logical_date: state} of its runs."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            bf = self._ok(self.http.get(f"/api/v2/backfills/{backfill_id}"))
+            runs = self._ok(self.http.get(f"/api/v2/dags/{dag_id}/dagRuns",
+                                          params={"run_type": "backfill", "limit": 100}))["dag_runs"]
+            states = {r["logical_date"][:10]: r["state"] for r in runs}
+            if bf.get("completed_at") and all(s in ("success", "failed") for s in states.values()):
+                return states
+            time.sleep(2.0)
+        raise StackError(f"backfill {backfill_id} of {dag_id} not done after {timeout:.0f}s")
