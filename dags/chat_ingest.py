@@ -19,7 +19,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from assets import CHAT_SHARDS, CLEAN_CORPUS
+from chat_assets import CHAT_SHARDS, CLEAN_CORPUS
 
 
 def _settings():

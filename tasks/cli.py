@@ -257,6 +257,44 @@ def backfill(
     _stack_run(go)
 
 
+@app.command()
+def status(profile: ProfileOpt = None, set_: SetOpt = None) -> None:
+    """One screen: what is up and where, the latest snapshot and shards, and where the reports are."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from tasks import stack
+    from tasks.snapshot import SnapshotError, load_snapshot
+
+    s = _settings(profile, set_)
+    st = stack.status(s)
+    console = Console()
+    t = Table(title="llmops stack", show_header=True)
+    t.add_column("service")
+    t.add_column("state")
+    for name, up in st["running"].items():
+        t.add_row(name, "[green]running[/]" if up else "[red]stopped[/]")
+    console.print(t)
+    console.print(f"Airflow UI + REST API : {st['airflow']}   (user admin, password in {st['airflow_password_file']})")
+    console.print(f"MLflow UI + API       : {st['mlflow']}")
+    try:
+        snap = load_snapshot(s)
+        console.print(f"latest snapshot       : {snap['snapshot_hash'][:12]} (DVC {snap['dvc_rev']}), "
+                      f"{len(snap['partitions'])} partitions, remote {snap['remote']}")
+    except SnapshotError as e:
+        console.print(f"latest snapshot       : none ({e})")
+    manifests = sorted(s.paths.shards.glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)
+    if manifests:
+        m = json.loads(manifests[-1].read_text())
+        console.print(f"latest shards         : {manifests[-1].parent} tokens {m['tokens']}, tokenizer {m['tokenizer']['version']}")
+    docs = sorted(s.paths.reports_dir.glob("data_docs/dt=*/index.html"))
+    for d in docs[-3:]:
+        console.print(f"data docs             : {d}")
+    quarantine = sorted(s.paths.quarantine.glob("dt=*/rejects.jsonl"))
+    for q in quarantine[-3:]:
+        console.print(f"quarantine            : {q}")
+
+
 def run_stage(name: str) -> None:
     """Entry point for `python -m tasks.<name>`."""
     app(args=[name, *sys.argv[1:]], prog_name=f"python -m tasks.{name}")

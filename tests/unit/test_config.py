@@ -1,0 +1,68 @@
+import pytest
+
+from tasks.config import ConfigError, load_settings
+
+
+def test_defaults_and_profile(tmp_path):
+    s = load_settings("tiny", [f"paths.root={tmp_path}"])
+    assert s.profile == "tiny"
+    assert s.shard.vocab_size == 2048  # from configs/profiles/tiny.yaml over configs/shard.yaml
+    assert load_settings("small").shard.vocab_size == 8192
+    assert s.paths.clean == tmp_path / "data" / "clean"
+
+
+def test_override_wins_and_is_typed():
+    s = load_settings("tiny", ["ingest.max_reject_rate=0.35", "ingest.near_dup.enabled=false"])
+    assert s.ingest.max_reject_rate == 0.35
+    assert s.ingest.near_dup.enabled is False
+
+
+def test_hash_is_stable_and_sensitive():
+    a, b = load_settings("tiny"), load_settings("tiny")
+    assert a.hash() == b.hash() and len(a.hash()) == 64
+    c = load_settings("tiny", ["shard.vocab_size=3000"])
+    assert c.hash() != a.hash()
+    assert c.hash("ingest") == a.hash("ingest")  # per-stage hash ignores other sections
+    assert load_settings("tiny", ["paths.root=/elsewhere"]).hash() == a.hash()  # where is not what
+
+
+def test_unknown_key_names_key_and_source():
+    with pytest.raises(ConfigError) as e:
+        load_settings("tiny", ["ingest.max_rejct_rate=0.1"])
+    msg = str(e.value)
+    assert "ingest.max_rejct_rate: unknown key" in msg and "--set ingest.max_rejct_rate=0.1" in msg
+
+
+def test_bad_value_names_key_value_and_file(tmp_path):
+    cfg = tmp_path / "configs"
+    (cfg / "profiles").mkdir(parents=True)
+    (cfg / "ingest.yaml").write_text("max_reject_rate: 3\n")
+    (cfg / "profiles" / "tiny.yaml").write_text("seed: 1\n")
+    with pytest.raises(ConfigError) as e:
+        load_settings("tiny", config_dir=cfg)
+    msg = str(e.value)
+    assert "ingest.max_reject_rate" in msg and "got 3" in msg and str(cfg / "ingest.yaml") in msg
+
+
+def test_unknown_file_profile_and_override_syntax(tmp_path):
+    cfg = tmp_path / "configs"
+    (cfg / "profiles").mkdir(parents=True)
+    (cfg / "profiles" / "tiny.yaml").write_text("{}\n")
+    (cfg / "trainer.yaml").write_text("lr: 1\n")
+    with pytest.raises(ConfigError, match="trainer.yaml: unknown config file"):
+        load_settings("tiny", config_dir=cfg)
+    with pytest.raises(ConfigError, match="profile 'huge'"):
+        load_settings("huge")
+    with pytest.raises(ConfigError, match="profile '../x'"):
+        load_settings("../x")
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_settings("tiny", ["ingest.max_reject_rate"])
+
+
+def test_bad_yaml_names_file(tmp_path):
+    cfg = tmp_path / "configs"
+    (cfg / "profiles").mkdir(parents=True)
+    (cfg / "profiles" / "tiny.yaml").write_text("{}\n")
+    (cfg / "shard.yaml").write_text("vocab_size: [1,\n")
+    with pytest.raises(ConfigError, match="shard.yaml: not valid YAML"):
+        load_settings("tiny", config_dir=cfg)
