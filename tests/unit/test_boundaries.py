@@ -1,0 +1,54 @@
+"""Architecture rules: tasks/ never imports Airflow; DAG files parse fast with no heavy imports."""
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+
+HEAVY = ("torch", "deepspeed", "great_expectations", "evidently", "mlflow", "dvc", "tokenizers", "pandas")
+
+
+def test_tasks_never_import_airflow():
+    offenders = []
+    for path in sorted((REPO / "tasks").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{path.name}: {n}" for n in names if n == "airflow" or n.startswith("airflow.")]
+    assert offenders == []
+
+
+def test_importing_every_task_module_loads_no_airflow():
+    mods = [f"tasks.{p.stem}" for p in sorted((REPO / "tasks").glob("*.py")) if p.stem != "__init__"]
+    code = f"import importlib, sys\nfor m in {mods!r}: importlib.import_module(m)\nprint(sorted(k for k in sys.modules if k.split('.')[0] == 'airflow'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+PARSE = """
+import json, sys, time
+sys.path.insert(0, {dags!r})
+t = time.perf_counter()
+import runpy
+runpy.run_path({path!r}, run_name="dagfile")
+secs = time.perf_counter() - t
+print(json.dumps({{"secs": secs, "heavy": sorted({{m.split('.')[0] for m in sys.modules}} & set({heavy!r}))}}))
+"""
+
+
+def test_each_dag_file_parses_fast_without_heavy_imports():
+    # airflow.sdk itself is imported first (it is every DAG file's cost, ~2 s, paid once per parser process)
+    for path in sorted((REPO / "dags").glob("*.py")):
+        code = "import airflow.sdk\n" + PARSE.format(dags=str(REPO / "dags"), path=str(path), heavy=HEAVY)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={"AIRFLOW__CORE__LOAD_EXAMPLES": "False", "PATH": "/usr/bin:/bin",
+                                  "AIRFLOW_HOME": str(Path("/tmp") / "llmops-parse-test")})
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        assert res["heavy"] == [], f"{path.name} imports {res['heavy']} at parse time"
+        assert res["secs"] < 1.0, f"{path.name} took {res['secs']:.2f}s to parse"
