@@ -17,7 +17,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import CronDataIntervalTimetable, Param, dag, get_current_context, task
 
 from chat_assets import CHAT_SHARDS, CLEAN_CORPUS
 
@@ -40,7 +40,8 @@ def _day() -> str:
 
 @dag(
     dag_id="chat_ingest",
-    schedule="@daily",
+    # interval semantics: the run for [D, D+1) starts after D ends and ingests dt=D
+    schedule=CronDataIntervalTimetable("@daily", timezone="UTC"),
     start_date=pendulum.datetime(2026, 11, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,  # snapshot/shard version the whole corpus: one day at a time keeps versions ordered

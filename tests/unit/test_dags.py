@@ -40,6 +40,8 @@ def test_every_dag_has_tags_retries_docs_and_typed_params(dagbag):
 def test_chat_ingest_shape(dagbag):
     dag = dagbag.get_dag("chat_ingest")
     assert [t.task_id for t in dag.topological_sort()] == ["ingest", "validate", "snapshot", "shard"]
-    assert dag.schedule == "@daily" and dag.timetable.expression == "0 0 * * *"
+    # a daily data interval: the run for [D, D+1) ingests dt=D once D is over
+    assert type(dag.timetable).__name__ == "CronDataIntervalTimetable"
+    assert dag.timetable.expression == "0 0 * * *" and str(dag.timetable.timezone) == "UTC"
     outlets = {o.name for t in dag.tasks for o in t.outlets}
     assert outlets == {"chat_clean_corpus", "chat_shards"}
