@@ -18,6 +18,7 @@ import json
 import logging
 import re
 import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,7 +138,7 @@ class _NearDupIndex:
         self._MinHash = MinHash
         self.lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm)
         # One set of permutations shared by every MinHash (creating them per record dominates otherwise).
-        proto = MinHash(num_perm=cfg.num_perm, seed=seed)
+        proto = MinHash(num_perm=cfg.num_perm, seed=seed, hashfunc=zlib.crc32)
         self.perms, self.scheme = proto.permutations, proto.scheme
         self.seed = seed
 
@@ -146,7 +147,8 @@ class _NearDupIndex:
         if len(words) < max(self.cfg.min_words, n):
             return None
         shingles = {" ".join(words[i:i + n]).encode() for i in range(len(words) - n + 1)}
-        mh = self._MinHash(num_perm=self.cfg.num_perm, seed=self.seed, permutations=self.perms, scheme=self.scheme)
+        mh = self._MinHash(num_perm=self.cfg.num_perm, seed=self.seed, permutations=self.perms, scheme=self.scheme,
+                           hashfunc=zlib.crc32)  # C speed, deterministic; sha1 (the default) dominated ingest
         mh.update_batch(list(shingles))
         hits = self.lsh.query(mh)
         if hits:

@@ -15,11 +15,13 @@ Records go to val by their content hash, so a record stays on its side across re
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import struct
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -182,30 +184,41 @@ def shard(settings: Settings, snapshot_hash: str | None = None) -> dict[str, Any
                 docs[split] = 0
                 write_s += time.perf_counter() - t
 
-        batch_ids: list[str] = []
-        batch_txt: list[str] = []
+        def consume(hashes: list[str], encs) -> None:
+            for split in ("train", "val"):
+                picked = [e.ids for h, e in zip(hashes, encs, strict=True)
+                          if (int(h[:8], 16) % 10_000 < val_cut) == (split == "val")]
+                if picked:
+                    ids = np.fromiter(itertools.chain.from_iterable(picked), dtype=dtype)
+                    buffers[split].append(ids)
+                    counts[split] += len(ids)
+                    docs[split] += len(picked)
+                flush(split)
+            prog.update(len(hashes))
 
-        def encode_batch() -> None:
-            encs = tok.encode_batch_fast(batch_txt, add_special_tokens=False)
-            for h, enc in zip(batch_ids, encs, strict=True):
-                split = "val" if int(h[:8], 16) % 10_000 < val_cut else "train"
-                ids = np.asarray(enc.ids, dtype=dtype)
-                buffers[split].append(ids)
-                counts[split] += len(ids)
-                docs[split] += 1
-            prog.update(len(batch_txt))
-            batch_ids.clear()
-            batch_txt.clear()
-            flush("train")
-            flush("val")
+        def batches() -> Iterator[tuple[list[str], list[str]]]:
+            hashes: list[str] = []
+            texts: list[str] = []
+            for h, messages in _iter_conversations(settings, snap["partitions"]):
+                hashes.append(h)
+                texts.append(render_chat(messages))
+                if len(texts) >= cfg.encode_batch:
+                    yield hashes, texts
+                    hashes, texts = [], []
+            if texts:
+                yield hashes, texts
 
-        for h, messages in _iter_conversations(settings, snap["partitions"]):
-            batch_ids.append(h)
-            batch_txt.append(render_chat(messages))
-            if len(batch_txt) >= cfg.encode_batch:
-                encode_batch()
-        if batch_txt:
-            encode_batch()
+        # The tokenizer (Rust, GIL released) encodes batch k on its threads while this thread
+        # renders batch k+1 and packs batch k-1: the Python work hides behind the encoding.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = None
+            for hashes, texts in batches():
+                fut = pool.submit(tok.encode_batch_fast, texts, add_special_tokens=False)
+                if pending is not None:
+                    consume(pending[0], pending[1].result())
+                pending = (hashes, fut)
+            if pending is not None:
+                consume(pending[0], pending[1].result())
         flush("train", final=True)
         flush("val", final=True)
         prog.close()
