@@ -1,0 +1,45 @@
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from tasks.cli import app
+from tests.conftest import REPO
+
+runner = CliRunner()
+COMMANDS = ["config", "synth", "ingest", "validate", "snapshot", "shard", "days", "trigger", "backfill", "status",
+            "stack up", "stack down", "stack status"]
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_help_on_every_command(cmd):
+    r = runner.invoke(app, [*cmd.split(), "--help"])
+    assert r.exit_code == 0 and "Usage" in r.output
+
+
+@pytest.mark.parametrize("stage", ["ingest", "validate", "snapshot", "shard"])
+def test_python_dash_m_stage(stage):
+    r = subprocess.run([sys.executable, "-m", f"tasks.{stage}", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0 and f"python -m tasks.{stage}" in r.stdout
+
+
+def test_bad_config_exits_2_naming_the_key(tmp_path):
+    r = runner.invoke(app, ["ingest", "--day", "2026-11-01", "--set", f"paths.root={tmp_path}", "--set", "ingest.max_reject_rate=2"])
+    assert r.exit_code == 2
+    assert "ingest.max_reject_rate" in r.output and "got 2" in r.output
+
+
+def test_synth_then_ingest_prints_json(tmp_path):
+    root = ["--set", f"paths.root={tmp_path}"]
+    assert runner.invoke(app, ["synth", "--days", "1", "--records", "50", "--faults", *root]).exit_code == 0
+    r = runner.invoke(app, ["ingest", "--day", "2026-11-01", *root])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout[r.stdout.index("{"):])
+    assert out["clean"] == 50 and out["rejected"] == 10
+
+
+def test_data_error_exits_1_with_message(tmp_path):
+    r = runner.invoke(app, ["ingest", "--day", "2026-11-05", "--set", f"paths.root={tmp_path}"])
+    assert r.exit_code == 1 and "no raw input for dt=2026-11-05" in r.output
