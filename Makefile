@@ -28,7 +28,8 @@ $(STAMP): requirements/lock.txt setup.cfg pyproject.toml
 	@echo "==> [1/3] creating $(VENV)"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "==> [2/3] installing the pinned set from requirements/lock.txt (about 3 minutes on a fresh machine)"
-	@$(BIN)/pip install -q --disable-pip-version-check $(FIND_LINKS) -r requirements/lock.txt
+	@set -o pipefail; $(BIN)/pip install -q --disable-pip-version-check $(FIND_LINKS) -r requirements/lock.txt 2>&1 \
+	    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 	@echo "==> [3/3] installing this project (editable)"
 	@$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
@@ -44,6 +45,8 @@ run: install
 	@$(BIN)/llmops stack up --profile $(PROFILE) >/dev/null
 	@echo "==> writing sample raw data: synthetic days $(RUN_FROM)..$(RUN_TO) with every fault kind, plus the packaged chatterbot corpus"
 	@$(BIN)/llmops synth --profile $(PROFILE) --days 3 --start $(RUN_FROM) --faults --chatterbot >/dev/null
+	@# once unpaused, the daily schedule runs yesterday's interval: give it a day of logs too
+	@$(BIN)/llmops synth --profile $(PROFILE) --days 1 --start $$(date -u -d yesterday +%F) --faults >/dev/null
 	@echo "==> backfilling chat_ingest $(RUN_FROM)..$(RUN_TO) through the Airflow scheduler"
 	@$(BIN)/llmops backfill --profile $(PROFILE) --from $(RUN_FROM) --to $(RUN_TO)
 	@$(BIN)/llmops status --profile $(PROFILE)

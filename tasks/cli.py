@@ -227,6 +227,17 @@ def trigger(
     _stack_run(go)
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def airflow(ctx: typer.Context, profile: ProfileOpt = None) -> None:
+    """Run the `airflow` CLI against this project's stack: llmops airflow backfill create --dag-id chat_ingest ..."""
+    import subprocess
+
+    from tasks.stack import _bin, airflow_env
+
+    s = _settings(profile, [])
+    raise typer.Exit(subprocess.run([_bin("airflow"), *ctx.args], env=airflow_env(s)).returncode)
+
+
 @app.command()
 def backfill(
     start: Annotated[str, typer.Option("--from", help="first logical date, YYYY-MM-DD")],

@@ -33,6 +33,7 @@ from tasks.adapters import SUFFIXES, RawUnit, iter_units
 from tasks.atomic import atomic_dir, sha256_file, tree_hash
 from tasks.config import Settings
 from tasks.lineage import LINEAGE_FILE, make_lineage, read_lineage
+from tasks.progress import Progress
 from tasks.text import normalize, scrub_pii
 
 log = logging.getLogger(__name__)
@@ -186,13 +187,18 @@ def ingest(day: str, settings: Settings) -> dict[str, Any]:
     rows: dict[str, list] = {f.name: [] for f in SCHEMA}
     seen: dict[str, str] = {}  # dedup key -> "file:line" of the kept record
     near = _NearDupIndex(cfg.near_dup, settings.seed) if cfg.near_dup.enabled else None
-    n_units = blank = 0
+    n_units = blank = pending_bytes = 0
+    prog = Progress(f"ingest dt={day}", input_bytes / 1e6, "MB", log)
 
     for unit in iter_units(files):
         if isinstance(unit, int):
             blank += unit
             continue
         n_units += 1
+        pending_bytes += len(unit.raw) + 1
+        if n_units % 1000 == 0:
+            prog.update(pending_bytes / 1e6)
+            pending_bytes = 0
         where = f"{unit.file}:{unit.line}"
         try:
             obj = _parse(unit, cfg)
