@@ -3,6 +3,16 @@ import pytest
 from tasks.config import ConfigError, load_settings
 
 
+def config_dir(tmp_path, **files: str):
+    """A configs/ directory with a tiny profile and the given <section>.yaml texts."""
+    cfg = tmp_path / "configs"
+    (cfg / "profiles").mkdir(parents=True)
+    (cfg / "profiles" / "tiny.yaml").write_text(files.pop("profile", "{}\n"))
+    for name, text in files.items():
+        (cfg / f"{name}.yaml").write_text(text)
+    return cfg
+
+
 def test_defaults_and_profile(tmp_path):
     s = load_settings("tiny", [f"paths.root={tmp_path}"])
     assert s.profile == "tiny"
@@ -34,10 +44,7 @@ def test_unknown_key_names_key_and_source():
 
 
 def test_bad_value_names_key_value_and_file(tmp_path):
-    cfg = tmp_path / "configs"
-    (cfg / "profiles").mkdir(parents=True)
-    (cfg / "ingest.yaml").write_text("max_reject_rate: 3\n")
-    (cfg / "profiles" / "tiny.yaml").write_text("seed: 1\n")
+    cfg = config_dir(tmp_path, ingest="max_reject_rate: 3\n", profile="seed: 1\n")
     with pytest.raises(ConfigError) as e:
         load_settings("tiny", config_dir=cfg)
     msg = str(e.value)
@@ -45,10 +52,7 @@ def test_bad_value_names_key_value_and_file(tmp_path):
 
 
 def test_unknown_file_profile_and_override_syntax(tmp_path):
-    cfg = tmp_path / "configs"
-    (cfg / "profiles").mkdir(parents=True)
-    (cfg / "profiles" / "tiny.yaml").write_text("{}\n")
-    (cfg / "trainer.yaml").write_text("lr: 1\n")
+    cfg = config_dir(tmp_path, trainer="lr: 1\n")
     with pytest.raises(ConfigError, match="trainer.yaml: unknown config file"):
         load_settings("tiny", config_dir=cfg)
     with pytest.raises(ConfigError, match="profile 'huge'"):
@@ -60,9 +64,6 @@ def test_unknown_file_profile_and_override_syntax(tmp_path):
 
 
 def test_bad_yaml_names_file(tmp_path):
-    cfg = tmp_path / "configs"
-    (cfg / "profiles").mkdir(parents=True)
-    (cfg / "profiles" / "tiny.yaml").write_text("{}\n")
-    (cfg / "shard.yaml").write_text("vocab_size: [1,\n")
+    cfg = config_dir(tmp_path, shard="vocab_size: [1,\n")
     with pytest.raises(ConfigError, match="shard.yaml: not valid YAML"):
         load_settings("tiny", config_dir=cfg)
