@@ -44,6 +44,7 @@ def _run(fn: Callable[[], Any]) -> None:
     from tasks.ingest import IngestError
     from tasks.shard import ShardError
     from tasks.snapshot import SnapshotError
+    from tasks.train import TrainError
     from tasks.validate import ValidationFailed
 
     try:
@@ -51,7 +52,7 @@ def _run(fn: Callable[[], Any]) -> None:
     except ConfigError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    except (IngestError, ValidationFailed, SnapshotError, ShardError, ValueError) as e:
+    except (IngestError, ValidationFailed, SnapshotError, ShardError, TrainError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
     typer.echo(json.dumps(result, indent=2, default=str))
@@ -124,6 +125,19 @@ def shard(
 
     s = _settings(profile, set_)
     _run(lambda: run(s, snapshot_hash))
+
+
+@app.command()
+def train(
+    manifest: Annotated[str | None, typer.Option(help="shards manifest.json (default: the latest snapshot's)")] = None,
+    resume: Annotated[bool, typer.Option(help="resume from the newest complete checkpoint of the same run")] = True,
+    profile: ProfileOpt = None, set_: SetOpt = None,
+) -> None:
+    """Train the GPT with DeepSpeed ZeRO as real ranks; MLflow run + safetensors weights."""
+    from tasks.train import train as run
+
+    s = _settings(profile, set_)
+    _run(lambda: run(s, manifest, resume))
 
 
 @app.command()

@@ -145,6 +145,68 @@ class ShardConfig(_Section):
     encode_batch: int = Field(4096, gt=0)
 
 
+class ModelConfig(_Section):
+    """GPT shape (tasks/model.py). vocab_size comes from the tokenizer, rounded up to a multiple of 64."""
+
+    n_layer: int = Field(4, ge=1, le=96)
+    n_head: int = Field(4, ge=1, le=128)
+    d_model: int = Field(128, ge=8, le=16384)
+    block_size: int = Field(128, ge=8, le=32768)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    pos: Literal["rotary", "learned"] = "rotary"
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelConfig:
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
+        return self
+
+
+class TrainConfig(_Section):
+    """DeepSpeed training (tasks/train.py); the DeepSpeed JSON is generated from this."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    world_size: int = Field(2, ge=1, le=1024, description="ranks on this node")
+    launcher: Literal["torchrun", "deepspeed"] = "torchrun"
+    micro_batch: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_steps: int = Field(200, ge=1)
+    lr: float = Field(1e-3, gt=0.0, le=1.0)
+    min_lr: float = Field(1e-4, ge=0.0)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.1, ge=0.0)
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(0.95, ge=0.0, lt=1.0)
+    grad_clip: float = Field(1.0, ge=0.0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    activation_checkpointing: bool = False
+    checkpoint_every: int = Field(50, ge=1)
+    keep_last: int = Field(2, ge=1)
+    log_every: int = Field(1, ge=1)
+    eval_every: int = Field(50, ge=1)
+    eval_batches: int = Field(4, ge=1)
+    # ZeRO-3 keeps parameters smaller than this unsharded; DeepSpeed's default (1e5) would keep
+    # every weight of the tiny model whole, so the tiny profile sets it low to really shard.
+    zero3_param_persistence_threshold: int = Field(100_000, ge=0)
+    threads_per_rank: int = Field(0, ge=0, description="0: cores // world_size")
+    peak_flops: float = Field(0.0, ge=0.0, description="for MFU; 0: measure a fp32 matmul at start")
+    timeout_s: int = Field(3600, ge=10, description="the ranks are killed after this long")
+
+    @model_validator(mode="after")
+    def _lr_order(self) -> TrainConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr={self.min_lr} must not exceed lr={self.lr}")
+        return self
+
+
+class TrackingConfig(_Section):
+    """MLflow. Empty uri: $MLFLOW_TRACKING_URI, else sqlite:///<var>/mlflow/mlflow.db."""
+
+    uri: str = ""
+    experiment: str = Field("chat-gpt", pattern=r"^[A-Za-z0-9_.-]+$")
+    registered_model: str = Field("chat-gpt", pattern=r"^[A-Za-z0-9_.-]+$")
+
+
 class StackConfig(_Section):
     """The embedded stack `make run` starts (tasks/stack.py). Servers bind to `host` only."""
 
@@ -165,6 +227,9 @@ class Settings(_Section):
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     snapshot: SnapshotConfig = SnapshotConfig()
     shard: ShardConfig = ShardConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
     stack: StackConfig = StackConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

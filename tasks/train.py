@@ -1,0 +1,275 @@
+"""Train the GPT with DeepSpeed as real ranks, track it in MLflow, export safetensors weights.
+
+    llmops train                                  # latest shards, resume if a checkpoint exists
+    llmops train --set train.zero_stage=3 --set train.max_steps=50 --no-resume
+
+The launcher runs the ranks as separate processes (`torchrun`, or the `deepspeed` launcher),
+on CPU with gloo (DS_ACCELERATOR=cpu) or on GPUs with NCCL, streams their logs, and tails the
+metrics rank 0 writes, sending them to MLflow while training runs. The run directory
+models/checkpoints/<run_id>/ is keyed by the config, data and code, so an Airflow retry of the
+same inputs resumes from the newest complete checkpoint. A finished run is not trained again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from tasks.atomic import atomic_dir, is_complete, sha256_file, write_json
+from tasks.config import Settings
+from tasks.lineage import code_version, make_lineage
+
+log = logging.getLogger(__name__)
+
+
+class TrainError(RuntimeError):
+    pass
+
+
+def latest_manifest(settings: Settings) -> Path:
+    """The shards manifest of the latest snapshot."""
+    from tasks.snapshot import load_snapshot
+
+    snap = load_snapshot(settings)["snapshot_hash"]
+    found = [p for p in settings.paths.shards.glob("*/manifest.json")
+             if is_complete(p.parent) and json.loads(p.read_text())["snapshot_hash"] == snap]
+    if not found:
+        raise TrainError(f"no shards for the latest snapshot {snap[:12]}; run `llmops shard` first")
+    return max(found, key=lambda p: p.stat().st_mtime)
+
+
+def measure_peak_flops(seconds: float = 0.5, n: int = 1024) -> float:
+    """fp32 matmul FLOP/s with all cores: the denominator of MFU on this machine."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    iters, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        iters += 1
+    return 2 * n**3 * iters / (time.perf_counter() - t0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tracking_uri(settings: Settings) -> str:
+    return (settings.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{settings.paths.var_dir / 'mlflow' / 'mlflow.db'}")
+
+
+def _experiment(mlflow, settings: Settings) -> str:
+    name = settings.tracking.experiment
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    uri = _tracking_uri(settings)
+    artifacts = None if uri.startswith("http") else (settings.paths.var_dir / "mlflow" / "artifacts").as_uri()
+    return mlflow.create_experiment(name, artifact_location=artifacts)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+class _MetricsTail:
+    """Follows metrics.jsonl and hands new step rows to MLflow in batches."""
+
+    def __init__(self, path: Path, client, run_id: str):
+        self.path, self.client, self.run_id, self.pos = path, client, run_id, 0
+        self.rows: list[dict] = []
+
+    def poll(self) -> None:
+        from mlflow.entities import Metric
+
+        if not self.path.exists():
+            return
+        with open(self.path) as f:
+            f.seek(self.pos)
+            chunk = f.read()
+        end = chunk.rfind("\n") + 1
+        self.pos += end
+        now = int(time.time() * 1000)
+        metrics = []
+        for line in chunk[:end].splitlines():
+            row = json.loads(line)
+            if "event" in row:
+                continue
+            self.rows.append(row)
+            metrics += [Metric(k, float(v), now, row["step"]) for k, v in row.items() if k != "step"]
+        for i in range(0, len(metrics), 900):
+            self.client.log_batch(self.run_id, metrics=metrics[i:i + 900])
+
+
+def train(settings: Settings, manifest: Path | str | None = None, resume: bool = True) -> dict[str, Any]:
+    import mlflow
+    import torch
+
+    t = settings.train
+    manifest = Path(manifest) if manifest else latest_manifest(settings)
+    man = json.loads(manifest.read_text())
+    vocab = -(-man["vocab_size"] // 64) * 64  # round up: faster matmuls, room for added tokens
+    config_hash = settings.hash("model", "train")
+    key = hashlib.sha256(json.dumps([config_hash, sha256_file(manifest), settings.seed, code_version()]).encode())
+    run_id = f"{settings.profile}-{key.hexdigest()[:12]}"
+    run_dir = settings.paths.models_dir / "checkpoints" / run_id
+    final = run_dir / "final"
+    lineage = make_lineage(
+        "model", f"model@{run_id}", config_hash=config_hash, seed=settings.seed,
+        parent=man["lineage"]["id"], snapshot_hash=man["snapshot_hash"],
+        tokenizer={"version": man["tokenizer"]["version"], "sha256": man["tokenizer"]["sha256"],
+                   "path": man["tokenizer"]["path"]},
+        extra={"shards_manifest": str(manifest)})
+
+    mlflow.set_tracking_uri(_tracking_uri(settings))
+    client = mlflow.MlflowClient()
+    exp_id = _experiment(mlflow, settings)
+    run_file = run_dir / "mlflow_run_id"
+    if resume and is_complete(final):
+        log.info("run %s already finished; not training again", run_id)
+        return json.loads((final / "result.json").read_text())
+    if not resume and run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if run_file.exists():  # a retry continues the same MLflow run
+        mlrun_id = run_file.read_text().strip()
+        client.update_run(mlrun_id, status="RUNNING")
+    else:
+        mlrun_id = client.create_run(exp_id, run_name=run_id, tags={
+            "llmops.run_id": run_id, "llmops.stage": "train", "seed": str(settings.seed),
+            "snapshot_hash": man["snapshot_hash"], "tokenizer_version": man["tokenizer"]["version"],
+            "tokenizer_sha256": man["tokenizer"]["sha256"], "config_hash": config_hash,
+            "code_version": code_version(), "parent": man["lineage"]["id"],
+            "checkpoint_path": str(run_dir / "ckpt")}).info.run_id
+        run_file.write_text(mlrun_id)
+        for k, v in _flatten(settings.resolved()).items():
+            if not k.startswith(("paths.", "stack.", "validate.")):
+                client.log_param(mlrun_id, k, str(v)[:500])
+        client.log_dict(mlrun_id, settings.resolved(), "config/resolved.json")
+
+    peak = t.peak_flops or measure_peak_flops()
+    spec = {"settings": settings.resolved(), "run_dir": str(run_dir), "manifest": str(manifest), "resume": resume,
+            "vocab_size": vocab, "config_hash": config_hash, "lineage": lineage, "peak_flops": peak}
+    write_json(run_dir / "spec.json", spec)
+
+    on_gpu = torch.cuda.is_available()
+    port = _free_port()
+    if t.launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={t.world_size}",
+               "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "tasks.train_worker",
+               "--spec", str(run_dir / "spec.json")]
+    else:
+        ds = str(Path(sys.executable).parent / "deepspeed")
+        cmd = [ds, f"--num_gpus={t.world_size}", "--master_addr=127.0.0.1", f"--master_port={port}",
+               "--module", "tasks.train_worker", "--spec", str(run_dir / "spec.json")]
+    threads = t.threads_per_rank or max(1, (os.cpu_count() or 1) // t.world_size)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads), "GLOO_SOCKET_IFNAME": "lo",
+           "PYTHONWARNINGS": "ignore::FutureWarning",
+           "TOKENIZERS_PARALLELISM": "false"}
+    if not on_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    log.info("launching %d ranks (%s, ZeRO-%d, %s): %s", t.world_size, t.launcher, t.zero_stage,
+             "NCCL" if on_gpu else "gloo", " ".join(cmd))
+    tail: deque[str] = deque(maxlen=40)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, cwd=str(Path(__file__).resolve().parents[1]))
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            tail.append(line.rstrip())
+            log.info("[ranks] %s", line.rstrip())
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    metrics = _MetricsTail(run_dir / "metrics.jsonl", client, mlrun_id)
+    deadline = time.monotonic() + t.timeout_s
+    try:
+        while proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise TrainError(f"training exceeded train.timeout_s={t.timeout_s}s; ranks killed")
+            metrics.poll()
+            time.sleep(1.0)
+    except BaseException:
+        _kill(proc)
+        client.set_terminated(mlrun_id, status="FAILED")
+        raise
+    reader.join(timeout=10)
+    metrics.poll()
+    if proc.returncode != 0:
+        client.set_terminated(mlrun_id, status="FAILED")
+        raise TrainError(f"ranks exited with status {proc.returncode}; last lines:\n" + "\n".join(tail))
+
+    # final weights: the last complete checkpoint's consolidated fp32 weights, as safetensors
+    tags = sorted(p for p in (run_dir / "ckpt").glob("step_*") if is_complete(p))
+    last = tags[-1]
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    steps = [r for r in rows if "event" not in r]
+    start = [r for r in rows if r.get("event") == "start"][-1]
+    measured = [r for r in steps if r["step"] > start["step"] + 1] or steps  # skip the warm-up step
+    summary = {
+        "final_loss": steps[-1]["loss"], "val_loss": next((r["val_loss"] for r in reversed(steps) if "val_loss" in r), None),
+        "tokens_per_s": sum(r["tokens_per_s"] for r in measured) / len(measured),
+        "mfu": sum(r.get("mfu", 0.0) for r in measured) / len(measured), "peak_flops": peak,
+        "steps": steps[-1]["step"], "resumed_from": start["step"], "resume_mode": start["resume"],
+    }
+    with atomic_dir(final) as tmp:
+        for name in ("model.safetensors", "config.json"):
+            (tmp / name).write_bytes((last / name).read_bytes())
+        write_json(tmp / "_lineage.json", {**lineage, "weights_sha256": sha256_file(tmp / "model.safetensors")})
+        result = {"run_id": run_id, "run_dir": str(run_dir), "weights": str(final / "model.safetensors"),
+                  "mlflow_run_id": mlrun_id, "tracking_uri": _tracking_uri(settings), **summary}
+        write_json(tmp / "result.json", result)
+    client.log_artifact(mlrun_id, str(final / "model.safetensors"), "model")
+    client.log_artifact(mlrun_id, str(final / "config.json"), "model")
+    client.log_artifact(mlrun_id, str(final / "_lineage.json"), "model")
+    client.log_artifact(mlrun_id, str(run_dir / "metrics.jsonl"))
+    for k in ("final_loss", "val_loss", "tokens_per_s", "mfu"):
+        if summary[k] is not None:
+            client.log_metric(mlrun_id, f"summary.{k}", float(summary[k]))
+    client.set_terminated(mlrun_id, status="FINISHED")
+    log.info("trained %s: loss %.4f, val %.4f, %.0f tok/s, MFU %.1f%%", run_id, summary["final_loss"],
+             summary["val_loss"] or float("nan"), summary["tokens_per_s"], 100 * summary["mfu"])
+    return result
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+
+
+if __name__ == "__main__":
+    from tasks.cli import run_stage
+
+    run_stage("train")

@@ -1,0 +1,270 @@
+"""One training rank. Started by `tasks.train` through torchrun or the deepspeed launcher, never by hand:
+
+    torchrun --nproc_per_node 2 -m tasks.train_worker --spec models/checkpoints/<run>/spec.json
+
+Each rank builds the same GPT (same seed), wraps it in a DeepSpeed engine (ZeRO stage from the
+config), and trains on windows drawn from the memmapped shards by a stateless sampler: the
+windows of step s are a pure function of (seed, s), so the sampler's position is just the step,
+and a resumed run sees exactly the data the uninterrupted one would have. Rank 0 appends one
+JSON line per step to metrics.jsonl, which the launcher streams to MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from tasks.atomic import MARKER, atomic_file, is_complete, write_json
+from tasks.config import Settings
+from tasks.model import GPT, GPTConfig
+from tasks.shard import open_shard
+
+
+class TokenSampler:
+    """Random (B, T+1) windows from token shards; stateless: batch(step, micro, rank) is pure."""
+
+    def __init__(self, paths: list[Path], block: int, seed: int, salt: int = 0):
+        self.shards = [open_shard(p) for p in paths]
+        self.block = block
+        self.starts = np.array([max(0, len(s) - block - 1) for s in self.shards], dtype=np.int64)
+        if self.starts.sum() == 0:
+            raise ValueError(f"shards hold fewer than block_size+1={block + 1} tokens; lower model.block_size")
+        self.cum = np.cumsum(self.starts)
+        self.seed, self.salt = seed, salt
+
+    def windows(self, step: int, n: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, self.salt, step])
+        return rng.integers(0, int(self.cum[-1]), size=n)
+
+    def batch(self, step: int, micro: int, rank: int, world: int, micro_batch: int, accum: int):
+        starts = self.windows(step, accum * world * micro_batch)
+        mine = starts[(micro * world + rank) * micro_batch:(micro * world + rank + 1) * micro_batch]
+        shard_idx = np.searchsorted(self.cum, mine, side="right")
+        offsets = mine - np.concatenate(([0], self.cum[:-1]))[shard_idx]
+        rows = np.stack([self.shards[s][o:o + self.block + 1].astype(np.int64) for s, o in zip(shard_idx, offsets, strict=True)])
+        t = torch.from_numpy(rows)
+        return t[:, :-1].contiguous(), t[:, 1:].contiguous()  # (B, T), (B, T)
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warmup to lr, then cosine down to min_lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def ds_config(settings: Settings, world: int) -> dict[str, Any]:
+    t = settings.train
+    zero: dict[str, Any] = {"stage": t.zero_stage}
+    if t.zero_stage >= 1:
+        # overlap_comm measured slower on CPU ranks (gloo): off
+        zero.update(overlap_comm=False, contiguous_gradients=True, reduce_bucket_size=5e7, allgather_bucket_size=5e7)
+    if t.zero_stage == 3:
+        zero.update(stage3_param_persistence_threshold=t.zero3_param_persistence_threshold,
+                    stage3_gather_16bit_weights_on_model_save=False)
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch * t.grad_accum * world,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _complete_tags(ckpt_root: Path) -> list[Path]:
+    return sorted((p for p in ckpt_root.glob("step_*") if is_complete(p)), key=lambda p: p.name)
+
+
+def _gather_state(engine, stage: int, rank: int) -> dict[str, torch.Tensor] | None:
+    """Full fp32 weights on rank 0 (collective under ZeRO-3). The tied lm_head is left out."""
+    import deepspeed
+
+    def grab():
+        return {k: v.detach().float().clone().contiguous() for k, v in engine.module.state_dict().items()
+                if k != "lm_head.weight"}
+
+    if stage == 3:
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+            return grab() if rank == 0 else None
+    return grab() if rank == 0 else None
+
+
+def save_weights(state: dict[str, torch.Tensor], out_dir: Path, gpt_cfg: GPTConfig, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_file(out_dir / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    write_json(out_dir / "config.json", {"model": gpt_cfg.to_dict(), **meta})
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise ValueError(f"{path}: weights do not fit the model (missing {missing}, unexpected {unexpected})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--spec", required=True)
+    ap.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))  # deepspeed launcher
+    args = ap.parse_args()
+    spec = json.loads(Path(args.spec).read_text())
+    settings = Settings.model_validate(spec["settings"])
+    t = settings.train
+    run_dir = Path(spec["run_dir"])
+    ckpt_root = run_dir / "ckpt"
+
+    import deepspeed
+
+    on_gpu = torch.cuda.is_available()
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if on_gpu:
+        torch.cuda.set_device(args.local_rank)
+    threads = t.threads_per_rank or max(1, (os.cpu_count() or 1) // world)
+    torch.set_num_threads(threads)  # the deepspeed launcher does not set OMP_NUM_THREADS
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    device = torch.device("cuda", args.local_rank) if on_gpu else torch.device("cpu")
+
+    manifest = json.loads(Path(spec["manifest"]).read_text())
+    shard_dir = Path(spec["manifest"]).parent
+    gpt_cfg = GPTConfig(vocab_size=spec["vocab_size"], activation_checkpointing=t.activation_checkpointing,
+                        **settings.model.model_dump())
+    torch.manual_seed(settings.seed)  # identical initial weights on every rank
+    model = GPT(gpt_cfg)
+
+    # Resume: newest complete checkpoint. Same world size and stage: DeepSpeed state, bit-exact.
+    # Otherwise: the consolidated fp32 weights only, with fresh optimizer moments (documented limit).
+    tags = _complete_tags(ckpt_root) if spec["resume"] else []
+    start_step, resume_mode = 0, "fresh"
+    if tags:
+        meta = json.loads((tags[-1] / "meta.json").read_text())
+        if (meta["world_size"], meta["zero_stage"]) == (world, t.zero_stage):
+            resume_mode = "exact"
+        else:
+            load_weights(model, tags[-1] / "model.safetensors")
+            resume_mode = "weights_only"
+        start_step = meta["step"]
+
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model.to(device), optimizer=optimizer,
+                                                   config=ds_config(settings, world))
+    if resume_mode == "exact":
+        engine.load_checkpoint(str(ckpt_root), tag=tags[-1].name, load_lr_scheduler_states=False)
+        from safetensors.torch import load_file
+
+        torch.set_rng_state(load_file(str(tags[-1] / f"rng_rank{rank}.safetensors"))["cpu"])
+
+    train_paths = [shard_dir / s["file"] for s in manifest["shards"] if s["split"] == "train"]
+    val_paths = [shard_dir / s["file"] for s in manifest["shards"] if s["split"] == "val"] or train_paths
+    sampler = TokenSampler(train_paths, gpt_cfg.block_size, settings.seed)
+    val_sampler = TokenSampler(val_paths, gpt_cfg.block_size, settings.seed, salt=1)
+    metrics_path = run_dir / "metrics.jsonl"
+    tokens_per_step = t.micro_batch * t.grad_accum * world * gpt_cfg.block_size
+    flops_per_step = gpt_cfg.flops_per_token() * tokens_per_step
+    fail_at = int(os.environ.get("LLMOPS_TEST_CRASH_IN_CHECKPOINT", "0"))  # tests: die mid-checkpoint
+
+    def evaluate(step: int) -> float:
+        engine.eval()
+        total = torch.zeros(1, device=device)
+        with torch.no_grad():
+            for b in range(t.eval_batches):
+                x, y = val_sampler.batch(b, 0, rank, world, t.micro_batch, 1)
+                total += engine(x.to(device), y.to(device))[1].float()
+        dist.all_reduce(total)
+        engine.train()
+        return (total / (t.eval_batches * world)).item()
+
+    def checkpoint(step: int) -> None:
+        tag_dir = ckpt_root / f"step_{step:07d}"
+        if rank == 0 and tag_dir.exists():
+            shutil.rmtree(tag_dir)  # an incomplete attempt at this step from a crashed run
+        dist.barrier()
+        engine.save_checkpoint(str(ckpt_root), tag=tag_dir.name, save_latest=False,
+                               client_state={"step": step, "sampler": {"step": step}})
+        from safetensors.torch import save_file
+
+        save_file({"cpu": torch.get_rng_state()}, str(tag_dir / f"rng_rank{rank}.safetensors"))
+        if fail_at and step == fail_at and rank == 0:
+            os._exit(17)  # a crash after DeepSpeed wrote its shards, before the checkpoint is complete
+        state = _gather_state(engine, t.zero_stage, rank)
+        dist.barrier()
+        if rank == 0:
+            save_weights(state, tag_dir, gpt_cfg, {"step": step})
+            write_json(tag_dir / "meta.json", {"step": step, "world_size": world, "zero_stage": t.zero_stage,
+                                               "sampler": {"step": step}, "config_hash": spec["config_hash"],
+                                               "lineage": spec["lineage"]})
+            with atomic_file(tag_dir / MARKER) as tmp:
+                tmp.write_text("")
+            for old in _complete_tags(ckpt_root)[:-t.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+
+    if rank == 0:
+        if metrics_path.exists():  # drop what a crashed attempt logged past the checkpoint we resume from
+            kept = [ln for ln in metrics_path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= start_step or '"event"' in ln]
+            with atomic_file(metrics_path) as tmp:
+                tmp.write_text("".join(k + "\n" for k in kept))
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps({"event": "start", "step": start_step, "resume": resume_mode, "world_size": world,
+                                "zero_stage": t.zero_stage, "threads_per_rank": threads}) + "\n")
+    engine.train()
+    for step in range(start_step, t.max_steps):
+        lr = lr_at(step, t)
+        for g in engine.optimizer.param_groups:
+            g["lr"] = lr
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros(1, device=device)
+        for micro in range(t.grad_accum):
+            x, y = sampler.batch(step, micro, rank, world, t.micro_batch, t.grad_accum)
+            loss = engine(x.to(device), y.to(device))[1]
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.detach().float()
+        dist.all_reduce(loss_sum)
+        dt = time.perf_counter() - t0
+        done = step + 1
+        row = {"step": done, "loss": (loss_sum / (t.grad_accum * world)).item(), "lr": lr,
+               "grad_norm": float(engine.get_global_grad_norm() or 0.0), "step_s": dt,
+               "tokens_per_s": tokens_per_step / dt}
+        if spec.get("peak_flops"):
+            row["mfu"] = flops_per_step / dt / spec["peak_flops"]
+        if done % t.eval_every == 0 or done == t.max_steps:
+            row["val_loss"] = evaluate(done)
+        if rank == 0 and (done % t.log_every == 0 or done == t.max_steps or "val_loss" in row):
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if done % t.checkpoint_every == 0 or done == t.max_steps:
+            checkpoint(done)
+
+    dist.barrier()
+    if rank == 0:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps({"event": "end", "step": t.max_steps}) + "\n")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from tasks.model import GPT, GPTConfig
+
+
+@pytest.mark.parametrize("pos", ["rotary", "learned"])
+def test_kv_cache_generates_the_same_tokens(pos):
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=97, n_layer=2, n_head=2, d_model=32, block_size=64, pos=pos))
+    prompt = [5, 17, 3, 44, 9]
+    greedy = m.generate(prompt, 40, temperature=0.0, use_cache=True)
+    assert greedy == m.generate(prompt, 40, temperature=0.0, use_cache=False)
+    assert len(greedy) == 40
+    sampled = [m.generate(prompt, 30, temperature=0.9, top_k=20, top_p=0.9, use_cache=c,
+                          generator=torch.Generator().manual_seed(7)) for c in (True, False)]
+    assert sampled[0] == sampled[1]
+
+
+def test_cached_logits_match_full_forward():
+    torch.manual_seed(1)
+    m = GPT(GPTConfig(vocab_size=50, n_layer=2, n_head=4, d_model=32, block_size=32)).eval()
+    idx = torch.randint(0, 50, (1, 12))
+    full, _ = m(idx, targets=idx)  # all positions
+    from tasks.model import KVCache
+
+    cache = KVCache(2)
+    m(idx[:, :7], cache=cache)
+    step, _ = m(idx[:, 7:8], cache=cache)
+    torch.testing.assert_close(step[0, -1], full[0, 7], rtol=1e-4, atol=1e-5)
+
+
+def test_stop_tokens_and_block_size():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=20, n_layer=1, n_head=1, d_model=8, block_size=16))
+    out = m.generate([1, 2, 3], 100, temperature=0.0)
+    assert len(out) == 13  # capped by the context
+    first = out[0]
+    assert m.generate([1, 2, 3], 100, temperature=0.0, stop_tokens=(first,)) == []
+
+
+def test_bad_config_names_key():
+    with pytest.raises(ValueError, match="model.d_model=30 must be divisible by model.n_head=4"):
+        GPTConfig(vocab_size=10, d_model=30, n_head=4)
+
+
+def test_weights_are_tied_and_loss_is_finite():
+    m = GPT(GPTConfig(vocab_size=64, n_layer=2, n_head=2, d_model=16, block_size=16))
+    assert m.lm_head.weight is m.wte.weight
+    x = torch.randint(0, 64, (2, 16))
+    _, loss = m(x, x)
+    assert torch.isfinite(loss) and abs(loss.item() - torch.log(torch.tensor(64.0)).item()) < 0.5
