@@ -29,6 +29,7 @@ from typing import Any
 from tasks.atomic import atomic_dir, is_complete, sha256_file, write_json
 from tasks.config import Settings
 from tasks.lineage import code_version, make_lineage
+from tasks.train_worker import read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -94,32 +95,23 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 class _MetricsTail:
-    """Follows metrics.jsonl and hands new step rows to MLflow in batches."""
+    """Follows metrics.jsonl and sends step rows MLflow has not seen to it, in batches."""
 
     def __init__(self, path: Path, client, run_id: str):
-        self.path, self.client, self.run_id, self.pos = path, client, run_id, 0
-        self.rows: list[dict] = []
+        self.path, self.client, self.run_id = path, client, run_id
+        # rows already in the file were sent by the attempt that wrote them (a retry continues its run)
+        self.logged = max((r["step"] for r in read_metrics(path) if "event" not in r), default=0)
 
     def poll(self) -> None:
         from mlflow.entities import Metric
 
-        if not self.path.exists():
-            return
-        with open(self.path) as f:
-            f.seek(self.pos)
-            chunk = f.read()
-        end = chunk.rfind("\n") + 1
-        self.pos += end
         now = int(time.time() * 1000)
-        metrics = []
-        for line in chunk[:end].splitlines():
-            row = json.loads(line)
-            if "event" in row:
-                continue
-            self.rows.append(row)
-            metrics += [Metric(k, float(v), now, row["step"]) for k, v in row.items() if k != "step"]
+        new = [r for r in read_metrics(self.path) if "event" not in r and r["step"] > self.logged]
+        metrics = [Metric(k, float(v), now, r["step"]) for r in new for k, v in r.items() if k != "step"]
         for i in range(0, len(metrics), 900):
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 900])
+        if new:
+            self.logged = max(r["step"] for r in new)
 
 
 def train(settings: Settings, manifest: Path | str | None = None, resume: bool = True) -> dict[str, Any]:
@@ -131,7 +123,15 @@ def train(settings: Settings, manifest: Path | str | None = None, resume: bool =
     man = json.loads(manifest.read_text())
     vocab = -(-man["vocab_size"] // 64) * 64  # round up: faster matmuls, room for added tokens
     config_hash = settings.hash("model", "train")
-    key = hashlib.sha256(json.dumps([config_hash, sha256_file(manifest), settings.seed, code_version()]).encode())
+    # The run's identity: what changes the math. How the global batch is split over ranks and
+    # micro-batches does not, so a retry on another world size continues the same run.
+    ident = settings.resolved()["train"]
+    ident["global_batch"] = t.micro_batch * t.grad_accum * t.world_size
+    for k in ("world_size", "grad_accum", "micro_batch", "launcher", "threads_per_rank", "timeout_s", "peak_flops",
+              "log_every"):
+        ident.pop(k)
+    key = hashlib.sha256(json.dumps([settings.resolved()["model"], ident, sha256_file(manifest), settings.seed,
+                                     code_version()], sort_keys=True).encode())
     run_id = f"{settings.profile}-{key.hexdigest()[:12]}"
     run_dir = settings.paths.models_dir / "checkpoints" / run_id
     final = run_dir / "final"
@@ -226,7 +226,7 @@ def train(settings: Settings, manifest: Path | str | None = None, resume: bool =
     # final weights: the last complete checkpoint's consolidated fp32 weights, as safetensors
     tags = sorted(p for p in (run_dir / "ckpt").glob("step_*") if is_complete(p))
     last = tags[-1]
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rows = read_metrics(run_dir / "metrics.jsonl")
     steps = [r for r in rows if "event" not in r]
     start = [r for r in rows if r.get("event") == "start"][-1]
     measured = [r for r in steps if r["step"] > start["step"] + 1] or steps  # skip the warm-up step

@@ -56,6 +56,18 @@ class TokenSampler:
         return t[:, :-1].contiguous(), t[:, 1:].contiguous()  # (B, T), (B, T)
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of metrics.jsonl; a line torn by a kill mid-write is skipped."""
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
 def lr_at(step: int, cfg) -> float:
     """Linear warmup to lr, then cosine down to min_lr at max_steps."""
     if step < cfg.warmup_steps:
@@ -222,11 +234,10 @@ def main() -> None:
         dist.barrier()
 
     if rank == 0:
-        if metrics_path.exists():  # drop what a crashed attempt logged past the checkpoint we resume from
-            kept = [ln for ln in metrics_path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= start_step or '"event"' in ln]
-            with atomic_file(metrics_path) as tmp:
-                tmp.write_text("".join(k + "\n" for k in kept))
+        # drop what a crashed attempt logged past the checkpoint we resume from (and any torn line)
+        kept = [r for r in read_metrics(metrics_path) if "event" in r or r["step"] <= start_step]
+        with atomic_file(metrics_path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         with open(metrics_path, "a") as f:
             f.write(json.dumps({"event": "start", "step": start_step, "resume": resume_mode, "world_size": world,
                                 "zero_stage": t.zero_stage, "threads_per_rank": threads}) + "\n")
