@@ -49,6 +49,8 @@ run: install
 	@$(BIN)/llmops synth --profile $(PROFILE) --days 1 --start $$(date -u -d yesterday +%F) --faults >/dev/null
 	@echo "==> backfilling chat_ingest $(RUN_FROM)..$(RUN_TO) through the Airflow scheduler"
 	@$(BIN)/llmops backfill --profile $(PROFILE) --from $(RUN_FROM) --to $(RUN_TO)
+	@echo "==> training with DeepSpeed (chat_train, $(PROFILE) profile, 2 CPU ranks) through the Airflow scheduler"
+	@$(BIN)/llmops trigger chat_train --profile $(PROFILE) --conf '{"profile": "$(PROFILE)"}'
 	@$(BIN)/llmops status --profile $(PROFILE)
 
 stop:

@@ -139,6 +139,9 @@ def up(settings: Settings, timeout: float = 180.0) -> dict[str, Any]:
     (settings.paths.var_dir / "mlflow" / "artifacts").mkdir(parents=True, exist_ok=True)
     if not any(_alive(settings, n) for n in _components(settings) if n.startswith("airflow")):
         subprocess.run([_bin("airflow"), "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
+        # one training at a time on this machine (chat_train's `train` task runs in this pool)
+        subprocess.run([_bin("airflow"), "pools", "set", "training", "1", "DeepSpeed training runs"], env=env,
+                       check=True, capture_output=True, timeout=120)
     started = []
     for name, cmd in _components(settings).items():
         if _alive(settings, name):
@@ -212,6 +215,9 @@ class AirflowClient:
 
     def unpause(self, dag_id: str) -> None:
         self._ok(self.http.patch(f"/api/v2/dags/{dag_id}", json={"is_paused": False}))
+
+    def pause(self, dag_id: str) -> None:
+        self._ok(self.http.patch(f"/api/v2/dags/{dag_id}", json={"is_paused": True}))
 
     def trigger(self, dag_id: str, conf: dict[str, Any] | None = None) -> str:
         run = self._ok(self.http.post(f"/api/v2/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": conf or {}}))

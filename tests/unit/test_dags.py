@@ -4,7 +4,7 @@ import pytest
 
 from tests.conftest import REPO
 
-EXPECTED = {"chat_ingest"}
+EXPECTED = {"chat_ingest", "chat_train"}
 
 
 @pytest.fixture(scope="module")
@@ -45,3 +45,11 @@ def test_chat_ingest_shape(dagbag):
     assert dag.timetable.expression == "0 0 * * *" and str(dag.timetable.timezone) == "UTC"
     outlets = {o.name for t in dag.tasks for o in t.outlets}
     assert outlets == {"chat_clean_corpus", "chat_shards"}
+
+
+def test_chat_train_shape(dagbag):
+    dag = dagbag.get_dag("chat_train")
+    assert [t.task_id for t in dag.topological_sort()] == ["check_inputs", "train"]
+    assert dag.get_task("train").pool == "training"
+    assert type(dag.timetable).__name__ == "AssetOrTimeSchedule"
+    assert {p: dag.params.get_param(p).value for p in ("profile", "resume")} == {"profile": "tiny", "resume": True}

@@ -1,0 +1,83 @@
+"""
+### chat_train: train the chat GPT with DeepSpeed ZeRO on the latest token shards
+
+`check_inputs` (the shards of the triggering `chat_shards` Asset event, or of the latest snapshot;
+every shard's sha256 verified) → `train` (launches the ranks as separate processes with torchrun
+or the deepspeed launcher, streams their logs here and their metrics to MLflow, writes safetensors
+weights with lineage).
+
+Runs weekly (Monday 03:00 UTC), whenever `chat_ingest` publishes new shards, and from the Trigger
+form. `train` runs in the `training` pool (one slot), so two trainings never share the machine,
+and a retry resumes from the newest complete checkpoint of the same run.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
+
+from chat_assets import CHAT_SHARDS
+
+
+def _settings():
+    from tasks.config import load_settings
+
+    p = get_current_context()["params"]
+    overrides = [f"train.{k}={p[k]}" for k in ("max_steps", "zero_stage", "world_size", "lr") if p.get(k) is not None]
+    return load_settings(p["profile"], overrides)
+
+
+@dag(
+    dag_id="chat_train",
+    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("0 3 * * 1", timezone="UTC"), assets=CHAT_SHARDS),
+    start_date=pendulum.datetime(2026, 11, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["llmops", "training"],
+    doc_md=__doc__,
+    default_args={"retries": 2, "retry_delay": timedelta(seconds=30)},
+    params={
+        "profile": Param("tiny", type="string", enum=["tiny", "small", "gpt2-124m"], title="Profile",
+                         description="Model and training profile from configs/profiles/ (tiny trains in minutes on a CPU)."),
+        "max_steps": Param(None, type=["null", "integer"], minimum=1, maximum=1_000_000, title="Max steps",
+                           description="Optimizer steps to train. Empty: the profile's train.max_steps."),
+        "zero_stage": Param(None, type=["null", "integer"], enum=[None, 0, 1, 2, 3], title="ZeRO stage",
+                            description="DeepSpeed ZeRO stage: 0 plain data parallel, 1 optimizer, 2 +gradients, 3 +parameters sharded. Empty: the profile's."),
+        "world_size": Param(None, type=["null", "integer"], minimum=1, maximum=64, title="World size",
+                            description="Ranks (CPU processes or GPUs) on this node. Empty: the profile's train.world_size."),
+        "lr": Param(None, type=["null", "number"], exclusiveMinimum=0, maximum=1, title="Learning rate",
+                    description="Peak learning rate after warmup. Empty: the profile's train.lr."),
+        "resume": Param(True, type="boolean", title="Resume",
+                        description="Continue from the newest complete checkpoint of the same run if one exists."),
+    },
+)
+def chat_train():
+    @task
+    def check_inputs() -> dict:
+        from tasks.shard import verify_shards
+        from tasks.train import latest_manifest
+
+        events = get_current_context().get("triggering_asset_events") or {}
+        manifest = None
+        for evs in events.values():
+            for ev in evs:
+                manifest = (ev.extra or {}).get("manifest") or manifest
+        manifest = manifest or str(latest_manifest(_settings()))
+        m = verify_shards(manifest.rsplit("/", 1)[0])
+        return {"manifest": manifest, "snapshot_hash": m["snapshot_hash"], "tokens": m["tokens"]}
+
+    @task(pool="training", execution_timeout=timedelta(hours=12))
+    def train(inputs: dict) -> dict:
+        from tasks.train import train as run
+
+        ctx = get_current_context()
+        resume = ctx["params"]["resume"] or ctx["ti"].try_number > 1  # a retry always resumes
+        r = run(_settings(), inputs["manifest"], resume=resume)
+        return {k: r[k] for k in ("run_id", "weights", "mlflow_run_id", "final_loss", "val_loss", "tokens_per_s", "mfu")}
+
+    train(check_inputs())
+
+
+chat_train()
