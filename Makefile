@@ -62,3 +62,4 @@ clean: stop
 
 bench: install
 	$(BIN)/python bench/data.py
+	$(BIN)/python bench/train.py

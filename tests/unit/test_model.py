@@ -50,3 +50,20 @@ def test_weights_are_tied_and_loss_is_finite():
     x = torch.randint(0, 64, (2, 16))
     _, loss = m(x, x)
     assert torch.isfinite(loss) and abs(loss.item() - torch.log(torch.tensor(64.0)).item()) < 0.5
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(vocab_size=40, n_layer=2, n_head=2, d_model=16, block_size=16))
+    ckpt = GPT(GPTConfig(vocab_size=40, n_layer=2, n_head=2, d_model=16, block_size=16, activation_checkpointing=True))
+    ckpt.load_state_dict(base.state_dict())
+    x = torch.randint(0, 40, (2, 16))
+    losses = []
+    for m in (base, ckpt):
+        m.train()
+        _, loss = m(x, x)
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    for (n, p), q in zip(base.named_parameters(), ckpt.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=n)
