@@ -312,6 +312,12 @@ def status(profile: ProfileOpt = None, set_: SetOpt = None) -> None:
     if manifests:
         m = json.loads(manifests[-1].read_text())
         console.print(f"latest shards         : {manifests[-1].parent} tokens {m['tokens']}, tokenizer {m['tokenizer']['version']}")
+    results = sorted(s.paths.models_dir.glob("checkpoints/*/final/result.json"), key=lambda p: p.stat().st_mtime)
+    if results:
+        r = json.loads(results[-1].read_text())
+        console.print(f"latest training       : {r['run_id']} loss {r['final_loss']:.3f} val {r['val_loss'] or float('nan'):.3f}, "
+                      f"{r['tokens_per_s']:.0f} tok/s, MFU {100 * r['mfu']:.1f}%, MLflow run {r['mlflow_run_id']}")
+        console.print(f"weights               : {r['weights']}")
     docs = sorted(s.paths.reports_dir.glob("data_docs/dt=*/index.html"))
     for d in docs[-3:]:
         console.print(f"data docs             : {d}")
