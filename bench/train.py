@@ -23,6 +23,9 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from tasks.train import free_port  # noqa: E402
 
 
 def peak_gflops(n: int = 2048, seconds: float = 2.0) -> float:
@@ -36,14 +39,6 @@ def peak_gflops(n: int = 2048, seconds: float = 2.0) -> float:
     return 2 * n**3 * iters / (time.perf_counter() - t0) / 1e9
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(mode: str, size: str, world: int, steps: int) -> dict:
     out = Path(tempfile.mkstemp(suffix=".json")[1])
     args = ["--mode", mode, "--size", size, "--steps", str(steps), "--out", str(out)]
@@ -51,7 +46,7 @@ def run(mode: str, size: str, world: int, steps: int) -> dict:
         cmd = [sys.executable, str(HERE / "train_rank.py"), *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={world}",
-               "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}",
                str(HERE / "train_rank.py"), *args]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "GLOO_SOCKET_IFNAME": "lo", "PYTHONWARNINGS": "ignore"}
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=900)

@@ -63,7 +63,8 @@ def measure_peak_flops(seconds: float = 0.5, n: int = 1024) -> float:
     return 2 * n**3 * iters / (time.perf_counter() - t0)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for the ranks' rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -176,7 +177,7 @@ def train(settings: Settings, manifest: Path | str | None = None, resume: bool =
     write_json(run_dir / "spec.json", spec)
 
     on_gpu = torch.cuda.is_available()
-    port = _free_port()
+    port = free_port()
     if t.launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={t.world_size}",
                "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "tasks.train_worker",
