@@ -75,14 +75,22 @@ def _tracking_uri(settings: Settings) -> str:
             or f"sqlite:///{settings.paths.var_dir / 'mlflow' / 'mlflow.db'}")
 
 
-def _experiment(mlflow, settings: Settings) -> str:
+def mlflow_client(settings: Settings):
+    """A client bound to this config's tracking URI. Never `mlflow.set_tracking_uri`: it also
+    rewrites $MLFLOW_TRACKING_URI for the whole process, leaking one caller's store into the next."""
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=_tracking_uri(settings))
+
+
+def _experiment(client, settings: Settings) -> str:
     name = settings.tracking.experiment
-    exp = mlflow.get_experiment_by_name(name)
+    exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     uri = _tracking_uri(settings)
     artifacts = None if uri.startswith("http") else (settings.paths.var_dir / "mlflow" / "artifacts").as_uri()
-    return mlflow.create_experiment(name, artifact_location=artifacts)
+    return client.create_experiment(name, artifact_location=artifacts)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -116,7 +124,6 @@ class _MetricsTail:
 
 
 def train(settings: Settings, manifest: Path | str | None = None, resume: bool = True) -> dict[str, Any]:
-    import mlflow
     import torch
 
     t = settings.train
@@ -143,9 +150,8 @@ def train(settings: Settings, manifest: Path | str | None = None, resume: bool =
                    "path": man["tokenizer"]["path"]},
         extra={"shards_manifest": str(manifest)})
 
-    mlflow.set_tracking_uri(_tracking_uri(settings))
-    client = mlflow.MlflowClient()
-    exp_id = _experiment(mlflow, settings)
+    client = mlflow_client(settings)
+    exp_id = _experiment(client, settings)
     run_file = run_dir / "mlflow_run_id"
     if resume and is_complete(final):
         log.info("run %s already finished; not training again", run_id)

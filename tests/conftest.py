@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
-    for var in ("LLMOPS_ROOT", "LLMOPS_PROFILE", "LLMOPS_CONFIG_DIR"):
+    for var in ("LLMOPS_ROOT", "LLMOPS_PROFILE", "LLMOPS_CONFIG_DIR", "MLFLOW_TRACKING_URI"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("GX_ANALYTICS_ENABLED", "false")
 

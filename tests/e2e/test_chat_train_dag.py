@@ -33,10 +33,9 @@ def test_chat_train_dag_trains_and_tracks(airflow_home, tmp_path, monkeypatch):
 
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["chat-gpt"], output_format="list")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("chat-gpt").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.params["train.zero_stage"] == "1" and runs[0].data.params["train.max_steps"] == "6"
-    client = mlflow.MlflowClient()
     assert "model/model.safetensors" in {a.path for a in client.list_artifacts(runs[0].info.run_id, "model")}
     assert len(client.get_metric_history(runs[0].info.run_id, "loss")) == 6

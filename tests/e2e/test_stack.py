@@ -69,8 +69,8 @@ def test_trigger_and_backfill_through_scheduler(running):
     client.pause("chat_train")  # no asset-triggered trainings during the backfill below
     import mlflow
 
-    mlflow.set_tracking_uri(f"http://127.0.0.1:{s.stack.mlflow_port}")
-    runs = mlflow.search_runs(experiment_names=["chat-gpt"], output_format="list")
+    mlc = mlflow.MlflowClient(tracking_uri=f"http://127.0.0.1:{s.stack.mlflow_port}")
+    runs = mlc.search_runs([mlc.get_experiment_by_name("chat-gpt").experiment_id])
     assert any(r.info.status == "FINISHED" and r.data.params.get("train.max_steps") == "4" for r in runs)
 
     # a bad conf is refused by the Param schema, as the form would

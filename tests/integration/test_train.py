@@ -65,8 +65,7 @@ def test_zero2_loss_goes_down_and_is_tracked(reference, root):
     # MLflow: a real tracking store with lineage tags, per-step metrics and the safetensors artifact
     import mlflow
 
-    mlflow.set_tracking_uri(reference["tracking_uri"])
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(tracking_uri=reference["tracking_uri"])
     run = client.get_run(reference["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     for tag in ("seed", "snapshot_hash", "tokenizer_version", "tokenizer_sha256", "config_hash", "code_version", "parent",
