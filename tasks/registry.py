@@ -1,0 +1,170 @@
+"""The MLflow model registry: register a gated challenger with full lineage, promote, load by alias.
+
+    llmops register [--weights DIR]      # evaluate + gate + register as `challenger` (refused if lineage is incomplete)
+    llmops promote --version 3 --reason "canary clean for 24h"
+
+Versions of the registered model `chat-gpt` carry every lineage field as tags (seed, snapshot,
+tokenizer, config, code, parent run, eval report) and point at plain artifacts: safetensors
+weights, config.json, tokenizer.json, _lineage.json. Aliases `challenger` and `champion`, never
+the deprecated stages. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tasks.config import Settings
+from tasks.train import mlflow_client
+
+log = logging.getLogger(__name__)
+
+REQUIRED = ("seed", "snapshot_hash", "tokenizer.version", "tokenizer.sha256", "config_hash", "code_version",
+            "parent", "mlflow_run_id", "eval_report")
+
+
+class RegistryError(RuntimeError):
+    pass
+
+
+class RegistrationRefused(RegistryError):
+    pass
+
+
+def latest_weights(settings: Settings) -> Path:
+    finals = sorted(settings.paths.models_dir.glob("checkpoints/*/final/_SUCCESS"), key=lambda p: p.stat().st_mtime)
+    if not finals:
+        raise RegistryError(f"no trained model under {settings.paths.models_dir / 'checkpoints'}; run `llmops train` first")
+    return finals[-1].parent
+
+
+def lineage_tags(lineage: dict[str, Any], mlflow_run_id: str | None, eval_report: str | None) -> dict[str, str]:
+    """The version's tags; raises RegistrationRefused naming the first missing lineage field."""
+    flat = {
+        "seed": lineage.get("seed"), "snapshot_hash": lineage.get("snapshot_hash"),
+        "tokenizer.version": (lineage.get("tokenizer") or {}).get("version"),
+        "tokenizer.sha256": (lineage.get("tokenizer") or {}).get("sha256"),
+        "config_hash": lineage.get("config_hash"), "code_version": lineage.get("code_version"),
+        "parent": lineage.get("parent"), "mlflow_run_id": mlflow_run_id, "eval_report": eval_report,
+    }
+    for key in REQUIRED:
+        if flat.get(key) in (None, ""):
+            raise RegistrationRefused(f"registration refused: lineage field '{key}' is missing "
+                                      f"(model {lineage.get('id')}); every version must be rebuildable")
+    return {k: str(v) for k, v in flat.items()} | {"weights_sha256": str(lineage.get("weights_sha256", "")),
+                                                   "model_id": str(lineage.get("id"))}
+
+
+def champion_metrics(settings: Settings, alias: str = "champion") -> dict[str, float] | None:
+    client = mlflow_client(settings)
+    try:
+        v = client.get_model_version_by_alias(settings.tracking.registered_model, alias)
+    except Exception:  # no registered model or no such alias yet
+        return None
+    return {k.removeprefix("eval."): float(val) for k, val in v.tags.items() if k.startswith("eval.")} or None
+
+
+def log_evaluation(settings: Settings, weights_dir: Path | str, evaluation: dict[str, Any], variant: str = "fp32") -> str:
+    """Attach the evaluation (metrics, HTML report, metrics JSON) to the training's MLflow run."""
+    result = json.loads((Path(weights_dir) / "result.json").read_text())
+    client = mlflow_client(settings)
+    run_id = result["mlflow_run_id"]
+    client.log_artifact(run_id, evaluation["report"], f"eval/{variant}")
+    client.log_artifact(run_id, evaluation["metrics_path"], f"eval/{variant}")
+    for k, v in evaluation["metrics"].items():
+        client.log_metric(run_id, f"eval.{variant}.{k}", float(v))
+    client.set_tag(run_id, f"gate.{variant}", "passed" if evaluation["gate"]["passed"] else "failed")
+    client.set_tag(run_id, f"gate.{variant}.reason", evaluation["gate"]["reason"][:5000])
+    return run_id
+
+
+def register(settings: Settings, weights_dir: Path | str, evaluation: dict[str, Any], gate: dict[str, Any],
+             variant: str = "fp32") -> dict[str, Any]:
+    """Register a gated model version as `challenger`. Refuses when the gate failed or lineage is incomplete."""
+    weights_dir = Path(weights_dir)
+    if not gate["passed"]:
+        raise RegistrationRefused(f"registration refused: the gate failed: {gate['reason']}")
+    lineage = json.loads((weights_dir / "_lineage.json").read_text())
+    result = json.loads((weights_dir / "result.json").read_text()) if (weights_dir / "result.json").is_file() else {}
+    tags = lineage_tags(lineage, result.get("mlflow_run_id"), evaluation.get("report"))
+    client = mlflow_client(settings)
+    name = settings.tracking.registered_model
+    run_id = result["mlflow_run_id"]
+    with tempfile.TemporaryDirectory() as tmp:
+        pkg = Path(tmp) / "chat_model"
+        pkg.mkdir()
+        for f in ("model.safetensors", "config.json", "_lineage.json"):
+            shutil.copyfile(weights_dir / f, pkg / f)
+        shutil.copyfile(lineage["tokenizer"]["path"], pkg / "tokenizer.json")
+        (pkg / "variant.json").write_text(json.dumps({"variant": variant}))
+        client.log_artifacts(run_id, str(pkg), f"registered/{variant}")
+    try:
+        client.get_registered_model(name)
+    except Exception:
+        client.create_registered_model(name, description="Chat GPT trained by llmops-chat", tags={"project": "llmops-chat"})
+    source = f"{client.get_run(run_id).info.artifact_uri}/registered/{variant}"
+    version = client.create_model_version(name, source, run_id=run_id, tags={
+        **tags, "variant": variant, "gate": "passed", "gate.reason": gate["reason"],
+        **{f"eval.{k}": f"{v:.6g}" for k, v in evaluation["metrics"].items()}})
+    client.set_registered_model_alias(name, "challenger", version.version)
+    log.info("registered %s version %s (%s) as challenger", name, version.version, variant)
+    return {"name": name, "version": int(version.version), "alias": "challenger", "variant": variant, "source": source}
+
+
+class GateFailed(RegistryError):
+    pass
+
+
+def evaluate_and_register(settings: Settings, weights_dir: Path | str) -> dict[str, Any]:
+    """evaluate -> gate (vs the champion, or absolute bounds) -> register as challenger; GateFailed otherwise."""
+    from tasks.evaluate import evaluate
+
+    champion = champion_metrics(settings)
+    ev = evaluate(settings, weights_dir, champion)
+    log_evaluation(settings, weights_dir, ev)
+    if not ev["gate"]["passed"]:
+        raise GateFailed(f"gate failed, not registered: {ev['gate']['reason']} (report {ev['report']})")
+    return {"evaluation": {k: ev[k] for k in ("run_id", "metrics", "report", "gate")},
+            "registered": register(settings, weights_dir, ev, ev["gate"])}
+
+
+def promote(settings: Settings, version: int, reason: str, who: str | None = None) -> dict[str, Any]:
+    """Point `champion` at a version, recording who, why and what it replaced."""
+    if not reason.strip():
+        raise RegistryError("promote needs a --reason")
+    client = mlflow_client(settings)
+    name = settings.tracking.registered_model
+    client.get_model_version(name, str(version))  # fails clearly if it does not exist
+    previous = None
+    try:
+        previous = client.get_model_version_by_alias(name, "champion").version
+    except Exception:
+        pass
+    who = who or getpass.getuser()
+    when = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    for k, v in {"promoted_by": who, "promoted_reason": reason, "promoted_at": when,
+                 "replaced_champion": str(previous)}.items():
+        client.set_model_version_tag(name, str(version), k, v)
+    client.set_registered_model_alias(name, "champion", str(version))
+    return {"name": name, "champion": version, "previous": previous, "by": who, "reason": reason, "at": when}
+
+
+def load_by_alias(settings: Settings, alias: str = "champion", dest: Path | None = None):
+    """(model, tokenizer, version) of the registered version an alias points at, from MLflow's artifacts."""
+    import mlflow
+
+    from tasks.evaluate import load_chat_model
+
+    client = mlflow_client(settings)
+    v = client.get_model_version_by_alias(settings.tracking.registered_model, alias)
+    dest = Path(dest or tempfile.mkdtemp(prefix=f"chat-gpt-{alias}-"))
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=v.source, dst_path=str(dest),
+                                                     tracking_uri=client._tracking_client.tracking_uri))
+    model, tok, _ = load_chat_model(local, tokenizer_path=str(local / "tokenizer.json"))
+    return model, tok, v
