@@ -1,0 +1,71 @@
+"""evaluate -> gate -> register against a real MLflow store; promote; load by alias; a worse model is refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tasks.ingest import ingest
+from tasks.registry import GateFailed, evaluate_and_register, load_by_alias, promote
+from tasks.shard import shard
+from tasks.snapshot import snapshot
+from tasks.synth import synth
+from tasks.train import mlflow_client, train
+from tests.conftest import make_settings
+
+pytestmark = pytest.mark.slow
+FAST = ["model.block_size=64", "train.micro_batch=8", "train.world_size=1", "train.zero_stage=0", "train.warmup_steps=5",
+        "train.eval_every=10", "eval.reply_samples=12", "eval.max_new_tokens=16", "eval.perplexity_windows=16"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("registry")
+    s = make_settings(root)
+    synth(s, days=1, start="2026-11-01", records=200, faults=False, chatterbot=False)
+    ingest("2026-11-01", s)
+    snapshot(s)
+    shard(s)
+    return root
+
+
+def test_register_promote_load_and_refuse_a_worse_model(root):
+    s = make_settings(root, *FAST, "train.max_steps=60")
+    good = train(s, resume=False)
+    out = evaluate_and_register(s, Path(good["weights"]).parent)
+    assert out["evaluation"]["gate"]["passed"] and "no champion" in json.dumps(out["evaluation"]["gate"])
+    reg = out["registered"]
+    assert (reg["version"], reg["alias"]) == (1, "challenger")
+
+    client = mlflow_client(s)
+    v = client.get_model_version("chat-gpt", "1")
+    for tag in ("seed", "snapshot_hash", "tokenizer.version", "tokenizer.sha256", "config_hash", "code_version",
+                "parent", "mlflow_run_id", "eval_report", "eval.perplexity"):
+        assert v.tags.get(tag), tag
+    run = client.get_run(good["mlflow_run_id"])
+    assert "eval.fp32.rouge_l" in run.data.metrics
+    assert {a.path for a in client.list_artifacts(good["mlflow_run_id"], "eval/fp32")} >= {"eval/fp32/report.html"}
+    html = Path(out["evaluation"]["report"]).read_text()
+    assert "Loss curve" in html and "data:image/png;base64," in html and "Per slice" in html
+
+    p = promote(s, 1, reason="first model", who="tester")
+    assert p["champion"] == 1 and p["previous"] is None
+    assert client.get_model_version("chat-gpt", "1").tags["promoted_by"] == "tester"
+
+    # round trip: the champion, loaded from MLflow's artifacts, generates what the trained weights do
+    from tasks.evaluate import load_chat_model
+
+    model, tok, version = load_by_alias(s, "champion")
+    ref_model, _, _ = load_chat_model(Path(good["weights"]).parent)
+    prompt = tok.encode("<|im_start|>user\nHi, I need help with my invoice.<|im_end|>\n<|im_start|>assistant\n").ids
+    assert str(version.version) == "1"
+    assert model.generate(prompt, 20, temperature=0.0) == ref_model.generate(prompt, 20, temperature=0.0)
+
+    # a far shorter training fails the gate against the champion and is not registered
+    worse = train(make_settings(root, *FAST, "train.max_steps=3"), resume=False)
+    with pytest.raises(GateFailed) as e:
+        evaluate_and_register(make_settings(root, *FAST, "train.max_steps=3"), Path(worse["weights"]).parent)
+    assert "worse than champion" in str(e.value) and "perplexity" in str(e.value)
+    assert [str(m.version) for m in client.search_model_versions("name='chat-gpt'")] == ["1"]
