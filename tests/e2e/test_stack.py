@@ -64,14 +64,15 @@ def test_trigger_and_backfill_through_scheduler(running):
     # chat_train through the scheduler: DeepSpeed ranks under the Airflow worker, the run in MLflow's server
     client.wait_for_dag("chat_train", timeout=120)
     client.unpause("chat_train")
-    train_run = client.trigger("chat_train", {"max_steps": 4, "world_size": 2, "zero_stage": 2, "resume": False})
+    train_run = client.trigger("chat_train", {"max_steps": 30, "world_size": 2, "zero_stage": 2, "resume": False})
     assert client.wait_run("chat_train", train_run, timeout=600) == "success", client.task_states("chat_train", train_run)
     client.pause("chat_train")  # no asset-triggered trainings during the backfill below
     import mlflow
 
     mlc = mlflow.MlflowClient(tracking_uri=f"http://127.0.0.1:{s.stack.mlflow_port}")
     runs = mlc.search_runs([mlc.get_experiment_by_name("chat-gpt").experiment_id])
-    assert any(r.info.status == "FINISHED" and r.data.params.get("train.max_steps") == "4" for r in runs)
+    assert any(r.info.status == "FINISHED" and r.data.params.get("train.max_steps") == "30" for r in runs)
+    assert mlc.get_model_version_by_alias("chat-gpt", "challenger").tags["gate"] == "passed"
 
     # a bad conf is refused by the Param schema, as the form would
     r = client.http.post("/api/v2/dags/chat_ingest/dagRuns", json={"logical_date": None, "conf": {"day": "yesterday"}})
