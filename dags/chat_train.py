@@ -7,7 +7,9 @@ or the deepspeed launcher, streams their logs here and their metrics to MLflow, 
 weights with lineage) → `evaluate` (perplexity, ROUGE-L, BLEU, embedding similarity, toxicity,
 factuality, latency; HTML report attached to the MLflow run) → `gate` (configs/eval.yaml bounds and
 allowed regression vs the `champion`; fails the run with the reason when it does not pass) →
-`register` (MLflow model `chat-gpt`, alias `challenger`, lineage tags).
+`register` (MLflow model `chat-gpt`, alias `challenger`, lineage tags) → `quantize` (the dynamic
+int8 variant, evaluated by the same suite and gated against its fp32 parent; registered as
+`challenger-int8` only if it passes).
 
 Runs weekly (Monday 03:00 UTC), whenever `chat_ingest` publishes new shards, and from the Trigger
 form. `train` runs in the `training` pool (one slot), so two trainings never share the machine,
@@ -112,7 +114,20 @@ def chat_train():
         ev = json.loads(Path(evaluated["metrics_path"]).read_text())
         return run(_settings(), evaluated["weights_dir"], ev, ev["gate"])
 
-    register(gate(evaluate(train(check_inputs()))))
+    @task
+    def quantize(registered: dict, evaluated: dict) -> dict:
+        import json
+        from pathlib import Path
+
+        from tasks.registry import quantize_and_register
+
+        ev = json.loads(Path(evaluated["metrics_path"]).read_text())
+        r = quantize_and_register(_settings(), evaluated["weights_dir"], ev, registered["version"])
+        return {"registered": r["registered"], "gate": r["gate"], "report": r["report"],
+                "memory_ratio": r["int8"]["memory_ratio"], "speedup_b1": r["int8"]["speedup_b1"]}
+
+    gated = gate(evaluate(train(check_inputs())))
+    quantize(register(gated), gated)
 
 
 chat_train()

@@ -161,7 +161,7 @@ def register(
     weights: Annotated[str | None, typer.Option(help="a trained model directory (default: the latest run's final/)")] = None,
     profile: ProfileOpt = None, set_: SetOpt = None,
 ) -> None:
-    """Evaluate, gate against the champion, and register the model in MLflow as `challenger`."""
+    """Evaluate, gate against the champion, register as `challenger`; then the int8 variant as `challenger-int8`."""
     from tasks.registry import evaluate_and_register, latest_weights
 
     s = _settings(profile, set_)

@@ -61,6 +61,21 @@ def lineage_tags(lineage: dict[str, Any], mlflow_run_id: str | None, eval_report
                                                    "model_id": str(lineage.get("id"))}
 
 
+def quantize_and_register(settings: Settings, weights_dir: Path | str, fp32_eval: dict[str, Any],
+                          parent_version: int) -> dict[str, Any]:
+    """Evaluate the int8 variant against its fp32 parent; register it only if it passes its own gate."""
+    from tasks.quantize import evaluate_int8
+
+    q = evaluate_int8(settings, weights_dir, fp32_eval)
+    log_evaluation(settings, weights_dir, q, variant="int8")
+    out: dict[str, Any] = {"int8": q["int8"], "gate": {"passed": q["gate"]["passed"], "reason": q["gate"]["reason"]},
+                           "report": q["report"]}
+    if not q["gate"]["passed"]:
+        log.warning("int8 variant not registered: %s", q["gate"]["reason"])
+        return {**out, "registered": None}
+    return {**out, "registered": register(settings, weights_dir, q, q["gate"], "int8", parent_version)}
+
+
 def champion_metrics(settings: Settings, alias: str = "champion") -> dict[str, float] | None:
     client = mlflow_client(settings)
     try:
@@ -85,8 +100,9 @@ def log_evaluation(settings: Settings, weights_dir: Path | str, evaluation: dict
 
 
 def register(settings: Settings, weights_dir: Path | str, evaluation: dict[str, Any], gate: dict[str, Any],
-             variant: str = "fp32") -> dict[str, Any]:
-    """Register a gated model version as `challenger`. Refuses when the gate failed or lineage is incomplete."""
+             variant: str = "fp32", parent_version: int | None = None) -> dict[str, Any]:
+    """Register a gated model version as `challenger` (a variant as `challenger-<variant>`).
+    Refuses when the gate failed or lineage is incomplete."""
     weights_dir = Path(weights_dir)
     if not gate["passed"]:
         raise RegistrationRefused(f"registration refused: the gate failed: {gate['reason']}")
@@ -109,20 +125,23 @@ def register(settings: Settings, weights_dir: Path | str, evaluation: dict[str, 
     except Exception:
         client.create_registered_model(name, description="Chat GPT trained by llmops-chat", tags={"project": "llmops-chat"})
     source = f"{client.get_run(run_id).info.artifact_uri}/registered/{variant}"
+    extra = {"parent_version": str(parent_version)} if parent_version is not None else {}
     version = client.create_model_version(name, source, run_id=run_id, tags={
-        **tags, "variant": variant, "gate": "passed", "gate.reason": gate["reason"],
+        **tags, **extra, "variant": variant, "gate": "passed", "gate.reason": gate["reason"],
         **{f"eval.{k}": f"{v:.6g}" for k, v in evaluation["metrics"].items()}})
-    client.set_registered_model_alias(name, "challenger", version.version)
-    log.info("registered %s version %s (%s) as challenger", name, version.version, variant)
-    return {"name": name, "version": int(version.version), "alias": "challenger", "variant": variant, "source": source}
+    alias = "challenger" if variant == "fp32" else f"challenger-{variant}"
+    client.set_registered_model_alias(name, alias, version.version)
+    log.info("registered %s version %s (%s) as %s", name, version.version, variant, alias)
+    return {"name": name, "version": int(version.version), "alias": alias, "variant": variant, "source": source}
 
 
 class GateFailed(RegistryError):
     pass
 
 
-def evaluate_and_register(settings: Settings, weights_dir: Path | str) -> dict[str, Any]:
-    """evaluate -> gate (vs the champion, or absolute bounds) -> register as challenger; GateFailed otherwise."""
+def evaluate_and_register(settings: Settings, weights_dir: Path | str, int8: bool = True) -> dict[str, Any]:
+    """evaluate -> gate (vs the champion, or absolute bounds) -> register as challenger; GateFailed otherwise.
+    Then (int8=True) the int8 variant, gated against this fp32 parent, as challenger-int8."""
     from tasks.evaluate import evaluate
 
     champion = champion_metrics(settings)
@@ -130,8 +149,11 @@ def evaluate_and_register(settings: Settings, weights_dir: Path | str) -> dict[s
     log_evaluation(settings, weights_dir, ev)
     if not ev["gate"]["passed"]:
         raise GateFailed(f"gate failed, not registered: {ev['gate']['reason']} (report {ev['report']})")
-    return {"evaluation": {k: ev[k] for k in ("run_id", "metrics", "report", "gate")},
-            "registered": register(settings, weights_dir, ev, ev["gate"])}
+    registered = register(settings, weights_dir, ev, ev["gate"])
+    out = {"evaluation": {k: ev[k] for k in ("run_id", "metrics", "report", "gate")}, "registered": registered}
+    if int8:
+        out["int8"] = quantize_and_register(settings, weights_dir, ev, registered["version"])
+    return out
 
 
 def promote(settings: Settings, version: int, reason: str, who: str | None = None) -> dict[str, Any]:
@@ -167,4 +189,8 @@ def load_by_alias(settings: Settings, alias: str = "champion", dest: Path | None
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=v.source, dst_path=str(dest),
                                                      tracking_uri=client._tracking_client.tracking_uri))
     model, tok, _ = load_chat_model(local, tokenizer_path=str(local / "tokenizer.json"))
+    if json.loads((local / "variant.json").read_text())["variant"] == "int8":
+        from tasks.quantize import quantize_int8
+
+        model = quantize_int8(model)  # the variant is a deterministic recipe over the same weights
     return model, tok, v

@@ -50,6 +50,22 @@ def test_register_promote_load_and_refuse_a_worse_model(root):
     html = Path(out["evaluation"]["report"]).read_text()
     assert "Loss curve" in html and "data:image/png;base64," in html and "Per slice" in html
 
+    # the int8 variant: evaluated by the same suite, gated against its parent, registered as a variant
+    q = out["int8"]
+    assert q["int8"]["int8_bytes"] < 0.6 * q["int8"]["fp32_bytes"]
+    assert q["int8"]["speedup_b1"] > 0 and q["int8"]["speedup_b8"] > 0  # measured in this run
+    assert "rouge_l" in q["int8"]["deltas"]
+    assert "int8 vs fp32" in Path(q["report"]).read_text()
+    if q["gate"]["passed"]:
+        assert (q["registered"]["version"], q["registered"]["alias"]) == (2, "challenger-int8")
+        v2 = client.get_model_version("chat-gpt", "2")
+        assert v2.tags["variant"] == "int8" and v2.tags["parent_version"] == "1"
+        assert v2.tags["snapshot_hash"] == v.tags["snapshot_hash"]  # its parent's lineage
+        qmodel, _, _ = load_by_alias(s, "challenger-int8")
+        assert "quantized" in type(qmodel.blocks[0].attn.qkv).__module__
+    else:
+        assert q["registered"] is None and "worse than champion" in q["gate"]["reason"]
+
     p = promote(s, 1, reason="first model", who="tester")
     assert p["champion"] == 1 and p["previous"] is None
     assert client.get_model_version("chat-gpt", "1").tags["promoted_by"] == "tester"
@@ -68,4 +84,4 @@ def test_register_promote_load_and_refuse_a_worse_model(root):
     with pytest.raises(GateFailed) as e:
         evaluate_and_register(make_settings(root, *FAST, "train.max_steps=3"), Path(worse["weights"]).parent)
     assert "worse than champion" in str(e.value) and "perplexity" in str(e.value)
-    assert [str(m.version) for m in client.search_model_versions("name='chat-gpt'")] == ["1"]
+    assert "3" not in [str(m.version) for m in client.search_model_versions("name='chat-gpt'")]

@@ -52,7 +52,7 @@ def test_chat_ingest_shape(dagbag):
 
 def test_chat_train_shape(dagbag):
     dag = dagbag.get_dag("chat_train")
-    assert [t.task_id for t in dag.topological_sort()] == ["check_inputs", "train", "evaluate", "gate", "register"]
+    assert [t.task_id for t in dag.topological_sort()] == ["check_inputs", "train", "evaluate", "gate", "register", "quantize"]
     assert dag.get_task("train").pool == "training"
     assert type(dag.timetable).__name__ == "AssetOrTimeSchedule"
     assert {p: dag.params.get_param(p).value for p in ("profile", "resume")} == {"profile": "tiny", "resume": True}

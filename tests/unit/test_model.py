@@ -79,3 +79,19 @@ def test_generate_batch_matches_one_by_one():
     assert batch.shape == (4, 10)
     for i in range(4):
         assert batch[i].tolist() == m.generate(prompts[i].tolist(), 10, temperature=0.0)
+
+
+def test_int8_variant_is_smaller_and_close():
+    from tasks.quantize import model_bytes, quantize_int8
+
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=512, n_layer=2, n_head=4, d_model=128, block_size=64)).eval()
+    q = quantize_int8(m)
+    assert type(q.blocks[0].attn.qkv).__name__ == "Linear" and "quantized" in type(q.blocks[0].attn.qkv).__module__
+    assert type(m.blocks[0].attn.qkv) is torch.nn.Linear  # the original is untouched
+    assert model_bytes(q) < 0.6 * model_bytes(m)
+    x = torch.randint(0, 512, (2, 64))
+    a, _ = m(x, x)
+    b, _ = q(x, x)
+    agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    assert agree > 0.9 and torch.allclose(a, b, atol=0.1)
