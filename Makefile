@@ -63,3 +63,4 @@ clean: stop
 bench: install
 	$(BIN)/python bench/data.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/eval.py
