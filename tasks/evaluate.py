@@ -134,15 +134,12 @@ def _batch8_tokens_per_s(model, tok, prompts: list[list[dict]], new_tokens: int)
 def evaluate(settings: Settings, weights_dir: Path | str, champion: dict[str, float] | None = None,
              model=None, tag: str | None = None, extra: dict[str, str] | None = None) -> dict[str, Any]:
     """Run every suite on the weights (or on `model`, e.g. its int8 variant); write metrics + report."""
-    import torch
-
     cfg = settings.eval
     t_start = time.perf_counter()
     base_model, tok, lineage = load_chat_model(weights_dir)
     model = model if model is not None else base_model
     manifest_path = Path(lineage["shards_manifest"])
     manifest = json.loads(manifest_path.read_text())
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     run_id = lineage["id"].split("@", 1)[-1] + (f"-{tag}" if tag else "")
 
     val_nll = _perplexity(model, manifest_path, cfg.perplexity_windows, settings.seed)
