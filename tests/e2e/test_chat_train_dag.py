@@ -41,7 +41,7 @@ def test_chat_train_dag_trains_and_tracks(airflow_home, tmp_path, monkeypatch):
     assert "model/model.safetensors" in {a.path for a in client.list_artifacts(runs[0].info.run_id, "model")}
     assert len(client.get_metric_history(runs[0].info.run_id, "loss")) == 30
     # evaluate -> gate (no champion: absolute bounds) -> register
-    assert states == dict.fromkeys(("check_inputs", "train", "evaluate", "gate", "register"), "success")
+    assert states == dict.fromkeys(("check_inputs", "train", "evaluate", "gate", "register", "quantize"), "success")
     assert "eval/fp32/report.html" in {a.path for a in client.list_artifacts(runs[0].info.run_id, "eval/fp32")}
     v = client.get_model_version_by_alias("chat-gpt", "challenger")
     assert v.run_id == runs[0].info.run_id and v.tags["snapshot_hash"] == runs[0].data.tags["snapshot_hash"]
