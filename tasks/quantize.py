@@ -79,4 +79,4 @@ def _rewrite_report(ev: dict[str, Any], weights_dir: Path | str, cmp: dict[str, 
     loss = Path(weights_dir).parent / "metrics.jsonl"
     with atomic_file(ev["report"]) as tmp:
         tmp.write_text(render_report(ev, loss if loss.is_file() else None, {"int8 vs fp32: quality drop beside speed and memory": body}))
-    write_json(ev["metrics_path"], {k: v for k, v in ev.items()})
+    write_json(ev["metrics_path"], ev)
