@@ -273,9 +273,9 @@ def ingest(day: str, settings: Settings) -> dict[str, Any]:
             seed=settings.seed, parent=f"raw/dt={day}@{raw_hash[:12]}",
             extra={"files": hashes, "content_hash": content_hash, "stats": summary},
         )
-        old = part_dir / LINEAGE_FILE
-        if old.is_file() and read_lineage(part_dir).get("content_hash") == content_hash:
-            lineage["created_at"] = read_lineage(part_dir)["created_at"]  # unchanged: stay byte-identical
+        previous = read_lineage(part_dir) if (part_dir / LINEAGE_FILE).is_file() else {}
+        if previous.get("content_hash") == content_hash:
+            lineage["created_at"] = previous["created_at"]  # unchanged: stay byte-identical
         (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, sort_keys=True) + "\n")
 
     secs = time.perf_counter() - t0
