@@ -66,6 +66,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 def _held_out(settings: Settings, manifest: dict[str, Any], n: int) -> list[dict[str, Any]]:
     """The first n val conversations (by content hash) that end with an assistant turn."""
     from tasks.ingest import read_partition
+    from tasks.shard import is_val
     from tasks.snapshot import load_snapshot
 
     cut = manifest.get("split", {}).get("cut", int(settings.shard.val_fraction * 10_000))
@@ -75,7 +76,7 @@ def _held_out(settings: Settings, manifest: dict[str, Any], n: int) -> list[dict
         t = read_partition(settings.paths.clean / f"dt={day}")
         for h, msgs, src in zip(t.column("content_hash").to_pylist(), t.column("messages").to_pylist(),
                                 t.column("source").to_pylist(), strict=True):
-            if int(h[:8], 16) % 10_000 < cut and msgs[-1]["role"] == "assistant" and len(msgs) >= 2:
+            if is_val(h, cut) and msgs[-1]["role"] == "assistant" and len(msgs) >= 2:
                 rows.append({"hash": h, "prompt": msgs[:-1], "reference": msgs[-1]["content"], "slice": src})
     rows.sort(key=lambda r: r["hash"])
     return rows[:n]
@@ -102,12 +103,10 @@ class _Generator:
 def _perplexity(model, manifest_path: Path, windows: int, seed: int) -> float:
     import torch
 
+    from tasks.shard import split_paths
     from tasks.train_worker import TokenSampler
 
-    man = json.loads(manifest_path.read_text())
-    paths = [manifest_path.parent / s["file"] for s in man["shards"] if s["split"] == "val"] or \
-            [manifest_path.parent / s["file"] for s in man["shards"] if s["split"] == "train"]
-    sampler = TokenSampler(paths, model.cfg.block_size, seed, salt=2)
+    sampler = TokenSampler(split_paths(manifest_path, "val"), model.cfg.block_size, seed, salt=2)
     total, n = 0.0, 0
     with torch.no_grad():
         for b in range(0, windows, 8):

@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tasks.adapters import SUFFIXES, RawUnit, iter_units
-from tasks.atomic import atomic_dir, sha256_file, tree_hash
+from tasks.atomic import atomic_dir, is_complete, sha256_file, tree_hash
 from tasks.config import Settings
 from tasks.lineage import LINEAGE_FILE, make_lineage, read_lineage
 from tasks.progress import Progress
@@ -288,8 +288,6 @@ def ingest(day: str, settings: Settings) -> dict[str, Any]:
 def read_partition(path: Path | str) -> pa.Table:
     """Read a complete clean partition (all parts) as one Arrow table."""
     path = Path(path)
-    from tasks.atomic import is_complete
-
     if not is_complete(path):
         raise IngestError(f"{path}: not a complete partition (no _SUCCESS marker); re-run ingest for it")
     return pa.concat_tables([pq.read_table(p) for p in sorted(path.glob("part-*.parquet"))])

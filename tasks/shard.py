@@ -47,6 +47,19 @@ class ShardError(RuntimeError):
     pass
 
 
+def is_val(content_hash: str, cut: int) -> bool:
+    """The held-out split: a record is in val when its content hash falls under the cut (of 10,000)."""
+    return int(content_hash[:8], 16) % 10_000 < cut
+
+
+def split_paths(manifest_path: Path | str, split: str) -> list[Path]:
+    """The shard files of one split (train or val); val falls back to train when it is empty."""
+    manifest_path = Path(manifest_path)
+    shards = json.loads(manifest_path.read_text())["shards"]
+    paths = [manifest_path.parent / s["file"] for s in shards if s["split"] == split]
+    return paths or (split_paths(manifest_path, "train") if split == "val" else [])
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
@@ -187,7 +200,7 @@ def shard(settings: Settings, snapshot_hash: str | None = None) -> dict[str, Any
         def consume(hashes: list[str], encs) -> None:
             for split in ("train", "val"):
                 picked = [e.ids for h, e in zip(hashes, encs, strict=True)
-                          if (int(h[:8], 16) % 10_000 < val_cut) == (split == "val")]
+                          if is_val(h, val_cut) == (split == "val")]
                 if picked:
                     ids = np.fromiter(itertools.chain.from_iterable(picked), dtype=dtype)
                     buffers[split].append(ids)

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from tasks.atomic import MARKER, atomic_file, is_complete, write_json
 from tasks.config import Settings
 from tasks.model import GPT, GPTConfig
-from tasks.shard import open_shard
+from tasks.shard import open_shard, split_paths
 
 
 class TokenSampler:
@@ -155,8 +155,6 @@ def main() -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
     device = torch.device("cuda", args.local_rank) if on_gpu else torch.device("cpu")
 
-    manifest = json.loads(Path(spec["manifest"]).read_text())
-    shard_dir = Path(spec["manifest"]).parent
     gpt_cfg = GPTConfig(vocab_size=spec["vocab_size"], activation_checkpointing=t.activation_checkpointing,
                         **settings.model.model_dump())
     torch.manual_seed(settings.seed)  # identical initial weights on every rank
@@ -188,10 +186,8 @@ def main() -> None:
 
         torch.set_rng_state(load_file(str(tags[-1] / f"rng_rank{rank}.safetensors"))["cpu"])
 
-    train_paths = [shard_dir / s["file"] for s in manifest["shards"] if s["split"] == "train"]
-    val_paths = [shard_dir / s["file"] for s in manifest["shards"] if s["split"] == "val"] or train_paths
-    sampler = TokenSampler(train_paths, gpt_cfg.block_size, settings.seed)
-    val_sampler = TokenSampler(val_paths, gpt_cfg.block_size, settings.seed, salt=1)
+    sampler = TokenSampler(split_paths(spec["manifest"], "train"), gpt_cfg.block_size, settings.seed)
+    val_sampler = TokenSampler(split_paths(spec["manifest"], "val"), gpt_cfg.block_size, settings.seed, salt=1)
     metrics_path = run_dir / "metrics.jsonl"
     tokens_per_step = t.micro_batch * t.grad_accum * world * gpt_cfg.block_size
     flops_per_step = gpt_cfg.flops_per_token() * tokens_per_step

@@ -5,7 +5,7 @@ import pytest
 
 from tasks.chat_template import BOS, EOS, SPECIAL_TOKENS, encode_chat, render_chat
 from tasks.ingest import ingest, read_partition
-from tasks.shard import ShardError, load_tokenizer, open_shard, shard, verify_shards, write_shard
+from tasks.shard import ShardError, is_val, load_tokenizer, open_shard, shard, verify_shards, write_shard
 from tasks.snapshot import corpus_partitions
 from tasks.synth import synth_day
 
@@ -66,7 +66,7 @@ def test_shard_end_to_end_parity_and_reuse(settings):
     convs = table.column("messages").to_pylist()
     hashes = table.column("content_hash").to_pylist()
     cut = int(settings.shard.val_fraction * 10_000)
-    train_ids = [i for c, h in zip(convs, hashes, strict=True) if int(h[:8], 16) % 10_000 >= cut
+    train_ids = [i for c, h in zip(convs, hashes, strict=True) if not is_val(h, cut)
                  for i in encode_chat(tok, c)]
     shard_ids = np.concatenate([open_shard(f"{r['shards_dir']}/{s['file']}") for s in manifest["shards"]
                                 if s["split"] == "train"])
