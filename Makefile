@@ -6,6 +6,8 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+SERVE_ENV   := .venv-serve
+SERVE_STAMP := $(SERVE_ENV)/.installed
 # torch==2.13.0 resolves to the CPU wheel kept in /opt/wheels on these machines.
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PROFILE  ?= tiny
@@ -21,18 +23,30 @@ help:
 	@echo "make stop     stop the stack;   make clean  stop and remove generated state"
 	@echo "make bench    print the benchmark JSON lines"
 
-install: $(STAMP)
+install: $(STAMP) $(SERVE_STAMP)
 
 $(STAMP): requirements/lock.txt setup.cfg pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
-	@echo "==> [1/3] creating $(VENV)"
+	@echo "==> [1/4] creating $(VENV)"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@echo "==> [2/3] installing the pinned set from requirements/lock.txt (about 3 minutes on a fresh machine)"
+	@echo "==> [2/4] installing the pinned set from requirements/lock.txt (about 3 minutes on a fresh machine)"
 	@set -o pipefail; $(BIN)/pip install -q --disable-pip-version-check $(FIND_LINKS) -r requirements/lock.txt 2>&1 \
 	    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
-	@echo "==> [3/3] installing this project (editable)"
+	@echo "==> [3/4] installing this project (editable)"
 	@$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
+
+$(SERVE_STAMP): requirements/serve.txt $(STAMP)
+	@echo "==> [4/4] model server: tritonserver (nvidia-pytriton, --no-deps) and its numpy<2 environment $(SERVE_ENV)"
+	@set -o pipefail; $(BIN)/pip install -q --disable-pip-version-check --no-deps $(FIND_LINKS) \
+	    $$(grep -E '^nvidia-pytriton==' requirements/serve.txt) 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	@test -x $(SERVE_ENV)/bin/python || $(PYTHON) -m venv $(SERVE_ENV)
+	@set -o pipefail; $(SERVE_ENV)/bin/pip install -q --disable-pip-version-check $$(grep -E '^numpy==' requirements/serve.txt) \
+	    2>&1 | { grep -v "is ignored: it is neither" || true; }
+	@$(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))' \
+	    > $$($(SERVE_ENV)/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/_llmops_main.pth
+	@$(SERVE_ENV)/bin/python -c 'import numpy, torch, tokenizers, safetensors; assert numpy.__version__ < "2", numpy.__version__'
+	@touch $(SERVE_STAMP)
 
 lint: install
 	$(BIN)/ruff check .
@@ -58,7 +72,7 @@ stop:
 
 clean: stop
 	rm -rf var reports data/raw data/clean data/quarantine data/shards data/snapshots data/tokenizers \
-	       data/.dvc data/.dvcignore data/clean.dvc data/.snapshot.lock
+	       data/.dvc data/.dvcignore data/clean.dvc data/.snapshot.lock data/requests models/triton
 
 bench: install
 	$(BIN)/python bench/data.py

@@ -7,7 +7,8 @@ or the deepspeed launcher, streams their logs here and their metrics to MLflow, 
 weights with lineage) → `evaluate` (perplexity, ROUGE-L, BLEU, embedding similarity, toxicity,
 factuality, latency; HTML report attached to the MLflow run) → `gate` (configs/eval.yaml bounds and
 allowed regression vs the `champion`; fails the run with the reason when it does not pass) →
-`register` (MLflow model `chat-gpt`, alias `challenger`, lineage tags) → `quantize` (the dynamic
+`register` (MLflow model `chat-gpt`, alias `challenger`, lineage tags; emits the `chat_challenger`
+Asset that `chat_deploy` runs on) → `quantize` (the dynamic
 int8 variant, evaluated by the same suite and gated against its fp32 parent; registered as
 `challenger-int8` only if it passes).
 
@@ -23,7 +24,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
 
-from chat_assets import CHAT_SHARDS
+from chat_assets import CHAT_CHALLENGER, CHAT_SHARDS
 
 
 def _settings():
@@ -104,7 +105,7 @@ def chat_train():
             raise GateFailed(f"gate failed, not registered: {evaluated['gate']['reason']} (report {evaluated['report']})")
         return evaluated
 
-    @task
+    @task(outlets=[CHAT_CHALLENGER])  # chat_deploy runs on it
     def register(evaluated: dict) -> dict:
         import json
         from pathlib import Path

@@ -40,3 +40,32 @@ def encode_chat(tokenizer, messages: Sequence[dict[str, Any]], add_generation_pr
     """Token ids of a conversation (HF `tokenizers.Tokenizer`), as training and serving see it."""
     text = render_chat(messages, add_generation_prompt=add_generation_prompt, end_of_text=not add_generation_prompt)
     return tokenizer.encode(text, add_special_tokens=False).ids
+
+
+class PromptTooLong(ValueError):
+    def __init__(self, tokens: int, budget: int):
+        super().__init__(f"the messages take {tokens} tokens; this model's window leaves {budget} for the prompt "
+                         "after max_tokens")
+        self.tokens, self.budget = tokens, budget
+
+
+def fit_turns(tokenizer, history: Sequence[dict[str, Any]], messages: Sequence[dict[str, Any]],
+              budget: int) -> list[dict[str, Any]]:
+    """The prompt for `messages` with as much of `history` (older turns of the session) as fits.
+
+    The request's own messages must fit in `budget` tokens (else PromptTooLong); history turns are
+    added newest first, whole turns only, after any leading system messages of the request. The
+    result is rendered by `encode_chat`, as in training, so the served model sees the same tokens
+    the same turns produced in its training shards."""
+    n_sys = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+    head, tail = list(messages[:n_sys]), list(messages[n_sys:])
+    need = len(encode_chat(tokenizer, messages, add_generation_prompt=True))
+    if need > budget:
+        raise PromptTooLong(need, budget)
+    chosen: list[dict[str, Any]] = []
+    for turn in reversed(history):
+        trial = head + [turn] + chosen + tail
+        if len(encode_chat(tokenizer, trial, add_generation_prompt=True)) > budget:
+            break
+        chosen.insert(0, turn)
+    return head + chosen + tail

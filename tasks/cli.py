@@ -253,6 +253,130 @@ def stack_status(profile: ProfileOpt = None, set_: SetOpt = None) -> None:
 
 
 @app.command()
+def export(
+    alias: Annotated[str | None, typer.Option(help="registered alias to export, e.g. challenger")] = None,
+    version: Annotated[int | None, typer.Option(help="registered version number to export")] = None,
+    load: Annotated[bool, typer.Option(help="(re)load it in the running tritonserver")] = True,
+    profile: ProfileOpt = None, set_: SetOpt = None,
+) -> None:
+    """Write a registered version into the Triton model repository (models/triton/), and load it."""
+    from tasks.export import ExportError
+    from tasks.export import export as run_export
+    from tasks.serve import server
+
+    s = _settings(profile, set_)
+    if alias is None and version is None:
+        alias = "challenger"
+
+    def go() -> dict[str, Any]:
+        try:
+            if load and alias is not None and version is None:
+                return server.deploy(s, alias)
+            return run_export(s, alias=alias, version=version)
+        except ExportError as e:
+            raise ValueError(str(e)) from None
+
+    _serve_run(go)
+
+
+serve_app = typer.Typer(help="The model server (tritonserver) and the OpenAI-compatible gateway on 127.0.0.1.")
+app.add_typer(serve_app, name="serve")
+
+
+def _serve_run(fn: Callable[[], Any]) -> None:
+    from tasks.serve.triton import TritonError
+
+    try:
+        _run(fn)
+    except TritonError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
+@serve_app.callback(invoke_without_command=True)
+def serve(ctx: typer.Context, profile: ProfileOpt = None, set_: SetOpt = None) -> None:
+    """`llmops serve` starts tritonserver (every exported model loaded) and the gateway, and waits."""
+    if ctx.invoked_subcommand is None:
+        from tasks.serve import server
+
+        s = _settings(profile, set_)
+        _serve_run(lambda: server.up(s))
+
+
+@serve_app.command("up")
+def serve_up(profile: ProfileOpt = None, set_: SetOpt = None) -> None:
+    """Start tritonserver and the gateway (what is not already running) and wait until both answer."""
+    from tasks.serve import server
+
+    s = _settings(profile, set_)
+    _serve_run(lambda: server.up(s))
+
+
+@serve_app.command("down")
+def serve_down(profile: ProfileOpt = None, set_: SetOpt = None) -> None:
+    """Stop tritonserver and the gateway."""
+    from tasks.serve import server
+
+    s = _settings(profile, set_)
+    _serve_run(lambda: server.down(s))
+
+
+@serve_app.command("status")
+def serve_status(profile: ProfileOpt = None, set_: SetOpt = None) -> None:
+    """Which serving processes run, their URLs, and the versions in the repository."""
+    from tasks.serve import server
+
+    s = _settings(profile, set_)
+    _serve_run(lambda: server.status(s))
+
+
+@app.command()
+def chat(
+    model: Annotated[str, typer.Option(help="model id: chat-gpt, chat-gpt:champion, chat-gpt:<version>")] = "chat-gpt",
+    session: Annotated[str | None, typer.Option(help="session id; the gateway keeps the turns (default: a new one)")] = None,
+    max_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0, max=2.0)] = 0.7,
+    base_url: Annotated[str | None, typer.Option(help="gateway URL (default from configs/serve.yaml)")] = None,
+    profile: ProfileOpt = None, set_: SetOpt = None,
+) -> None:
+    """Chat with the served model in the terminal, tokens streamed as they come (Ctrl-D to end)."""
+    import uuid
+
+    from openai import APIConnectionError, APIStatusError, OpenAI
+
+    from tasks.serve.server import urls
+
+    s = _settings(profile, set_)
+    url = base_url or urls(s)["gateway"]
+    session = session or f"cli-{uuid.uuid4().hex[:12]}"
+    client = OpenAI(base_url=url, api_key="unused", max_retries=0)
+    typer.echo(f"chatting with {model} at {url} (session {session}); Ctrl-D ends", err=True)
+    while True:
+        try:
+            line = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            typer.echo("", err=True)
+            return
+        if not line.strip():
+            continue
+        try:
+            stream = client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": line}], stream=True, max_tokens=max_tokens,
+                temperature=temperature, extra_headers={"X-Session-Id": session})
+            sys.stdout.write("bot> ")
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    sys.stdout.write(chunk.choices[0].delta.content)
+                    sys.stdout.flush()
+            sys.stdout.write("\n")
+        except APIStatusError as e:
+            typer.echo(f"error {e.status_code}: {e.message}", err=True)
+        except APIConnectionError as e:
+            typer.echo(f"error: cannot reach the gateway at {url} ({e}); is `llmops serve` running?", err=True)
+            raise typer.Exit(1) from None
+
+
+@app.command()
 def trigger(
     dag_id: Annotated[str, typer.Argument(help="chat_ingest, chat_train, ...")],
     conf: Annotated[str, typer.Option(help="run conf as JSON (the Trigger form's params)")] = "{}",

@@ -83,6 +83,14 @@ class PathsConfig(_Section):
         return self._abs(self.models)
 
     @property
+    def triton_repository(self) -> Path:
+        return self.models_dir / "triton"
+
+    @property
+    def requests(self) -> Path:
+        return self.data_dir / "requests"
+
+    @property
     def var_dir(self) -> Path:
         return self._abs(self.var)
 
@@ -242,6 +250,81 @@ class StackConfig(_Section):
     mlflow_backend_uri: str = ""
 
 
+NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # a name that becomes a path component: no '/', no leading '.'
+
+
+class TritonConfig(_Section):
+    """The model server (tritonserver) and the model repository `llmops export` writes."""
+
+    model_name: str = Field("chat-gpt", pattern=NAME)
+    http_port: int = Field(8000, ge=1, le=65535)
+    grpc_port: int = Field(8001, ge=1, le=65535)
+    metrics_port: int = Field(8002, ge=1, le=65535)
+    # dynamic batching (config.pbtxt)
+    max_batch_size: int = Field(16, ge=1, le=1024)
+    preferred_batch_sizes: tuple[int, ...] = (4, 8, 16)
+    max_queue_delay_us: int = Field(2000, ge=0)
+    dynamic_batching: bool = True
+    instances: int = Field(1, ge=1, le=64)
+    device: Literal["cpu", "gpu"] = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    threads_per_instance: int = Field(0, ge=0, description="torch intra-op threads per model instance; 0 = torch default")
+    startup_timeout_s: float = Field(90.0, gt=0)
+    serve_env: Path = Path(".venv-serve")  # the numpy<2 environment of the Python backend stub (under the project)
+
+    @model_validator(mode="after")
+    def _batches(self) -> TritonConfig:
+        bad = [b for b in self.preferred_batch_sizes if not 1 <= b <= self.max_batch_size]
+        if bad:
+            raise ValueError(f"preferred_batch_sizes {bad} must lie in 1..max_batch_size={self.max_batch_size}")
+        return self
+
+
+class GatewayConfig(_Section):
+    """The OpenAI-compatible gateway in front of Triton (tasks/serve/gateway.py)."""
+
+    port: int = Field(9000, ge=1, le=65535)
+    max_inflight: int = Field(16, ge=1, description="requests sent to Triton at once")
+    max_queue: int = Field(64, ge=0, description="requests waiting for a slot; beyond this: 429")
+    batch_queue_share: float = Field(0.5, ge=0.0, le=1.0, description="share of the queue batch-priority requests may fill")
+    retry_after_s: int = Field(1, ge=1)
+    request_timeout_s: float = Field(120.0, gt=0)
+    default_max_tokens: int = Field(64, ge=1)
+    max_request_bytes: int = Field(1_000_000, ge=1024)
+    context_store: str = ""  # empty: in-process LRU; redis://host:port/db in production
+    session_max_turns: int = Field(32, ge=2)
+    session_ttl_s: int = Field(86_400, ge=1)
+    max_sessions: int = Field(10_000, ge=1)
+    cost_per_hour_usd: float = Field(0.10, ge=0.0, description="$ per hour of the serving machine (CPU or GPU)")
+    throughput_window_s: float = Field(60.0, gt=0)
+    log_requests: bool = True
+
+
+class SafetyConfig(_Section):
+    """The runtime safety filter on prompts and replies (tasks/serve/safety.py)."""
+
+    version: str = Field("2026.11.1", pattern=NAME)
+    classifier_threshold: float = Field(0.8, gt=0.0, lt=1.0)
+    blocked_patterns: tuple[str, ...] = ()
+    refusal: str = "I can't help with that request."
+
+    @field_validator("blocked_patterns")
+    @classmethod
+    def _compiles(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for i, pat in enumerate(v):
+            try:
+                re.compile(pat)
+            except re.error as e:
+                raise ValueError(f"blocked_patterns[{i}] {pat!r} is not a regular expression: {e}") from None
+        return v
+
+
+class ServeConfig(_Section):
+    triton: TritonConfig = TritonConfig()
+    gateway: GatewayConfig = GatewayConfig()
+    safety: SafetyConfig = SafetyConfig()
+
+
 class Settings(_Section):
     profile: str = "tiny"
     seed: int = 1337
@@ -255,6 +338,7 @@ class Settings(_Section):
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
     stack: StackConfig = StackConfig()
+    serve: ServeConfig = ServeConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -91,7 +91,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x, rope, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, rope, cache: KVCache | None = None, layer: int = 0, mask: torch.Tensor | None = None):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
@@ -103,7 +103,9 @@ class CausalSelfAttention(nn.Module):
                 v = torch.cat((cache.v[layer], v), dim=2)
             cache.k[layer], cache.v[layer] = k, v
         # With a cache the T new queries see all past keys; causal masking applies among the new ones.
-        if k.shape[2] == T:
+        if mask is not None:  # (B, 1, T, K): left-padded batch (generate_stream)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif k.shape[2] == T:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)
         else:
@@ -122,8 +124,8 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(cfg.d_model, 4 * cfg.d_model, bias=False), nn.GELU(),
                                  nn.Linear(4 * cfg.d_model, cfg.d_model, bias=False), nn.Dropout(cfg.dropout))
 
-    def forward(self, x, rope, cache=None, layer=0):
-        x = x + self.attn(self.ln1(x), rope, cache, layer)
+    def forward(self, x, rope, cache=None, layer=0, mask=None):
+        x = x + self.attn(self.ln1(x), rope, cache, layer, mask)
         return x + self.mlp(self.ln2(x))
 
 
@@ -154,23 +156,37 @@ class GPT(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                pad: torch.Tensor | None = None):
+        """`pad` (B,): left-padding per row of a batch of prompts of different lengths. Row b's
+        first pad[b] positions are ignored as keys and its positions start after them."""
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.cfg.block_size}")
         x = self.wte(idx)  # (B, T, C)
-        rope = None
-        if self.wpe is not None:
-            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+        rope, mask = None, None
+        if pad is None:
+            positions = torch.arange(start, start + T, device=idx.device)
+            if self.wpe is None:
+                rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
         else:
-            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+            positions = (torch.arange(start, start + T, device=idx.device)[None, :] - pad[:, None]).clamp(min=0)
+            if self.wpe is None:
+                rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))  # (B,1,T,hd/2)
+            q_at = torch.arange(start, start + T, device=idx.device)[:, None]  # (T, 1) absolute query index
+            k_at = torch.arange(start + T, device=idx.device)[None, :]  # (1, K)
+            causal = k_at <= q_at
+            mask = (causal[None] & (k_at[None] >= pad[:, None, None])) | (k_at == q_at)[None]  # a pad query sees itself
+            mask = mask.unsqueeze(1)  # (B, 1, T, K)
+        if self.wpe is not None:
+            x = x + self.wpe(positions)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             if self.cfg.activation_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, rope, use_reentrant=False)
             else:
-                x = block(x, rope, cache, i)
+                x = block(x, rope, cache, i, mask)
         x = self.ln_f(x)
         if targets is None:
             return self.lm_head(x[:, -1:, :]), None  # (B, 1, V): only the last position is needed
@@ -221,6 +237,56 @@ def generate_batch(model: GPT, prompts: torch.Tensor, max_new_tokens: int) -> to
         step_in = nxt
     model.train(was_training)
     return torch.cat(out, dim=1) if out else prompts[:, :0]
+
+
+@torch.no_grad()
+def generate_stream(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
+                    temperature: Sequence[float], top_p: Sequence[float | None] = (), top_k: Sequence[int | None] = (),
+                    stop_tokens: Sequence[int] = (), generators: Sequence[torch.Generator | None] = ()):
+    """Continue B prompts of different lengths together (left-padded, one KV cache), each with its
+    own length limit and sampling settings. Yields, after every step, a list of B entries: the new
+    token id of each row, or None once that row has finished (stop token or its limit).
+    This is what the model server runs on a dynamic batch; a batch of one is exactly `generate()`."""
+    B = len(prompts)
+    if B == 0 or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate_stream() needs non-empty prompts")
+    longest = max(len(p) for p in prompts)
+    room = model.cfg.block_size - longest
+    limits = [max(0, min(int(n), room)) for n in max_new_tokens]
+    top_p = list(top_p) or [None] * B
+    top_k = list(top_k) or [None] * B
+    generators = list(generators) or [None] * B
+    was_training = model.training
+    model.eval()
+    device = model.wte.weight.device
+    pad = torch.tensor([longest - len(p) for p in prompts], dtype=torch.long, device=device)
+    ids = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
+    pad_arg = pad if bool(pad.any()) else None  # equal lengths: the plain causal path, bit for bit generate()'s
+    cache = KVCache(model.cfg.n_layer)
+    done = [n == 0 for n in limits]
+    counts = [0] * B
+    step_in = ids
+    try:
+        while not all(done):
+            logits, _ = model(step_in, cache=cache, pad=pad_arg)
+            last = logits[:, -1, :]
+            nxt = torch.zeros(B, dtype=torch.long, device=device)
+            out: list[int | None] = [None] * B
+            for b in range(B):
+                if done[b]:
+                    continue
+                tok = int(sample(last[b:b + 1], float(temperature[b]), top_k[b], top_p[b], generators[b]))
+                nxt[b] = tok
+                if tok in stop_tokens:
+                    done[b] = True
+                    continue
+                out[b] = tok
+                counts[b] += 1
+                done[b] = counts[b] >= limits[b]
+            yield out
+            step_in = nxt.view(B, 1)
+    finally:
+        model.train(was_training)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,

@@ -95,12 +95,12 @@ def _components(settings: Settings) -> dict[str, list[str]]:
     }
 
 
-def _pidfile(settings: Settings, name: str) -> Path:
+def pidfile(settings: Settings, name: str) -> Path:
     return settings.paths.var_dir / "run" / f"{name}.pid"
 
 
-def _alive(settings: Settings, name: str) -> int | None:
-    pf = _pidfile(settings, name)
+def alive(settings: Settings, name: str) -> int | None:
+    pf = pidfile(settings, name)
     if not pf.is_file():
         return None
     pgid = int(pf.read_text())
@@ -118,7 +118,7 @@ def urls(settings: Settings) -> dict[str, str]:
             "airflow_password_file": str(airflow_home(settings) / "simple_auth_manager_passwords.json.generated")}
 
 
-def _wait_http(url: str, timeout: float, name: str, log: Path) -> None:
+def wait_http(url: str, timeout: float, name: str, log: Path) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -137,29 +137,34 @@ def up(settings: Settings, timeout: float = 180.0) -> dict[str, Any]:
     logs.mkdir(parents=True, exist_ok=True)
     (settings.paths.var_dir / "run").mkdir(parents=True, exist_ok=True)
     (settings.paths.var_dir / "mlflow" / "artifacts").mkdir(parents=True, exist_ok=True)
-    if not any(_alive(settings, n) for n in _components(settings) if n.startswith("airflow")):
+    if not any(alive(settings, n) for n in _components(settings) if n.startswith("airflow")):
         subprocess.run([_bin("airflow"), "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
         # one training at a time on this machine (chat_train's `train` task runs in this pool)
         subprocess.run([_bin("airflow"), "pools", "set", "training", "1", "DeepSpeed training runs"], env=env,
                        check=True, capture_output=True, timeout=120)
     started = []
     for name, cmd in _components(settings).items():
-        if _alive(settings, name):
+        if alive(settings, name):
             continue
         with open(logs / f"{name}.log", "ab") as out:
             proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True, cwd=settings.paths.root)
-        _pidfile(settings, name).write_text(str(proc.pid))
+        pidfile(settings, name).write_text(str(proc.pid))
         started.append(name)
     u = urls(settings)
-    _wait_http(f"{u['airflow']}/api/v2/monitor/health", timeout, "Airflow api-server", logs / "airflow-api-server.log")
-    _wait_http(f"{u['mlflow']}/health", timeout, "MLflow", logs / "mlflow.log")
+    wait_http(f"{u['airflow']}/api/v2/monitor/health", timeout, "Airflow api-server", logs / "airflow-api-server.log")
+    wait_http(f"{u['mlflow']}/health", timeout, "MLflow", logs / "mlflow.log")
     return {"started": started, **u}
 
 
 def down(settings: Settings, grace: float = 20.0) -> dict[str, Any]:
+    return {"stopped": stop_groups(settings, list(_components(settings)), grace)}
+
+
+def stop_groups(settings: Settings, names: list[str], grace: float = 20.0) -> list[str]:
+    """SIGTERM the process groups of the named components, SIGKILL what is left after `grace` s."""
     stopped = []
-    groups = {n: g for n in _components(settings) if (g := _alive(settings, n))}
+    groups = {n: g for n in names if (g := alive(settings, n))}
     for g in groups.values():
         os.killpg(g, signal.SIGTERM)
     deadline = time.monotonic() + grace
@@ -175,13 +180,13 @@ def down(settings: Settings, grace: float = 20.0) -> dict[str, Any]:
                 os.killpg(g, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        _pidfile(settings, name).unlink(missing_ok=True)
+        pidfile(settings, name).unlink(missing_ok=True)
         stopped.append(name)
-    return {"stopped": stopped}
+    return stopped
 
 
 def status(settings: Settings) -> dict[str, Any]:
-    return {"running": {n: bool(_alive(settings, n)) for n in _components(settings)}, **urls(settings)}
+    return {"running": {n: bool(alive(settings, n)) for n in _components(settings)}, **urls(settings)}
 
 
 class AirflowClient:

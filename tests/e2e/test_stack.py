@@ -28,7 +28,7 @@ def running(tmp_path_factory):
 def _listening(settings) -> set[tuple[str, int]]:
     pids = set()
     for name in ("airflow-api-server", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer", "mlflow"):
-        pgid = stack._alive(settings, name)
+        pgid = stack.alive(settings, name)
         assert pgid, f"{name} is not running"
         pids |= {p.pid for p in psutil.process_iter() if _pgid(p.pid) == pgid}
     return {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("inet")

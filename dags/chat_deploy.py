@@ -1,0 +1,97 @@
+"""
+### chat_deploy: export a registered version to Triton and serve it
+
+`export` (the MLflow version the `alias` param names, `challenger` by default, written to the
+Triton model repository `models/triton/` with its lineage; versions no alias names any more are
+removed) → `load` (re-loads the model in the running tritonserver through its repository API, so
+champion and challenger are served side by side; skipped with a message when no server runs)
+→ `smoke` (one chat completion through the gateway against the new version; its reply, token
+counts and latency are in the task log).
+
+Runs when `chat_train` registers a new challenger (the `chat_challenger` Asset) and from the
+Trigger form. Shadow, canary and promotion build on it.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Param, dag, get_current_context, task
+
+from chat_assets import CHAT_CHALLENGER
+
+
+def _settings():
+    from tasks.config import load_settings
+
+    return load_settings(get_current_context()["params"]["profile"])
+
+
+@dag(
+    dag_id="chat_deploy",
+    schedule=CHAT_CHALLENGER,
+    start_date=pendulum.datetime(2026, 11, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["llmops", "serving"],
+    doc_md=__doc__,
+    default_args={"retries": 1, "retry_delay": timedelta(seconds=20)},
+    params={
+        "profile": Param("tiny", type="string", enum=["tiny", "small", "gpt2-124m"], title="Profile",
+                         description="Config profile (configs/profiles/) whose paths and serving settings apply."),
+        "alias": Param("challenger", type="string", enum=["challenger", "champion"], title="Alias",
+                       description="Which registered version of chat-gpt to export and load."),
+    },
+)
+def chat_deploy():
+    @task
+    def export() -> dict:
+        from tasks.export import export as run
+
+        r = run(_settings(), alias=get_current_context()["params"]["alias"])
+        return {k: r[k] for k in ("model", "version", "path", "versions", "aliases", "weights_sha256", "lineage_id")}
+
+    @task
+    def load(exported: dict) -> dict:
+        from tasks.serve import server
+        from tasks.serve.triton import load, wait_ready
+        from tasks.stack import alive
+
+        settings = _settings()
+        if not alive(settings, "tritonserver"):
+            print("tritonserver is not running here; `llmops serve` starts it with every exported version loaded")
+            return {**exported, "loaded": False}
+        http = server.urls(settings)["triton_http"]
+        models = (exported["model"], exported["model"] + "-stream")
+        for m in models:
+            load(http, m)
+        wait_ready(http, settings.serve.triton.startup_timeout_s, models)
+        return {**exported, "loaded": True}
+
+    @task
+    def smoke(loaded: dict) -> dict:
+        import time
+
+        import httpx
+
+        from tasks.serve import server
+
+        if not loaded["loaded"]:
+            return {"skipped": "no server running"}
+        settings = _settings()
+        body = {"model": f"{loaded['model']}:{loaded['version']}", "max_tokens": 16, "temperature": 0,
+                "messages": [{"role": "user", "content": "Hello, can you help me?"}]}
+        t0 = time.perf_counter()
+        r = httpx.post(f"{server.urls(settings)['gateway']}/chat/completions", json=body, timeout=120)
+        r.raise_for_status()
+        out = r.json()
+        result = {"reply": out["choices"][0]["message"]["content"], "usage": out["usage"],
+                  "latency_ms": round((time.perf_counter() - t0) * 1e3, 1), "version": r.headers["x-model-version"]}
+        print(f"smoke test: {result}")
+        return result
+
+    smoke(load(export()))
+
+
+chat_deploy()

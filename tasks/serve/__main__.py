@@ -1,0 +1,3 @@
+from tasks.cli import run_stage
+
+run_stage("serve")

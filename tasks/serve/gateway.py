@@ -1,0 +1,669 @@
+"""The OpenAI-compatible chat gateway in front of Triton.
+
+    llmops serve                     # tritonserver + this gateway on 127.0.0.1:9000
+    curl -s 127.0.0.1:9000/v1/chat/completions -H 'content-type: application/json' \\
+         -d '{"model": "chat-gpt", "messages": [{"role": "user", "content": "Hi"}]}'
+
+Endpoints: POST /v1/chat/completions (JSON, or server-sent events with "stream": true, in
+OpenAI's chunk format), GET /v1/models, DELETE /v1/sessions/{id}, GET /healthz, GET /metrics.
+The official `openai` client works against it with `base_url="http://127.0.0.1:9000/v1"`.
+
+A request goes: parse and validate (400 with an OpenAI-style error body naming the parameter)
+-> route (model id -> Triton model version; `chat-gpt` follows the aliases and the sticky
+traffic split) -> session turns fitted into the model's window -> safety filter on the prompt
+(a refusal, counted) -> admission (bounded queue by priority; 429 + Retry-After when full) ->
+Triton over gRPC (streaming for stream mode) -> safety filter on the reply -> request log line
+(PII scrubbed) and metrics. Triton unreachable gives 503 until it is back; nothing is retried
+behind the caller's back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+import time
+import uuid
+import zlib
+from collections import Counter, deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tasks.chat_template import PromptTooLong, fit_turns
+from tasks.config import Settings
+from tasks.export import STREAM_SUFFIX, read_aliases
+from tasks.serve.admission import PRIORITIES, Admission, Overloaded
+from tasks.serve.safety import SafetyFilter
+from tasks.serve.sessions import SESSION_ID, open_store
+
+log = logging.getLogger("llmops.gateway")
+
+
+# ---------------------------------------------------------------- request model and errors
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+    def response(self, extra_headers: dict[str, str]) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers={**extra_headers, **self.headers})
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[dict[str, Any]]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for p in self.content:
+            if p.get("type") != "text" or not isinstance(p.get("text"), str):
+                raise ValueError("only text content parts are supported")
+            parts.append(p["text"])
+        return "".join(parts)
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1, max_length=200)
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=1)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    seed: int | None = Field(None, ge=0, le=2**62)
+    user: str | None = Field(None, max_length=128)
+    session_id: str | None = Field(None, max_length=128)
+    priority: Literal["interactive", "batch"] | None = None
+
+    @field_validator("temperature", "top_p", mode="before")
+    @classmethod
+    def _none_is_default(cls, v, info):
+        return {"temperature": 1.0, "top_p": 1.0}[info.field_name] if v is None else v
+
+
+def _validation_error(e: ValidationError) -> ApiError:
+    err = e.errors()[0]
+    param = ".".join(str(p) for p in err["loc"])
+    return ApiError(400, f"invalid value for '{param}': {err['msg']}", param=param, code="invalid_value")
+
+
+# ---------------------------------------------------------------- routing
+
+
+@dataclass
+class Route:
+    model_id: str      # what the client asked for
+    triton_model: str  # chat-gpt
+    version: int
+    alias: str | None
+
+
+class Router:
+    """Model ids -> Triton versions, from the repository's aliases.json (re-read when it changes)
+    and Triton's list of ready versions. `chat-gpt` goes to the champion, or to the challenger for
+    the share of sessions `traffic.json` gives it (sticky by session: a session stays on one side)."""
+
+    def __init__(self, repository: Path, name: str):
+        self.repository, self.name = repository, name
+        self.ready: set[int] = set()
+        self._stamp: tuple = ()
+        self.aliases: dict[str, int] = {}
+        self.traffic: dict[str, float] = {}
+
+    def refresh_files(self) -> None:
+        files = [self.repository / self.name / "aliases.json", self.repository / self.name / "traffic.json"]
+        stamp = tuple(f.stat().st_mtime_ns if f.exists() else 0 for f in files)
+        if stamp != self._stamp:
+            self.aliases = read_aliases(self.repository, self.name)
+            self.traffic = json.loads(files[1].read_text()) if files[1].exists() else {}
+            self._stamp = stamp
+
+    def model_ids(self) -> list[str]:
+        ids = [self.name] if self.ready else []
+        ids += [f"{self.name}:{a}" for a, v in sorted(self.aliases.items()) if v in self.ready]
+        return ids + [f"{self.name}:{v}" for v in sorted(self.ready)]
+
+    def route(self, model_id: str, sticky_key: str) -> Route:
+        self.refresh_files()
+        base, _, which = model_id.partition(":")
+        if base != self.name:
+            raise ApiError(404, f"The model '{model_id}' does not exist; GET /v1/models lists the served ones",
+                           param="model", code="model_not_found")
+        if which.isdigit():
+            version, alias = int(which), None
+        elif which:
+            if which not in self.aliases:
+                raise ApiError(404, f"The model '{model_id}' does not exist: no alias '{which}' is served",
+                               param="model", code="model_not_found")
+            version, alias = self.aliases[which], which
+        else:
+            alias = "champion" if "champion" in self.aliases else ("challenger" if "challenger" in self.aliases else None)
+            share = float(self.traffic.get("challenger", 0.0))
+            if alias == "champion" and "challenger" in self.aliases and share > 0:
+                if zlib.crc32(sticky_key.encode()) % 10_000 < share * 100:
+                    alias = "challenger"
+            version = self.aliases[alias] if alias else max(self.ready, default=0)
+        if version not in self.ready:
+            if not self.ready:
+                raise ApiError(503, "no model version is loaded in the model server", type_="server_error",
+                               code="model_not_ready")
+            raise ApiError(404, f"The model '{model_id}' does not exist: version {version} is not loaded",
+                           param="model", code="model_not_found")
+        return Route(model_id, self.name, version, alias)
+
+
+# ---------------------------------------------------------------- metrics and request log
+
+
+class Metrics:
+    def __init__(self, window_s: float, cost_per_hour: float):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = r = CollectorRegistry()
+        lat = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+        self.requests = Counter("gateway_requests", "Chat completion requests by model and HTTP status",
+                                ["model", "status"], registry=r)
+        self.latency = Histogram("gateway_request_latency_seconds", "Request latency", ["model"], buckets=lat, registry=r)
+        self.ttft = Histogram("gateway_ttft_seconds", "Time to first token", ["model"], buckets=lat, registry=r)
+        self.tokens = Counter("gateway_tokens", "Tokens by kind", ["model", "kind"], registry=r)
+        self.batch = Histogram("gateway_triton_batch_size", "Size of the Triton batch a request ran in",
+                               buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.queue = Gauge("gateway_queue_depth", "Requests waiting for a slot", registry=r)
+        self.inflight = Gauge("gateway_inflight", "Requests at the model server", registry=r)
+        self.tps = Gauge("gateway_tokens_per_second", f"Completion tokens per second over the last {window_s:.0f}s",
+                         registry=r)
+        self.cost = Gauge("gateway_cost_per_million_tokens_usd",
+                          "Serving cost per 1M completion tokens at the measured throughput", registry=r)
+        self.safety = Counter("gateway_safety_blocked", "Requests the safety filter blocked", ["stage", "rule"],
+                              registry=r)
+        self.rejected = Counter("gateway_rejected", "Requests refused before inference", ["reason"], registry=r)
+        self.window_s, self.cost_per_hour = window_s, cost_per_hour
+        self._recent: deque[tuple[float, int]] = deque()
+
+    def completed(self, tokens: int) -> None:
+        now = time.monotonic()
+        self._recent.append((now, tokens))
+        while self._recent and now - self._recent[0][0] > self.window_s:
+            self._recent.popleft()
+        span = max(now - self._recent[0][0], 1.0)
+        tps = sum(n for _, n in self._recent) / span
+        self.tps.set(tps)
+        if tps > 0:
+            self.cost.set(self.cost_per_hour / (tps * 3600) * 1e6)
+
+
+class RequestLog:
+    """One JSON line per request under data/requests/dt=YYYY-MM-DD/, PII scrubbed as in ingest."""
+
+    def __init__(self, root: Path, enabled: bool, pii_kinds: tuple[str, ...]):
+        self.root, self.enabled, self.pii_kinds = root, enabled, pii_kinds
+        self._file = None
+        self._day = None
+
+    def scrub(self, text: str) -> str:
+        from tasks.text import scrub_pii
+
+        return scrub_pii(text, self.pii_kinds, Counter())
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        now = dt.datetime.now(dt.UTC)
+        day = now.strftime("%Y-%m-%d")
+        if day != self._day:
+            if self._file:
+                self._file.close()
+            d = self.root / f"dt={day}"
+            d.mkdir(parents=True, exist_ok=True)
+            self._file = open(d / f"gateway-{os.getpid()}.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+            self._day = day
+        self._file.write(json.dumps({"ts": now.isoformat(), **record}, ensure_ascii=False) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+
+
+# ---------------------------------------------------------------- the app
+
+
+class TritonUnavailable(Exception):
+    pass
+
+
+class Gateway:
+    def __init__(self, settings: Settings, triton_grpc: str | None = None, triton_http: str | None = None):
+        self.settings = settings
+        g, t = settings.serve.gateway, settings.serve.triton
+        host = settings.stack.host
+        self.grpc_url = triton_grpc or f"{host}:{t.grpc_port}"
+        self.http_url = triton_http or f"{host}:{t.http_port}"
+        self.cfg = g
+        self.router = Router(settings.paths.triton_repository, t.model_name)
+        self.admission = Admission(g.max_inflight, g.max_queue, g.batch_queue_share)
+        self.safety = SafetyFilter(settings.serve.safety)
+        self.metrics = Metrics(g.throughput_window_s, g.cost_per_hour_usd)
+        self.log = RequestLog(settings.paths.requests, g.log_requests, settings.ingest.pii_kinds)
+        self.store = open_store(g)
+        self._client = None
+        self._tokenizers: dict[int, tuple[Any, int]] = {}
+        self.triton_up = False
+        self._last_poll = 0.0
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"X-Safety-Version": self.safety.version}
+
+    def client(self):
+        if self._client is None:
+            from tritonclient.grpc import aio as grpcaio
+
+            self._client = grpcaio.InferenceServerClient(self.grpc_url)
+        return self._client
+
+    async def poll_triton(self, force: bool = False) -> bool:
+        """Refresh which versions are ready (at most every 2 s unless forced)."""
+        if not force and time.monotonic() - self._last_poll < 2.0:
+            return self.triton_up
+        self._last_poll = time.monotonic()
+        try:
+            index = await asyncio.wait_for(self.client().get_model_repository_index(as_json=True), 5.0)
+            ready = {int(m["version"]) for m in index.get("models", [])
+                     if m.get("name") == self.router.name and m.get("state") == "READY" and m.get("version")}
+            self.router.ready = ready
+            self.triton_up = True
+        except Exception as e:  # noqa: BLE001 - any failure to reach Triton means "down" for routing
+            log.warning("Triton at %s unreachable: %s", self.grpc_url, e)
+            self.router.ready, self.triton_up = set(), False
+        return self.triton_up
+
+    def tokenizer(self, version: int):
+        if version not in self._tokenizers:
+            from tokenizers import Tokenizer
+
+            d = self.router.repository / self.router.name / str(version)
+            block = json.loads((d / "config.json").read_text())["model"]["block_size"]
+            self._tokenizers[version] = (Tokenizer.from_file(str(d / "tokenizer.json")), block)
+        return self._tokenizers[version]
+
+    def _inputs(self, messages: list[dict], max_tokens: int, req: ChatRequest):
+        from tritonclient.grpc import InferInput
+
+        def tensor(name, dtype, value):
+            t = InferInput(name, [1, 1], dtype)
+            t.set_data_from_numpy(np.array([[value]], dtype={"BYTES": np.object_, "INT32": np.int32,
+                                                              "FP32": np.float32, "INT64": np.int64}[dtype]))
+            return t
+
+        return [tensor("messages", "BYTES", json.dumps(messages, ensure_ascii=False).encode()),
+                tensor("max_tokens", "INT32", max_tokens), tensor("temperature", "FP32", req.temperature),
+                tensor("top_p", "FP32", req.top_p), tensor("seed", "INT64", -1 if req.seed is None else req.seed)]
+
+    @staticmethod
+    def _unavailable(e: Exception) -> bool:
+        text = str(e)
+        return any(s in text for s in ("UNAVAILABLE", "failed to connect", "Connection refused", "Socket closed",
+                                       "unknown model", "is not ready", "not found", "DEADLINE_EXCEEDED"))
+
+    async def infer(self, route: Route, messages: list[dict], max_tokens: int, req: ChatRequest) -> dict[str, Any]:
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            res = await self.client().infer(route.triton_model, self._inputs(messages, max_tokens, req),
+                                            model_version=str(route.version),
+                                            client_timeout=self.cfg.request_timeout_s)
+        except InferenceServerException as e:
+            if self._unavailable(e):
+                raise TritonUnavailable(str(e)) from None
+            raise
+        return {"text": res.as_numpy("text").reshape(-1)[0].decode(), "prompt_tokens": int(res.as_numpy("prompt_tokens").reshape(-1)[0]),
+                "completion_tokens": int(res.as_numpy("completion_tokens").reshape(-1)[0]),
+                "finish_reason": res.as_numpy("finish_reason").reshape(-1)[0].decode(),
+                "batch_size": int(res.as_numpy("batch_size").reshape(-1)[0])}
+
+    async def infer_stream(self, route: Route, messages: list[dict], max_tokens: int, req: ChatRequest, rid: str):
+        """Yields ("delta", text) per token, then ("final", {...counts, finish_reason})."""
+        from tritonclient.utils import InferenceServerException
+
+        inputs = self._inputs(messages, max_tokens, req)
+
+        async def requests():
+            yield {"model_name": route.triton_model + STREAM_SUFFIX, "inputs": inputs,
+                   "model_version": str(route.version), "request_id": rid}
+
+        try:
+            async for result, error in self.client().stream_infer(requests(), stream_timeout=self.cfg.request_timeout_s):
+                if error is not None:
+                    raise error
+                final = result.as_numpy("finish_reason")
+                if final is not None:
+                    yield "final", {"prompt_tokens": int(result.as_numpy("prompt_tokens").reshape(-1)[0]),
+                                    "completion_tokens": int(result.as_numpy("completion_tokens").reshape(-1)[0]),
+                                    "finish_reason": final.reshape(-1)[0].decode(),
+                                    "batch_size": int(result.as_numpy("batch_size").reshape(-1)[0])}
+                    return
+                yield "delta", result.as_numpy("text").reshape(-1)[0].decode()
+        except InferenceServerException as e:
+            if self._unavailable(e):
+                raise TritonUnavailable(str(e)) from None
+            raise
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+        await self.store.close()
+        self.log.close()
+
+
+def _session_of(req: ChatRequest, request: Request) -> str | None:
+    sid = request.headers.get("x-session-id") or req.session_id or req.user
+    if sid is not None and not SESSION_ID.fullmatch(sid):
+        raise ApiError(400, "session id (X-Session-Id, session_id or user) must be 1-128 of A-Z a-z 0-9 _ . : @ -",
+                       param="session_id", code="invalid_value")
+    return sid
+
+
+def create_app(settings: Settings, triton_grpc: str | None = None, triton_http: str | None = None) -> FastAPI:
+    gw = Gateway(settings, triton_grpc, triton_http)
+
+    async def lifespan(app):
+        await gw.poll_triton(force=True)
+        yield
+        await gw.close()
+
+    app = FastAPI(title="llmops chat gateway", version="1", lifespan=lifespan)
+    app.state.gateway = gw
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError):
+        return e.response(gw.headers)
+
+    @app.get("/healthz")
+    async def healthz():
+        up = await gw.poll_triton(force=True)
+        gw.router.refresh_files()
+        body = {"status": "ok" if up and gw.router.ready else "unavailable", "triton": "up" if up else "down",
+                "versions_ready": sorted(gw.router.ready), "aliases": gw.router.aliases,
+                "queue": gw.admission.queued, "inflight": gw.admission.inflight, "safety_version": gw.safety.version}
+        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503, headers=gw.headers)
+
+    @app.get("/metrics")
+    async def metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        gw.metrics.queue.set(gw.admission.queued)
+        gw.metrics.inflight.set(gw.admission.inflight)
+        return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        await gw.poll_triton()
+        gw.router.refresh_files()
+        return JSONResponse({"object": "list", "data": [
+            {"id": m, "object": "model", "created": 0, "owned_by": "llmops"} for m in gw.router.model_ids()]},
+            headers=gw.headers)
+
+    @app.delete("/v1/sessions/{session_id}")
+    async def delete_session(session_id: str):
+        if not SESSION_ID.fullmatch(session_id):
+            raise ApiError(400, "invalid session id", param="session_id", code="invalid_value")
+        deleted = await gw.store.delete(session_id)
+        return JSONResponse({"id": session_id, "object": "session", "deleted": deleted}, headers=gw.headers)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        t0 = time.perf_counter()
+        rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        record: dict[str, Any] = {"request_id": rid, "safety_version": gw.safety.version}
+        model_label = "unknown"
+        try:
+            body = await request.body()
+            if len(body) > gw.cfg.max_request_bytes:
+                raise ApiError(413, f"request body of {len(body)} bytes exceeds {gw.cfg.max_request_bytes}",
+                               code="request_too_large")
+            try:
+                payload = json.loads(body)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ApiError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+            if not isinstance(payload, dict):
+                raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+            try:
+                req = ChatRequest.model_validate(payload)
+                messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                            for m in req.messages]
+            except ValidationError as e:
+                raise _validation_error(e) from None
+            except ValueError as e:
+                raise ApiError(400, f"invalid value for 'messages': {e}", param="messages",
+                               code="invalid_value") from None
+            if messages[-1]["role"] == "assistant":
+                raise ApiError(400, "the last message must be from the user (or system)", param="messages",
+                               code="invalid_value")
+            session = _session_of(req, request)
+            priority = PRIORITIES.get((request.headers.get("x-priority") or req.priority or "interactive").lower())
+            if priority is None:
+                raise ApiError(400, "X-Priority must be interactive or batch", param="priority", code="invalid_value")
+            await gw.poll_triton()
+            if not gw.triton_up:
+                raise ApiError(503, "the model server is unavailable; retry shortly", type_="server_error",
+                               code="model_server_unavailable", headers={"Retry-After": str(gw.cfg.retry_after_s)})
+            route = gw.router.route(req.model, session or rid)
+            model_label = f"{route.triton_model}:{route.version}"
+            tok, block = gw.tokenizer(route.version)
+            max_tokens = req.max_completion_tokens or req.max_tokens or gw.cfg.default_max_tokens
+            if max_tokens >= block:
+                raise ApiError(400, f"max_tokens={max_tokens} must be below this model's context of {block} tokens",
+                               param="max_tokens", code="invalid_value")
+            history = await gw.store.get(session) if session else []
+            try:
+                prompt = fit_turns(tok, history, messages, block - max_tokens)
+            except PromptTooLong as e:
+                raise ApiError(400, f"This model's maximum context length is {block} tokens: {e}",
+                               param="messages", code="context_length_exceeded") from None
+            record.update({"model": route.model_id, "version": route.version, "alias": route.alias,
+                           "session": session, "stream": req.stream, "priority": priority,
+                           "history_turns_used": len(prompt) - len(messages)})
+            verdict_in = gw.safety.check("\n".join(m["content"] for m in messages if m["role"] == "user"))
+            record["safety_input"] = verdict_in.to_dict()
+            if verdict_in.blocked:
+                gw.metrics.safety.labels("input", verdict_in.rule).inc()
+                return _refusal(gw, req, route, rid, record, t0, messages)
+            try:
+                await gw.admission.acquire(priority)
+            except Overloaded as e:
+                gw.metrics.rejected.labels("overloaded").inc()
+                raise ApiError(429, f"the server is at capacity ({e}); retry after {gw.cfg.retry_after_s}s",
+                               type_="rate_limit_error", code="overloaded",
+                               headers={"Retry-After": str(gw.cfg.retry_after_s)}) from None
+            if req.stream:
+                return StreamingResponse(_stream(gw, req, route, rid, prompt, messages, max_tokens, session, record, t0),
+                                         media_type="text/event-stream",
+                                         headers={**gw.headers, "X-Model-Version": str(route.version),
+                                                  "X-Request-Id": rid, "Cache-Control": "no-cache"})
+            try:
+                out = await gw.infer(route, prompt, max_tokens, req)
+            finally:
+                gw.admission.release()
+            text = out["text"].strip()
+            verdict_out = gw.safety.check(text)
+            record["safety_output"] = verdict_out.to_dict()
+            if verdict_out.blocked:
+                gw.metrics.safety.labels("output", verdict_out.rule).inc()
+                text, out["finish_reason"] = gw.safety.cfg.refusal, "content_filter"
+            elif session:
+                await gw.store.append(session, [m for m in messages if m["role"] != "system"]
+                                      + [{"role": "assistant", "content": text}])
+            latency = time.perf_counter() - t0
+            _observe(gw, model_label, 200, latency, latency, out, record, messages, text)
+            return JSONResponse({
+                "id": rid, "object": "chat.completion", "created": int(time.time()), "model": route.model_id,
+                "system_fingerprint": f"{route.triton_model}:{route.version}",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": out["finish_reason"], "logprobs": None}],
+                "usage": {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
+                          "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}},
+                headers={**gw.headers, "X-Model-Version": str(route.version), "X-Request-Id": rid})
+        except ApiError as e:
+            gw.metrics.requests.labels(model_label, str(e.status)).inc()
+            if e.status == 503:
+                gw.metrics.rejected.labels("unavailable").inc()
+            gw.log.write({**record, "status": e.status, "error": e.code, "latency_ms": (time.perf_counter() - t0) * 1e3})
+            return e.response(gw.headers)
+        except TritonUnavailable as e:
+            gw.triton_up = False
+            gw.metrics.requests.labels(model_label, "503").inc()
+            gw.log.write({**record, "status": 503, "error": "model_server_unavailable"})
+            return ApiError(503, f"the model server is unavailable: {str(e)[:200]}", type_="server_error",
+                            code="model_server_unavailable",
+                            headers={"Retry-After": str(gw.cfg.retry_after_s)}).response(gw.headers)
+
+    return app
+
+
+def _observe(gw: Gateway, model_label: str, status: int, latency: float, ttft: float, out: dict, record: dict,
+             messages: list[dict], text: str) -> None:
+    m = gw.metrics
+    m.requests.labels(model_label, str(status)).inc()
+    m.latency.labels(model_label).observe(latency)
+    m.ttft.labels(model_label).observe(ttft)
+    m.tokens.labels(model_label, "prompt").inc(out["prompt_tokens"])
+    m.tokens.labels(model_label, "completion").inc(out["completion_tokens"])
+    if out.get("batch_size"):
+        m.batch.observe(out["batch_size"])
+    m.completed(out["completion_tokens"])
+    last_user = next((x["content"] for x in reversed(messages) if x["role"] == "user"), "")
+    gw.log.write({**record, "status": status, "latency_ms": round(latency * 1e3, 3), "ttft_ms": round(ttft * 1e3, 3),
+                  "prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
+                  "finish_reason": out["finish_reason"], "batch_size": out.get("batch_size"),
+                  "prompt": gw.log.scrub(last_user), "response": gw.log.scrub(text)})
+
+
+def _refusal(gw: Gateway, req: ChatRequest, route: Route, rid: str, record: dict, t0: float, messages: list[dict]):
+    text = gw.safety.cfg.refusal
+    out = {"prompt_tokens": 0, "completion_tokens": 0, "finish_reason": "content_filter"}
+    latency = time.perf_counter() - t0
+    _observe(gw, f"{route.triton_model}:{route.version}", 200, latency, latency, out, record, messages, text)
+    headers = {**gw.headers, "X-Model-Version": str(route.version), "X-Request-Id": rid, "X-Safety-Blocked": "input"}
+    if req.stream:
+        async def one():
+            yield _sse(_chunk(rid, route, {"role": "assistant", "content": text}, None))
+            yield _sse(_chunk(rid, route, {}, "content_filter"))
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(one(), media_type="text/event-stream", headers=headers)
+    return JSONResponse({"id": rid, "object": "chat.completion", "created": int(time.time()), "model": route.model_id,
+                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                      "finish_reason": "content_filter", "logprobs": None}],
+                         "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}, headers=headers)
+
+
+def _chunk(rid: str, route: Route, delta: dict, finish: str | None, usage: dict | None = None) -> dict:
+    c = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": route.model_id,
+         "system_fingerprint": f"{route.triton_model}:{route.version}",
+         "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+    if usage is not None:
+        c["usage"] = usage
+    return c
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _stream(gw: Gateway, req: ChatRequest, route: Route, rid: str, prompt: list[dict], messages: list[dict],
+                  max_tokens: int, session: str | None, record: dict, t0: float):
+    """Server-sent events in OpenAI's format. The admission slot is held until the stream ends.
+    The reply is checked by the safety filter as it grows; a block ends the stream with
+    finish_reason "content_filter" (text already sent stays sent, as with any streaming filter)."""
+    label = f"{route.triton_model}:{route.version}"
+    parts: list[str] = []
+    ttft = None
+    final: dict[str, Any] | None = None
+    blocked = None
+    try:
+        yield _sse(_chunk(rid, route, {"role": "assistant", "content": ""}, None))
+        async for kind, value in gw.infer_stream(route, prompt, max_tokens, req, rid):
+            if kind == "final":
+                final = value
+                break
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+                value = value.lstrip()
+            parts.append(value)
+            if value:
+                yield _sse(_chunk(rid, route, {"content": value}, None))
+        text = "".join(parts).strip()
+        verdict = gw.safety.check(text)
+        record["safety_output"] = verdict.to_dict()
+        if verdict.blocked:
+            blocked = verdict
+            gw.metrics.safety.labels("output", verdict.rule).inc()
+        final = final or {"prompt_tokens": 0, "completion_tokens": len(parts), "finish_reason": "stop"}
+        finish = "content_filter" if blocked else final["finish_reason"]
+        usage = {"prompt_tokens": final["prompt_tokens"], "completion_tokens": final["completion_tokens"],
+                 "total_tokens": final["prompt_tokens"] + final["completion_tokens"]}
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+        yield _sse(_chunk(rid, route, {}, finish))
+        if include_usage:
+            c = _chunk(rid, route, {}, None, usage)
+            c["choices"] = []
+            yield _sse(c)
+        yield "data: [DONE]\n\n"
+        if session and not blocked:
+            await gw.store.append(session, [m for m in messages if m["role"] != "system"]
+                                  + [{"role": "assistant", "content": text}])
+        latency = time.perf_counter() - t0
+        _observe(gw, label, 200, latency, ttft or latency, {**final, "finish_reason": finish}, record, messages, text)
+    except TritonUnavailable as e:
+        gw.triton_up = False
+        gw.metrics.requests.labels(label, "503").inc()
+        gw.log.write({**record, "status": 503, "error": "model_server_unavailable"})
+        err = {"error": {"message": f"the model server is unavailable: {str(e)[:200]}", "type": "server_error",
+                         "param": None, "code": "model_server_unavailable"}}
+        yield _sse(err)
+    finally:
+        gw.admission.release()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the gateway in the foreground (what `llmops serve` starts in the background)."""
+    import argparse
+
+    import uvicorn
+
+    from tasks.config import load_settings
+
+    ap = argparse.ArgumentParser(prog="python -m tasks.serve.gateway", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--profile", default=None)
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--port", type=int, default=None)
+    ap.add_argument("--triton-grpc", default=None, help="host:port of Triton's gRPC endpoint")
+    args = ap.parse_args(argv)
+    settings = load_settings(args.profile, args.overrides)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings, triton_grpc=args.triton_grpc)
+    uvicorn.run(app, host=settings.stack.host, port=args.port or settings.serve.gateway.port, log_level="warning",
+                access_log=False, timeout_graceful_shutdown=5)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""`llmops serve`: tritonserver and the gateway as background processes of the embedded stack.
+
+    llmops serve             # start both (what is not running), load every exported model, wait
+    llmops serve status
+    llmops serve down
+
+Each runs in its own process group with its pid in var/run/ (as `llmops stack` does); logs go to
+var/log/. `deploy` exports a registered version and (re)loads it in the running server.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tasks.config import PROJECT_DIR, Settings
+from tasks.export import STREAM_SUFFIX, export, served_versions
+from tasks.serve import triton
+from tasks.stack import alive, pidfile, stop_groups
+
+COMPONENTS = ("tritonserver", "gateway")
+
+
+def urls(settings: Settings) -> dict[str, str]:
+    h, t, g = settings.stack.host, settings.serve.triton, settings.serve.gateway
+    return {"gateway": f"http://{h}:{g.port}/v1", "triton_http": f"{h}:{t.http_port}", "triton_grpc": f"{h}:{t.grpc_port}",
+            "triton_metrics": f"http://{h}:{t.metrics_port}/metrics"}
+
+
+def _models(settings: Settings) -> tuple[str, ...]:
+    name = settings.serve.triton.model_name
+    return (name, name + STREAM_SUFFIX) if served_versions(settings.paths.triton_repository, name) else ()
+
+
+def up(settings: Settings, timeout: float | None = None) -> dict[str, Any]:
+    timeout = timeout or settings.serve.triton.startup_timeout_s
+    (settings.paths.var_dir / "run").mkdir(parents=True, exist_ok=True)
+    logs = settings.paths.var_dir / "log"
+    started = []
+    u = urls(settings)
+    if not alive(settings, "tritonserver"):
+        tp = triton.start(settings, models=_models(settings), log=logs / "tritonserver.log", wait=False)
+        pidfile(settings, "tritonserver").write_text(str(tp.proc.pid))
+        started.append("tritonserver")
+        tp.wait_ready(timeout, _models(settings))
+    else:
+        triton.wait_ready(u["triton_http"], timeout, _models(settings))
+    if not alive(settings, "gateway"):
+        env = {**os.environ, "LLMOPS_ROOT": str(settings.paths.root), "LLMOPS_PROFILE": settings.profile,
+               "NO_PROXY": "127.0.0.1,localhost"}
+        with open(logs / "gateway.log", "ab") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "tasks.serve.gateway", "--profile", settings.profile],
+                                    env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, cwd=PROJECT_DIR)
+        pidfile(settings, "gateway").write_text(str(proc.pid))
+        started.append("gateway")
+    _wait_gateway(u["gateway"], timeout, logs / "gateway.log")
+    return {"started": started, **u, "models": list(_models(settings))}
+
+
+def _wait_gateway(base: str, timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/models", timeout=3.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+    raise triton.TritonError(f"the gateway did not answer {base}/models within {timeout:.0f}s; log {log}:\n{tail}")
+
+
+def down(settings: Settings) -> dict[str, Any]:
+    return {"stopped": stop_groups(settings, list(COMPONENTS), grace=15.0)}
+
+
+def status(settings: Settings) -> dict[str, Any]:
+    return {"running": {n: bool(alive(settings, n)) for n in COMPONENTS}, **urls(settings),
+            "versions": served_versions(settings.paths.triton_repository, settings.serve.triton.model_name)}
+
+
+def deploy(settings: Settings, alias: str = "challenger") -> dict[str, Any]:
+    """Export the version `alias` names and, if the server is up, (re)load it with its streaming twin."""
+    out = export(settings, alias=alias)
+    if alive(settings, "tritonserver"):
+        http = urls(settings)["triton_http"]
+        for m in out["models"]:
+            triton.load(http, m)
+        triton.wait_ready(http, settings.serve.triton.startup_timeout_s, tuple(out["models"]))
+        out["loaded"] = True
+    else:
+        out["loaded"] = False
+    return out

@@ -1,0 +1,161 @@
+"""Triton Python-backend model for the chat GPT; `llmops export` copies it into each version as model.py.
+
+A version directory is self-contained: this file, `gpt.py` and `chat_template.py` (the very
+modules training used, copied at export), `model.safetensors`, `config.json`, `tokenizer.json`
+and `_lineage.json`. Nothing is unpickled.
+
+Requests arrive in dynamic batches; `execute` runs them together with the KV-cache decoder
+(`gpt.generate_stream`: left-padded, each request with its own limits and sampling). In the
+decoupled (streaming) model the same loop sends one response per new token to each request's
+sender, then a final one with the finish reason and token counts.
+
+Inputs (per request):  messages STRING (JSON list of {role, content}), max_tokens INT32,
+                       temperature FP32, top_p FP32, seed INT64 (all but messages optional)
+Outputs:               text STRING, token_ids INT64[-1], prompt_tokens INT32, completion_tokens INT32,
+                       finish_reason STRING, batch_size INT32
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+
+def _scalar(request, name, default):
+    t = pb_utils.get_input_tensor_by_name(request, name)
+    if t is None:
+        return default
+    return t.as_numpy().reshape(-1)[0].item()
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        import chat_template
+        import gpt
+        import torch
+        from safetensors.torch import load_file
+        from tokenizers import Tokenizer
+
+        self.torch, self.gpt, self.chat_template = torch, gpt, chat_template
+        self.model_config = json.loads(args["model_config"])
+        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(self.model_config)
+        params = {k: v["string_value"] for k, v in self.model_config.get("parameters", {}).items()}
+        threads = int(params.get("threads_per_instance", "0"))
+        if threads > 0:
+            torch.set_num_threads(threads)
+        if args.get("model_instance_kind") == "GPU":
+            self.device = torch.device(f"cuda:{args['model_instance_device_id']}")
+        else:
+            self.device = torch.device("cpu")
+        cfg = json.load(open(os.path.join(HERE, "config.json")))["model"]
+        self.model = gpt.GPT(gpt.GPTConfig(**cfg))
+        missing, unexpected = self.model.load_state_dict(load_file(os.path.join(HERE, "model.safetensors")), strict=False)
+        if unexpected or set(missing) - {"lm_head.weight"}:
+            raise ValueError(f"weights do not fit the model: missing {missing}, unexpected {unexpected}")
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+            params.get("dtype", "float32")]
+        self.model.to(self.device, dtype=dtype).eval()
+        self.tok = Tokenizer.from_file(os.path.join(HERE, "tokenizer.json"))
+        self.stop = tuple(i for i in (self.tok.token_to_id(chat_template.EOS), self.tok.token_to_id(chat_template.EOT))
+                          if i is not None)
+        self.block = self.model.cfg.block_size
+
+    def _parse(self, request):
+        raw = pb_utils.get_input_tensor_by_name(request, "messages").as_numpy().reshape(-1)[0]
+        messages = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ("system", "user", "assistant")
+                for m in messages):
+            raise ValueError("messages must be a non-empty JSON list of {role: system|user|assistant, content: str}")
+        max_tokens = int(_scalar(request, "max_tokens", 64))
+        if max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        ids = self.chat_template.encode_chat(self.tok, messages, add_generation_prompt=True)
+        keep = max(1, self.block - max_tokens)
+        ids = ids[-keep:]  # the gateway already fitted whole turns; this only guards the model's window
+        seed = int(_scalar(request, "seed", -1))
+        gen = None
+        temperature = float(_scalar(request, "temperature", 0.0))
+        if temperature > 0:
+            gen = self.torch.Generator(device=self.device)
+            gen.manual_seed(seed if seed >= 0 else int.from_bytes(os.urandom(7), "little"))
+        top_p = float(_scalar(request, "top_p", 1.0))
+        return {"ids": ids, "max_tokens": max_tokens, "temperature": temperature,
+                "top_p": top_p if top_p < 1.0 else None, "generator": gen}
+
+    def execute(self, requests):
+        parsed, responses = [], [None] * len(requests)
+        for i, request in enumerate(requests):
+            try:
+                parsed.append((i, self._parse(request)))
+            except Exception as e:  # noqa: BLE001 - a bad request fails alone, with its reason
+                err = pb_utils.TritonError(f"bad request: {e}")
+                if self.decoupled:
+                    request.get_response_sender().send(pb_utils.InferenceResponse(error=err),
+                                                       flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                else:
+                    responses[i] = pb_utils.InferenceResponse(error=err)
+        if parsed:
+            self._run(requests, parsed, responses)
+        return None if self.decoupled else responses
+
+    def _run(self, requests, parsed, responses):
+        n = len(parsed)
+        outs = [[] for _ in range(n)]
+        texts = [""] * n
+        finish = ["length"] * n
+        senders = [requests[i].get_response_sender() for i, _ in parsed] if self.decoupled else None
+        steps = self.gpt.generate_stream(
+            self.model, [p["ids"] for _, p in parsed], [p["max_tokens"] for _, p in parsed],
+            [p["temperature"] for _, p in parsed], top_p=[p["top_p"] for _, p in parsed],
+            stop_tokens=self.stop, generators=[p["generator"] for _, p in parsed])
+        finished = [False] * n
+        room = self.block - max(len(p["ids"]) for _, p in parsed)
+        limits = [max(0, min(p["max_tokens"], room)) for _, p in parsed]
+        for step in steps:
+            for b, tok in enumerate(step):
+                if finished[b]:
+                    continue
+                if tok is None:
+                    finished[b] = True
+                    finish[b] = "stop" if len(outs[b]) < limits[b] else "length"
+                    if self.decoupled:
+                        self._final(senders[b], parsed[b][1], outs[b], finish[b], n)
+                    continue
+                outs[b].append(tok)
+                if self.decoupled:
+                    text = self.tok.decode(outs[b], skip_special_tokens=True)
+                    if text.endswith("\ufffd"):
+                        continue  # an incomplete UTF-8 sequence: wait for its next byte
+                    delta, texts[b] = text[len(texts[b]):], text
+                    senders[b].send(pb_utils.InferenceResponse(output_tensors=[
+                        pb_utils.Tensor("text", np.array([[delta.encode()]], dtype=np.object_)),
+                        pb_utils.Tensor("token_ids", np.array([[tok]], dtype=np.int64))]))
+        for b in range(n):
+            if not finished[b]:  # reached its limit (or the window) on the last step
+                if self.decoupled:
+                    self._final(senders[b], parsed[b][1], outs[b], finish[b], n)
+            if not self.decoupled:
+                responses[parsed[b][0]] = self._response(parsed[b][1], outs[b], finish[b], n,
+                                                         self.tok.decode(outs[b], skip_special_tokens=True))
+
+    def _response(self, p, out, finish, batch, text):
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("text", np.array([[text.encode()]], dtype=np.object_)),
+            pb_utils.Tensor("token_ids", np.array([out], dtype=np.int64).reshape(1, len(out))),
+            pb_utils.Tensor("prompt_tokens", np.array([[len(p["ids"])]], dtype=np.int32)),
+            pb_utils.Tensor("completion_tokens", np.array([[len(out)]], dtype=np.int32)),
+            pb_utils.Tensor("finish_reason", np.array([[finish.encode()]], dtype=np.object_)),
+            pb_utils.Tensor("batch_size", np.array([[batch]], dtype=np.int32))])
+
+    def _final(self, sender, p, out, finish, batch):
+        sender.send(self._response(p, out, finish, batch, ""), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def finalize(self):
+        self.model = None

@@ -1,0 +1,191 @@
+"""Serving parts without servers: padded batch decoding, context fitting, admission, routing, safety, export config."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import torch
+
+from tasks.chat_template import PromptTooLong, encode_chat, fit_turns
+from tasks.config import SafetyConfig
+from tasks.export import ExportError, check_name, check_version, config_pbtxt, served_versions
+from tasks.model import GPT, GPTConfig, KVCache, generate_stream
+from tasks.serve.admission import BATCH, INTERACTIVE, Admission, Overloaded
+from tasks.serve.gateway import ApiError, Router
+from tasks.serve.safety import SafetyFilter
+from tests.conftest import make_settings
+
+
+@pytest.fixture(scope="module")
+def gpt() -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=96, n_layer=2, n_head=2, d_model=32, block_size=48)).eval()
+
+
+@pytest.mark.parametrize("pos", ["rotary", "learned"])
+def test_left_padded_batch_gives_each_row_its_own_logits(pos):
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(vocab_size=96, n_layer=2, n_head=2, d_model=32, block_size=48, pos=pos)).eval()
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15]]
+    longest = max(map(len, prompts))
+    pad = torch.tensor([longest - len(p) for p in prompts])
+    ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
+    cache = KVCache(model.cfg.n_layer)
+    with torch.no_grad():
+        batched, _ = model(ids, cache=cache, pad=pad)
+        nxt = torch.tensor([[20], [21], [22]])
+        batched2, _ = model(nxt, cache=cache, pad=pad)
+        for b, p in enumerate(prompts):
+            alone_cache = KVCache(model.cfg.n_layer)
+            alone, _ = model(torch.tensor([p]), cache=alone_cache)
+            alone2, _ = model(nxt[b:b + 1], cache=alone_cache)
+            torch.testing.assert_close(batched[b, -1], alone[0, -1], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(batched2[b, -1], alone2[0, -1], atol=1e-5, rtol=1e-4)
+
+
+def test_generate_stream_of_one_is_generate_and_rows_end_on_their_own(gpt):
+    prompt = [3, 4, 5, 6]
+    expected = gpt.generate(prompt, 10, temperature=0.0)
+    steps = list(generate_stream(gpt, [prompt], [10], [0.0]))
+    assert [s[0] for s in steps] == expected
+    # different limits in one batch: each row stops at its own
+    steps = list(generate_stream(gpt, [prompt, [7, 8]], [3, 6], [0.0, 0.0]))
+    assert sum(s[0] is not None for s in steps) == 3 and sum(s[1] is not None for s in steps) == 6
+    # a stop token ends its row without being emitted
+    first = expected[0]
+    steps = list(generate_stream(gpt, [prompt], [10], [0.0], stop_tokens=(first,)))
+    assert steps == [[None]]
+    with pytest.raises(ValueError):
+        next(generate_stream(gpt, [[]], [4], [0.0]))
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from tasks.chat_template import SPECIAL_TOKENS
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["hello there, how can I help you today?"] * 20, trainer=trainer)
+    return tok
+
+
+def test_fit_turns_keeps_newest_whole_turns_after_the_system_prompt():
+    tok = _tokenizer()
+    history = [{"role": "user", "content": f"question number {i}"} if i % 2 == 0 else
+               {"role": "assistant", "content": f"answer number {i}"} for i in range(10)]
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    full = fit_turns(tok, history, messages, 10_000)
+    assert full == messages[:1] + history + messages[1:]
+    budget = len(encode_chat(tok, messages, add_generation_prompt=True)) + 45
+    fitted = fit_turns(tok, history, messages, budget)
+    kept = fitted[1:-1]
+    assert kept and kept == history[-len(kept):] and len(kept) < len(history)
+    assert len(encode_chat(tok, fitted, add_generation_prompt=True)) <= budget
+    with pytest.raises(PromptTooLong, match="window leaves 3"):
+        fit_turns(tok, [], messages, 3)
+
+
+def test_admission_serves_interactive_first_and_refuses_when_full():
+    async def scenario():
+        adm = Admission(max_inflight=1, max_queue=3, batch_share=0.34)
+        order = []
+        await adm.acquire(INTERACTIVE)  # the one slot
+
+        async def waiter(name, prio):
+            await adm.acquire(prio)
+            order.append(name)
+            adm.release()
+
+        batch = asyncio.create_task(waiter("batch", BATCH))
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded):  # batch may fill only a third of the queue
+            await adm.acquire(BATCH)
+        inter = [asyncio.create_task(waiter(f"i{i}", INTERACTIVE)) for i in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded):  # queue of 3 is full
+            await adm.acquire(INTERACTIVE)
+        adm.release()
+        await asyncio.gather(batch, *inter)
+        assert order == ["i0", "i1", "batch"]
+        assert adm.inflight == 0 and adm.queued == 0
+
+    asyncio.run(scenario())
+
+
+def test_admission_cancelled_waiter_does_not_leak_a_slot():
+    async def scenario():
+        adm = Admission(max_inflight=1, max_queue=4)
+        await adm.acquire()
+        t = asyncio.create_task(adm.acquire())
+        await asyncio.sleep(0)
+        t.cancel()
+        await asyncio.gather(t, return_exceptions=True)
+        adm.release()
+        assert adm.inflight == 0
+        await asyncio.wait_for(adm.acquire(), 1)
+
+    asyncio.run(scenario())
+
+
+def test_router_aliases_sticky_split_and_unknown_models(tmp_path):
+    d = tmp_path / "chat-gpt"
+    d.mkdir()
+    (d / "aliases.json").write_text(json.dumps({"champion": 1, "challenger": 2}))
+    r = Router(tmp_path, "chat-gpt")
+    r.ready = {1, 2}
+    assert r.route("chat-gpt", "s").version == 1
+    assert r.route("chat-gpt:challenger", "s").version == 2 and r.route("chat-gpt:2", "s").alias is None
+    (d / "traffic.json").write_text(json.dumps({"challenger": 25}))
+    sides = {k: r.route("chat-gpt", f"session-{k}").version for k in range(2000)}
+    share = sum(v == 2 for v in sides.values()) / len(sides)
+    assert 0.2 < share < 0.3
+    assert all(r.route("chat-gpt", f"session-{k}").version == v for k, v in list(sides.items())[:200])  # sticky
+    for bad in ("gpt-4", "chat-gpt:nope", "chat-gpt:7"):
+        with pytest.raises(ApiError) as e:
+            r.route(bad, "s")
+        assert e.value.status == 404 and e.value.code == "model_not_found"
+    r.ready = set()
+    with pytest.raises(ApiError) as e:
+        r.route("chat-gpt", "s")
+    assert e.value.status == 503
+
+
+def test_safety_filter_rules_classifier_and_version():
+    f = SafetyFilter(SafetyConfig(blocked_patterns=(r"\bbuild a bomb\b",), classifier_threshold=0.8))
+    assert f.check("How do I reset my password?").blocked is False
+    v = f.check("please tell me how to BUILD A BOMB")
+    assert v.blocked and v.rule == "pattern:0"
+    v = f.check("you are a fucking idiot, shit")
+    assert v.blocked and v.rule == "classifier" and v.score >= 0.8
+    other = SafetyFilter(SafetyConfig(blocked_patterns=(r"\bbomb\b",)))
+    assert f.version.startswith("2026.11.1+") and f.version != other.version
+
+
+def test_export_names_versions_and_config(tmp_path):
+    for bad in ("../etc", "a/b", ".hidden", "", "x" * 65, "chat gpt"):
+        with pytest.raises(ExportError):
+            check_name(bad)
+    for bad in ("0", "-1", "1/../2", "abc", "01"):
+        with pytest.raises(ExportError):
+            check_version(bad)
+    assert check_version("12") == 12
+    s = make_settings(tmp_path, "serve.triton.max_batch_size=8", "serve.triton.preferred_batch_sizes=[2,8]",
+                      "serve.triton.max_queue_delay_us=500")
+    text = config_pbtxt(s, "chat-gpt", decoupled=False)
+    assert 'name: "chat-gpt"' in text and "max_batch_size: 8" in text
+    assert "preferred_batch_size: [ 2, 8 ] max_queue_delay_microseconds: 500" in text
+    assert "decoupled" not in text and "decoupled: true" in config_pbtxt(s, "chat-gpt-stream", decoupled=True)
+    assert served_versions(tmp_path, "chat-gpt") == []
+
+
+def test_preferred_batch_sizes_must_fit_max_batch_size(tmp_path):
+    from tasks.config import ConfigError
+
+    with pytest.raises(ConfigError, match="preferred_batch_sizes"):
+        make_settings(tmp_path, "serve.triton.max_batch_size=4", "serve.triton.preferred_batch_sizes=[8]")
