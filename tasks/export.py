@@ -119,9 +119,13 @@ def export_dir(settings: Settings, weights_dir: Path, name: str, version: int,
     """Write version `version` of `name` (and its streaming twin) from a weights directory."""
     name, version = check_name(name), check_version(version)
     weights_dir = Path(weights_dir)
-    for f in ARTIFACTS:
-        if not (weights_dir / f).is_file():
-            raise ExportError(f"{weights_dir}: {f} missing; expected a registered model's artifacts")
+    sources = {f: weights_dir / f for f in ARTIFACTS}
+    if not sources["tokenizer.json"].is_file() and (weights_dir / "_lineage.json").is_file():
+        # a training run's final/ names its tokenizer in the lineage; a registered version carries a copy
+        sources["tokenizer.json"] = Path(json.loads((weights_dir / "_lineage.json").read_text())["tokenizer"]["path"])
+    for f, src in sources.items():
+        if not src.is_file():
+            raise ExportError(f"{weights_dir}: {f} missing ({src}); expected trained or registered model artifacts")
     variant_file = weights_dir / "variant.json"
     if variant_file.is_file() and json.loads(variant_file.read_text()).get("variant", "fp32") != "fp32":
         raise ExportError(f"{weights_dir}: only fp32 versions are exported to Triton (this one is "
@@ -131,11 +135,11 @@ def export_dir(settings: Settings, weights_dir: Path, name: str, version: int,
     lineage = json.loads((weights_dir / "_lineage.json").read_text())
     record = {"model": name, "version": version, "source": source or {"weights_dir": str(weights_dir)},
               "weights_sha256": sha256_file(weights_dir / "model.safetensors"),
-              "tokenizer_sha256": sha256_file(weights_dir / "tokenizer.json"),
+              "tokenizer_sha256": sha256_file(sources["tokenizer.json"]),
               "lineage_id": lineage.get("id"), "serve_config_hash": settings.hash("serve")}
     with atomic_dir(repo / name / str(version)) as tmp:
-        for f in ARTIFACTS:
-            shutil.copy2(weights_dir / f, tmp / f)
+        for f, src in sources.items():
+            shutil.copy2(src, tmp / f)
         for dest, src in CODE.items():
             shutil.copy2(PROJECT_DIR / src, tmp / dest)
         write_json(tmp / "export.json", record)

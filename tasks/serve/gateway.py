@@ -470,24 +470,25 @@ def create_app(settings: Settings, triton_grpc: str | None = None, triton_http: 
             route = gw.router.route(req.model, session or rid)
             model_label = f"{route.triton_model}:{route.version}"
             tok, block = gw.tokenizer(route.version)
-            max_tokens = req.max_completion_tokens or req.max_tokens or gw.cfg.default_max_tokens
+            # not given: the configured default, but never more than half this model's window
+            max_tokens = req.max_completion_tokens or req.max_tokens or min(gw.cfg.default_max_tokens, block // 2)
             if max_tokens >= block:
                 raise ApiError(400, f"max_tokens={max_tokens} must be below this model's context of {block} tokens",
                                param="max_tokens", code="invalid_value")
+            record.update({"model": route.model_id, "version": route.version, "alias": route.alias,
+                           "session": session, "stream": req.stream, "priority": priority})
+            verdict_in = gw.safety.check("\n".join(m["content"] for m in messages if m["role"] == "user"))
+            record["safety_input"] = verdict_in.to_dict()
+            if verdict_in.blocked:
+                gw.metrics.safety.labels("input", verdict_in.rule).inc()
+                return _refusal(gw, req, route, rid, record, t0, messages)
             history = await gw.store.get(session) if session else []
             try:
                 prompt = fit_turns(tok, history, messages, block - max_tokens)
             except PromptTooLong as e:
                 raise ApiError(400, f"This model's maximum context length is {block} tokens: {e}",
                                param="messages", code="context_length_exceeded") from None
-            record.update({"model": route.model_id, "version": route.version, "alias": route.alias,
-                           "session": session, "stream": req.stream, "priority": priority,
-                           "history_turns_used": len(prompt) - len(messages)})
-            verdict_in = gw.safety.check("\n".join(m["content"] for m in messages if m["role"] == "user"))
-            record["safety_input"] = verdict_in.to_dict()
-            if verdict_in.blocked:
-                gw.metrics.safety.labels("input", verdict_in.rule).inc()
-                return _refusal(gw, req, route, rid, record, t0, messages)
+            record["history_turns_used"] = len(prompt) - len(messages)
             try:
                 await gw.admission.acquire(priority)
             except Overloaded as e:
