@@ -1,14 +1,21 @@
 """chat_train as a whole DAG (dag.test in-process) on real shards: 2 DeepSpeed ranks, an MLflow run,
-evaluation, the gate, and a registered `challenger` version."""
+evaluation, the gate, and a registered `challenger` version; then chat_deploy exports that version
+and loads it into a running tritonserver, and its smoke task chats with it through the gateway."""
 
+import shutil
+import subprocess
 import sys
+import time
 
+import httpx
 import pytest
+import yaml
 
 from tasks.ingest import ingest
 from tasks.shard import shard
 from tasks.snapshot import snapshot
 from tasks.synth import synth
+from tasks.train import free_port
 from tests.conftest import REPO, make_settings
 
 pytestmark = pytest.mark.slow
@@ -45,3 +52,44 @@ def test_chat_train_dag_trains_and_tracks(airflow_home, tmp_path, monkeypatch):
     assert "eval/fp32/report.html" in {a.path for a in client.list_artifacts(runs[0].info.run_id, "eval/fp32")}
     v = client.get_model_version_by_alias("chat-gpt", "challenger")
     assert v.run_id == runs[0].info.run_id and v.tags["snapshot_hash"] == runs[0].data.tags["snapshot_hash"]
+
+    # chat_deploy against a real tritonserver + gateway on free ports (a config dir with those ports)
+    from tasks.serve import triton
+    from tasks.stack import pidfile
+
+    configs = tmp_path / "configs"
+    shutil.copytree(REPO / "configs", configs)
+    serve_cfg = yaml.safe_load((configs / "serve.yaml").read_text())
+    for key in ("http_port", "grpc_port", "metrics_port"):
+        serve_cfg["triton"][key] = free_port()
+    serve_cfg["gateway"]["port"] = free_port()
+    (configs / "serve.yaml").write_text(yaml.safe_dump(serve_cfg))
+    monkeypatch.setenv("LLMOPS_CONFIG_DIR", str(configs))
+    s = make_settings(tmp_path)
+    tp = triton.start(s)  # an empty repository: chat_deploy puts the model in and loads it
+    pidfile(s, "tritonserver").parent.mkdir(parents=True, exist_ok=True)
+    pidfile(s, "tritonserver").write_text(str(tp.proc.pid))
+    gw = subprocess.Popen([sys.executable, "-m", "tasks.serve.gateway"], cwd=REPO, start_new_session=True,
+                          env={**__import__("os").environ, "NO_PROXY": "127.0.0.1"})
+    try:
+        base = f"http://127.0.0.1:{s.serve.gateway.port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"{base}/v1/models", timeout=2)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        deploy = DagBag(dag_folder=str(REPO / "dags" / "chat_deploy.py")).get_dag("chat_deploy")
+        run = deploy.test(run_conf={"alias": "challenger"})
+        states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+        assert run.state == "success", states
+        smoke = next(ti for ti in run.get_task_instances() if ti.task_id == "smoke").xcom_pull(task_ids="smoke")
+        assert smoke["version"] == str(v.version) and smoke["usage"]["completion_tokens"] > 0
+        assert tp.http().is_model_ready("chat-gpt", str(v.version)) and tp.http().is_model_ready("chat-gpt-stream", str(v.version))
+        assert (tmp_path / "models" / "triton" / "chat-gpt" / str(v.version) / "_lineage.json").is_file()
+        models = httpx.get(f"{base}/v1/models").json()["data"]
+        assert {"chat-gpt", "chat-gpt:challenger"} <= {m["id"] for m in models}
+    finally:
+        triton.stop_group(gw.pid)
+        tp.stop()

@@ -4,7 +4,7 @@ import pytest
 
 from tests.conftest import REPO
 
-EXPECTED = {"chat_ingest", "chat_train"}
+EXPECTED = {"chat_ingest", "chat_train", "chat_deploy"}
 
 
 @pytest.fixture(scope="module")
@@ -56,3 +56,13 @@ def test_chat_train_shape(dagbag):
     assert dag.get_task("train").pool == "training"
     assert type(dag.timetable).__name__ == "AssetOrTimeSchedule"
     assert {p: dag.params.get_param(p).value for p in ("profile", "resume")} == {"profile": "tiny", "resume": True}
+    assert {o.name for o in dag.get_task("register").outlets} == {"chat_challenger"}
+
+
+def test_chat_deploy_shape(dagbag):
+    dag = dagbag.get_dag("chat_deploy")
+    assert [t.task_id for t in dag.topological_sort()] == ["export", "load", "smoke"]
+    # runs when chat_train registers a challenger
+    assert type(dag.timetable).__name__ == "AssetTriggeredTimetable"
+    assert "chat_challenger" in str(dag.timetable.asset_condition)
+    assert dag.params.get_param("alias").value == "challenger"
