@@ -261,14 +261,14 @@ class TritonConfig(_Section):
     grpc_port: int = Field(8001, ge=1, le=65535)
     metrics_port: int = Field(8002, ge=1, le=65535)
     # dynamic batching (config.pbtxt)
-    max_batch_size: int = Field(16, ge=1, le=1024)
-    preferred_batch_sizes: tuple[int, ...] = (4, 8, 16)
+    max_batch_size: int = Field(8, ge=1, le=1024)
+    preferred_batch_sizes: tuple[int, ...] = (4, 8)
     max_queue_delay_us: int = Field(2000, ge=0)
     dynamic_batching: bool = True
-    instances: int = Field(1, ge=1, le=64)
+    instances: int = Field(2, ge=1, le=64)
     device: Literal["cpu", "gpu"] = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    threads_per_instance: int = Field(0, ge=0, description="torch intra-op threads per model instance; 0 = torch default")
+    threads_per_instance: int = Field(1, ge=0, description="torch intra-op threads per model instance; 0 = torch default")
     startup_timeout_s: float = Field(90.0, gt=0)
     serve_env: Path = Path(".venv-serve")  # the numpy<2 environment of the Python backend stub (under the project)
 

@@ -71,9 +71,36 @@ def embedding_similarity(predictions: Sequence[str], references: Sequence[str], 
 
 
 def toxicity_scores(texts: Sequence[str]) -> list[float]:
-    from profanity_check import predict_prob
+    """The packaged classifier's probability that each text is toxic (alt-profanity-check)."""
+    if not texts:
+        return []
+    fast = _profanity_linear()
+    if fast is None:
+        from profanity_check import predict_prob
 
-    return [float(x) for x in predict_prob(list(texts))] if texts else []
+        return [float(x) for x in predict_prob(list(texts))]
+    vectorizer, coef, intercept, a, b = fast
+    df = np.asarray(vectorizer.transform(list(texts)) @ coef.T) + intercept  # (n, k): each fold's LinearSVC
+    return [float(x) for x in (1.0 / (1.0 + np.exp(a * df + b))).mean(axis=1)]  # sigmoid calibration, averaged
+
+
+@functools.cache
+def _profanity_linear():
+    """The classifier (5 calibrated LinearSVC folds) as one matrix product. sklearn's predict_proba
+    spends ~6 ms per call on per-fold validation; the gateway checks every prompt and reply, so the
+    same arithmetic is done here directly (equal to predict_prob: tests/unit/test_metrics.py)."""
+    from profanity_check import profanity_check as pc
+
+    model = pc.model
+    folds = model.calibrated_classifiers_
+    if model.method != "sigmoid" or list(model.classes_) != [0, 1] or any(
+            not hasattr(f.estimator, "coef_") or not hasattr(f.calibrators[0], "a_") for f in folds):
+        return None
+    coef = np.vstack([f.estimator.coef_.reshape(1, -1) for f in folds])
+    intercept = np.array([float(np.ravel(f.estimator.intercept_)[0]) for f in folds])
+    a = np.array([f.calibrators[0].a_ for f in folds])
+    b = np.array([f.calibrators[0].b_ for f in folds])
+    return pc.vectorizer, coef, intercept, a, b
 
 
 def toxicity_rate(texts: Sequence[str], threshold: float = 0.5) -> float:

@@ -270,13 +270,16 @@ def generate_stream(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens
         while not all(done):
             logits, _ = model(step_in, cache=cache, pad=pad_arg)
             last = logits[:, -1, :]
-            nxt = torch.zeros(B, dtype=torch.long, device=device)
+            picked = last.argmax(dim=-1)  # greedy rows in one op; sampled rows below
+            for b in range(B):
+                if not done[b] and float(temperature[b]) > 0:
+                    picked[b] = sample(last[b:b + 1], float(temperature[b]), top_k[b], top_p[b], generators[b])[0]
+            toks = picked.tolist()  # one device sync per step
             out: list[int | None] = [None] * B
             for b in range(B):
                 if done[b]:
                     continue
-                tok = int(sample(last[b:b + 1], float(temperature[b]), top_k[b], top_p[b], generators[b]))
-                nxt[b] = tok
+                tok = toks[b]
                 if tok in stop_tokens:
                     done[b] = True
                     continue
@@ -284,7 +287,7 @@ def generate_stream(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens
                 counts[b] += 1
                 done[b] = counts[b] >= limits[b]
             yield out
-            step_in = nxt.view(B, 1)
+            step_in = picked.view(B, 1)
     finally:
         model.train(was_training)
 

@@ -48,3 +48,10 @@ def test_latency_stats():
     assert s["p50_ms"] == pytest.approx(100.0)
     assert s["p99_ms"] == pytest.approx(109.0)  # linear interpolation between the 99th and 100th sample
     assert s["tokens_per_s"] == pytest.approx(1000 / 10.9)
+
+
+def test_toxicity_scores_equal_the_packaged_classifier():
+    from profanity_check import predict_prob
+
+    texts = ["Hi, my order has not arrived yet.", "you are a fucking idiot", "shit happens", "", "Paris"]
+    assert m.toxicity_scores(texts) == pytest.approx([float(x) for x in predict_prob(texts)], abs=1e-12)
