@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 .PHONY: help install test lint run stop clean bench
 
 help:
-	@echo "make run      install, start Airflow + MLflow on 127.0.0.1, run the lifecycle on the $(PROFILE) profile, print URLs"
+	@echo "make run      install, start Airflow + MLflow + Triton + gateway on 127.0.0.1, run the lifecycle on the $(PROFILE) profile, print URLs"
 	@echo "make test     install, then ruff + pytest (unit, integration, e2e)"
 	@echo "make stop     stop the stack;   make clean  stop and remove generated state"
 	@echo "make bench    print the benchmark JSON lines"
@@ -65,10 +65,14 @@ run: install
 	@$(BIN)/llmops backfill --profile $(PROFILE) --from $(RUN_FROM) --to $(RUN_TO)
 	@echo "==> training with DeepSpeed (chat_train, $(PROFILE) profile, 2 CPU ranks) through the Airflow scheduler"
 	@$(BIN)/llmops trigger chat_train --profile $(PROFILE) --conf '{"profile": "$(PROFILE)"}'
+	@echo "==> starting tritonserver and the OpenAI-compatible gateway (127.0.0.1)"
+	@$(BIN)/llmops serve up --profile $(PROFILE) >/dev/null
+	@echo "==> deploying the challenger (chat_deploy: export to models/triton, load, smoke test) through the Airflow scheduler"
+	@$(BIN)/llmops trigger chat_deploy --profile $(PROFILE) --conf '{"profile": "$(PROFILE)", "alias": "challenger"}' >/dev/null
 	@$(BIN)/llmops status --profile $(PROFILE)
 
 stop:
-	@if [ -x $(BIN)/llmops ]; then $(BIN)/llmops stack down >/dev/null && echo "stack stopped"; fi
+	@if [ -x $(BIN)/llmops ]; then $(BIN)/llmops serve down >/dev/null; $(BIN)/llmops stack down >/dev/null && echo "stack stopped"; fi
 
 clean: stop
 	rm -rf var reports data/raw data/clean data/quarantine data/shards data/snapshots data/tokenizers \

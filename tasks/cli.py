@@ -484,6 +484,20 @@ def status(profile: ProfileOpt = None, set_: SetOpt = None) -> None:
         console.print(f"latest training       : {r['run_id']} loss {r['final_loss']:.3f} val {r['val_loss'] or float('nan'):.3f}, "
                       f"{r['tokens_per_s']:.0f} tok/s, MFU {100 * r['mfu']:.1f}%, MLflow run {r['mlflow_run_id']}")
         console.print(f"weights               : {r['weights']}")
+    from tasks.export import read_aliases
+    from tasks.serve import server
+
+    sv = server.status(s)
+    for name, up in sv["running"].items():
+        console.print(f"{name:<22}: {'[green]running[/]' if up else '[red]stopped[/]'}")
+    aliases = read_aliases(s.paths.triton_repository, s.serve.triton.model_name)
+    console.print(f"served versions       : {sv['versions'] or 'none'} {aliases or ''}  (repository {s.paths.triton_repository})")
+    console.print(f"Triton (KServe v2)    : http {sv['triton_http']}, grpc {sv['triton_grpc']}, metrics {sv['triton_metrics']}")
+    console.print(f"chat gateway (OpenAI) : {sv['gateway']}   (/models, /chat/completions; /metrics and /healthz at the root)")
+    if sv["running"]["gateway"]:
+        console.print(f"try it                : curl -s {sv['gateway']}/chat/completions -H 'content-type: application/json' "
+                      """-d '{"model": "chat-gpt", "messages": [{"role": "user", "content": "Hi, my order is late"}]}'""")
+        console.print("                        llmops chat")
     docs = sorted(s.paths.reports_dir.glob("data_docs/dt=*/index.html"))
     for d in docs[-3:]:
         console.print(f"data docs             : {d}")
