@@ -82,3 +82,4 @@ bench: install
 	$(BIN)/python bench/data.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/eval.py
+	$(BIN)/python bench/serve.py

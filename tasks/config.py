@@ -267,10 +267,13 @@ class TritonConfig(_Section):
     dynamic_batching: bool = True
     instances: int = Field(2, ge=1, le=64)
     device: Literal["cpu", "gpu"] = "cpu"
+    gpu_instance_kind: bool = Field(True, description="device gpu: KIND_GPU instances (False: KIND_CPU instances that use cuda:0)")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     threads_per_instance: int = Field(1, ge=0, description="torch intra-op threads per model instance; 0 = torch default")
     startup_timeout_s: float = Field(90.0, gt=0)
     serve_env: Path = Path(".venv-serve")  # the numpy<2 environment of the Python backend stub (under the project)
+    # empty: the binary in the nvidia-pytriton wheel; else a tritonserver install (bin/, backends/ with the stub)
+    server_dir: Path | None = None
 
     @model_validator(mode="after")
     def _batches(self) -> TritonConfig:

@@ -81,11 +81,11 @@ def config_pbtxt(settings: Settings, name: str, decoupled: bool) -> str:
     if t.dynamic_batching:
         lines.append(f"dynamic_batching {{ preferred_batch_size: {_dims(t.preferred_batch_sizes)} "
                      f"max_queue_delay_microseconds: {t.max_queue_delay_us} }}")
-    kind = "KIND_GPU" if t.device == "gpu" else "KIND_CPU"
+    kind = "KIND_GPU" if t.device == "gpu" and t.gpu_instance_kind else "KIND_CPU"
     lines.append(f"instance_group [ {{ count: {t.instances} kind: {kind} }} ]")
     if decoupled:
         lines.append("model_transaction_policy { decoupled: true }")
-    for key, value in (("dtype", t.dtype), ("threads_per_instance", str(t.threads_per_instance))):
+    for key, value in (("dtype", t.dtype), ("threads_per_instance", str(t.threads_per_instance)), ("device", t.device)):
         lines.append(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
     return "\n".join(lines) + "\n"
 

@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import sysconfig
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,16 @@ def _pytriton_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
 
 
+def server_dir(settings: Settings) -> Path:
+    """The tritonserver install: serve.triton.server_dir, else the one in the nvidia-pytriton wheel."""
+    d = settings.serve.triton.server_dir
+    if d is not None:
+        if not (Path(d) / "bin" / "tritonserver").is_file():
+            raise TritonError(f"serve.triton.server_dir={d}: no bin/tritonserver there")
+        return Path(d)
+    return _pytriton_dir()
+
+
 def serve_env(settings: Settings) -> Path:
     env = settings.serve.triton.serve_env
     env = env if env.is_absolute() else PROJECT_DIR / env
@@ -46,15 +57,19 @@ def serve_env(settings: Settings) -> Path:
 
 
 def backend_dir(settings: Settings) -> Path:
-    """A private copy of the wheel's backends/ with the Python 3.11 stub placed in python/."""
-    src = _pytriton_dir()
-    dest = settings.paths.var_dir / "triton" / "backends"
+    """backends/ with the Python backend's stub for this Python in python/: the install's own when it
+    has one (NVIDIA's container), else a private copy of the wheel's with the matching stub put in."""
+    src = server_dir(settings)
+    if (src / "backends" / "python" / "triton_python_backend_stub").exists():
+        return src / "backends"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    dest = settings.paths.var_dir / "triton" / f"backends-py{version}"
     stub = dest / "python" / "triton_python_backend_stub"
     if not stub.exists():
-        tmp = dest.with_name("backends.tmp")
+        tmp = dest.with_name(dest.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(src / "backends", tmp, symlinks=True)
-        shutil.copy2(src / "python_backend_stubs" / "3.11" / "triton_python_backend_stub",
+        shutil.copy2(src / "python_backend_stubs" / version / "triton_python_backend_stub",
                      tmp / "python" / "triton_python_backend_stub")
         shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)
@@ -62,7 +77,7 @@ def backend_dir(settings: Settings) -> Path:
 
 
 def server_env(settings: Settings) -> dict[str, str]:
-    libs = _pytriton_dir().parent.parent / "nvidia_pytriton.libs"
+    libs = server_dir(settings).parent.parent / "nvidia_pytriton.libs"
     ld = [sysconfig.get_config_var("LIBDIR"), str(libs)]  # LIBDIR first, or the stub loads the system libpython
     if os.environ.get("LD_LIBRARY_PATH"):
         ld.append(os.environ["LD_LIBRARY_PATH"])
@@ -74,7 +89,7 @@ def server_env(settings: Settings) -> dict[str, str]:
 def command(settings: Settings, repository: Path, http_port: int, grpc_port: int, metrics_port: int,
             models: tuple[str, ...] = ()) -> list[str]:
     host = settings.stack.host
-    cmd = [str(_pytriton_dir() / "bin" / "tritonserver"), f"--model-repository={repository}",
+    cmd = [str(server_dir(settings) / "bin" / "tritonserver"), f"--model-repository={repository}",
            "--model-control-mode=explicit", f"--backend-directory={backend_dir(settings)}",
            f"--http-address={host}", f"--http-port={http_port}", f"--grpc-address={host}", f"--grpc-port={grpc_port}",
            f"--metrics-address={host}", f"--metrics-port={metrics_port}", "--allow-metrics=true",
@@ -117,21 +132,24 @@ class TritonProcess:
 
 def wait_ready(http_url: str, timeout: float, models: tuple[str, ...] = (), log: Path | None = None,
                proc: subprocess.Popen | None = None) -> None:
-    import tritonclient.http as httpclient
+    """Poll KServe v2 /v2/health/live and /v2/models/<m>/ready until all answer 200."""
+    import httpx
 
-    client = httpclient.InferenceServerClient(http_url, connection_timeout=2.0, network_timeout=5.0)
     deadline = time.monotonic() + timeout
     last = "no answer"
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            break
-        try:
-            if client.is_server_live() and all(client.is_model_ready(m) for m in models):
-                return
-            last = "server live, models not ready: " + ", ".join(m for m in models if not client.is_model_ready(m))
-        except Exception as e:  # noqa: BLE001 - connection refused while it starts
-            last = f"{type(e).__name__}: {e}"
-        time.sleep(0.5)
+    with httpx.Client(base_url=f"http://{http_url}", timeout=5.0) as http:
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                break
+            try:
+                if http.get("/v2/health/live").status_code == 200:
+                    waiting = [m for m in models if http.get(f"/v2/models/{m}/ready").status_code != 200]
+                    if not waiting:
+                        return
+                    last = "server live, models not ready: " + ", ".join(waiting)
+            except httpx.HTTPError as e:  # connection refused while it starts
+                last = f"{type(e).__name__}: {e}"
+            time.sleep(0.5)
     tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
     state = f"exited with {proc.returncode}" if proc is not None and proc.poll() is not None else f"not ready ({last})"
     raise TritonError(f"tritonserver at {http_url} {state} within {timeout:.0f}s; log {log}:\n{tail}")
@@ -139,13 +157,11 @@ def wait_ready(http_url: str, timeout: float, models: tuple[str, ...] = (), log:
 
 def load(http_url: str, name: str) -> None:
     """(Re)load a model through the repository API: picks up every version directory on disk."""
-    import tritonclient.http as httpclient
-    from tritonclient.utils import InferenceServerException
+    import httpx
 
-    try:
-        httpclient.InferenceServerClient(http_url, network_timeout=600.0).load_model(name)
-    except InferenceServerException as e:
-        raise TritonError(f"loading {name!r} into {http_url} failed: {e}") from None
+    r = httpx.post(f"http://{http_url}/v2/repository/models/{name}/load", timeout=600.0)
+    if r.status_code != 200:
+        raise TritonError(f"loading {name!r} into {http_url} failed: {r.status_code} {r.text[:500]}")
 
 
 def stop_group(pgid: int, grace: float = 15.0) -> None:

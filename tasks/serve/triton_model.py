@@ -51,6 +51,8 @@ class TritonPythonModel:
             torch.set_num_threads(threads)
         if args.get("model_instance_kind") == "GPU":
             self.device = torch.device(f"cuda:{args['model_instance_device_id']}")
+        elif params.get("device") == "gpu":  # a CPU-kind instance that still computes on the GPU
+            self.device = torch.device("cuda:0")
         else:
             self.device = torch.device("cpu")
         cfg = json.load(open(os.path.join(HERE, "config.json")))["model"]
