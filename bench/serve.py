@@ -212,6 +212,7 @@ def main() -> None:
         for model, label in (("chat-gpt", "batched"), ("chat-gpt-nobatch", "unbatched")):
             for c in [int(x) for x in a.concurrency.split(",")]:
                 results[f"{label}_c{c}"] = asyncio.run(direct(grpc_url, model, c, a.requests * c, a.max_tokens))
+                print(f"{label} c{c}: {results[f'{label}_c{c}']}", file=sys.stderr, flush=True)
         gw_c1, direct_c1 = {"p50_ms": [], "p99_ms": []}, {"p50_ms": [], "p99_ms": []}
         for _ in range(4):  # interleaved rounds, so drift in the machine's load hits both sides alike
             for out, r in ((gw_c1, asyncio.run(through_gateway(base, 1, a.requests, a.max_tokens, stream=False))),

@@ -65,7 +65,8 @@ def _run(fn: Callable[[], Any]) -> None:
 def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    for noisy in ("httpx", "httpx2"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 @app.command()
@@ -459,7 +460,7 @@ def status(profile: ProfileOpt = None, set_: SetOpt = None) -> None:
 
     s = _settings(profile, set_)
     st = stack.status(s)
-    console = Console()
+    console = Console(soft_wrap=True)  # long lines (paths, the curl line) stay copyable
     t = Table(title="llmops stack", show_header=True)
     t.add_column("service")
     t.add_column("state")
