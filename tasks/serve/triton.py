@@ -164,6 +164,15 @@ def load(http_url: str, name: str) -> None:
         raise TritonError(f"loading {name!r} into {http_url} failed: {r.status_code} {r.text[:500]}")
 
 
+def unload(http_url: str, name: str) -> None:
+    """Unload a model (all its versions) through the repository API; requests for it then get 4xx."""
+    import httpx
+
+    r = httpx.post(f"http://{http_url}/v2/repository/models/{name}/unload", timeout=120.0)
+    if r.status_code != 200:
+        raise TritonError(f"unloading {name!r} from {http_url} failed: {r.status_code} {r.text[:500]}")
+
+
 def stop_group(pgid: int, grace: float = 15.0) -> None:
     try:
         os.killpg(pgid, signal.SIGTERM)

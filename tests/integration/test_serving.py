@@ -189,8 +189,39 @@ def test_two_versions_are_served_at_once_and_a_model_is_reloaded_through_the_rep
     outs = [c.infer(MODEL, _infer_inputs(httpclient, HELLO, max_tokens=16), model_version=v).as_numpy("token_ids")
             .reshape(-1).tolist() for v in ("1", "2")]
     assert outs[0] != outs[1]  # different weights answer differently
-    tp.load(MODEL)  # explicit model control: reload picks up the repository as it is on disk
-    assert c.is_model_ready(MODEL, "1")
+    triton.unload(tp.http_url, MODEL + "-stream")  # explicit model control: unload and load on request
+    deadline = time.monotonic() + 30
+    while c.is_model_ready(MODEL + "-stream", "1") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not c.is_model_ready(MODEL + "-stream", "1") and c.is_model_ready(MODEL, "1")
+    tp.load(MODEL + "-stream")
+    tp.load(MODEL)  # a reload picks up the repository as it is on disk
+    assert c.is_model_ready(MODEL, "1") and c.is_model_ready(MODEL + "-stream", "2")
+
+
+def test_every_server_port_is_bound_to_loopback(server, gateway):
+    import psutil
+
+    s, tp = server
+    pids = {tp.proc.pid} | {p.pid for p in psutil.Process(tp.proc.pid).children(recursive=True)}
+    listening = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("inet")
+                 if c.status == psutil.CONN_LISTEN and c.pid in pids}
+    t = s.serve.triton
+    assert {p for _, p in listening} >= {t.http_port, t.grpc_port, t.metrics_port}, listening
+    assert {ip for ip, _ in listening} == {"127.0.0.1"}, listening
+    port = int(gateway.rsplit(":", 1)[1])
+    gw = {c.laddr.ip for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+    assert gw == {"127.0.0.1"}
+
+
+def test_llmops_chat_streams_a_conversation(gateway):
+    out = subprocess.run([sys.executable, "-m", "tasks.cli", "chat", "--base-url", f"{gateway}/v1", "--model",
+                          "chat-gpt:1", "--max-tokens", "8", "--session", "cli-test"],
+                         input="Hello there\nAnd my order?\n", capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("bot> ") == 2, out.stdout  # one streamed reply per line typed
+    assert out.stdout.replace("you> ", "").replace("bot> ", "").strip(), out.stdout
+    assert "session cli-test" in out.stderr
 
 
 def test_openai_client_against_the_gateway_streaming_and_not(root, server, gateway):
