@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tasks.config import PROJECT_DIR, load_settings  # noqa: E402
 from tasks.export import export_dir  # noqa: E402
 from tasks.serve import triton  # noqa: E402
+from tasks.serve.server import wait_gateway  # noqa: E402
 
 PROMPTS = ["Hi, my order has not arrived yet.", "How do I reset my password?", "Can you help me with the app crashing?",
            "What is your refund policy?", "The invoice shows the wrong address.", "Is there a student discount?",
@@ -193,19 +194,12 @@ def main() -> None:
         tp = triton.start(s, models=("chat-gpt", "chat-gpt-stream", "chat-gpt-nobatch"))
         args = [sys.executable, "-m", "tasks.serve.gateway", "--profile", a.profile,
                 *[x for o in (f"paths.root={root}", *overrides) for x in ("--set", o)]]
-        gw = subprocess.Popen(args, cwd=PROJECT_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True, env={**os.environ, "NO_PROXY": "127.0.0.1"})
+        log = root / "gateway.log"
+        with open(log, "ab") as out:
+            gw = subprocess.Popen(args, cwd=PROJECT_DIR, stdout=out, stderr=subprocess.STDOUT,
+                                  start_new_session=True, env={**os.environ, "NO_PROXY": "127.0.0.1"})
         base = f"http://127.0.0.1:{ports['gateway']}"
-        import httpx
-
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
+        wait_gateway(f"{base}/v1", 60, log)
 
         grpc_url = f"127.0.0.1:{ports['grpc']}"
         results: dict[str, dict] = {}

@@ -60,11 +60,12 @@ def up(settings: Settings, timeout: float | None = None) -> dict[str, Any]:
                                     start_new_session=True, cwd=PROJECT_DIR)
         pidfile(settings, "gateway").write_text(str(proc.pid))
         started.append("gateway")
-    _wait_gateway(u["gateway"], timeout, logs / "gateway.log")
+    wait_gateway(u["gateway"], timeout, logs / "gateway.log")
     return {"started": started, **u, "models": list(_models(settings))}
 
 
-def _wait_gateway(base: str, timeout: float, log: Path) -> None:
+def wait_gateway(base: str, timeout: float, log: Path) -> None:
+    """Wait until the gateway at `base` (…/v1) answers /models; raise with the end of its log if not."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:

@@ -24,6 +24,7 @@ from tasks.export import export, export_dir, served_versions
 from tasks.ingest import ingest
 from tasks.registry import evaluate_and_register
 from tasks.serve import triton
+from tasks.serve.server import wait_gateway
 from tasks.shard import shard
 from tasks.snapshot import snapshot
 from tasks.synth import synth
@@ -81,19 +82,17 @@ def _gateway(s, *extra: str) -> tuple[subprocess.Popen, str]:
     args = [sys.executable, "-m", "tasks.serve.gateway", "--port", str(port), "--set", f"paths.root={s.paths.root}",
             *[a for x in (*FAST, f"serve.triton.grpc_port={t.grpc_port}", f"serve.triton.http_port={t.http_port}", *extra)
               for a in ("--set", x)]]
-    log = open(s.paths.root / f"gateway-{port}.log", "ab")  # noqa: SIM115
-    proc = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "NO_PROXY": "127.0.0.1"})
+    log = s.paths.root / f"gateway-{port}.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "NO_PROXY": "127.0.0.1"})
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/v1/models", timeout=2).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    proc.kill()
-    raise AssertionError((s.paths.root / f"gateway-{port}.log").read_text()[-2000:])
+    try:
+        wait_gateway(f"{base}/v1", 60, log)
+    except Exception:
+        proc.kill()
+        raise
+    return proc, base
 
 
 @pytest.fixture(scope="module")
