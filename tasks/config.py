@@ -328,6 +328,25 @@ class ServeConfig(_Section):
     safety: SafetyConfig = SafetyConfig()
 
 
+class RolloutConfig(_Section):
+    """Canary analysis and promotion (tasks/rollout.py), defaults from the product design."""
+
+    steps: tuple[float, ...] = (5.0, 25.0, 50.0, 100.0)  # % of sessions on the challenger, in order
+    window_s: float = Field(600.0, gt=0, description="analysis window per canary step")
+    min_samples: int = Field(50, ge=1, description="challenger requests a step needs before it is judged")
+    max_p99_regression_ms: float = Field(50.0, ge=0)
+    max_safety_regression: float = Field(0.05, ge=0, le=1, description="absolute increase in safety-hit rate")
+    max_error_rate: float = Field(0.02, ge=0, le=1)
+    alpha: float = Field(0.05, gt=0, lt=1, description="significance of the Mann-Whitney / Fisher tests")
+
+    @field_validator("steps")
+    @classmethod
+    def _increasing(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v or any(not 0 < x <= 100 for x in v) or list(v) != sorted(set(v)):
+            raise ValueError("steps must be increasing percentages in (0, 100]")
+        return v
+
+
 class Settings(_Section):
     profile: str = "tiny"
     seed: int = 1337
@@ -342,6 +361,7 @@ class Settings(_Section):
     tracking: TrackingConfig = TrackingConfig()
     stack: StackConfig = StackConfig()
     serve: ServeConfig = ServeConfig()
+    rollout: RolloutConfig = RolloutConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

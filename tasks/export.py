@@ -180,6 +180,9 @@ def export(settings: Settings, alias: str | None = None, version: int | None = N
         v = client.get_model_version(name, str(check_version(version)))
     registered = client.get_registered_model(name)
     aliases = {a: int(n) for a, n in (registered.aliases or {}).items() if a in ("champion", "challenger")}
+    previous = read_aliases(settings.paths.triton_repository, settings.serve.triton.model_name).get("previous")
+    if previous and previous not in aliases.values():
+        aliases["previous"] = previous  # the last champion stays served for a fast roll-back (blue-green)
     with tempfile.TemporaryDirectory(prefix="export-") as tmp:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=v.source, dst_path=tmp,
                                                          tracking_uri=client._tracking_client.tracking_uri))

@@ -1,0 +1,228 @@
+"""Canary analysis and the promote / roll-back decisions, judged on the gateway's request logs.
+
+    llmops rollout analyze --since 10m        # champion vs challenger over a window: the verdict and why
+    llmops rollout canary                     # 5 % -> 25 % -> 50 % -> 100 %, judged each window; promote or roll back
+
+`compare()` is the judge. With fewer than `rollout.min_samples` challenger requests it waits;
+otherwise a check fails only when the difference is both larger than its threshold and
+statistically real (one-sided Mann-Whitney U on latencies, as Kayenta does; Fisher's exact test
+on safety hits), so a noisy window cannot roll a good model back. The error rate has an absolute
+bound. Every decision is written as JSON under reports/rollout/ and as tags on the MLflow version.
+Traffic moves by rewriting models/triton/<model>/traffic.json atomically; the gateway re-reads it
+on the next request, and both versions stay loaded, so no request fails during a switch.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tasks.atomic import write_json
+from tasks.config import RolloutConfig, Settings
+from tasks.export import read_aliases, write_aliases
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Sample:
+    """One version's requests in a window."""
+
+    latencies_ms: list[float] = field(default_factory=list)
+    requests: int = 0
+    errors: int = 0        # 5xx answers
+    safety_hits: int = 0   # prompts or replies the safety filter blocked
+
+    @property
+    def p99_ms(self) -> float:
+        import numpy as np
+
+        return float(np.percentile(self.latencies_ms, 99)) if self.latencies_ms else float("nan")
+
+    def rate(self, n: int) -> float:
+        return n / self.requests if self.requests else 0.0
+
+
+def read_requests(settings: Settings, since: dt.datetime, until: dt.datetime | None = None) -> list[dict[str, Any]]:
+    """The gateway's request log lines with since <= ts < until (the day partitions that can hold them)."""
+    until = until or dt.datetime.now(dt.UTC)
+    out = []
+    day = since.date()
+    while day <= until.date():
+        for f in sorted((settings.paths.requests / f"dt={day.isoformat()}").glob("*.jsonl")):
+            for line in f.read_text(errors="replace").splitlines():
+                try:
+                    rec = json.loads(line)
+                    ts = dt.datetime.fromisoformat(rec["ts"])
+                except (json.JSONDecodeError, KeyError, ValueError):
+                    continue  # a line cut by a crash mid-write
+                if since <= ts < until:
+                    out.append(rec)
+        day += dt.timedelta(days=1)
+    return out
+
+
+def samples(records: Iterable[dict[str, Any]], versions: Iterable[int]) -> dict[int, Sample]:
+    out = {int(v): Sample() for v in versions}
+    for r in records:
+        s = out.get(r.get("version"))
+        if s is None:
+            continue
+        s.requests += 1
+        status = int(r.get("status", 200))
+        if status >= 500:
+            s.errors += 1
+        elif status == 200 and r.get("latency_ms") is not None:
+            s.latencies_ms.append(float(r["latency_ms"]))
+        if (r.get("safety_input") or {}).get("blocked") or (r.get("safety_output") or {}).get("blocked"):
+            s.safety_hits += 1
+    return out
+
+
+def compare(champion: Sample, challenger: Sample, cfg: RolloutConfig) -> dict[str, Any]:
+    """{"verdict": "pass" | "fail" | "wait", "checks": [...], "reason": str}."""
+    from scipy.stats import fisher_exact, mannwhitneyu
+
+    if challenger.requests < cfg.min_samples or champion.requests < cfg.min_samples:
+        return {"verdict": "wait", "checks": [], "reason": f"not enough requests yet (challenger "
+                f"{challenger.requests}, champion {champion.requests}; {cfg.min_samples} needed each)"}
+    checks = []
+    d_p99 = challenger.p99_ms - champion.p99_ms
+    p_lat = float(mannwhitneyu(challenger.latencies_ms, champion.latencies_ms, alternative="greater").pvalue) \
+        if challenger.latencies_ms and champion.latencies_ms else 1.0
+    checks.append({"check": "p99_latency", "challenger_ms": round(challenger.p99_ms, 2), "champion_ms": round(champion.p99_ms, 2),
+                   "delta_ms": round(d_p99, 2), "limit_ms": cfg.max_p99_regression_ms, "p_value": p_lat,
+                   "failed": bool(d_p99 > cfg.max_p99_regression_ms and p_lat < cfg.alpha)})
+    r_ch, r_cp = challenger.rate(challenger.safety_hits), champion.rate(champion.safety_hits)
+    p_saf = float(fisher_exact([[challenger.safety_hits, challenger.requests - challenger.safety_hits],
+                                [champion.safety_hits, champion.requests - champion.safety_hits]],
+                               alternative="greater").pvalue)
+    checks.append({"check": "safety_hit_rate", "challenger": round(r_ch, 4), "champion": round(r_cp, 4),
+                   "delta": round(r_ch - r_cp, 4), "limit": cfg.max_safety_regression, "p_value": p_saf,
+                   "failed": bool(r_ch - r_cp > cfg.max_safety_regression and p_saf < cfg.alpha)})
+    err = challenger.rate(challenger.errors)
+    checks.append({"check": "error_rate", "challenger": round(err, 4), "limit": cfg.max_error_rate,
+                   "failed": bool(err > cfg.max_error_rate)})
+    failed = [c for c in checks if c["failed"]]
+    reason = "; ".join(_why(c) for c in failed) or "challenger within every bound"
+    return {"verdict": "fail" if failed else "pass", "checks": checks, "reason": reason}
+
+
+def _why(c: dict[str, Any]) -> str:
+    if c["check"] == "p99_latency":
+        return (f"p99 latency {c['challenger_ms']} ms vs champion {c['champion_ms']} ms (+{c['delta_ms']} ms > "
+                f"{c['limit_ms']} ms, Mann-Whitney p={c['p_value']:.2g})")
+    if c["check"] == "safety_hit_rate":
+        return (f"safety-hit rate {c['challenger']:.1%} vs champion {c['champion']:.1%} (+{c['delta']:.1%} > "
+                f"{c['limit']:.0%}, Fisher p={c['p_value']:.2g})")
+    return f"error rate {c['challenger']:.1%} above {c['limit']:.1%}"
+
+
+def set_traffic(settings: Settings, challenger_percent: float) -> None:
+    """Share of sessions the gateway sends to the challenger; takes effect on its next request."""
+    write_json(settings.paths.triton_repository / settings.serve.triton.model_name / "traffic.json",
+               {"challenger": float(challenger_percent)})
+
+
+def record(settings: Settings, decision: dict[str, Any]) -> Path:
+    """The auditable record: reports/rollout/<time>-v<version>-<action>.json, and tags on the MLflow version."""
+    from tasks.train import mlflow_client
+
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+    path = settings.paths.reports_dir / "rollout" / f"{stamp}-v{decision['challenger']}-{decision['action']}.json"
+    write_json(path, decision)
+    client = mlflow_client(settings)
+    name = settings.tracking.registered_model
+    for k, v in {"rollout.action": decision["action"], "rollout.reason": decision["reason"][:4000],
+                 "rollout.record": str(path), "rollout.at": decision["at"]}.items():
+        client.set_model_version_tag(name, str(decision["challenger"]), k, v)
+    log.info("rollout decision: %s v%s: %s (%s)", decision["action"], decision["challenger"], decision["reason"], path)
+    return path
+
+
+def _decision(action: str, champion: int | None, challenger: int, reason: str, **evidence: Any) -> dict[str, Any]:
+    return {"action": action, "champion": champion, "challenger": challenger, "reason": reason,
+            "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), **evidence}
+
+
+def promote(settings: Settings, evidence: dict[str, Any]) -> dict[str, Any]:
+    """The challenger becomes champion (MLflow alias and aliases.json); the old champion stays loaded
+    as `previous` (blue-green), traffic goes to the new champion."""
+    from tasks.registry import promote as registry_promote
+
+    repo, name = settings.paths.triton_repository, settings.serve.triton.model_name
+    aliases = read_aliases(repo, name)
+    challenger, previous = aliases["challenger"], aliases.get("champion")
+    registry_promote(settings, challenger, reason=f"canary passed: {evidence.get('reason', '')}"[:500], who="rollout")
+    new = {"champion": challenger, **({"previous": previous} if previous and previous != challenger else {})}
+    write_aliases(repo, name, new)  # the gateway's route for `chat-gpt` now goes to the new champion
+    set_traffic(settings, 0.0)
+    decision = _decision("promote", previous, challenger, evidence.get("reason", "canary passed"), evidence=evidence)
+    decision["record"] = str(record(settings, decision))
+    return decision
+
+
+def rollback(settings: Settings, reason: str, evidence: dict[str, Any]) -> dict[str, Any]:
+    """Traffic back to the champion at once; the challenger alias is moved to `rejected` with the reason."""
+    from tasks.train import mlflow_client
+
+    set_traffic(settings, 0.0)  # first: from the gateway's next request on, nobody is sent to the challenger
+    repo, name = settings.paths.triton_repository, settings.serve.triton.model_name
+    aliases = read_aliases(repo, name)
+    challenger = aliases.pop("challenger")
+    write_aliases(repo, name, {**aliases, "rejected": challenger})
+    client = mlflow_client(settings)
+    reg = settings.tracking.registered_model
+    try:
+        client.delete_registered_model_alias(reg, "challenger")
+    except Exception as e:  # noqa: BLE001 - already moved by a newer registration: nothing to undo
+        log.warning("challenger alias not removed: %s", e)
+    client.set_registered_model_alias(reg, "rejected", str(challenger))
+    decision = _decision("rollback", aliases.get("champion"), challenger, reason, evidence=evidence)
+    decision["record"] = str(record(settings, decision))
+    return decision
+
+
+def analyze(settings: Settings, since: dt.datetime, until: dt.datetime | None = None) -> dict[str, Any]:
+    aliases = read_aliases(settings.paths.triton_repository, settings.serve.triton.model_name)
+    if "champion" not in aliases or "challenger" not in aliases:
+        raise ValueError(f"a canary needs a champion and a challenger in aliases.json, got {aliases}")
+    s = samples(read_requests(settings, since, until), (aliases["champion"], aliases["challenger"]))
+    verdict = compare(s[aliases["champion"]], s[aliases["challenger"]], settings.rollout)
+    return {**verdict, "champion": aliases["champion"], "challenger": aliases["challenger"],
+            "window": [since.isoformat(), (until or dt.datetime.now(dt.UTC)).isoformat()],
+            "requests": {"champion": s[aliases["champion"]].requests, "challenger": s[aliases["challenger"]].requests}}
+
+
+def canary(settings: Settings, sleep: Callable[[float], None] = time.sleep,
+           on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Walk the traffic steps; after each window judge; roll back on the first failure, promote at the end.
+    A step that keeps answering "wait" (too few requests) is judged again for up to 3 more windows,
+    then the canary stops without a decision (traffic back to the champion) rather than guess."""
+    cfg = settings.rollout
+    steps = []
+    for share in cfg.steps:
+        set_traffic(settings, share)
+        start = dt.datetime.now(dt.UTC)
+        for _ in range(4):
+            sleep(cfg.window_s)
+            result = analyze(settings, start)
+            if result["verdict"] != "wait":
+                break
+        step = {"share": share, **result}
+        steps.append(step)
+        log.info("canary step %s%%: %s (%s)", share, result["verdict"], result["reason"])
+        if on_step:
+            on_step(step)
+        if result["verdict"] == "fail":
+            return rollback(settings, f"canary at {share}%: {result['reason']}", {"steps": steps})
+        if result["verdict"] == "wait":
+            set_traffic(settings, 0.0)
+            return _decision("inconclusive", result["champion"], result["challenger"], result["reason"], steps=steps)
+    return promote(settings, {"reason": "every canary step passed", "steps": steps})
