@@ -6,7 +6,11 @@ Triton model repository `models/triton/` with its lineage; versions no alias nam
 removed) → `load` (re-loads the model in the running tritonserver through its repository API, so
 champion and challenger are served side by side; skipped with a message when no server runs)
 → `smoke` (one chat completion through the gateway against the new version; its reply, token
-counts and latency are in the task log).
+counts and latency are in the task log) → `canary` (configs/rollout.yaml: 5 % → 25 % → 50 % →
+100 % of sessions to the challenger, each step judged on the request logs against the champion;
+the first failing step rolls back at once, all passing steps promote; the first model is promoted
+directly). Every decision is a JSON record under reports/rollout/ and tags on the MLflow version,
+and is printed in this task's log.
 
 Runs when `chat_train` registers a new challenger (the `chat_challenger` Asset) and from the
 Trigger form. Shadow, canary and promotion build on it.
@@ -91,7 +95,19 @@ def chat_deploy():
         print(f"smoke test: {result}")
         return result
 
-    smoke(load(export()))
+    @task(retries=0, execution_timeout=timedelta(hours=6))  # a roll-back is a verdict, not a flake
+    def canary(smoked: dict) -> dict:
+        import json
+
+        from tasks import rollout
+
+        if smoked.get("skipped"):
+            return {"action": "none", "reason": "no server running"}
+        decision = rollout.canary(_settings(), on_step=lambda step: print("canary step:", json.dumps(step)))
+        print("rollout decision:", json.dumps({k: v for k, v in decision.items() if k != "evidence"}))
+        return {k: decision[k] for k in ("action", "champion", "challenger", "reason")}
+
+    canary(smoke(load(export())))
 
 
 chat_deploy()

@@ -331,6 +331,52 @@ def serve_status(profile: ProfileOpt = None, set_: SetOpt = None) -> None:
     _serve_run(lambda: server.status(s))
 
 
+rollout_app = typer.Typer(help="Canary analysis, promotion and roll-back of the served challenger.", no_args_is_help=True)
+app.add_typer(rollout_app, name="rollout")
+
+
+@rollout_app.command("analyze")
+def rollout_analyze(
+    since: Annotated[int, typer.Option(help="window: the last N minutes of request logs")] = 10,
+    profile: ProfileOpt = None, set_: SetOpt = None,
+) -> None:
+    """Judge champion vs challenger on the request logs of a window (no traffic is moved)."""
+    from tasks import rollout
+
+    s = _settings(profile, set_)
+    _run(lambda: rollout.analyze(s, dt.datetime.now(dt.UTC) - dt.timedelta(minutes=since)))
+
+
+@rollout_app.command("canary")
+def rollout_canary(profile: ProfileOpt = None, set_: SetOpt = None) -> None:
+    """Walk the traffic steps of configs/rollout.yaml, judge each window, then promote or roll back."""
+    from tasks import rollout
+
+    s = _settings(profile, set_)
+    _run(lambda: rollout.canary(s))
+
+
+@rollout_app.command("rollback")
+def rollout_rollback(reason: Annotated[str, typer.Option(help="why, for the record")],
+                     profile: ProfileOpt = None, set_: SetOpt = None) -> None:
+    """Send all traffic to the champion now and mark the challenger rejected."""
+    from tasks import rollout
+
+    s = _settings(profile, set_)
+    _run(lambda: rollout.rollback(s, reason, {"by": "llmops rollout rollback"}))
+
+
+@rollout_app.command("drill")
+def rollout_drill(version: Annotated[int, typer.Option(help="served version to slow down")],
+                  delay_ms: Annotated[float, typer.Option(help="added per generated token; 0 ends the drill")] = 50.0,
+                  profile: ProfileOpt = None, set_: SetOpt = None) -> None:
+    """Make a served version slower on purpose, to rehearse an automatic roll-back."""
+    from tasks import rollout
+
+    s = _settings(profile, set_)
+    _serve_run(lambda: rollout.drill(s, version, delay_ms))
+
+
 @app.command()
 def chat(
     model: Annotated[str, typer.Option(help="model id: chat-gpt, chat-gpt:champion, chat-gpt:<version>")] = "chat-gpt",

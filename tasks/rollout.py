@@ -206,6 +206,11 @@ def canary(settings: Settings, sleep: Callable[[float], None] = time.sleep,
     A step that keeps answering "wait" (too few requests) is judged again for up to 3 more windows,
     then the canary stops without a decision (traffic back to the champion) rather than guess."""
     cfg = settings.rollout
+    aliases = read_aliases(settings.paths.triton_repository, settings.serve.triton.model_name)
+    if "challenger" not in aliases:
+        raise ValueError(f"no challenger to roll out (aliases.json: {aliases}); export one first")
+    if "champion" not in aliases:  # the first model: nothing to compare with
+        return promote(settings, {"reason": "first champion: no model was serving"})
     steps = []
     for share in cfg.steps:
         set_traffic(settings, share)
@@ -226,3 +231,22 @@ def canary(settings: Settings, sleep: Callable[[float], None] = time.sleep,
             set_traffic(settings, 0.0)
             return _decision("inconclusive", result["champion"], result["challenger"], result["reason"], steps=steps)
     return promote(settings, {"reason": "every canary step passed", "steps": steps})
+
+
+def drill(settings: Settings, version: int, delay_ms_per_token: float) -> dict[str, Any]:
+    """Make a served version slower on purpose (drill.json in its directory, then reload), to rehearse
+    the automatic roll-back; delay 0 removes the drill."""
+    from tasks.export import STREAM_SUFFIX
+    from tasks.serve import server, triton
+
+    name = settings.serve.triton.model_name
+    paths = [settings.paths.triton_repository / m / str(version) / "drill.json" for m in (name, name + STREAM_SUFFIX)]
+    for p in paths:
+        if delay_ms_per_token > 0:
+            write_json(p, {"delay_ms_per_token": delay_ms_per_token})
+        else:
+            p.unlink(missing_ok=True)
+    http = server.urls(settings)["triton_http"]
+    for m in (name, name + STREAM_SUFFIX):
+        triton.load(http, m)
+    return {"version": version, "delay_ms_per_token": delay_ms_per_token}

@@ -18,6 +18,7 @@ Outputs:               text STRING, token_ids INT64[-1], prompt_tokens INT32, co
 import json
 import os
 import sys
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -67,6 +68,10 @@ class TritonPythonModel:
         self.stop = tuple(i for i in (self.tok.token_to_id(chat_template.EOS), self.tok.token_to_id(chat_template.EOT))
                           if i is not None)
         self.block = self.model.cfg.block_size
+        # a rollout drill: drill.json in a version directory makes that version slower on purpose, to
+        # rehearse an automatic roll-back (`llmops rollout drill`); absent in normal exports
+        drill = os.path.join(HERE, "drill.json")
+        self.drill_delay_s = json.load(open(drill)).get("delay_ms_per_token", 0) / 1000 if os.path.exists(drill) else 0.0
 
     def _parse(self, request):
         raw = pb_utils.get_input_tensor_by_name(request, "messages").as_numpy().reshape(-1)[0]
@@ -121,6 +126,8 @@ class TritonPythonModel:
         room = self.block - max(len(p["ids"]) for _, p in parsed)
         limits = [max(0, min(p["max_tokens"], room)) for _, p in parsed]
         for step in steps:
+            if self.drill_delay_s:
+                time.sleep(self.drill_delay_s)
             for b, tok in enumerate(step):
                 if finished[b]:
                     continue

@@ -1,6 +1,6 @@
 """chat_train as a whole DAG (dag.test in-process) on real shards: 2 DeepSpeed ranks, an MLflow run,
 evaluation, the gate, and a registered `challenger` version; then chat_deploy exports that version
-and loads it into a running tritonserver, and its smoke task chats with it through the gateway."""
+and loads it into a running tritonserver, its smoke task chats with it through the gateway, and its canary task promotes it (the first champion)."""
 
 import shutil
 import subprocess
@@ -89,7 +89,11 @@ def test_chat_train_dag_trains_and_tracks(airflow_home, tmp_path, monkeypatch):
         assert tp.http().is_model_ready("chat-gpt", str(v.version)) and tp.http().is_model_ready("chat-gpt-stream", str(v.version))
         assert (tmp_path / "models" / "triton" / "chat-gpt" / str(v.version) / "_lineage.json").is_file()
         models = httpx.get(f"{base}/v1/models").json()["data"]
-        assert {"chat-gpt", "chat-gpt:challenger"} <= {m["id"] for m in models}
+        # the first model has no champion to be compared with: the canary task promotes it directly
+        assert {"chat-gpt", "chat-gpt:champion"} <= {m["id"] for m in models}
+        assert client.get_model_version_by_alias("chat-gpt", "champion").version == v.version
+        records = list((tmp_path / "reports" / "rollout").glob(f"*-v{v.version}-promote.json"))
+        assert len(records) == 1 and "first champion" in records[0].read_text()
     finally:
         triton.stop_group(gw.pid)
         tp.stop()
