@@ -344,7 +344,12 @@ def rollout_analyze(
     from tasks import rollout
 
     s = _settings(profile, set_)
-    _run(lambda: rollout.analyze(s, dt.datetime.now(dt.UTC) - dt.timedelta(minutes=since)))
+    def go() -> dict[str, Any]:
+        out = rollout.analyze(s, dt.datetime.now(dt.UTC) - dt.timedelta(minutes=since))
+        out.pop("_champion")
+        return out
+
+    _run(go)
 
 
 @rollout_app.command("canary")

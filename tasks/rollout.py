@@ -160,6 +160,7 @@ def promote(settings: Settings, evidence: dict[str, Any]) -> dict[str, Any]:
     aliases = read_aliases(repo, name)
     challenger, previous = aliases["challenger"], aliases.get("champion")
     registry_promote(settings, challenger, reason=f"canary passed: {evidence.get('reason', '')}"[:500], who="rollout")
+    _drop_alias(settings, "challenger")  # it is the champion now
     new = {"champion": challenger, **({"previous": previous} if previous and previous != challenger else {})}
     write_aliases(repo, name, new)  # the gateway's route for `chat-gpt` now goes to the new champion
     set_traffic(settings, 0.0)
@@ -177,27 +178,38 @@ def rollback(settings: Settings, reason: str, evidence: dict[str, Any]) -> dict[
     aliases = read_aliases(repo, name)
     challenger = aliases.pop("challenger")
     write_aliases(repo, name, {**aliases, "rejected": challenger})
-    client = mlflow_client(settings)
-    reg = settings.tracking.registered_model
-    try:
-        client.delete_registered_model_alias(reg, "challenger")
-    except Exception as e:  # noqa: BLE001 - already moved by a newer registration: nothing to undo
-        log.warning("challenger alias not removed: %s", e)
-    client.set_registered_model_alias(reg, "rejected", str(challenger))
+    _drop_alias(settings, "challenger")
+    mlflow_client(settings).set_registered_model_alias(settings.tracking.registered_model, "rejected", str(challenger))
     decision = _decision("rollback", aliases.get("champion"), challenger, reason, evidence=evidence)
     decision["record"] = str(record(settings, decision))
     return decision
 
 
-def analyze(settings: Settings, since: dt.datetime, until: dt.datetime | None = None) -> dict[str, Any]:
+def _drop_alias(settings: Settings, alias: str) -> None:
+    from tasks.train import mlflow_client
+
+    try:
+        mlflow_client(settings).delete_registered_model_alias(settings.tracking.registered_model, alias)
+    except Exception as e:  # noqa: BLE001 - already gone or moved by a newer registration: nothing to undo
+        log.warning("alias %s not removed: %s", alias, e)
+
+
+def analyze(settings: Settings, since: dt.datetime, until: dt.datetime | None = None,
+            baseline: Sample | None = None) -> dict[str, Any]:
+    """Judge the window. When the champion has too few requests in it (the 100 % step), the
+    champion's requests from the canary's earlier windows (`baseline`) stand in for them."""
     aliases = read_aliases(settings.paths.triton_repository, settings.serve.triton.model_name)
     if "champion" not in aliases or "challenger" not in aliases:
         raise ValueError(f"a canary needs a champion and a challenger in aliases.json, got {aliases}")
     s = samples(read_requests(settings, since, until), (aliases["champion"], aliases["challenger"]))
-    verdict = compare(s[aliases["champion"]], s[aliases["challenger"]], settings.rollout)
+    champ, source = s[aliases["champion"]], "same window"
+    if champ.requests < settings.rollout.min_samples and baseline is not None and baseline.requests:
+        champ, source = baseline, "earlier canary windows"
+    verdict = compare(champ, s[aliases["challenger"]], settings.rollout)
     return {**verdict, "champion": aliases["champion"], "challenger": aliases["challenger"],
-            "window": [since.isoformat(), (until or dt.datetime.now(dt.UTC)).isoformat()],
-            "requests": {"champion": s[aliases["champion"]].requests, "challenger": s[aliases["challenger"]].requests}}
+            "window": [since.isoformat(), (until or dt.datetime.now(dt.UTC)).isoformat()], "champion_sample": source,
+            "requests": {"champion": champ.requests, "challenger": s[aliases["challenger"]].requests},
+            "_champion": s[aliases["champion"]]}
 
 
 def canary(settings: Settings, sleep: Callable[[float], None] = time.sleep,
@@ -212,14 +224,18 @@ def canary(settings: Settings, sleep: Callable[[float], None] = time.sleep,
     if "champion" not in aliases:  # the first model: nothing to compare with
         return promote(settings, {"reason": "first champion: no model was serving"})
     steps = []
+    baseline = Sample()  # the champion's requests over the canary so far
     for share in cfg.steps:
         set_traffic(settings, share)
         start = dt.datetime.now(dt.UTC)
         for _ in range(4):
             sleep(cfg.window_s)
-            result = analyze(settings, start)
+            result = analyze(settings, start, baseline=baseline)
             if result["verdict"] != "wait":
                 break
+        champ = result.pop("_champion")
+        baseline = Sample(baseline.latencies_ms + champ.latencies_ms, baseline.requests + champ.requests,
+                          baseline.errors + champ.errors, baseline.safety_hits + champ.safety_hits)
         step = {"share": share, **result}
         steps.append(step)
         log.info("canary step %s%%: %s (%s)", share, result["verdict"], result["reason"])

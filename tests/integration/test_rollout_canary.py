@@ -1,0 +1,127 @@
+"""Canary through a real tritonserver and gateway, with real traffic and the real MLflow registry:
+a comparable challenger is promoted step by step; a deliberately slow one (a rollout drill) is
+rolled back at the first step with the reason recorded; no request fails during either switch."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tasks import rollout
+from tasks.evaluate import evaluate
+from tasks.export import export, read_aliases
+from tasks.ingest import ingest
+from tasks.registry import evaluate_and_register, promote, register
+from tasks.serve import triton
+from tasks.shard import shard
+from tasks.snapshot import snapshot
+from tasks.synth import synth
+from tasks.train import free_port, mlflow_client, train
+from tests.conftest import make_settings
+from tests.integration.test_serving import FAST, _gateway
+
+pytestmark = [pytest.mark.slow, pytest.mark.services]
+CANARY = ["rollout.steps=[50,100]", "rollout.window_s=4", "rollout.min_samples=8", "rollout.max_p99_regression_ms=50"]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    root = tmp_path_factory.mktemp("canary")
+    track = f"tracking.uri=sqlite:///{root / 'mlflow.db'}"  # settings, not the environment: tests reset it
+    ports = [f"serve.triton.http_port={free_port()}", f"serve.triton.grpc_port={free_port()}",
+             f"serve.triton.metrics_port={free_port()}", f"serve.gateway.port={free_port()}"]
+    s = make_settings(root, *FAST, *ports, *CANARY, track)
+    synth(s, days=1, start="2026-11-01", records=200, faults=False, chatterbot=False)
+    ingest("2026-11-01", s)
+    snapshot(s)
+    shard(s)
+    first = train(make_settings(root, *FAST, "train.max_steps=60", track), resume=False)
+    evaluate_and_register(s, Path(first["weights"]).parent, int8=False)
+    promote(s, 1, reason="test setup", who="test")
+    export(s, alias="champion")
+    second = train(make_settings(root, *FAST, "train.max_steps=61", track), resume=False)
+    weights = Path(second["weights"]).parent
+    ev = evaluate(s, weights)
+    # registered whatever the gate says: this test is about the canary, and the gate's latency check
+    # is at the mercy of a busy CI machine (the gate has its own tests)
+    register(s, weights, ev, {"passed": True, "reason": "canary test setup"})
+    export(s, alias="challenger")
+    tp = triton.start(s, models=("chat-gpt", "chat-gpt-stream"))
+    (s.paths.var_dir / "run").mkdir(parents=True, exist_ok=True)
+    proc, base = _gateway(s, *CANARY)
+    yield s, tp, base
+    triton.stop_group(proc.pid)
+    tp.stop()
+
+
+class Load:
+    """Two clients sending chat requests with fresh session ids until stopped; every status is kept."""
+
+    def __init__(self, base: str):
+        self.base, self.statuses, self._stop = base, [], threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(2)]
+
+    def _run(self, i: int) -> None:
+        rng = random.Random(i)
+        with httpx.Client(timeout=60) as http:
+            while not self._stop.is_set():
+                r = http.post(f"{self.base}/v1/chat/completions", headers={"X-Session-Id": f"s{rng.getrandbits(48)}"},
+                              json={"model": "chat-gpt", "max_tokens": 8, "temperature": 0,
+                                    "messages": [{"role": "user", "content": "Where is my parcel?"}]})
+                self.statuses.append(r.status_code)
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for t in self.threads:
+            t.join()
+
+
+def test_canary_promotes_a_comparable_challenger_then_rolls_back_a_slow_one(stack):
+    s, tp, base = stack
+    assert read_aliases(s.paths.triton_repository, "chat-gpt") == {"champion": 1, "challenger": 2}
+    steps = []
+    with Load(base) as load:
+        decision = rollout.canary(s, on_step=steps.append)
+    assert decision["action"] == "promote", decision
+    assert [st["share"] for st in steps] == [50.0, 100.0] and all(st["verdict"] == "pass" for st in steps)
+    assert all(st["requests"]["challenger"] >= 8 for st in steps)
+    assert load.statuses and set(load.statuses) == {200}, sorted(set(load.statuses))
+    client = mlflow_client(s)
+    assert str(client.get_model_version_by_alias("chat-gpt", "champion").version) == "2"
+    assert read_aliases(s.paths.triton_repository, "chat-gpt") == {"champion": 2, "previous": 1}
+    record = json.loads(Path(decision["record"]).read_text())
+    assert record["action"] == "promote" and len(record["evidence"]["steps"]) == 2
+    assert client.get_model_version("chat-gpt", "2").tags["rollout.action"] == "promote"
+    assert "challenger" not in client.get_registered_model("chat-gpt").aliases
+
+    # a slow challenger: version 1 again, with a rollout drill adding 40 ms per token
+    rollout.drill(s, 1, 40.0)
+    client.set_registered_model_alias("chat-gpt", "challenger", "1")
+    from tasks.export import write_aliases
+
+    write_aliases(s.paths.triton_repository, "chat-gpt", {"champion": 2, "challenger": 1})
+    steps.clear()
+    with Load(base) as load:
+        decision = rollout.canary(s, on_step=steps.append)
+    assert decision["action"] == "rollback", decision
+    assert len(steps) == 1 and steps[0]["verdict"] == "fail" and "p99 latency" in decision["reason"]
+    assert "Mann-Whitney" in decision["reason"]
+    assert set(load.statuses) == {200}, sorted(set(load.statuses))
+    assert read_aliases(s.paths.triton_repository, "chat-gpt") == {"champion": 2, "rejected": 1}
+    assert str(client.get_model_version_by_alias("chat-gpt", "rejected").version) == "1"
+    assert client.get_model_version("chat-gpt", "1").tags["rollout.action"] == "rollback"
+    assert json.loads((s.paths.triton_repository / "chat-gpt" / "traffic.json").read_text()) == {"challenger": 0.0}
+    # after the roll-back every routed request goes to the champion
+    r = httpx.post(f"{base}/v1/chat/completions", json={"model": "chat-gpt", "max_tokens": 4,
+                                                       "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200 and r.headers["x-model-version"] == "2"
