@@ -347,6 +347,25 @@ class RolloutConfig(_Section):
         return v
 
 
+class RetrainGuard(_Section):
+    cooldown_hours: float = Field(24.0, ge=0, description="no second trigger within this time")
+    max_per_week: int = Field(2, ge=0, description="triggers in any 7 days")
+    min_new_rows: int = Field(200, ge=0, description="request-log rows since the last trigger")
+
+
+class MonitorConfig(_Section):
+    """Drift and SLO monitoring on the request logs (tasks/drift.py, DAG chat_monitor)."""
+
+    window_hours: float = Field(24.0, gt=0)
+    sample_rows: int = Field(20_000, ge=100, description="each side is sampled down to this many rows")
+    min_rows: int = Field(50, ge=1, description="fewer current rows: no verdict")
+    drift_share: float = Field(0.5, gt=0, le=1, description="share of drifted columns that fires")
+    kl_threshold: float = Field(0.5, gt=0, description="KL(current || reference) of token unigrams that fires")
+    slo_p99_ms: float = Field(2000.0, gt=0)
+    slo_error_rate: float = Field(0.02, ge=0, le=1)
+    guard: RetrainGuard = RetrainGuard()
+
+
 class Settings(_Section):
     profile: str = "tiny"
     seed: int = 1337
@@ -362,6 +381,7 @@ class Settings(_Section):
     stack: StackConfig = StackConfig()
     serve: ServeConfig = ServeConfig()
     rollout: RolloutConfig = RolloutConfig()
+    monitor: MonitorConfig = MonitorConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
