@@ -171,3 +171,9 @@ def note_trigger(settings: Settings, now: dt.datetime, reason: str) -> None:
     state["triggers"] = [*state.get("triggers", []), now.isoformat()][-50:]
     state["last_reason"] = reason
     write_json(state_path(settings), state)
+
+
+if __name__ == "__main__":
+    from tasks.cli import run_stage
+
+    run_stage("drift")

@@ -266,3 +266,9 @@ def drill(settings: Settings, version: int, delay_ms_per_token: float) -> dict[s
     for m in (name, name + STREAM_SUFFIX):
         triton.load(http, m)
     return {"version": version, "delay_ms_per_token": delay_ms_per_token}
+
+
+if __name__ == "__main__":
+    from tasks.cli import run_stage
+
+    run_stage("rollout")

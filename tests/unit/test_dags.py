@@ -1,10 +1,12 @@
 """DAG integrity: every DAG file loads with no import errors, has tags, retries and docs."""
 
+from datetime import timedelta
+
 import pytest
 
 from tests.conftest import REPO
 
-EXPECTED = {"chat_ingest", "chat_train", "chat_deploy"}
+EXPECTED = {"chat_ingest", "chat_train", "chat_deploy", "chat_monitor"}
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +69,12 @@ def test_chat_deploy_shape(dagbag):
     assert type(dag.timetable).__name__ == "AssetTriggeredTimetable"
     assert "chat_challenger" in str(dag.timetable.asset_condition)
     assert dag.params.get_param("alias").value == "challenger"
+
+
+def test_chat_monitor_shape(dagbag):
+    dag = dagbag.get_dag("chat_monitor")
+    assert [t.task_id for t in dag.topological_sort()] == ["drift", "decide", "retrain"]
+    assert dag.get_task("retrain").trigger_dag_id == "chat_train"
+    assert dag.max_active_runs == 1
+    assert type(dag.timetable).__name__ == "DeltaTriggerTimetable", type(dag.timetable)
+    assert dag.timetable.delta == timedelta(hours=1)

@@ -1,0 +1,92 @@
+"""
+### chat_monitor: drift and SLO checks on the served model; a guarded retrain when they fire
+
+`drift` (the gateway's request logs of the last `monitor.window_hours` against the training
+corpus: Evidently drift of prompt features, token unigram KL, p99 latency and error rate; HTML
+report under reports/drift/) → `decide` (if it fired: the guards of configs/monitor.yaml, i.e. no
+chat_train run running or queued, outside the cooldown, under the weekly cap, enough new request
+rows; skips the rest when any says no, with the reason in the log) → `retrain` (triggers
+`chat_train` with a conf that says why).
+
+Hourly. Nothing here retrains in a loop: every trigger is recorded in var/monitor/state.json and
+the guards read it.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
+from airflow.sdk import Param, dag, get_current_context, task
+
+
+def _settings():
+    from tasks.config import load_settings
+
+    return load_settings(get_current_context()["params"]["profile"])
+
+
+@dag(
+    dag_id="chat_monitor",
+    schedule=timedelta(hours=1),
+    start_date=pendulum.datetime(2026, 11, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["llmops", "monitoring"],
+    doc_md=__doc__,
+    default_args={"retries": 1, "retry_delay": timedelta(minutes=2)},
+    render_template_as_native_obj=True,
+    params={
+        "profile": Param("tiny", type="string", enum=["tiny", "small", "gpt2-124m"], title="Profile",
+                         description="Config profile whose paths, tokenizer and monitor settings apply."),
+    },
+)
+def chat_monitor():
+    @task
+    def drift() -> dict:
+        import datetime as dt
+        import json
+
+        from tasks.drift import drift_report, reference_prompts
+        from tasks.rollout import read_requests
+        from tasks.shard import load_tokenizer
+        from tasks.train import latest_manifest
+
+        s = _settings()
+        now = dt.datetime.now(dt.UTC)
+        records = read_requests(s, now - dt.timedelta(hours=s.monitor.window_hours), now)
+        manifest = json.loads(latest_manifest(s).read_text())
+        result = drift_report(s, reference_prompts(s), records, load_tokenizer(manifest["tokenizer"]["path"]))
+        print(f"drift verdict: {result['verdict']}: {result['reason']} (report {result.get('report')})")
+        return {k: result.get(k) for k in ("verdict", "fire", "reason", "report", "rows", "slo", "token_kl")}
+
+    @task.short_circuit
+    def decide(verdict: dict):
+        import datetime as dt
+
+        from tasks.drift import guard, load_state, note_trigger
+        from tasks.rollout import read_requests
+
+        if not verdict["fire"]:
+            print(f"no retrain: {verdict['reason']}")
+            return False
+        s = _settings()
+        now = dt.datetime.now(dt.UTC)
+        state = load_state(s)
+        last = max((dt.datetime.fromisoformat(t) for t in state.get("triggers", [])),
+                   default=now - dt.timedelta(days=7))
+        active = get_current_context()["ti"].get_dr_count(dag_id="chat_train", states=["running", "queued"])
+        allowed, why = guard(state, now, s.monitor, active, len(read_requests(s, last, now)))
+        print(f"monitor fired ({verdict['reason']}); guards: {why}")
+        if not allowed:
+            return False
+        note_trigger(s, now, verdict["reason"])
+        return {"profile": get_current_context()["params"]["profile"], "reason": f"chat_monitor: {verdict['reason']}",
+                "drift_report": verdict.get("report"), "resume": False}
+
+    TriggerDagRunOperator(task_id="retrain", trigger_dag_id="chat_train", conf=decide(drift()),
+                          wait_for_completion=False)
+
+
+chat_monitor()
