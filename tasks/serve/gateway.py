@@ -503,6 +503,11 @@ def create_app(settings: Settings, triton_grpc: str | None = None, triton_http: 
                                                   "X-Request-Id": rid, "Cache-Control": "no-cache"})
             try:
                 out = await gw.infer(route, prompt, max_tokens, req)
+            except TritonUnavailable:
+                raise
+            except Exception as e:  # noqa: BLE001 - any other model-server failure: a 502 with a body, never a bare 500
+                raise ApiError(502, f"the model server failed this request: {str(e)[:300]}", type_="server_error",
+                               code="model_server_error") from None
             finally:
                 gw.admission.release()
             text = out["text"].strip()
@@ -641,6 +646,11 @@ async def _stream(gw: Gateway, req: ChatRequest, route: Route, rid: str, prompt:
         err = {"error": {"message": f"the model server is unavailable: {str(e)[:200]}", "type": "server_error",
                          "param": None, "code": "model_server_unavailable"}}
         yield _sse(err)
+    except Exception as e:  # noqa: BLE001 - the stream ends with an error event, not a dropped connection
+        gw.metrics.requests.labels(label, "502").inc()
+        gw.log.write({**record, "status": 502, "error": "model_server_error"})
+        yield _sse({"error": {"message": f"the model server failed this request: {str(e)[:200]}",
+                              "type": "server_error", "param": None, "code": "model_server_error"}})
     finally:
         gw.admission.release()
 
