@@ -59,18 +59,13 @@ def chat_deploy():
     @task
     def load(exported: dict) -> dict:
         from tasks.serve import server
-        from tasks.serve.triton import load, wait_ready
         from tasks.stack import alive
 
         settings = _settings()
         if not alive(settings, "tritonserver"):
             print("tritonserver is not running here; `llmops serve` starts it with every exported version loaded")
             return {**exported, "loaded": False}
-        http = server.urls(settings)["triton_http"]
-        models = (exported["model"], exported["model"] + "-stream")
-        for m in models:
-            load(http, m)
-        wait_ready(http, settings.serve.triton.startup_timeout_s, models)
+        server.reload(settings, (exported["model"], exported["model"] + "-stream"))
         return {**exported, "loaded": True}
 
     @task

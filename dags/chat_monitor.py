@@ -45,19 +45,9 @@ def _settings():
 def chat_monitor():
     @task
     def drift() -> dict:
-        import datetime as dt
-        import json
+        from tasks.drift import check
 
-        from tasks.drift import drift_report, reference_prompts
-        from tasks.rollout import read_requests
-        from tasks.shard import load_tokenizer
-        from tasks.train import latest_manifest
-
-        s = _settings()
-        now = dt.datetime.now(dt.UTC)
-        records = read_requests(s, now - dt.timedelta(hours=s.monitor.window_hours), now)
-        manifest = json.loads(latest_manifest(s).read_text())
-        result = drift_report(s, reference_prompts(s), records, load_tokenizer(manifest["tokenizer"]["path"]))
+        result = check(_settings())
         print(f"drift verdict: {result['verdict']}: {result['reason']} (report {result.get('report')})")
         return {k: result.get(k) for k in ("verdict", "fire", "reason", "report", "rows", "slo", "token_kl")}
 

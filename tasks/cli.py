@@ -337,22 +337,10 @@ def drift(
     profile: ProfileOpt = None, set_: SetOpt = None,
 ) -> None:
     """Drift and SLO report of the served model: request logs vs the training corpus (Evidently)."""
-    import json as _json
-
-    from tasks.drift import drift_report, reference_prompts
-    from tasks.rollout import read_requests
-    from tasks.shard import load_tokenizer
-    from tasks.train import latest_manifest
+    from tasks.drift import check
 
     s = _settings(profile, set_)
-
-    def go() -> dict[str, Any]:
-        now = dt.datetime.now(dt.UTC)
-        records = read_requests(s, now - dt.timedelta(hours=hours or s.monitor.window_hours), now)
-        manifest = _json.loads(latest_manifest(s).read_text())
-        return drift_report(s, reference_prompts(s), records, load_tokenizer(manifest["tokenizer"]["path"]))
-
-    _run(go)
+    _run(lambda: check(s, hours))
 
 
 rollout_app = typer.Typer(help="Canary analysis, promotion and roll-back of the served challenger.", no_args_is_help=True)

@@ -140,6 +140,18 @@ def drift_report(settings: Settings, reference: list[str], records: list[dict[st
     return result
 
 
+def check(settings: Settings, hours: float | None = None) -> dict[str, Any]:
+    """The drift report for the last `hours` (default monitor.window_hours) of request logs."""
+    from tasks.rollout import read_requests
+    from tasks.shard import load_tokenizer
+    from tasks.train import latest_manifest
+
+    now = dt.datetime.now(dt.UTC)
+    records = read_requests(settings, now - dt.timedelta(hours=hours or settings.monitor.window_hours), now)
+    manifest = json.loads(latest_manifest(settings).read_text())
+    return drift_report(settings, reference_prompts(settings), records, load_tokenizer(manifest["tokenizer"]["path"]))
+
+
 def guard(state: dict[str, Any], now: dt.datetime, cfg: MonitorConfig, running_or_queued: int,
           new_rows: int) -> tuple[bool, str]:
     """May a firing monitor trigger chat_train now? (allowed, why)."""

@@ -253,7 +253,7 @@ def drill(settings: Settings, version: int, delay_ms_per_token: float) -> dict[s
     """Make a served version slower on purpose (drill.json in its directory, then reload), to rehearse
     the automatic roll-back; delay 0 removes the drill."""
     from tasks.export import STREAM_SUFFIX
-    from tasks.serve import server, triton
+    from tasks.serve import server
 
     name = settings.serve.triton.model_name
     paths = [settings.paths.triton_repository / m / str(version) / "drill.json" for m in (name, name + STREAM_SUFFIX)]
@@ -262,9 +262,7 @@ def drill(settings: Settings, version: int, delay_ms_per_token: float) -> dict[s
             write_json(p, {"delay_ms_per_token": delay_ms_per_token})
         else:
             p.unlink(missing_ok=True)
-    http = server.urls(settings)["triton_http"]
-    for m in (name, name + STREAM_SUFFIX):
-        triton.load(http, m)
+    server.reload(settings, (name, name + STREAM_SUFFIX))
     return {"version": version, "delay_ms_per_token": delay_ms_per_token}
 
 

@@ -87,14 +87,19 @@ def status(settings: Settings) -> dict[str, Any]:
             "versions": served_versions(settings.paths.triton_repository, settings.serve.triton.model_name)}
 
 
+def reload(settings: Settings, models: tuple[str, ...]) -> None:
+    """(Re)load models in the running tritonserver through its repository API and wait until ready."""
+    http = urls(settings)["triton_http"]
+    for m in models:
+        triton.load(http, m)
+    triton.wait_ready(http, settings.serve.triton.startup_timeout_s, models)
+
+
 def deploy(settings: Settings, alias: str = "challenger") -> dict[str, Any]:
     """Export the version `alias` names and, if the server is up, (re)load it with its streaming twin."""
     out = export(settings, alias=alias)
     if alive(settings, "tritonserver"):
-        http = urls(settings)["triton_http"]
-        for m in out["models"]:
-            triton.load(http, m)
-        triton.wait_ready(http, settings.serve.triton.startup_timeout_s, tuple(out["models"]))
+        reload(settings, tuple(out["models"]))
         out["loaded"] = True
     else:
         out["loaded"] = False

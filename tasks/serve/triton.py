@@ -21,7 +21,7 @@ import subprocess
 import sys
 import sysconfig
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.config import PROJECT_DIR, Settings
@@ -106,7 +106,6 @@ class TritonProcess:
     metrics_url: str
     log: Path
     repository: Path
-    _loaded: set[str] = field(default_factory=set)
 
     def http(self):
         import tritonclient.http as httpclient
