@@ -6,14 +6,18 @@ Triton model repository `models/triton/` with its lineage; versions no alias nam
 removed) → `load` (re-loads the model in the running tritonserver through its repository API, so
 champion and challenger are served side by side; skipped with a message when no server runs)
 → `smoke` (one chat completion through the gateway against the new version; its reply, token
-counts and latency are in the task log) → `canary` (configs/rollout.yaml: 5 % → 25 % → 50 % →
-100 % of sessions to the challenger, each step judged on the request logs against the champion;
-the first failing step rolls back at once, all passing steps promote; the first model is promoted
-directly). Every decision is a JSON record under reports/rollout/ and tags on the MLflow version,
-and is printed in this task's log.
+counts and latency are in the task log) → `shadow` (the gateway mirrors `rollout.shadow_percent`
+of the champion's requests to the challenger, users see only the champion; the pairs are scored:
+reply embedding similarity, toxicity, safety verdicts, length, latency; report under
+reports/shadow/) → `canary` (configs/rollout.yaml: 5 % → 25 % → 50 % → 100 % of sessions to the
+challenger, each step judged on the request logs against the champion; the first failing step
+rolls back at once, all passing steps promote; the first model is promoted directly). Every
+decision is a JSON record under reports/rollout/ and tags on the MLflow version, and is printed in
+the task log.
 
 Runs when `chat_train` registers a new challenger (the `chat_challenger` Asset) and from the
-Trigger form. Shadow, canary and promotion build on it.
+Trigger form. `drill_delay_ms` > 0 rehearses the automatic roll-back: the exported version is made
+that much slower per generated token, so shadow or canary must catch it.
 """
 
 from __future__ import annotations
@@ -46,6 +50,9 @@ def _settings():
                          description="Config profile (configs/profiles/) whose paths and serving settings apply."),
         "alias": Param("challenger", type="string", enum=["challenger", "champion"], title="Alias",
                        description="Which registered version of chat-gpt to export and load."),
+        "drill_delay_ms": Param(0, type="number", minimum=0, maximum=10_000, title="Roll-back drill (ms per token)",
+                                description="Rehearsal: slow the exported version down by this much per generated "
+                                            "token, so the rollout must roll it back. 0: no drill."),
     },
 )
 def chat_deploy():
@@ -65,7 +72,14 @@ def chat_deploy():
         if not alive(settings, "tritonserver"):
             print("tritonserver is not running here; `llmops serve` starts it with every exported version loaded")
             return {**exported, "loaded": False}
-        server.reload(settings, (exported["model"], exported["model"] + "-stream"))
+        drill = float(get_current_context()["params"]["drill_delay_ms"])
+        if drill > 0:  # writes drill.json beside the version, then reloads
+            from tasks.rollout import drill as slow_down
+
+            print(f"roll-back drill: version {exported['version']} is {drill} ms slower per token",
+                  slow_down(settings, exported["version"], drill))
+        else:
+            server.reload(settings, (exported["model"], exported["model"] + "-stream"))
         return {**exported, "loaded": True}
 
     @task
@@ -90,19 +104,33 @@ def chat_deploy():
         print(f"smoke test: {result}")
         return result
 
-    @task(retries=0, execution_timeout=timedelta(hours=6))  # a roll-back is a verdict, not a flake
-    def canary(smoked: dict) -> dict:
+    @task(retries=0, execution_timeout=timedelta(hours=2))  # a roll-back is a verdict, not a flake
+    def shadow(smoked: dict) -> dict:
         import json
 
         from tasks import rollout
 
         if smoked.get("skipped"):
             return {"action": "none", "reason": "no server running"}
-        decision = rollout.canary(_settings(), on_step=lambda step: print("canary step:", json.dumps(step)))
+        out = rollout.shadow(_settings(), on_step=lambda step: print("shadow:", json.dumps(step, default=str)))
+        print("shadow verdict:", json.dumps({k: v for k, v in out.items() if k not in ("evidence", "checks")}, default=str))
+        return {k: out.get(k) for k in ("action", "verdict", "champion", "challenger", "reason", "report", "record")}
+
+    @task(retries=0, execution_timeout=timedelta(hours=6))
+    def canary(shadowed: dict) -> dict:
+        import json
+
+        from tasks import rollout
+
+        if shadowed["action"] != "continue":  # no server, or the shadow already rolled back / was inconclusive
+            print(f"no canary: {shadowed['action']}: {shadowed['reason']}")
+            return {k: shadowed.get(k) for k in ("action", "champion", "challenger", "reason")}
+        decision = rollout.canary(_settings(), with_shadow=False,
+                                  on_step=lambda step: print("canary step:", json.dumps(step)))
         print("rollout decision:", json.dumps({k: v for k, v in decision.items() if k != "evidence"}))
         return {k: decision[k] for k in ("action", "champion", "challenger", "reason")}
 
-    canary(smoke(load(export())))
+    canary(shadow(smoke(load(export()))))
 
 
 chat_deploy()

@@ -57,6 +57,10 @@ def _settings():
                     description="Peak learning rate after warmup. Empty: the profile's train.lr."),
         "resume": Param(True, type="boolean", title="Resume",
                         description="Continue from the newest complete checkpoint of the same run if one exists."),
+        "reason": Param("", type="string", maxLength=2000, title="Reason",
+                        description="Why this training runs; chat_monitor fills it in. Tagged on the MLflow run."),
+        "drift_report": Param(None, type=["null", "string"], title="Drift report",
+                              description="The drift report that triggered this run (set by chat_monitor)."),
     },
 )
 def chat_train():
@@ -80,7 +84,14 @@ def chat_train():
 
         ctx = get_current_context()
         resume = ctx["params"]["resume"] or ctx["ti"].try_number > 1  # a retry always resumes
-        r = run(_settings(), inputs["manifest"], resume=resume)
+        settings = _settings()
+        r = run(settings, inputs["manifest"], resume=resume)
+        if ctx["params"].get("reason") or ctx["params"].get("drift_report"):
+            from tasks.train import mlflow_client
+
+            for key in ("reason", "drift_report"):
+                if ctx["params"].get(key):
+                    mlflow_client(settings).set_tag(r["mlflow_run_id"], f"llmops.trigger_{key}", ctx["params"][key][:4000])
         return {k: r[k] for k in ("run_id", "weights", "mlflow_run_id", "final_loss", "val_loss", "tokens_per_s", "mfu")}
 
     @task

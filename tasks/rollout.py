@@ -1,7 +1,14 @@
 """Canary analysis and the promote / roll-back decisions, judged on the gateway's request logs.
 
     llmops rollout analyze --since 10m        # champion vs challenger over a window: the verdict and why
-    llmops rollout canary                     # 5 % -> 25 % -> 50 % -> 100 %, judged each window; promote or roll back
+    llmops rollout shadow --since 10m         # the shadow report of the mirrored pairs (HTML + JSON)
+    llmops rollout canary                     # shadow, then 5 % -> 25 % -> 50 % -> 100 %; promote or roll back
+
+The canary starts with a shadow phase (`rollout.shadow_percent` > 0): the gateway mirrors that
+share of the champion's requests to the challenger, users see only the champion's replies, and
+`shadow_report()` scores each pair (embedding similarity of the two replies, toxicity, safety
+verdicts, length, latency). A shadow that fails stops the rollout before any user is served by
+the challenger.
 
 `compare()` is the judge. With fewer than `rollout.min_samples` challenger requests it waits;
 otherwise a check fails only when the difference is both larger than its threshold and
@@ -49,13 +56,16 @@ class Sample:
         return n / self.requests if self.requests else 0.0
 
 
-def read_requests(settings: Settings, since: dt.datetime, until: dt.datetime | None = None) -> list[dict[str, Any]]:
-    """The gateway's request log lines with since <= ts < until (the day partitions that can hold them)."""
+def read_requests(settings: Settings, since: dt.datetime, until: dt.datetime | None = None,
+                  kind: str = "") -> list[dict[str, Any]]:
+    """The gateway's request log lines with since <= ts < until (the day partitions that can hold them);
+    kind "shadow": the mirrored pairs of the shadow phase instead."""
     until = until or dt.datetime.now(dt.UTC)
+    root = settings.paths.requests / kind if kind else settings.paths.requests
     out = []
     day = since.date()
     while day <= until.date():
-        for f in sorted((settings.paths.requests / f"dt={day.isoformat()}").glob("*.jsonl")):
+        for f in sorted((root / f"dt={day.isoformat()}").glob("*.jsonl")):
             for line in f.read_text(errors="replace").splitlines():
                 try:
                     rec = json.loads(line)
@@ -124,10 +134,110 @@ def _why(c: dict[str, Any]) -> str:
     return f"error rate {c['challenger']:.1%} above {c['limit']:.1%}"
 
 
-def set_traffic(settings: Settings, challenger_percent: float) -> None:
-    """Share of sessions the gateway sends to the challenger; takes effect on its next request."""
-    write_json(settings.paths.triton_repository / settings.serve.triton.model_name / "traffic.json",
-               {"challenger": float(challenger_percent)})
+def set_traffic(settings: Settings, challenger_percent: float, shadow_percent: float = 0.0) -> None:
+    """Share of sessions the gateway sends to the challenger, and share of the champion's requests it
+    mirrors to the challenger (shadow); takes effect on its next request."""
+    body = {"challenger": float(challenger_percent)}
+    if shadow_percent:
+        body["shadow"] = float(shadow_percent)
+    write_json(settings.paths.triton_repository / settings.serve.triton.model_name / "traffic.json", body)
+
+
+def _pair_sample(pairs: list[dict[str, Any]], side: str) -> Sample:
+    """One side (champion or challenger) of the mirrored pairs as a canary sample."""
+    recs = [p[side] for p in pairs if isinstance(p.get(side), dict)]
+    return samples(recs, [recs[0]["version"]])[recs[0]["version"]] if recs else Sample()
+
+
+def shadow_report(settings: Settings, since: dt.datetime, until: dt.datetime | None = None,
+                  out_dir: Path | None = None) -> dict[str, Any]:
+    """Score the mirrored pairs of a window: the canary's checks (p99 latency, safety hits, errors) on
+    the paired replies, plus the replies' embedding similarity, toxicity and length. Writes
+    reports/shadow/<time>/shadow.json and an Evidently report (shadow.html) of the challenger's
+    reply features against the champion's on the same prompts."""
+    import numpy as np
+
+    from tasks import metrics as M
+
+    cfg = settings.rollout
+    aliases = read_aliases(settings.paths.triton_repository, settings.serve.triton.model_name)
+    pairs = [p for p in read_requests(settings, since, until, kind="shadow")
+             if p.get("champion", {}).get("version") == aliases.get("champion")
+             and p.get("challenger", {}).get("version") == aliases.get("challenger")]
+    champ, chal = _pair_sample(pairs, "champion"), _pair_sample(pairs, "challenger")
+    result: dict[str, Any] = {"phase": "shadow", "champion": aliases.get("champion"),
+                              "challenger": aliases.get("challenger"), "pairs": len(pairs),
+                              "window": [since.isoformat(), (until or dt.datetime.now(dt.UTC)).isoformat()],
+                              "requests": {"champion": champ.requests, "challenger": chal.requests}}
+    if len(pairs) < cfg.shadow_min_pairs:
+        return {**result, "verdict": "wait", "checks": [],
+                "reason": f"{len(pairs)} mirrored pairs so far; {cfg.shadow_min_pairs} needed"}
+    verdict = compare(champ, chal, cfg.model_copy(update={"min_samples": 1}))
+    ok = [p for p in pairs if p["challenger"].get("status") == 200]
+    a = [p["champion"].get("response", "") for p in ok]
+    b = [p["challenger"].get("response", "") for p in ok]
+    sims = _similarities(a, b, cfg.embedding_model) if ok else np.zeros(0)
+    tox_a, tox_b = (np.asarray(M.toxicity_scores(x)) for x in (a, b))
+    len_a = np.array([p["champion"].get("completion_tokens", 0) for p in ok], dtype=float)
+    len_b = np.array([p["challenger"].get("completion_tokens", 0) for p in ok], dtype=float)
+    mean_sim = float(sims.mean()) if len(sims) else float("nan")
+    sim_check = {"check": "reply_similarity", "mean": round(mean_sim, 4), "p10": round(float(np.percentile(sims, 10)), 4)
+                 if len(sims) else None, "limit": cfg.min_reply_similarity,
+                 "failed": bool(not len(sims) or mean_sim < cfg.min_reply_similarity)}
+    checks = [*verdict["checks"], sim_check]
+    failed = [c for c in checks if c["failed"]]
+    reasons = [_why(c) for c in failed if c["check"] != "reply_similarity"]
+    if sim_check["failed"]:
+        reasons.append(f"replies differ from the champion's: mean embedding similarity {mean_sim:.3f} < "
+                       f"{cfg.min_reply_similarity}")
+    result |= {"verdict": "fail" if failed else "pass", "checks": checks,
+               "reason": "; ".join(reasons) or "challenger within every bound on the mirrored requests",
+               "replies": {"similarity_mean": mean_sim,
+                           "toxicity_mean": {"champion": float(tox_a.mean()) if len(tox_a) else None,
+                                             "challenger": float(tox_b.mean()) if len(tox_b) else None},
+                           "completion_tokens_mean": {"champion": float(len_a.mean()) if len(len_a) else None,
+                                                      "challenger": float(len_b.mean()) if len(len_b) else None},
+                           "identical_share": float(np.mean([x == y for x, y in zip(a, b, strict=True)])) if ok else None}}
+    out_dir = out_dir or settings.paths.reports_dir / "shadow" / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if ok:
+        result["report"] = str(_shadow_html(out_dir / "shadow.html", ok, sims, tox_a, tox_b))
+    write_json(out_dir / "shadow.json", result)
+    return result
+
+
+def _similarities(a: list[str], b: list[str], model: str):
+    """Cosine similarity of each pair of replies' sentence embeddings (the packaged MiniLM by default)."""
+    import numpy as np
+
+    from tasks import metrics as M
+
+    emb = M._embedder(M.embedding_model_dir(model))
+    ea = emb.encode(a, normalize_embeddings=True, convert_to_numpy=True, batch_size=64)
+    eb = emb.encode(b, normalize_embeddings=True, convert_to_numpy=True, batch_size=64)
+    return np.sum(ea * eb, axis=1)
+
+
+def _shadow_html(path: Path, pairs: list[dict[str, Any]], sims, tox_a, tox_b) -> Path:
+    """Evidently's drift report of the challenger's reply features (current) against the champion's
+    on the same prompts (reference): latency, length, toxicity; with the pair similarity alongside."""
+    import pandas as pd
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.presets import DataDriftPreset, DataSummaryPreset
+
+    def frame(side: str, tox) -> pd.DataFrame:
+        return pd.DataFrame({"latency_ms": [float(p[side].get("latency_ms", 0.0)) for p in pairs],
+                             "completion_tokens": [int(p[side].get("completion_tokens", 0)) for p in pairs],
+                             "toxicity": [float(x) for x in tox],
+                             "similarity_to_champion": [float(x) for x in sims]})
+
+    cols = ["latency_ms", "completion_tokens", "toxicity", "similarity_to_champion"]
+    definition = DataDefinition(numerical_columns=cols)
+    snap = Report([DataDriftPreset(columns=cols[:3]), DataSummaryPreset(columns=cols)]).run(
+        current_data=Dataset.from_pandas(frame("challenger", tox_b), data_definition=definition),
+        reference_data=Dataset.from_pandas(frame("champion", tox_a), data_definition=definition))
+    snap.save_html(str(path))
+    return path
 
 
 def record(settings: Settings, decision: dict[str, Any]) -> Path:
@@ -212,9 +322,42 @@ def analyze(settings: Settings, since: dt.datetime, until: dt.datetime | None = 
             "_champion": s[aliases["champion"]]}
 
 
-def canary(settings: Settings, sleep: Callable[[float], None] = time.sleep,
+def shadow(settings: Settings, sleep: Callable[[float], None] = time.sleep,
            on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Walk the traffic steps; after each window judge; roll back on the first failure, promote at the end.
+    """The shadow phase: mirror `rollout.shadow_percent` of the champion's requests to the challenger
+    for a window (up to 3 more while too few pairs came in), then judge the pairs. A failing shadow
+    rolls the challenger back; too few pairs ends the rollout without a decision. Returns the shadow
+    step with "action": "continue" when the canary may go on."""
+    cfg = settings.rollout
+    aliases = read_aliases(settings.paths.triton_repository, settings.serve.triton.model_name)
+    if "challenger" not in aliases:
+        raise ValueError(f"no challenger to roll out (aliases.json: {aliases}); export one first")
+    if "champion" not in aliases or cfg.shadow_percent <= 0:
+        return {"action": "continue", "phase": "shadow", "verdict": "skipped",
+                "reason": "no champion to mirror" if "champion" not in aliases else "rollout.shadow_percent is 0"}
+    set_traffic(settings, 0.0, shadow_percent=cfg.shadow_percent)
+    start = dt.datetime.now(dt.UTC)
+    for _ in range(4):
+        sleep(cfg.shadow_window_s)
+        result = shadow_report(settings, start)
+        if result["verdict"] != "wait":
+            break
+    step = {"share": 0.0, **result}
+    log.info("shadow at %s%% mirrored: %s (%s)", cfg.shadow_percent, result["verdict"], result["reason"])
+    if on_step:
+        on_step(step)
+    set_traffic(settings, 0.0)  # mirroring ends with the phase
+    if result["verdict"] == "fail":
+        return rollback(settings, f"shadow: {result['reason']}", {"steps": [step]})
+    if result["verdict"] == "wait":
+        return _decision("inconclusive", result["champion"], result["challenger"], result["reason"], steps=[step])
+    return {"action": "continue", **step}
+
+
+def canary(settings: Settings, sleep: Callable[[float], None] = time.sleep,
+           on_step: Callable[[dict[str, Any]], None] | None = None, with_shadow: bool = True) -> dict[str, Any]:
+    """The shadow phase (unless with_shadow is False: chat_deploy runs it as its own task), then the
+    traffic steps; after each window judge; roll back on the first failure, promote at the end.
     A step that keeps answering "wait" (too few requests) is judged again for up to 3 more windows,
     then the canary stops without a decision (traffic back to the champion) rather than guess."""
     cfg = settings.rollout
@@ -224,6 +367,12 @@ def canary(settings: Settings, sleep: Callable[[float], None] = time.sleep,
     if "champion" not in aliases:  # the first model: nothing to compare with
         return promote(settings, {"reason": "first champion: no model was serving"})
     steps = []
+    if with_shadow:
+        first = shadow(settings, sleep, on_step)
+        if first["action"] != "continue":
+            return first
+        if first["verdict"] != "skipped":
+            steps.append({k: v for k, v in first.items() if k != "action"})
     baseline = Sample()  # the champion's requests over the canary so far
     for share in cfg.steps:
         set_traffic(settings, share)

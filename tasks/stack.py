@@ -240,6 +240,16 @@ class AirflowClient:
             time.sleep(2.0)
         raise StackError(f"{dag_id} run {run_id} still running after {timeout:.0f}s")
 
+    def runs(self, dag_id: str, **params: Any) -> list[dict[str, Any]]:
+        """The DAG's runs, newest first (filters as the REST API takes them, e.g. run_type="asset_triggered")."""
+        return self._ok(self.http.get(f"/api/v2/dags/{dag_id}/dagRuns",
+                                      params={"order_by": "-run_after", "limit": 100, **params}))["dag_runs"]
+
+    def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
+        """What a task returned (its XCom), as JSON."""
+        return self._ok(self.http.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key}",
+                                      params={"deserialize": True, "stringify": False}))["value"]
+
     def task_states(self, dag_id: str, run_id: str) -> dict[str, str]:
         tis = self._ok(self.http.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances"))["task_instances"]
         return {t["task_id"]: t["state"] for t in tis}

@@ -1,10 +1,16 @@
 """Synthetic raw chat logs for demos, tests and benchmarks, with every fault kind on demand.
 
     llmops synth --days 3 --start 2026-11-01 --faults --chatterbot
+    llmops synth --traffic 600 --drifted        # gateway request logs of the last hour, shifted
 
 Writes data/raw/synth/dt=<day>/chats.jsonl (OpenAI chat JSONL with metadata keys and PII to
 scrub) and, with --chatterbot, copies the packaged chatterbot-corpus English YAML dialogs to
 data/raw/chatterbot/dt=<first day>/. Output depends only on (seed, day, records, faults).
+
+With --traffic N it writes N request-log lines in the gateway's format instead
+(data/requests/dt=<day>/synth-<time>.jsonl, marked "synthetic": true), spread over the last
+--hours: prompts like the training corpus, or with --drifted a shifted mix (other topics, other
+scripts, longer prompts) that the monitor must notice, to rehearse the closed loop.
 """
 
 from __future__ import annotations
@@ -151,3 +157,54 @@ def synth(settings: Settings, days: int, start: str, records: int, faults: bool,
     if chatterbot:
         result["chatterbot"] = copy_chatterbot(settings, first.isoformat())
     return result
+
+
+DRIFTED = (  # what users start asking after a product change: none of it is in the training topics
+    "How do I fix a segmentation fault in my C++ {thing} when the vector is resized inside the loop?",
+    "Write a Python function that parses {thing} logs with a regular expression and returns a dict of counts.",
+    "Why does my Kubernetes pod for the {thing} service keep restarting with exit code 137 after deploy?",
+    "Сколько стоит доставка {thing} в Новосибирск и можно ли оплатить картой при получении?",
+    "{thing}の設定をリセットする方法を教えてください。アプリが起動しません。",
+    "¿Cuál es la mejor manera de configurar {thing} para que funcione sin conexión a internet?",
+    "Explain the difference between eventual and strong consistency for a distributed {thing} store, with examples.",
+)
+THINGS = ("parser", "scheduler", "cache", "billing", "telemetry", "router", "index", "queue", "matrix", "renderer")
+
+
+def traffic(settings: Settings, rows: int, drifted: bool = False, hours: float = 1.0,
+            latency_ms: float = 80.0, seed: int | None = None) -> dict[str, Any]:
+    """Write `rows` gateway request-log lines spread over the last `hours` (see the module doc)."""
+    from tasks.export import read_aliases
+
+    if rows < 1:
+        raise ValueError(f"--traffic must be at least 1, got {rows}")
+    rng = random.Random(f"{settings.seed if seed is None else seed}:traffic:{drifted}")
+    aliases = read_aliases(settings.paths.triton_repository, settings.serve.triton.model_name)
+    version = aliases.get("champion", aliases.get("challenger", 1))
+    now = dt.datetime.now(dt.UTC)
+    lines: dict[str, list[str]] = {}
+    for i in range(rows):
+        ts = now - dt.timedelta(seconds=hours * 3600 * (rows - i) / rows)
+        if drifted:
+            prompt = rng.choice(DRIFTED).format(thing=rng.choice(THINGS))
+        else:
+            conv = conversation(rng)
+            prompt = next(m["content"] for m in conv["messages"] if m["role"] == "user")
+        reply = rng.choice(ANSWERS).format(x="that")
+        rec = {"ts": ts.isoformat(), "request_id": f"synth-{rng.getrandbits(64):016x}", "synthetic": True,
+               "model": settings.serve.triton.model_name, "version": version, "alias": "champion",
+               "session": f"synth-{rng.randrange(rows // 4 + 1)}", "stream": False, "priority": "interactive",
+               "status": 200, "latency_ms": round(rng.lognormvariate(0, 0.25) * latency_ms, 3),
+               "prompt_tokens": len(prompt.split()) * 2, "completion_tokens": len(reply.split()),
+               "finish_reason": "stop", "safety_input": {"blocked": False}, "safety_output": {"blocked": False},
+               "prompt": prompt, "response": reply}
+        lines.setdefault(ts.date().isoformat(), []).append(json.dumps(rec, ensure_ascii=False))
+    stamp = now.strftime("%Y%m%dT%H%M%S%f")
+    paths = []
+    for day, day_lines in sorted(lines.items()):
+        path = settings.paths.requests / f"dt={day}" / f"synth-{stamp}.jsonl"
+        with atomic_file(path) as tmp:
+            tmp.write_text("\n".join(day_lines) + "\n", encoding="utf-8")
+        paths.append(str(path))
+    return {"rows": rows, "drifted": drifted, "version": version, "paths": paths,
+            "window": [(now - dt.timedelta(hours=hours)).isoformat(), now.isoformat()]}

@@ -183,6 +183,7 @@ def train(settings: Settings, manifest: Path | str | None = None, resume: bool =
     write_json(run_dir / "spec.json", spec)
 
     on_gpu = torch.cuda.is_available()
+    client.set_tag(mlrun_id, "llmops.device", "gpu" if on_gpu else "cpu")  # the cost report's device-hours unit
     port = free_port()
     if t.launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={t.world_size}",

@@ -15,6 +15,13 @@ traffic split) -> session turns fitted into the model's window -> safety filter 
 Triton over gRPC (streaming for stream mode) -> safety filter on the reply -> request log line
 (PII scrubbed) and metrics. Triton unreachable gives 503 until it is back; nothing is retried
 behind the caller's back.
+
+Shadow: while `traffic.json` holds a `shadow` share (the rollout's shadow phase), that share of
+the requests routed to the champion is sent again to the challenger after the champion's reply
+has gone out. The challenger's reply is never shown; the pair (both replies, latencies, token
+counts, safety verdicts) is one line under data/requests/shadow/dt=YYYY-MM-DD/, which
+`tasks.rollout.shadow_report` scores. Mirrors run under their own small concurrency bound and
+are dropped (counted) rather than queued when it is full, so they cannot crowd out live traffic.
 """
 
 from __future__ import annotations
@@ -170,6 +177,16 @@ class Router:
                            param="model", code="model_not_found")
         return Route(model_id, self.name, version, alias)
 
+    def shadow_of(self, route: Route, key: str) -> Route | None:
+        """The challenger route this champion-routed request is mirrored to, if the shadow share picks it."""
+        share = float(self.traffic.get("shadow", 0.0))
+        challenger = self.aliases.get("challenger")
+        if route.alias != "champion" or share <= 0 or challenger is None or challenger not in self.ready:
+            return None
+        if zlib.crc32(f"shadow:{key}".encode()) % 10_000 >= share * 100:
+            return None
+        return Route(f"{self.name}:challenger", self.name, challenger, "challenger")
+
 
 # ---------------------------------------------------------------- metrics and request log
 
@@ -196,6 +213,8 @@ class Metrics:
         self.safety = Counter("gateway_safety_blocked", "Requests the safety filter blocked", ["stage", "rule"],
                               registry=r)
         self.rejected = Counter("gateway_rejected", "Requests refused before inference", ["reason"], registry=r)
+        self.shadow = Counter("gateway_shadow_requests", "Requests mirrored to the challenger, by outcome",
+                              ["outcome"], registry=r)
         self.window_s, self.cost_per_hour = window_s, cost_per_hour
         self._recent: deque[tuple[float, int]] = deque()
 
@@ -264,6 +283,9 @@ class Gateway:
         self.safety = SafetyFilter(settings.serve.safety)
         self.metrics = Metrics(g.throughput_window_s, g.cost_per_hour_usd)
         self.log = RequestLog(settings.paths.requests, g.log_requests, settings.ingest.pii_kinds)
+        self.shadow_log = RequestLog(settings.paths.requests / "shadow", True, settings.ingest.pii_kinds)
+        self.shadow_limit = max(1, g.max_inflight // 2)  # mirrors in flight or waiting, at most
+        self._shadow_tasks: set[asyncio.Task] = set()
         self.store = open_store(g)
         self._client = None
         self._tokenizers: dict[int, tuple[Any, int]] = {}
@@ -368,11 +390,45 @@ class Gateway:
                 raise TritonUnavailable(str(e)) from None
             raise
 
+    def mirror(self, shadow: Route, prompt: list[dict], max_tokens: int, req: ChatRequest, champion: dict) -> None:
+        """Send the request again to the challenger in the background and log the pair. Never raises."""
+        if len(self._shadow_tasks) >= self.shadow_limit:
+            self.metrics.shadow.labels("dropped").inc()
+            return
+        task = asyncio.get_running_loop().create_task(self._mirror(shadow, prompt, max_tokens, req, champion))
+        self._shadow_tasks.add(task)
+        task.add_done_callback(self._shadow_tasks.discard)
+
+    async def _mirror(self, shadow: Route, prompt: list[dict], max_tokens: int, req: ChatRequest,
+                      champion: dict) -> None:
+        t0 = time.perf_counter()
+        out: dict[str, Any] = {"version": shadow.version}
+        try:
+            res = await self.infer(shadow, prompt, max_tokens, req)
+            text = res["text"].strip()
+            verdict = self.safety.check(text)
+            if verdict.blocked:  # scored as users would have seen it, like the champion's reply
+                text, res["finish_reason"] = self.safety.cfg.refusal, "content_filter"
+            out |= {"status": 200, "latency_ms": round((time.perf_counter() - t0) * 1e3, 3),
+                    "prompt_tokens": res["prompt_tokens"], "completion_tokens": res["completion_tokens"],
+                    "finish_reason": res["finish_reason"], "safety_output": verdict.to_dict(),
+                    "response": self.log.scrub(text)}
+            self.metrics.shadow.labels("ok").inc()
+        except Exception as e:  # noqa: BLE001 - a failing challenger is evidence, not a user-facing error
+            out |= {"status": 503 if isinstance(e, TritonUnavailable) else 502, "error": str(e)[:300],
+                    "latency_ms": round((time.perf_counter() - t0) * 1e3, 3)}
+            self.metrics.shadow.labels("error").inc()
+        self.shadow_log.write({"request_id": champion["request_id"], "session": champion.get("session"),
+                               "prompt": champion["prompt"], "champion": champion["reply"], "challenger": out})
+
     async def close(self) -> None:
+        for task in list(self._shadow_tasks):
+            task.cancel()
         if self._client is not None:
             await self._client.close()
         await self.store.close()
         self.log.close()
+        self.shadow_log.close()
 
 
 def _session_of(req: ChatRequest, request: Request) -> str | None:
@@ -521,6 +577,7 @@ def create_app(settings: Settings, triton_grpc: str | None = None, triton_http: 
                                       + [{"role": "assistant", "content": text}])
             latency = time.perf_counter() - t0
             _observe(gw, model_label, 200, latency, latency, out, record, messages, text)
+            _mirror(gw, route, session or rid, prompt, max_tokens, req, record, latency, out, text)
             return JSONResponse({
                 "id": rid, "object": "chat.completion", "created": int(time.time()), "model": route.model_id,
                 "system_fingerprint": f"{route.triton_model}:{route.version}",
@@ -562,6 +619,20 @@ def _observe(gw: Gateway, model_label: str, status: int, latency: float, ttft: f
                   "prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
                   "finish_reason": out["finish_reason"], "batch_size": out.get("batch_size"),
                   "prompt": gw.log.scrub(last_user), "response": gw.log.scrub(text)})
+
+
+def _mirror(gw: Gateway, route: Route, key: str, prompt: list[dict], max_tokens: int, req: ChatRequest,
+            record: dict, latency: float, out: dict, text: str) -> None:
+    shadow = gw.router.shadow_of(route, key)
+    if shadow is None:
+        return
+    last_user = next((x["content"] for x in reversed(prompt) if x["role"] == "user"), "")
+    champion = {"version": route.version, "status": 200, "latency_ms": round(latency * 1e3, 3),
+                "prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
+                "finish_reason": out["finish_reason"], "safety_output": record.get("safety_output"),
+                "response": gw.log.scrub(text)}
+    gw.mirror(shadow, prompt, max_tokens, req, {"request_id": record["request_id"], "session": record.get("session"),
+                                                 "prompt": gw.log.scrub(last_user), "reply": champion})
 
 
 def _refusal(gw: Gateway, req: ChatRequest, route: Route, rid: str, record: dict, t0: float, messages: list[dict]):
@@ -639,6 +710,7 @@ async def _stream(gw: Gateway, req: ChatRequest, route: Route, rid: str, prompt:
                                   + [{"role": "assistant", "content": text}])
         latency = time.perf_counter() - t0
         _observe(gw, label, 200, latency, ttft or latency, {**final, "finish_reason": finish}, record, messages, text)
+        _mirror(gw, route, session or rid, prompt, max_tokens, req, record, latency, final, text)
     except TritonUnavailable as e:
         gw.triton_up = False
         gw.metrics.requests.labels(label, "503").inc()

@@ -1,28 +1,78 @@
-"""The embedded stack for real: Airflow's scheduler runs chat_ingest triggered and backfilled over REST."""
+"""The embedded stack for real, through Airflow's scheduler and REST API: chat_ingest triggered and
+backfilled; chat_train with DeepSpeed ranks; chat_deploy on the chat_challenger Asset against a
+running tritonserver and gateway; and the closed loop: drifted traffic -> chat_monitor fires ->
+chat_train -> chat_deploy (shadow, canary) -> promoted, then a drilled slow challenger rolled back,
+with live gateway traffic that never sees a failed request."""
 
 import json
+import os
+import random
+import shutil
+import threading
+import time
+from pathlib import Path
 
+import httpx
 import psutil
 import pytest
+import yaml
 
 from tasks import stack
-from tasks.synth import synth
-from tests.conftest import make_settings
+from tasks.synth import synth, traffic
+from tasks.train import free_port
+from tests.conftest import REPO, make_settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
+
+# what the whole stack (Airflow's workers too) runs with: short windows, small guards, 30 steps
+PROFILE = {
+    "train": {"max_steps": 30},
+    "rollout": {"steps": [50, 100], "window_s": 6, "min_samples": 8, "shadow_percent": 100,
+                "shadow_window_s": 6, "shadow_min_pairs": 8},
+    "monitor": {"window_hours": 1, "min_rows": 50, "guard": {"min_new_rows": 100, "cooldown_hours": 24}},
+}
+
+
+def _config_dir(root) -> str:
+    """configs/ copied with free serving ports and PROFILE merged into the tiny profile."""
+    configs = root / "configs"
+    shutil.copytree(REPO / "configs", configs)
+    serve = yaml.safe_load((configs / "serve.yaml").read_text())
+    for key in ("http_port", "grpc_port", "metrics_port"):
+        serve["triton"][key] = free_port()
+    serve["gateway"]["port"] = free_port()
+    (configs / "serve.yaml").write_text(yaml.safe_dump(serve))
+    ev = yaml.safe_load((configs / "eval.yaml").read_text())  # latency on a machine this busy is not the model's
+    ev["gate"] = [r for r in ev["gate"] if not r["metric"].startswith("latency")]
+    (configs / "eval.yaml").write_text(yaml.safe_dump(ev))
+    tiny = yaml.safe_load((configs / "profiles" / "tiny.yaml").read_text())
+    for section, values in PROFILE.items():
+        tiny[section] = {**tiny.get(section, {}), **values}
+    (configs / "profiles" / "tiny.yaml").write_text(yaml.safe_dump(tiny))
+    return str(configs)
 
 
 @pytest.fixture(scope="module")
 def running(tmp_path_factory):
+    from tasks.serve import server
+
     root = tmp_path_factory.mktemp("stack")
+    old = os.environ.get("LLMOPS_CONFIG_DIR")
+    os.environ["LLMOPS_CONFIG_DIR"] = _config_dir(root)  # inherited by every Airflow process and the gateway
     # other ports than the defaults, so a developer's `make run` stack can stay up meanwhile
     s = make_settings(root, "stack.airflow_port=18080", "stack.mlflow_port=15000")
     synth(s, days=3, start="2026-11-01", records=60, faults=True, chatterbot=False)
     try:
         info = stack.up(s, timeout=240)
+        server.up(s, timeout=120)  # tritonserver (nothing exported yet) + the gateway
         yield s, info
     finally:
+        server.down(s)
         stack.down(s)
+        if old is None:
+            os.environ.pop("LLMOPS_CONFIG_DIR", None)
+        else:
+            os.environ["LLMOPS_CONFIG_DIR"] = old
 
 
 def _listening(settings) -> set[tuple[str, int]]:
@@ -61,8 +111,11 @@ def test_trigger_and_backfill_through_scheduler(running):
     assert client.wait_run("chat_ingest", run_id, timeout=600) == "success", client.task_states("chat_ingest", run_id)
     assert client.task_states("chat_ingest", run_id) == dict.fromkeys(("ingest", "validate", "snapshot", "shard"), "success")
 
-    # chat_train through the scheduler: DeepSpeed ranks under the Airflow worker, the run in MLflow's server
+    # chat_train through the scheduler: DeepSpeed ranks under the Airflow worker, the run in MLflow's server;
+    # its registration (the chat_challenger Asset) starts chat_deploy, which makes it the first champion
     client.wait_for_dag("chat_train", timeout=120)
+    client.wait_for_dag("chat_deploy", timeout=120)
+    client.unpause("chat_deploy")
     client.unpause("chat_train")
     train_run = client.trigger("chat_train", {"max_steps": 30, "world_size": 2, "zero_stage": 2, "resume": False})
     assert client.wait_run("chat_train", train_run, timeout=600) == "success", client.task_states("chat_train", train_run)
@@ -72,7 +125,7 @@ def test_trigger_and_backfill_through_scheduler(running):
     mlc = mlflow.MlflowClient(tracking_uri=f"http://127.0.0.1:{s.stack.mlflow_port}")
     runs = mlc.search_runs([mlc.get_experiment_by_name("chat-gpt").experiment_id])
     assert any(r.info.status == "FINISHED" and r.data.params.get("train.max_steps") == "30" for r in runs)
-    assert mlc.get_model_version_by_alias("chat-gpt", "challenger").tags["gate"] == "passed"
+    assert mlc.get_model_version("chat-gpt", "1").tags["gate"] == "passed"
 
     # a bad conf is refused by the Param schema, as the form would
     r = client.http.post("/api/v2/dags/chat_ingest/dagRuns", json={"logical_date": None, "conf": {"day": "yesterday"}})
@@ -88,3 +141,114 @@ def test_trigger_and_backfill_through_scheduler(running):
     snap = json.loads((s.paths.snapshots / f"{latest['snapshot_hash']}.json").read_text())
     assert sorted(snap["partitions"]) == ["2026-11-01", "2026-11-02", "2026-11-03"]
     assert any(s.paths.shards.glob("*/manifest.json"))
+
+
+class Load:
+    """Two clients chatting through the gateway (fresh sessions) until stopped; every answer is kept."""
+
+    def __init__(self, base: str):
+        self.base, self.answers, self._stop = base, [], threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(2)]
+
+    def _run(self, i: int) -> None:
+        rng = random.Random(i)
+        with httpx.Client(timeout=120) as http:
+            while not self._stop.is_set():
+                r = http.post(f"{self.base}/v1/chat/completions", headers={"X-Session-Id": f"s{rng.getrandbits(48)}"},
+                              json={"model": "chat-gpt", "max_tokens": 8, "temperature": 0,
+                                    "messages": [{"role": "user", "content": "Where is my parcel?"}]})
+                self.answers.append((r.status_code, r.headers.get("x-model-version")))
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for t in self.threads:
+            t.join()
+
+
+def _wait_for_run(client, dag_id: str, known: set[str], timeout: float = 300.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        new = [r["dag_run_id"] for r in client.runs(dag_id) if r["dag_run_id"] not in known]
+        if new:
+            return new[0]
+        time.sleep(2.0)
+    raise AssertionError(f"no new {dag_id} run within {timeout:.0f}s; runs: {client.runs(dag_id)}")
+
+
+def test_closed_loop_drift_retrains_and_promotes_then_a_slow_challenger_is_rolled_back(running):
+    import mlflow
+
+    from tasks.export import read_aliases
+    from tasks.serve import server
+
+    s, _ = running
+    client = stack.AirflowClient(s)
+    mlc = mlflow.MlflowClient(tracking_uri=f"http://127.0.0.1:{s.stack.mlflow_port}")
+    base = server.urls(s)["gateway"].removesuffix("/v1")
+
+    # 1. chat_train's registration started chat_deploy (Asset): version 1 is served as the first champion
+    first_deploy = client.runs("chat_deploy")
+    assert first_deploy and first_deploy[-1]["run_type"] == "asset_triggered", first_deploy
+    assert client.wait_run("chat_deploy", first_deploy[-1]["dag_run_id"], timeout=300) == "success"
+    assert read_aliases(s.paths.triton_repository, "chat-gpt") == {"champion": 1}
+    assert httpx.post(f"{base}/v1/chat/completions", json={"model": "chat-gpt", "max_tokens": 4, "messages": [
+        {"role": "user", "content": "hi"}]}, timeout=60).headers["x-model-version"] == "1"
+
+    # 2. users start asking other things: drifted traffic in the request logs; the hourly monitor fires
+    traffic(s, 400, drifted=True, hours=0.5)
+    client.wait_for_dag("chat_monitor", timeout=120)
+    train_runs = {r["dag_run_id"] for r in client.runs("chat_train")}
+    client.unpause("chat_train")
+    client.unpause("chat_monitor")  # catchup off: the scheduler runs the latest hourly interval now
+    monitor_run = _wait_for_run(client, "chat_monitor", set(), timeout=120)
+    assert client.wait_run("chat_monitor", monitor_run, timeout=600) == "success", client.task_states("chat_monitor", monitor_run)
+    assert client.task_states("chat_monitor", monitor_run) == dict.fromkeys(("drift", "decide", "retrain"), "success")
+    verdict = client.xcom("chat_monitor", monitor_run, "drift")
+    assert verdict["fire"] and verdict["verdict"] == "drift", verdict
+    retrain = _wait_for_run(client, "chat_train", train_runs, timeout=60)
+    conf = next(r for r in client.runs("chat_train") if r["dag_run_id"] == retrain)["conf"]
+    assert conf["reason"].startswith("chat_monitor: ") and conf["drift_report"], conf
+
+    # 3. the guard: a second fire while that retrain runs (and inside the cooldown) triggers nothing
+    again = client.trigger("chat_monitor", {})
+    assert client.wait_run("chat_monitor", again, timeout=600) == "success"
+    assert client.task_states("chat_monitor", again)["retrain"] == "skipped"
+    assert len({r["dag_run_id"] for r in client.runs("chat_train")} - train_runs) == 1
+
+    # 4. the retrain registers version 2 -> chat_deploy (Asset): shadow, canary 50 % -> 100 %, promoted
+    deploys = {r["dag_run_id"] for r in client.runs("chat_deploy")}
+    assert client.wait_run("chat_train", retrain, timeout=900) == "success", client.task_states("chat_train", retrain)
+    with Load(base) as load:
+        deploy = _wait_for_run(client, "chat_deploy", deploys, timeout=120)
+        assert client.wait_run("chat_deploy", deploy, timeout=600) == "success", client.task_states("chat_deploy", deploy)
+        shadow = client.xcom("chat_deploy", deploy, "shadow")
+        decision = client.xcom("chat_deploy", deploy, "canary")
+        assert shadow["action"] == "continue" and shadow["verdict"] == "pass", shadow
+        assert Path(shadow["report"]).is_file()
+        assert decision["action"] == "promote" and (decision["champion"], decision["challenger"]) == (1, 2), decision
+        assert read_aliases(s.paths.triton_repository, "chat-gpt") == {"champion": 2, "previous": 1}
+        assert str(mlc.get_model_version_by_alias("chat-gpt", "champion").version) == "2"
+        v2_run = mlc.get_run(mlc.get_model_version("chat-gpt", "2").run_id)
+        assert v2_run.data.tags["llmops.trigger_reason"].startswith("chat_monitor: "), v2_run.data.tags
+
+        # 5. a deliberately slow challenger (version 1 with a roll-back drill): the shadow rolls it back
+        mlc.set_registered_model_alias("chat-gpt", "challenger", "1")
+        drill = client.trigger("chat_deploy", {"alias": "challenger", "drill_delay_ms": 60})
+        assert client.wait_run("chat_deploy", drill, timeout=600) == "success", client.task_states("chat_deploy", drill)
+    shadow = client.xcom("chat_deploy", drill, "shadow")
+    assert shadow["action"] == "rollback" and "p99 latency" in shadow["reason"], shadow
+    assert client.xcom("chat_deploy", drill, "canary")["action"] == "rollback"
+    assert read_aliases(s.paths.triton_repository, "chat-gpt") == {"champion": 2, "rejected": 1}
+    assert mlc.get_model_version("chat-gpt", "1").tags["rollout.reason"].startswith("shadow: p99 latency")
+    record = json.loads(Path(shadow["record"]).read_text())
+    assert record["action"] == "rollback" and record["evidence"]["steps"][0]["phase"] == "shadow"
+    # live traffic throughout both switches: every request answered, only ever by a champion
+    assert load.answers and {st for st, _ in load.answers} == {200}, sorted({st for st, _ in load.answers})
+    assert {v for _, v in load.answers} <= {"1", "2"}
+    assert httpx.post(f"{base}/v1/chat/completions", json={"model": "chat-gpt", "max_tokens": 4, "messages": [
+        {"role": "user", "content": "hi"}]}, timeout=60).headers["x-model-version"] == "2"

@@ -1,9 +1,11 @@
-"""Canary through a real tritonserver and gateway, with real traffic and the real MLflow registry:
-a comparable challenger is promoted step by step; a deliberately slow one (a rollout drill) is
-rolled back at the first step with the reason recorded; no request fails during either switch."""
+"""Shadow and canary through a real tritonserver and gateway, with real traffic and the real MLflow
+registry: a comparable challenger is mirrored (users see only the champion), scored, then promoted
+step by step; a deliberately slow one (a rollout drill) is rolled back at the first canary step with
+the reason recorded; no request fails during either switch."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import random
 import threading
@@ -26,7 +28,8 @@ from tests.conftest import make_settings
 from tests.integration.test_serving import FAST, _gateway
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
-CANARY = ["rollout.steps=[50,100]", "rollout.window_s=4", "rollout.min_samples=8", "rollout.max_p99_regression_ms=50"]
+CANARY = ["rollout.steps=[50,100]", "rollout.window_s=4", "rollout.min_samples=8", "rollout.max_p99_regression_ms=50",
+          "rollout.shadow_percent=100", "rollout.shadow_window_s=4", "rollout.shadow_min_pairs=8"]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +66,7 @@ class Load:
     """Two clients sending chat requests with fresh session ids until stopped; every status is kept."""
 
     def __init__(self, base: str):
-        self.base, self.statuses, self._stop = base, [], threading.Event()
+        self.base, self.statuses, self.versions, self._stop = base, [], [], threading.Event()
         self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(2)]
 
     def _run(self, i: int) -> None:
@@ -74,6 +77,7 @@ class Load:
                               json={"model": "chat-gpt", "max_tokens": 8, "temperature": 0,
                                     "messages": [{"role": "user", "content": "Where is my parcel?"}]})
                 self.statuses.append(r.status_code)
+                self.versions.append(r.headers.get("x-model-version"))
 
     def __enter__(self):
         for t in self.threads:
@@ -90,17 +94,30 @@ def test_canary_promotes_a_comparable_challenger_then_rolls_back_a_slow_one(stac
     s, tp, base = stack
     assert read_aliases(s.paths.triton_repository, "chat-gpt") == {"champion": 1, "challenger": 2}
     steps = []
+    shadow_seen: list[str] = []
+
+    def on_step(step):
+        if step["share"] == 0.0:  # the shadow phase just ended: what did users get meanwhile?
+            shadow_seen.extend(load.versions)
+        steps.append(step)
+
     with Load(base) as load:
-        decision = rollout.canary(s, on_step=steps.append)
+        decision = rollout.canary(s, on_step=on_step)
     assert decision["action"] == "promote", decision
-    assert [st["share"] for st in steps] == [50.0, 100.0] and all(st["verdict"] == "pass" for st in steps)
+    assert [st["share"] for st in steps] == [0.0, 50.0, 100.0] and all(st["verdict"] == "pass" for st in steps)
+    shadow = steps[0]
+    assert shadow["phase"] == "shadow" and shadow["pairs"] >= 8 and shadow["replies"]["similarity_mean"] > 0.2
+    assert set(shadow_seen) == {"1"}  # during the shadow only the champion answered users
+    pairs = rollout.read_requests(s, dt.datetime.fromisoformat(shadow["window"][0]), kind="shadow")
+    assert {(p["champion"]["version"], p["challenger"]["version"]) for p in pairs} == {(1, 2)}
+    assert Path(shadow["report"]).is_file()
     assert all(st["requests"]["challenger"] >= 8 for st in steps)
     assert load.statuses and set(load.statuses) == {200}, sorted(set(load.statuses))
     client = mlflow_client(s)
     assert str(client.get_model_version_by_alias("chat-gpt", "champion").version) == "2"
     assert read_aliases(s.paths.triton_repository, "chat-gpt") == {"champion": 2, "previous": 1}
     record = json.loads(Path(decision["record"]).read_text())
-    assert record["action"] == "promote" and len(record["evidence"]["steps"]) == 2
+    assert record["action"] == "promote" and [st["share"] for st in record["evidence"]["steps"]] == [0.0, 50.0, 100.0]
     assert client.get_model_version("chat-gpt", "2").tags["rollout.action"] == "promote"
     assert "challenger" not in client.get_registered_model("chat-gpt").aliases
 
@@ -111,8 +128,9 @@ def test_canary_promotes_a_comparable_challenger_then_rolls_back_a_slow_one(stac
 
     write_aliases(s.paths.triton_repository, "chat-gpt", {"champion": 2, "challenger": 1})
     steps.clear()
+    no_shadow = s.model_copy(update={"rollout": s.rollout.model_copy(update={"shadow_percent": 0.0})})
     with Load(base) as load:
-        decision = rollout.canary(s, on_step=steps.append)
+        decision = rollout.canary(no_shadow, on_step=steps.append)
     assert decision["action"] == "rollback", decision
     assert len(steps) == 1 and steps[0]["verdict"] == "fail" and "p99 latency" in decision["reason"]
     assert "Mann-Whitney" in decision["reason"]

@@ -32,7 +32,7 @@ def test_every_dag_has_tags_retries_docs_and_typed_params(dagbag):
         assert dag.tags, f"{dag_id} has no tags"
         assert dag.doc_md, f"{dag_id} has no doc_md"
         for t in dag.tasks:
-            if (dag_id, t.task_id) in (("chat_train", "gate"), ("chat_deploy", "canary")):
+            if (dag_id, t.task_id) in (("chat_train", "gate"), ("chat_deploy", "shadow"), ("chat_deploy", "canary")):
                 assert t.retries == 0  # a verdict, deliberately not retried
                 continue
             assert t.retries >= 1, f"{dag_id}.{t.task_id} has no retries"
@@ -63,7 +63,7 @@ def test_chat_train_shape(dagbag):
 
 def test_chat_deploy_shape(dagbag):
     dag = dagbag.get_dag("chat_deploy")
-    assert [t.task_id for t in dag.topological_sort()] == ["export", "load", "smoke", "canary"]
+    assert [t.task_id for t in dag.topological_sort()] == ["export", "load", "smoke", "shadow", "canary"]
     assert dag.get_task("canary").retries == 0
     # runs when chat_train registers a challenger
     assert type(dag.timetable).__name__ == "AssetTriggeredTimetable"

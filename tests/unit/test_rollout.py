@@ -74,3 +74,83 @@ def test_request_logs_become_per_version_samples(tmp_path):
 def test_steps_must_increase():
     with pytest.raises(ValueError):
         RolloutConfig(steps=(50, 25))
+
+
+# ------------------------------------------------------------------ the shadow report on mirrored pairs
+
+REPLIES = ["Your parcel is on its way and should arrive on Monday.", "You can reset your password from the login page.",
+           "Our support team is available every day from 9 to 5.", "I have cancelled the order; the refund takes 3 days."]
+UNRELATED = ["The mitochondria is the powerhouse of the cell.", "Volcanic basalt cools into hexagonal columns.",
+             "Chess openings reward control of the centre.", "Baroque fugues weave several independent voices."]
+
+
+def _pairs(s, t, n, chal_ms=100.0, chal_replies=REPLIES, chal_status=200, seed=0):
+    from tasks.export import write_aliases
+
+    write_aliases(s.paths.triton_repository, "chat-gpt", {"champion": 1, "challenger": 2})
+    rng = np.random.default_rng(seed)
+    d = s.paths.requests / "shadow" / f"dt={t.date().isoformat()}"
+    d.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        champ = {"version": 1, "status": 200, "latency_ms": float(rng.normal(100, 5)), "completion_tokens": 8 + i % 5,
+                 "response": REPLIES[i % 4], "safety_output": {"blocked": False}}
+        chal = {"version": 2, "status": chal_status, "latency_ms": float(rng.normal(chal_ms, 5)), "completion_tokens": 8 + i % 5,
+                "response": chal_replies[i % 4], "safety_output": {"blocked": False}}
+        lines.append({"ts": (t + dt.timedelta(seconds=i)).isoformat(), "request_id": f"r{i}", "prompt": "hi",
+                      "champion": champ, "challenger": chal})
+    (d / "gateway-1.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def test_shadow_report_passes_a_comparable_challenger_and_writes_its_reports(tmp_path):
+    from tasks.rollout import shadow_report
+
+    s = make_settings(tmp_path, "rollout.shadow_min_pairs=30")
+    t = dt.datetime(2026, 11, 28, 10, tzinfo=dt.UTC)
+    _pairs(s, t, 40)
+    out = shadow_report(s, t, t + dt.timedelta(hours=1), out_dir=tmp_path / "shadow")
+    assert out["verdict"] == "pass", out["reason"]
+    assert out["pairs"] == 40 and out["replies"]["similarity_mean"] > 0.99 and out["replies"]["identical_share"] == 1.0
+    assert {c["check"] for c in out["checks"]} == {"p99_latency", "safety_hit_rate", "error_rate", "reply_similarity"}
+    assert json.loads((tmp_path / "shadow" / "shadow.json").read_text())["verdict"] == "pass"
+    html = (tmp_path / "shadow" / "shadow.html").read_text()
+    assert "similarity_to_champion" in html and "completion_tokens" in html
+
+
+def test_shadow_report_fails_unrelated_replies_slow_or_failing_challengers_and_waits_for_pairs(tmp_path):
+    from tasks.rollout import shadow_report
+
+    s = make_settings(tmp_path, "rollout.shadow_min_pairs=30", "rollout.min_reply_similarity=0.3")
+    t = dt.datetime(2026, 11, 28, 10, tzinfo=dt.UTC)
+    end = t + dt.timedelta(hours=1)
+    _pairs(s, t, 40, chal_replies=UNRELATED)
+    off = shadow_report(s, t, end, out_dir=tmp_path / "a")
+    assert off["verdict"] == "fail" and "embedding similarity" in off["reason"], off
+    _pairs(s, t, 40, chal_ms=300.0)
+    slow = shadow_report(s, t, end, out_dir=tmp_path / "b")
+    assert slow["verdict"] == "fail" and "p99 latency" in slow["reason"] and "similarity" not in slow["reason"]
+    _pairs(s, t, 40, chal_status=502)
+    broken = shadow_report(s, t, end, out_dir=tmp_path / "c")
+    assert broken["verdict"] == "fail" and "error rate 100.0%" in broken["reason"]
+    _pairs(s, t, 10)
+    assert shadow_report(s, t, end, out_dir=tmp_path / "d")["verdict"] == "wait"
+
+
+def test_the_gateway_mirrors_only_champion_routed_requests_by_the_shadow_share(tmp_path):
+    from tasks.export import write_aliases
+    from tasks.rollout import set_traffic
+    from tasks.serve.gateway import Router
+
+    s = make_settings(tmp_path)
+    write_aliases(s.paths.triton_repository, "chat-gpt", {"champion": 1, "challenger": 2})
+    router = Router(s.paths.triton_repository, "chat-gpt")
+    router.ready = {1, 2}
+    set_traffic(s, 0.0, shadow_percent=30.0)
+    routes = [router.route("chat-gpt", f"s{i}") for i in range(2000)]
+    assert {r.version for r in routes} == {1}  # users are only ever served by the champion
+    mirrored = [router.shadow_of(r, f"s{i}") for i, r in enumerate(routes)]
+    share = sum(m is not None for m in mirrored) / len(mirrored)
+    assert 0.25 < share < 0.35 and {m.version for m in mirrored if m} == {2}
+    assert router.shadow_of(router.route("chat-gpt:1", "x"), "x") is None  # a pinned version is not mirrored
+    set_traffic(s, 50.0)  # the canary steps: no shadow share any more
+    assert all(router.shadow_of(router.route("chat-gpt", f"s{i}"), f"s{i}") is None for i in range(200))
