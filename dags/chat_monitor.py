@@ -8,6 +8,12 @@ chat_train run running or queued, outside the cooldown, under the weekly cap, en
 rows; skips the rest when any says no, with the reason in the log) → `retrain` (triggers
 `chat_train` with a conf that says why).
 
+Beside it: `autoscale` (queue depth, batch fill, tokens/s per instance and utilisation from
+Triton's and the gateway's metrics; the scale-out / scale-in recommendation of configs/serve.yaml
+`autoscale`, logged and appended to reports/autoscale/recommendations.jsonl) and `cost` ($ per 1M
+tokens for training and serving, per model version: reports/cost/<time>/cost.json + .html and tags
+on the MLflow versions).
+
 Hourly. Nothing here retrains in a loop: every trigger is recorded in var/monitor/state.json and
 the guards read it.
 """
@@ -77,6 +83,30 @@ def chat_monitor():
 
     TriggerDagRunOperator(task_id="retrain", trigger_dag_id="chat_train", conf=decide(drift()),
                           wait_for_completion=False)
+
+    @task
+    def autoscale() -> dict:
+        from tasks.autoscale import AutoscaleError
+        from tasks.autoscale import autoscale as run
+
+        try:
+            out = run(_settings())
+        except AutoscaleError as e:  # nothing is serving: no signals, nothing to recommend
+            print(f"no autoscaling signals: {e}")
+            return {"skipped": str(e)}
+        print(f"autoscale recommendation: {out['decision']}")
+        return out["decision"]
+
+    @task
+    def cost() -> dict:
+        from tasks.cost import cost_report
+
+        out = cost_report(_settings())
+        print(f"cost report {out.get('report')}: {out.get('totals')}")
+        return {"report": out.get("report"), "totals": out.get("totals")}
+
+    autoscale()
+    cost()
 
 
 chat_monitor()

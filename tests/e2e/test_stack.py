@@ -116,16 +116,26 @@ def test_trigger_and_backfill_through_scheduler(running):
     client.wait_for_dag("chat_train", timeout=120)
     client.wait_for_dag("chat_deploy", timeout=120)
     client.unpause("chat_deploy")
+    # unpaused, the weekly schedule runs the latest missed Monday at once (catchup off): that is the training
     client.unpause("chat_train")
-    train_run = client.trigger("chat_train", {"max_steps": 30, "world_size": 2, "zero_stage": 2, "resume": False})
+    train_run = _wait_for_run(client, "chat_train", set(), timeout=60)
     assert client.wait_run("chat_train", train_run, timeout=600) == "success", client.task_states("chat_train", train_run)
     client.pause("chat_train")  # no asset-triggered trainings during the backfill below
+    assert client.task_states("chat_train", train_run) == dict.fromkeys(
+        ("check_inputs", "train", "evaluate", "gate", "register", "quantize"), "success")
     import mlflow
 
     mlc = mlflow.MlflowClient(tracking_uri=f"http://127.0.0.1:{s.stack.mlflow_port}")
     runs = mlc.search_runs([mlc.get_experiment_by_name("chat-gpt").experiment_id])
-    assert any(r.info.status == "FINISHED" and r.data.params.get("train.max_steps") == "30" for r in runs)
-    assert mlc.get_model_version("chat-gpt", "1").tags["gate"] == "passed"
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED", runs
+    run = runs[0]
+    assert run.data.params["train.max_steps"] == "30" and run.data.params["train.world_size"] == "2"
+    assert len(mlc.get_metric_history(run.info.run_id, "loss")) == 30
+    assert "model/model.safetensors" in {a.path for a in mlc.list_artifacts(run.info.run_id, "model")}
+    assert "eval/fp32/report.html" in {a.path for a in mlc.list_artifacts(run.info.run_id, "eval/fp32")}
+    v1 = mlc.get_model_version("chat-gpt", "1")
+    assert v1.tags["gate"] == "passed" and v1.run_id == run.info.run_id
+    assert v1.tags["snapshot_hash"] == run.data.tags["snapshot_hash"]
 
     # a bad conf is refused by the Param schema, as the form would
     r = client.http.post("/api/v2/dags/chat_ingest/dagRuns", json={"logical_date": None, "conf": {"day": "yesterday"}})
@@ -194,8 +204,14 @@ def test_closed_loop_drift_retrains_and_promotes_then_a_slow_challenger_is_rolle
     # 1. chat_train's registration started chat_deploy (Asset): version 1 is served as the first champion
     first_deploy = client.runs("chat_deploy")
     assert first_deploy and first_deploy[-1]["run_type"] == "asset_triggered", first_deploy
-    assert client.wait_run("chat_deploy", first_deploy[-1]["dag_run_id"], timeout=300) == "success"
+    first = first_deploy[-1]["dag_run_id"]
+    assert client.wait_run("chat_deploy", first, timeout=300) == "success", client.task_states("chat_deploy", first)
+    smoke = client.xcom("chat_deploy", first, "smoke")
+    assert smoke["version"] == "1" and smoke["usage"]["completion_tokens"] > 0, smoke
+    assert client.xcom("chat_deploy", first, "canary")["reason"].startswith("first champion")
     assert read_aliases(s.paths.triton_repository, "chat-gpt") == {"champion": 1}
+    assert (s.paths.triton_repository / "chat-gpt" / "1" / "_lineage.json").is_file()
+    assert {m["id"] for m in httpx.get(f"{base}/v1/models").json()["data"]} >= {"chat-gpt", "chat-gpt:champion"}
     assert httpx.post(f"{base}/v1/chat/completions", json={"model": "chat-gpt", "max_tokens": 4, "messages": [
         {"role": "user", "content": "hi"}]}, timeout=60).headers["x-model-version"] == "1"
 
@@ -204,10 +220,17 @@ def test_closed_loop_drift_retrains_and_promotes_then_a_slow_challenger_is_rolle
     client.wait_for_dag("chat_monitor", timeout=120)
     train_runs = {r["dag_run_id"] for r in client.runs("chat_train")}
     client.unpause("chat_train")
-    client.unpause("chat_monitor")  # catchup off: the scheduler runs the latest hourly interval now
-    monitor_run = _wait_for_run(client, "chat_monitor", set(), timeout=120)
+    client.unpause("chat_monitor")  # the hourly schedule; if its next run is not due yet, the Trigger button
+    try:
+        monitor_run = _wait_for_run(client, "chat_monitor", set(), timeout=20)
+    except AssertionError:
+        monitor_run = client.trigger("chat_monitor", {})
     assert client.wait_run("chat_monitor", monitor_run, timeout=600) == "success", client.task_states("chat_monitor", monitor_run)
-    assert client.task_states("chat_monitor", monitor_run) == dict.fromkeys(("drift", "decide", "retrain"), "success")
+    assert client.task_states("chat_monitor", monitor_run) == dict.fromkeys(
+        ("drift", "decide", "retrain", "autoscale", "cost"), "success")
+    advice = client.xcom("chat_monitor", monitor_run, "autoscale")  # live signals of the running Triton + gateway
+    assert advice["action"] in ("scale_out", "scale_in", "hold") and advice["reason"], advice
+    assert Path(client.xcom("chat_monitor", monitor_run, "cost")["report"]).is_file()
     verdict = client.xcom("chat_monitor", monitor_run, "drift")
     assert verdict["fire"] and verdict["verdict"] == "drift", verdict
     retrain = _wait_for_run(client, "chat_train", train_runs, timeout=60)
@@ -220,9 +243,10 @@ def test_closed_loop_drift_retrains_and_promotes_then_a_slow_challenger_is_rolle
     assert client.task_states("chat_monitor", again)["retrain"] == "skipped"
     assert len({r["dag_run_id"] for r in client.runs("chat_train")} - train_runs) == 1
 
-    # 4. the retrain registers version 2 -> chat_deploy (Asset): shadow, canary 50 % -> 100 %, promoted
+    # 4. the retrain registers a new version -> chat_deploy (Asset): shadow, canary 50 % -> 100 %, promoted
     deploys = {r["dag_run_id"] for r in client.runs("chat_deploy")}
     assert client.wait_run("chat_train", retrain, timeout=900) == "success", client.task_states("chat_train", retrain)
+    new = client.xcom("chat_train", retrain, "register")["version"]
     with Load(base) as load:
         deploy = _wait_for_run(client, "chat_deploy", deploys, timeout=120)
         assert client.wait_run("chat_deploy", deploy, timeout=600) == "success", client.task_states("chat_deploy", deploy)
@@ -230,10 +254,10 @@ def test_closed_loop_drift_retrains_and_promotes_then_a_slow_challenger_is_rolle
         decision = client.xcom("chat_deploy", deploy, "canary")
         assert shadow["action"] == "continue" and shadow["verdict"] == "pass", shadow
         assert Path(shadow["report"]).is_file()
-        assert decision["action"] == "promote" and (decision["champion"], decision["challenger"]) == (1, 2), decision
-        assert read_aliases(s.paths.triton_repository, "chat-gpt") == {"champion": 2, "previous": 1}
-        assert str(mlc.get_model_version_by_alias("chat-gpt", "champion").version) == "2"
-        v2_run = mlc.get_run(mlc.get_model_version("chat-gpt", "2").run_id)
+        assert decision["action"] == "promote" and (decision["champion"], decision["challenger"]) == (1, new), decision
+        assert read_aliases(s.paths.triton_repository, "chat-gpt") == {"champion": new, "previous": 1}
+        assert int(mlc.get_model_version_by_alias("chat-gpt", "champion").version) == new
+        v2_run = mlc.get_run(mlc.get_model_version("chat-gpt", str(new)).run_id)
         assert v2_run.data.tags["llmops.trigger_reason"].startswith("chat_monitor: "), v2_run.data.tags
 
         # 5. a deliberately slow challenger (version 1 with a roll-back drill): the shadow rolls it back
@@ -243,12 +267,12 @@ def test_closed_loop_drift_retrains_and_promotes_then_a_slow_challenger_is_rolle
     shadow = client.xcom("chat_deploy", drill, "shadow")
     assert shadow["action"] == "rollback" and "p99 latency" in shadow["reason"], shadow
     assert client.xcom("chat_deploy", drill, "canary")["action"] == "rollback"
-    assert read_aliases(s.paths.triton_repository, "chat-gpt") == {"champion": 2, "rejected": 1}
+    assert read_aliases(s.paths.triton_repository, "chat-gpt") == {"champion": new, "rejected": 1}
     assert mlc.get_model_version("chat-gpt", "1").tags["rollout.reason"].startswith("shadow: p99 latency")
     record = json.loads(Path(shadow["record"]).read_text())
     assert record["action"] == "rollback" and record["evidence"]["steps"][0]["phase"] == "shadow"
     # live traffic throughout both switches: every request answered, only ever by a champion
     assert load.answers and {st for st, _ in load.answers} == {200}, sorted({st for st, _ in load.answers})
-    assert {v for _, v in load.answers} <= {"1", "2"}
+    assert {v for _, v in load.answers} <= {"1", str(new)}
     assert httpx.post(f"{base}/v1/chat/completions", json={"model": "chat-gpt", "max_tokens": 4, "messages": [
-        {"role": "user", "content": "hi"}]}, timeout=60).headers["x-model-version"] == "2"
+        {"role": "user", "content": "hi"}]}, timeout=60).headers["x-model-version"] == str(new)

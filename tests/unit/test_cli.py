@@ -10,7 +10,7 @@ from tests.conftest import REPO
 
 runner = CliRunner()
 COMMANDS = ["config", "synth", "ingest", "validate", "snapshot", "shard", "days", "trigger", "backfill", "status",
-            "stack up", "stack down", "stack status"]
+            "stack up", "stack down", "stack status", "rollout shadow", "rollout canary", "drift", "autoscale", "cost"]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)
@@ -43,3 +43,12 @@ def test_synth_then_ingest_prints_json(tmp_path):
 def test_data_error_exits_1_with_message(tmp_path):
     r = runner.invoke(app, ["ingest", "--day", "2026-11-05", "--set", f"paths.root={tmp_path}"])
     assert r.exit_code == 1 and "no raw input for dt=2026-11-05" in r.output
+
+
+def test_synth_traffic_writes_request_logs(tmp_path):
+    r = runner.invoke(app, ["synth", "--traffic", "40", "--drifted", "--hours", "0.5", "--set", f"paths.root={tmp_path}"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout[r.stdout.index("{"):])
+    assert out["rows"] == 40 and out["drifted"] is True
+    lines = [json.loads(x) for p in out["paths"] for x in open(p, encoding="utf-8")]
+    assert len(lines) == 40 and all(x["synthetic"] and x["prompt"] for x in lines)

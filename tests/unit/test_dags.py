@@ -73,7 +73,9 @@ def test_chat_deploy_shape(dagbag):
 
 def test_chat_monitor_shape(dagbag):
     dag = dagbag.get_dag("chat_monitor")
-    assert [t.task_id for t in dag.topological_sort()] == ["drift", "decide", "retrain"]
+    assert {t.task_id for t in dag.tasks} == {"drift", "decide", "retrain", "autoscale", "cost"}
+    assert dag.get_task("retrain").upstream_task_ids == {"decide"}
+    assert dag.get_task("decide").upstream_task_ids == {"drift"}
     assert dag.get_task("retrain").trigger_dag_id == "chat_train"
     assert dag.max_active_runs == 1
     assert type(dag.timetable).__name__ == "DeltaTriggerTimetable", type(dag.timetable)
