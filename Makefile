@@ -83,3 +83,4 @@ bench: install
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/eval.py
 	$(BIN)/python bench/serve.py
+	$(BIN)/python bench/monitor.py

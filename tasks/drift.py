@@ -6,8 +6,10 @@ Reference: the user turns of the training snapshot's corpus. Current: the prompt
 gateway's request logs in the window. Both are sampled to `monitor.sample_rows`. Compared with
 Evidently's DataDriftPreset on prompt features (characters, tokens, words, empty, charset), plus
 the KL divergence of the token unigram distribution (same tokenizer as the served model), plus
-the SLO figures (p99 latency, error rate) of the same logs. The HTML report goes to
-reports/drift/<time>/report.html with the verdict beside it as JSON.
+embedding drift of the prompts (`monitor.embedding_model`, sampled further to
+`monitor.embedding_sample_rows` a side: Evidently's EmbeddingsDrift, "model" method), plus the SLO
+figures (p99 latency, error rate) of the same logs. The HTML reports go to
+reports/drift/<time>/report.html and embeddings.html, with the verdict beside them as JSON.
 
 `guard()` decides whether a firing monitor may trigger `chat_train`: not within the cooldown,
 not while a chat_train run is running or queued, not without enough new rows since the last
@@ -19,7 +21,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import math
 import random
+import time
 import unicodedata
 from collections import Counter
 from pathlib import Path
@@ -31,6 +35,7 @@ from tasks.config import MonitorConfig, Settings
 log = logging.getLogger(__name__)
 FEATURES_NUM = ("prompt_chars", "prompt_words", "prompt_tokens")
 FEATURES_CAT = ("charset", "empty")
+EMBEDDING_AUC = 0.55  # Evidently's default bound for its "model" method (ROC AUC of a reference-vs-current classifier)
 
 
 def charset(text: str) -> str:
@@ -78,6 +83,42 @@ def kl_divergence(current: Counter, reference: Counter, alpha: float = 1.0) -> f
     return float(np.sum(p * np.log(p / q)))
 
 
+def auc_bound(n_reference: int, n_current: int, z: float = 3.09) -> float:
+    """The ROC AUC above which embedding drift fires: Evidently's 0.55, raised for small samples to the
+    AUC a classifier scores by chance with probability 0.001 on the held-out half that Evidently scores
+    (normal approximation of the Mann-Whitney U null). 2,000 a side: 0.55; 150 a side: 0.65."""
+    n1, n2 = max(n_reference // 2, 1), max(n_current // 2, 1)
+    return max(EMBEDDING_AUC, 0.5 + z * math.sqrt((n1 + n2 + 1) / (12 * n1 * n2)))
+
+
+def embedding_drift(reference: list[str], current: list[str], model: str) -> tuple[dict[str, Any], Any]:
+    """({"method", "score", "threshold", "drifted", "rows"}, Evidently snapshot) of the prompts' sentence embeddings.
+
+    Evidently's EmbeddingsDrift with its "model" method: a linear classifier is trained to tell
+    reference from current embeddings on half the rows; the score is its ROC AUC on the other half
+    (0.5: indistinguishable). The snapshot has the metric's t-SNE density plots of both sides.
+    """
+    import pandas as pd
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.metrics import EmbeddingsDrift
+    from evidently.metrics.embeddings import ModelDriftMethod
+    from evidently.tests import lte
+
+    from tasks.metrics import embed
+
+    ref, cur = embed(reference, model), embed(current, model)  # (N, D) unit vectors
+    cols = [f"e{i}" for i in range(ref.shape[1])]
+    definition = DataDefinition(embeddings={"prompt": cols})
+    bound = auc_bound(len(reference), len(current))
+    metric = EmbeddingsDrift(embeddings_name="prompt", drift_method=ModelDriftMethod(threshold=bound), tests=[lte(bound)])
+    snapshot = Report([metric], include_tests=True).run(
+        current_data=Dataset.from_pandas(pd.DataFrame(cur, columns=cols), data_definition=definition),
+        reference_data=Dataset.from_pandas(pd.DataFrame(ref, columns=cols), data_definition=definition))
+    score = float(snapshot.dict()["metrics"][0]["value"])
+    return {"method": "model", "score": score, "threshold": bound, "drifted": score > bound,
+            "rows": {"reference": len(reference), "current": len(current)}}, snapshot
+
+
 def reference_prompts(settings: Settings) -> list[str]:
     """User turns of the latest snapshot's clean partitions (what the model was trained on)."""
     from tasks.ingest import read_partition
@@ -93,7 +134,8 @@ def reference_prompts(settings: Settings) -> list[str]:
 
 def drift_report(settings: Settings, reference: list[str], records: list[dict[str, Any]], tokenizer,
                  out_dir: Path | None = None, seed: int = 0) -> dict[str, Any]:
-    """Evidently drift of prompt features + token KL + SLO figures; the HTML report and verdict JSON."""
+    """Evidently drift of prompt features + token KL + prompt embedding drift + SLO figures; the HTML
+    reports and verdict JSON."""
     import numpy as np
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset
@@ -124,9 +166,22 @@ def drift_report(settings: Settings, reference: list[str], records: list[dict[st
     tests = snapshot.dict().get("tests", [])
     failed_tests = [t.get("name", "") for t in tests if str(t.get("status", "")).upper().endswith("FAIL")]
     kl = kl_divergence(cur_uni, ref_uni)
+    # A second Report: one Report runs on one pair of datasets, and only a sample of the feature rows
+    # is embedded (embedding is the slow part). EmbeddingsDrift is Evidently's new-API metric over its
+    # legacy EmbeddingsDriftMetric; DataDriftPreset takes an `embeddings` argument but ignores it in 0.7.
+    emb: dict[str, Any] | None = None
+    emb_snapshot: Any = None
+    if cfg.embedding_model:
+        n, t0 = cfg.embedding_sample_rows, time.perf_counter()
+        emb, emb_snapshot = embedding_drift(rng.sample(reference, min(n, len(reference))),
+                                            rng.sample(current, min(n, len(current))), cfg.embedding_model)
+        log.info("embedding drift of prompts: %s score %.3f (threshold %.3f), %d + %d prompts in %.1f s", emb["method"],
+                 emb["score"], emb["threshold"], emb["rows"]["reference"], emb["rows"]["current"], time.perf_counter() - t0)
     reasons = [f"Evidently: {n}" for n in failed_tests]
     if kl > cfg.kl_threshold:
         reasons.append(f"token unigram KL {kl:.3f} > {cfg.kl_threshold}")
+    if emb and emb["drifted"]:
+        reasons.append(f"embedding drift of prompts: {emb['method']} score {emb['score']:.3f} > threshold {emb['threshold']:.3f}")
     if slo["p99_ms"] is not None and slo["p99_ms"] > cfg.slo_p99_ms:
         reasons.append(f"SLO: p99 {slo['p99_ms']:.0f} ms > {cfg.slo_p99_ms:.0f} ms")
     if slo["error_rate"] > cfg.slo_error_rate:
@@ -134,8 +189,12 @@ def drift_report(settings: Settings, reference: list[str], records: list[dict[st
     out_dir = out_dir or settings.paths.reports_dir / "drift" / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
     out_dir.mkdir(parents=True, exist_ok=True)
     snapshot.save_html(str(out_dir / "report.html"))
+    if emb is not None:
+        emb_snapshot.save_html(str(out_dir / "embeddings.html"))
+        emb["report"] = str(out_dir / "embeddings.html")
     result |= {"verdict": "drift" if reasons else "ok", "fire": bool(reasons), "reason": "; ".join(reasons) or "no drift",
-               "token_kl": kl, "evidently_failed_tests": failed_tests, "report": str(out_dir / "report.html")}
+               "token_kl": kl, "embedding_drift": emb, "evidently_failed_tests": failed_tests,
+               "report": str(out_dir / "report.html")}
     write_json(out_dir / "verdict.json", result)
     return result
 

