@@ -2,8 +2,8 @@
 ### chat_monitor: drift and SLO checks on the served model; a guarded retrain when they fire
 
 `drift` (the gateway's request logs of the last `monitor.window_hours` against the training
-corpus: Evidently drift of prompt features, token unigram KL, p99 latency and error rate; HTML
-report under reports/drift/) → `decide` (if it fired: the guards of configs/monitor.yaml, i.e. no
+corpus: Evidently drift of prompt features, Evidently embedding drift of the prompts' MiniLM
+embeddings, token unigram KL, p99 latency and error rate; HTML reports under reports/drift/) → `decide` (if it fired: the guards of configs/monitor.yaml, i.e. no
 chat_train run running or queued, outside the cooldown, under the weekly cap, enough new request
 rows; skips the rest when any says no, with the reason in the log) → `retrain` (triggers
 `chat_train` with a conf that says why).

@@ -403,7 +403,28 @@ def autoscale(settings: Settings, interval_s: float = 5.0) -> dict[str, Any]:
         f.flush()
         os.fsync(f.fileno())
     log.info("autoscale: %s %d -> %d (+%d warm): %s", d.action, d.instances, d.target, d.warm, d.reason)
-    return {"signals": sig, "decision": asdict(d), "log": str(path)}
+    return {"signals": sig, "decision": asdict(d), "log": str(path), "metrics": str(export_metrics(settings, sig, d))}
+
+
+def export_metrics(settings: Settings, sig: dict[str, Any], d: Decision) -> Path:
+    """The signals and the recommendation as Prometheus gauges in reports/autoscale/autoscale.prom
+    (the textfile-collector format node_exporter scrapes; written atomically), so dashboards and an
+    HPA-style controller can read them beside the servers' own metrics."""
+    from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
+
+    reg = CollectorRegistry()
+    for key, help_ in (("queue_depth", "requests waiting (Triton pending + gateway queue)"),
+                       ("batch_fill", "mean Triton batch size / max_batch_size"),
+                       ("tokens_per_s_per_instance", "completion tokens per second per model instance"),
+                       ("utilization", "busy share of the busiest instance pool"),
+                       ("instances", "model instances now")):
+        Gauge(f"llmops_autoscale_{key}", help_, registry=reg).set(float(sig.get(key) or 0.0))
+    Gauge("llmops_autoscale_recommended_instances", "instances the policy recommends", registry=reg).set(d.target)
+    Gauge("llmops_autoscale_recommended_warm", "idle warm instances the policy recommends", registry=reg).set(d.warm)
+    path = recommendations_log(settings).with_name("autoscale.prom")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_to_textfile(str(path), reg)  # writes a temporary file and renames it
+    return path
 
 
 def replay(settings: Settings, curve_path: Path | str, capacity_rps_per_instance: float, step_s: float = 10.0,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -347,6 +348,11 @@ def test_cli_prints_and_logs_the_recommendation(servers):
     lines = recommendations_log(s).read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["decision"]["target"] == 5
     assert last_change_at(recommendations_log(s)) == json.loads(lines[0])["ts"]
+    from prometheus_client.parser import text_string_to_metric_families
+
+    gauges = {f.name: f.samples[0].value for f in text_string_to_metric_families(Path(out["metrics"]).read_text())}
+    assert gauges["llmops_autoscale_recommended_instances"] == 5 and gauges["llmops_autoscale_queue_depth"] == 9
+    assert gauges["llmops_autoscale_instances"] == 2
 
     down = runner.invoke(app, ["autoscale", "--interval", "0.1", "--set", f"paths.root={s.paths.root}",
                                "--set", f"serve.triton.metrics_port={free_port()}"])
