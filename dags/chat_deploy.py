@@ -27,7 +27,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from chat_assets import CHAT_CHALLENGER
+from chat_assets import CHAT_CHALLENGER, DEFAULT_PROFILE, PROFILES
 
 
 def _settings():
@@ -46,7 +46,7 @@ def _settings():
     doc_md=__doc__,
     default_args={"retries": 1, "retry_delay": timedelta(seconds=20)},
     params={
-        "profile": Param("tiny", type="string", enum=["tiny", "small", "gpt2-124m"], title="Profile",
+        "profile": Param(DEFAULT_PROFILE, type="string", enum=PROFILES, title="Profile",
                          description="Config profile (configs/profiles/) whose paths and serving settings apply."),
         "alias": Param("challenger", type="string", enum=["challenger", "champion"], title="Alias",
                        description="Which registered version of chat-gpt to export and load."),
@@ -96,7 +96,10 @@ def chat_deploy():
         body = {"model": f"{loaded['model']}:{loaded['version']}", "max_tokens": 16, "temperature": 0,
                 "messages": [{"role": "user", "content": "Hello, can you help me?"}]}
         t0 = time.perf_counter()
-        r = httpx.post(f"{server.urls(settings)['gateway']}/chat/completions", json=body, timeout=120)
+        from tasks.serve.gateway import auth_headers
+
+        r = httpx.post(f"{server.urls(settings)['gateway']}/chat/completions", json=body, timeout=120,
+                       headers=auth_headers(settings))
         r.raise_for_status()
         out = r.json()
         result = {"reply": out["choices"][0]["message"]["content"], "usage": out["usage"],

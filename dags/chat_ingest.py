@@ -19,7 +19,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import CronDataIntervalTimetable, Param, dag, get_current_context, task
 
-from chat_assets import CHAT_SHARDS, CLEAN_CORPUS
+from chat_assets import CHAT_SHARDS, CLEAN_CORPUS, DEFAULT_PROFILE, PROFILES
 
 
 def _settings():
@@ -51,7 +51,7 @@ def _day() -> str:
     params={
         "day": Param("", type="string", pattern=r"^(\d{4}-\d{2}-\d{2})?$", title="Day",
                      description="Partition to ingest, YYYY-MM-DD. Empty: the run's data interval start."),
-        "profile": Param("tiny", type="string", enum=["tiny", "small"], title="Profile",
+        "profile": Param(DEFAULT_PROFILE, type="string", enum=PROFILES, title="Profile",
                          description="Config profile from configs/profiles/."),
     },
 )

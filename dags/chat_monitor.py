@@ -26,6 +26,8 @@ import pendulum
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import Param, dag, get_current_context, task
 
+from chat_assets import DEFAULT_PROFILE, PROFILES
+
 
 def _settings():
     from tasks.config import load_settings
@@ -44,7 +46,7 @@ def _settings():
     default_args={"retries": 1, "retry_delay": timedelta(minutes=2)},
     render_template_as_native_obj=True,
     params={
-        "profile": Param("tiny", type="string", enum=["tiny", "small", "gpt2-124m"], title="Profile",
+        "profile": Param(DEFAULT_PROFILE, type="string", enum=PROFILES, title="Profile",
                          description="Config profile whose paths, tokenizer and monitor settings apply."),
     },
 )

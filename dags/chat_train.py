@@ -24,7 +24,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
 
-from chat_assets import CHAT_CHALLENGER, CHAT_SHARDS
+from chat_assets import CHAT_CHALLENGER, CHAT_SHARDS, DEFAULT_PROFILE, PROFILES
 
 
 def _settings():
@@ -45,7 +45,7 @@ def _settings():
     doc_md=__doc__,
     default_args={"retries": 2, "retry_delay": timedelta(seconds=30)},
     params={
-        "profile": Param("tiny", type="string", enum=["tiny", "small", "gpt2-124m"], title="Profile",
+        "profile": Param(DEFAULT_PROFILE, type="string", enum=PROFILES, title="Profile",
                          description="Model and training profile from configs/profiles/ (tiny trains in minutes on a CPU)."),
         "max_steps": Param(None, type=["null", "integer"], minimum=1, maximum=1_000_000, title="Max steps",
                            description="Optimizer steps to train. Empty: the profile's train.max_steps."),

@@ -466,7 +466,10 @@ def chat(
     s = _settings(profile, set_)
     url = base_url or urls(s)["gateway"]
     session = session or f"cli-{uuid.uuid4().hex[:12]}"
-    client = OpenAI(base_url=url, api_key="unused", max_retries=0)
+    from tasks.serve.gateway import auth_headers
+
+    key = auth_headers(s).get("Authorization", "Bearer unused").removeprefix("Bearer ")
+    client = OpenAI(base_url=url, api_key=key, max_retries=0)
     typer.echo(f"chatting with {model} at {url} (session {session}); Ctrl-D ends", err=True)
     while True:
         try:

@@ -245,9 +245,18 @@ class StackConfig(_Section):
     airflow_port: int = Field(8080, ge=1, le=65535)
     mlflow_port: int = Field(5000, ge=1, le=65535)
     airflow_parallelism: int = Field(4, ge=1, le=64, description="LocalExecutor worker processes")
-    # Empty: sqlite under var/. Production: postgresql+psycopg2://... (issue: production topology).
+    # Empty: sqlite under var/. Production: postgresql+psycopg://role@host:5432/db (the prod-local
+    # profile). A password never goes here: it comes from the environment (PGPASSWORD, or
+    # AIRFLOW__DATABASE__SQL_ALCHEMY_CONN, which wins over this key when set).
     airflow_db_url: str = ""
     mlflow_backend_uri: str = ""
+    executor: Literal["LocalExecutor", "CeleryExecutor"] = "LocalExecutor"
+    celery_broker_url: str = Field("", description="CeleryExecutor: redis://host:6379/N")
+    celery_result_backend: str = Field("", description="CeleryExecutor: db+postgresql+psycopg://...; empty: the Airflow DB")
+    celery_concurrency: int = Field(2, ge=1, le=64)
+    # Postgres databases this stack uses are created (with their roles) through this connection, idempotently
+    postgres_admin_url: str = "postgresql://127.0.0.1:5432/postgres"
+    mlflow_auth: bool = Field(False, description="MLflow basic auth; the admin password from $LLMOPS_MLFLOW_ADMIN_PASSWORD")
 
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # a name that becomes a path component: no '/', no leading '.'
@@ -301,6 +310,9 @@ class GatewayConfig(_Section):
     cost_per_hour_usd: float = Field(0.10, ge=0.0, description="$ per hour of the serving machine (CPU or GPU)")
     throughput_window_s: float = Field(60.0, gt=0)
     log_requests: bool = True
+    # OpenAI-style `Authorization: Bearer <key>` on /v1/*: the keys come only from the environment
+    # variable named here (comma-separated); empty: no key is asked for (loopback-only default)
+    api_keys_env: str = Field("", pattern=r"^([A-Z_][A-Z0-9_]*)?$")
 
 
 class SafetyConfig(_Section):

@@ -10,12 +10,20 @@ LocalExecutor on one machine the api-server reads task logs from disk, so they a
 (`--skip-serve-logs`) and every port this stack opens is bound to `stack.host` (127.0.0.1).
 Each process runs in its own session; its process-group id is kept in var/run/<name>.pid and
 `down` sends SIGTERM to the group (then SIGKILL after a grace period).
+
+The production topology is the same code with other settings (the `prod-local` profile): the
+metadata DB on PostgreSQL, the CeleryExecutor with a Redis broker and one more process, a Celery
+worker; MLflow's tracking server on PostgreSQL with its basic-auth app. The Postgres databases and
+their roles are created idempotently on `up` through `stack.postgres_admin_url`. Secrets come only
+from the environment: $LLMOPS_MLFLOW_ADMIN_PASSWORD, and Postgres passwords through PGPASSWORD or
+AIRFLOW__DATABASE__SQL_ALCHEMY_CONN (which, when set, wins over `stack.airflow_db_url`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -59,7 +67,7 @@ def airflow_env(settings: Settings) -> dict[str, str]:
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT_DIR / "dags"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__EXECUTOR": st.executor,
         "AIRFLOW__CORE__PARALLELISM": str(st.airflow_parallelism),
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
@@ -68,7 +76,8 @@ def airflow_env(settings: Settings) -> dict[str, str]:
         "AIRFLOW__API__PORT": str(st.airflow_port),
         "AIRFLOW__API__BASE_URL": base,
         "AIRFLOW__API_AUTH__JWT_SECRET": secret_file.read_text().strip(),
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": st.airflow_db_url or f"sqlite:///{home / 'airflow.db'}",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": os.environ.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN")
+        or st.airflow_db_url or f"sqlite:///{home / 'airflow.db'}",
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
         "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
         "LLMOPS_ROOT": str(settings.paths.root),
@@ -77,22 +86,101 @@ def airflow_env(settings: Settings) -> dict[str, str]:
         "MLFLOW_TRACKING_URI": f"http://{st.host}:{st.mlflow_port}",
         "NO_PROXY": "127.0.0.1,localhost",
     }
+    if st.executor == "CeleryExecutor":
+        if not st.celery_broker_url:
+            raise StackError("stack.executor is CeleryExecutor but stack.celery_broker_url is empty (redis://host:6379/N)")
+        env["AIRFLOW__CELERY__BROKER_URL"] = os.environ.get("AIRFLOW__CELERY__BROKER_URL") or st.celery_broker_url
+        env["AIRFLOW__CELERY__RESULT_BACKEND"] = (os.environ.get("AIRFLOW__CELERY__RESULT_BACKEND") or st.celery_result_backend
+                                                  or "db+" + env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])
+        env["AIRFLOW__CELERY__WORKER_CONCURRENCY"] = str(st.celery_concurrency)
+    if st.mlflow_auth:
+        env |= mlflow_credentials()
     return env
+
+
+def mlflow_credentials() -> dict[str, str]:
+    """The MLflow client's basic-auth credentials: the admin, password from $LLMOPS_MLFLOW_ADMIN_PASSWORD."""
+    password = os.environ.get("LLMOPS_MLFLOW_ADMIN_PASSWORD", "")
+    if len(password) < 12 or password == "password1234":
+        raise StackError("stack.mlflow_auth is on: set LLMOPS_MLFLOW_ADMIN_PASSWORD to the MLflow admin password "
+                         "(12 characters or more, not MLflow's default)")
+    return {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}
+
+
+def _mlflow_auth_config(settings: Settings) -> Path:
+    """MLflow's basic-auth ini (var/mlflow/basic_auth.ini, mode 0600): the admin and its password
+    from the environment, new users read-only, users in their own SQLite DB beside it."""
+    d = settings.paths.var_dir / "mlflow"
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / "basic_auth.ini"
+    body = ("[mlflow]\ndefault_permission = READ\n"
+            f"database_uri = sqlite:///{d / 'basic_auth.db'}\n"
+            "admin_username = admin\n"
+            f"admin_password = {mlflow_credentials()['MLFLOW_TRACKING_PASSWORD']}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(body)
+    path.chmod(0o600)
+    return path
+
+
+def provision_postgres(settings: Settings) -> list[str]:
+    """Create the roles and databases the Postgres URLs of `stack` name, if missing (idempotent)."""
+    from urllib.parse import urlsplit
+
+    import psycopg
+    from psycopg import sql
+
+    st = settings.stack
+    wanted = {}
+    for key in ("airflow_db_url", "mlflow_backend_uri"):
+        url = getattr(st, key)
+        if not url.startswith("postgresql"):
+            continue
+        u = urlsplit(url)
+        role, db = u.username, u.path.lstrip("/")
+        for what, name in (("role", role), ("database", db)):
+            if not name or not name.replace("_", "").isalnum():
+                raise StackError(f"stack.{key}: {what} {name!r} must be letters, digits and _ only")
+        wanted[db] = role
+    created = []
+    if not wanted:
+        return created
+    admin = st.postgres_admin_url.replace("postgresql+psycopg://", "postgresql://")
+    try:
+        conn = psycopg.connect(admin, autocommit=True, connect_timeout=10)
+    except psycopg.OperationalError as e:
+        raise StackError(f"cannot reach PostgreSQL at stack.postgres_admin_url={admin}: {e}") from None
+    with conn:
+        for db, role in wanted.items():
+            if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+                conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+                created.append(f"role {role}")
+            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,)).fetchone():
+                conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(db), sql.Identifier(role)))
+                created.append(f"database {db}")
+    return created
 
 
 def _components(settings: Settings) -> dict[str, list[str]]:
     st = settings.stack
     af = _bin("airflow")
     mlflow_dir = settings.paths.var_dir / "mlflow"
-    return {
+    out = {
         "airflow-api-server": [af, "api-server", "--host", st.host, "--port", str(st.airflow_port)],
         "airflow-scheduler": [af, "scheduler", "--skip-serve-logs"],
         "airflow-dag-processor": [af, "dag-processor"],
         "airflow-triggerer": [af, "triggerer", "--skip-serve-logs"],
         "mlflow": [_bin("mlflow"), "server", "--host", st.host, "--port", str(st.mlflow_port), "--workers", "1",
                    "--backend-store-uri", st.mlflow_backend_uri or f"sqlite:///{mlflow_dir / 'mlflow.db'}",
-                   "--artifacts-destination", str(mlflow_dir / "artifacts")],
+                   "--artifacts-destination", str(mlflow_dir / "artifacts"),
+                   *(["--app-name", "basic-auth"] if st.mlflow_auth else [])],
     }
+    if st.executor == "CeleryExecutor":  # task logs are read from disk on this machine: no log server
+        out["airflow-celery-worker"] = [af, "celery", "worker", "--concurrency", str(st.celery_concurrency),
+                                        "--skip-serve-logs", "--without-gossip", "--without-mingle"]
+    return out
 
 
 def pidfile(settings: Settings, name: str) -> Path:
@@ -137,8 +225,14 @@ def up(settings: Settings, timeout: float = 180.0) -> dict[str, Any]:
     logs.mkdir(parents=True, exist_ok=True)
     (settings.paths.var_dir / "run").mkdir(parents=True, exist_ok=True)
     (settings.paths.var_dir / "mlflow" / "artifacts").mkdir(parents=True, exist_ok=True)
+    if settings.stack.mlflow_auth:
+        env["MLFLOW_AUTH_CONFIG_PATH"] = str(_mlflow_auth_config(settings))
+    provision_postgres(settings)
     if not any(alive(settings, n) for n in _components(settings) if n.startswith("airflow")):
-        subprocess.run([_bin("airflow"), "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
+        r = subprocess.run([_bin("airflow"), "db", "migrate"], env=env, capture_output=True, text=True, timeout=300)
+        if r.returncode:
+            where = re.sub(r"//[^@/]*@", "//***@", env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])  # no password in logs
+            raise StackError(f"airflow db migrate failed ({where}):\n{r.stderr[-2000:]}")
         # one training at a time on this machine (chat_train's `train` task runs in this pool)
         subprocess.run([_bin("airflow"), "pools", "set", "training", "1", "DeepSpeed training runs"], env=env,
                        check=True, capture_output=True, timeout=120)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hmac
 import json
 import logging
 import os
@@ -287,6 +288,7 @@ class Gateway:
         self.shadow_limit = max(1, g.max_inflight // 2)  # mirrors in flight or waiting, at most
         self._shadow_tasks: set[asyncio.Task] = set()
         self.store = open_store(g)
+        self.api_keys = api_keys(settings)
         self._client = None
         self._tokenizers: dict[int, tuple[Any, int]] = {}
         self.triton_up = False
@@ -431,6 +433,24 @@ class Gateway:
         self.shadow_log.close()
 
 
+def api_keys(settings: Settings) -> tuple[str, ...]:
+    """The keys the gateway accepts, from the environment variable `serve.gateway.api_keys_env` names."""
+    var = settings.serve.gateway.api_keys_env
+    if not var:
+        return ()
+    keys = tuple(k.strip() for k in os.environ.get(var, "").split(",") if k.strip())
+    if not keys or any(len(k) < 16 for k in keys):
+        raise ValueError(f"serve.gateway.api_keys_env={var}: set ${var} to one or more comma-separated keys "
+                         "of 16 characters or more")
+    return keys
+
+
+def auth_headers(settings: Settings) -> dict[str, str]:
+    """What a client of this gateway sends: the first configured key, if keys are on."""
+    keys = api_keys(settings)
+    return {"Authorization": f"Bearer {keys[0]}"} if keys else {}
+
+
 def _session_of(req: ChatRequest, request: Request) -> str | None:
     sid = request.headers.get("x-session-id") or req.session_id or req.user
     if sid is not None and not SESSION_ID.fullmatch(sid):
@@ -449,6 +469,18 @@ def create_app(settings: Settings, triton_grpc: str | None = None, triton_http: 
 
     app = FastAPI(title="llmops chat gateway", version="1", lifespan=lifespan)
     app.state.gateway = gw
+
+    @app.middleware("http")
+    async def _api_key(request: Request, call_next):
+        """/v1/* needs one of the configured keys when any is set; health and metrics stay open."""
+        if gw.api_keys and request.url.path.startswith("/v1/"):
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip().encode(), k.encode())
+                                                      for k in gw.api_keys):
+                gw.metrics.rejected.labels("unauthorized").inc()
+                return ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}).response(gw.headers)
+        return await call_next(request)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):

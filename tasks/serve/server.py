@@ -60,16 +60,18 @@ def up(settings: Settings, timeout: float | None = None) -> dict[str, Any]:
                                     start_new_session=True, cwd=PROJECT_DIR)
         pidfile(settings, "gateway").write_text(str(proc.pid))
         started.append("gateway")
-    wait_gateway(u["gateway"], timeout, logs / "gateway.log")
+    from tasks.serve.gateway import auth_headers
+
+    wait_gateway(u["gateway"], timeout, logs / "gateway.log", auth_headers(settings))
     return {"started": started, **u, "models": list(_models(settings))}
 
 
-def wait_gateway(base: str, timeout: float, log: Path) -> None:
+def wait_gateway(base: str, timeout: float, log: Path, headers: dict[str, str] | None = None) -> None:
     """Wait until the gateway at `base` (…/v1) answers /models; raise with the end of its log if not."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{base}/models", timeout=3.0).status_code == 200:
+            if httpx.get(f"{base}/models", timeout=3.0, headers=headers).status_code == 200:
                 return
         except httpx.HTTPError:
             pass

@@ -189,3 +189,29 @@ def test_preferred_batch_sizes_must_fit_max_batch_size(tmp_path):
 
     with pytest.raises(ConfigError, match="preferred_batch_sizes"):
         make_settings(tmp_path, "serve.triton.max_batch_size=4", "serve.triton.preferred_batch_sizes=[8]")
+
+
+def test_gateway_api_keys_from_the_environment_401_without_them(tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from tasks.serve.gateway import create_app
+    from tasks.train import free_port
+
+    key = "sk-test-" + "x" * 24
+    monkeypatch.setenv("LLMOPS_GATEWAY_API_KEYS", f"{key}, sk-other-{'y' * 16}")
+    s = make_settings(tmp_path, "serve.gateway.api_keys_env=LLMOPS_GATEWAY_API_KEYS",
+                      f"serve.triton.grpc_port={free_port()}")
+    with TestClient(create_app(s)) as http:
+        for headers in ({}, {"Authorization": "Bearer wrong-key-0123456789"}, {"Authorization": key}):
+            r = http.get("/v1/models", headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
+            assert r.headers["www-authenticate"] == "Bearer"
+        r = http.post("/v1/chat/completions", json={"model": "chat-gpt", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 401
+        assert http.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        assert http.get("/v1/models", headers={"Authorization": f"bearer sk-other-{'y' * 16}"}).status_code == 200
+        assert http.get("/healthz").status_code == 503  # probes and scrapers need no key: no model server here
+        assert "gateway_rejected_total" in http.get("/metrics").text
+    monkeypatch.setenv("LLMOPS_GATEWAY_API_KEYS", "short")
+    with pytest.raises(ValueError, match="LLMOPS_GATEWAY_API_KEYS"):
+        create_app(s)
