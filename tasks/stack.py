@@ -125,6 +125,16 @@ def _mlflow_auth_config(settings: Settings) -> Path:
     return path
 
 
+def _secret(path: Path) -> str:
+    """A random secret generated once per install, kept in `path` with mode 0600, never committed."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(48))
+    return path.read_text().strip()
+
+
 def provision_postgres(settings: Settings) -> list[str]:
     """Create the roles and databases the Postgres URLs of `stack` name, if missing (idempotent)."""
     from urllib.parse import urlsplit
@@ -227,6 +237,7 @@ def up(settings: Settings, timeout: float = 180.0) -> dict[str, Any]:
     (settings.paths.var_dir / "mlflow" / "artifacts").mkdir(parents=True, exist_ok=True)
     if settings.stack.mlflow_auth:
         env["MLFLOW_AUTH_CONFIG_PATH"] = str(_mlflow_auth_config(settings))
+        env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = _secret(settings.paths.var_dir / "mlflow" / "flask_secret")  # CSRF
     provision_postgres(settings)
     if not any(alive(settings, n) for n in _components(settings) if n.startswith("airflow")):
         r = subprocess.run([_bin("airflow"), "db", "migrate"], env=env, capture_output=True, text=True, timeout=300)

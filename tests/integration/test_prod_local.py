@@ -1,0 +1,166 @@
+"""The production topology on this machine, by configuration alone (the prod-local profile): Airflow's
+metadata DB on the machine's PostgreSQL, the CeleryExecutor with Redis as broker and a Celery worker,
+MLflow's server on PostgreSQL with basic auth. chat_ingest and a short chat_train run through the
+Celery worker; MLflow answers 401 without credentials. The test's own databases, roles and Redis DB
+are removed afterwards; Postgres or Redis not running is started as ../shared/FACTS.md says, or fails."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import time
+import uuid
+
+import httpx
+import pytest
+import yaml
+
+from tasks import stack
+from tasks.synth import synth
+from tasks.train import free_port
+from tests.conftest import REPO, make_settings
+from tests.integration.test_context_store import _redis_up
+
+pytestmark = [pytest.mark.slow, pytest.mark.services]
+BROKER_DB = 13  # the Celery broker's Redis database, emptied afterwards
+
+
+def _postgres_up() -> None:
+    import psycopg
+
+    for attempt in range(2):
+        try:
+            psycopg.connect("postgresql://127.0.0.1:5432/postgres", connect_timeout=3).close()
+            return
+        except psycopg.OperationalError:
+            if attempt == 0 and shutil.which("pg_ctlcluster") and os.path.isdir("/etc/postgresql"):
+                version = sorted(os.listdir("/etc/postgresql"))[-1]
+                subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start"],
+                               capture_output=True, check=False)
+                time.sleep(3)
+    pytest.fail("PostgreSQL is not reachable at 127.0.0.1:5432 and could not be started (pg_ctlcluster)")
+
+
+def _drop(databases: list[str], roles: list[str]) -> None:
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect("postgresql://127.0.0.1:5432/postgres", autocommit=True) as conn:
+        for db in databases:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (db,))
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(db)))
+        for role in roles:
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+@pytest.fixture(scope="module")
+def prod(tmp_path_factory):
+    _postgres_up()
+    _redis_up()
+    import redis
+
+    tag = uuid.uuid4().hex[:8]
+    af_db, ml_db, role = f"llmops_t{tag}_airflow", f"llmops_t{tag}_mlflow", f"llmops_t{tag}"
+    root = tmp_path_factory.mktemp("prod")
+    saved = {k: os.environ.get(k) for k in ("LLMOPS_MLFLOW_ADMIN_PASSWORD", "LLMOPS_CONFIG_DIR")}
+    os.environ["LLMOPS_MLFLOW_ADMIN_PASSWORD"] = secrets.token_urlsafe(18)  # never a default, never in the repo
+    configs = root / "configs"  # the prod-local profile with a 20-step training, for every Airflow process
+    shutil.copytree(REPO / "configs", configs)
+    profile = yaml.safe_load((configs / "profiles" / "prod-local.yaml").read_text())
+    profile["train"]["max_steps"] = 20
+    (configs / "profiles" / "prod-local.yaml").write_text(yaml.safe_dump(profile))
+    os.environ["LLMOPS_CONFIG_DIR"] = str(configs)
+    s = make_settings(root, f"stack.airflow_port={free_port()}", f"stack.mlflow_port={free_port()}",
+                      f"stack.airflow_db_url=postgresql+psycopg://{role}@127.0.0.1:5432/{af_db}",
+                      f"stack.mlflow_backend_uri=postgresql+psycopg://{role}@127.0.0.1:5432/{ml_db}",
+                      f"stack.celery_broker_url=redis://127.0.0.1:6379/{BROKER_DB}",
+                      f"stack.celery_result_backend=db+postgresql+psycopg://{role}@127.0.0.1:5432/{af_db}",
+                      profile="prod-local")
+    synth(s, days=1, start="2026-11-01", records=60, faults=True, chatterbot=False)
+    try:
+        t0 = time.monotonic()
+        info = stack.up(s, timeout=240)
+        info["up_s"] = time.monotonic() - t0
+        yield s, info
+    finally:
+        stack.down(s)
+        _drop([af_db, ml_db], [role])
+        redis.Redis.from_url(f"redis://127.0.0.1:6379/{BROKER_DB}").flushdb()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _latencies(client: stack.AirflowClient, dag_id: str, run_id: str) -> list[float]:
+    """Seconds from a task instance being queued to its start on the worker."""
+    tis = client._ok(client.http.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances"))["task_instances"]
+    return [(dt.datetime.fromisoformat(t["start_date"]) - dt.datetime.fromisoformat(t["queued_when"])).total_seconds()
+            for t in tis if t.get("queued_when") and t.get("start_date")]
+
+
+def test_airflow_runs_on_postgres_and_celery_and_mlflow_needs_credentials(prod):
+    import mlflow
+    import psycopg
+
+    s, info = prod
+    assert set(info["started"]) >= {"airflow-celery-worker", "mlflow", "airflow-scheduler"}
+    # the metadata really is in Postgres: the DAGs the dag-processor parsed are rows there
+    client = stack.AirflowClient(s)
+    client.wait_for_dag("chat_ingest", timeout=180)
+    db = s.stack.airflow_db_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(db) as conn:
+        assert {r[0] for r in conn.execute("SELECT dag_id FROM dag")} >= {"chat_ingest", "chat_train"}
+
+    # chat_ingest through the Celery worker (the Trigger form's REST call)
+    client.unpause("chat_ingest")
+    t0 = time.monotonic()
+    run_id = client.trigger("chat_ingest", {"day": "2026-11-01", "profile": "prod-local"})
+    assert client.wait_run("chat_ingest", run_id, timeout=600) == "success", client.task_states("chat_ingest", run_id)
+    ingest_s = time.monotonic() - t0
+    lat = _latencies(client, "chat_ingest", run_id)
+    worker_log = (s.paths.var_dir / "log" / "airflow-celery-worker.log").read_text(errors="replace")
+    assert "chat_ingest" in worker_log or "execute_workload" in worker_log, worker_log[-2000:]
+
+    # MLflow: 401 without credentials, the admin (password from the environment) gets in
+    base = f"http://127.0.0.1:{s.stack.mlflow_port}"
+    search = f"{base}/api/2.0/mlflow/experiments/search?max_results=5"
+    assert httpx.get(search).status_code == 401
+    assert httpx.get(search, auth=("admin", "password1234")).status_code == 401  # MLflow's default is not it
+    assert httpx.get(search, auth=("admin", os.environ["LLMOPS_MLFLOW_ADMIN_PASSWORD"])).status_code == 200
+    cfg = (s.paths.var_dir / "mlflow" / "basic_auth.ini")
+    assert oct(cfg.stat().st_mode & 0o777) == "0o600"
+    creds = stack.mlflow_credentials()
+    os.environ.update(creds)
+    try:
+        exp = mlflow.MlflowClient(tracking_uri=base).create_experiment(f"prod-local-{uuid.uuid4().hex[:6]}")
+        assert exp
+    finally:
+        for k in creds:
+            os.environ.pop(k, None)
+    run = next(r for r in client.runs("chat_ingest") if r["dag_run_id"] == run_id)
+    run_s = (dt.datetime.fromisoformat(run["end_date"]) - dt.datetime.fromisoformat(run["start_date"])).total_seconds()
+    print(json.dumps({"prod_local": {"stack_up_s": round(info["up_s"], 1), "chat_ingest_trigger_to_done_s": round(ingest_s, 1),
+                                     "chat_ingest_run_s": round(run_s, 1), "queued_to_running_s": [round(x, 3) for x in lat]}}))
+
+    # a short chat_train through the Celery worker: DeepSpeed ranks under it, the run on the MLflow server
+    client.unpause("chat_train")  # the weekly schedule's latest run starts at once: the short training
+    runs = []
+    deadline = time.monotonic() + 60
+    while not runs and time.monotonic() < deadline:
+        runs = client.runs("chat_train")
+        time.sleep(2)
+    train_run = runs[0]["dag_run_id"] if runs else client.trigger("chat_train", {"profile": "prod-local"})
+    assert client.wait_run("chat_train", train_run, timeout=900) == "success", client.task_states("chat_train", train_run)
+    os.environ.update(creds)
+    try:
+        mlc = mlflow.MlflowClient(tracking_uri=base)
+        assert mlc.get_model_version("chat-gpt", "1").tags["gate"] == "passed"
+    finally:
+        for k in creds:
+            os.environ.pop(k, None)
