@@ -45,6 +45,13 @@ def _postgres_up() -> None:
     pytest.fail("PostgreSQL is not reachable at 127.0.0.1:5432 and could not be started (pg_ctlcluster)")
 
 
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
 def _drop(databases: list[str], roles: list[str]) -> None:
     import psycopg
     from psycopg import sql
@@ -110,6 +117,15 @@ def test_airflow_runs_on_postgres_and_celery_and_mlflow_needs_credentials(prod):
 
     s, info = prod
     assert set(info["started"]) >= {"airflow-celery-worker", "mlflow", "airflow-scheduler"}
+    # every socket the stack listens on, the Celery worker's included, is on 127.0.0.1
+    import psutil
+
+    groups = {stack.alive(s, n) for n in info["started"]}
+    pids = {p.pid for p in psutil.process_iter() if _pgid(p.pid) in groups}
+    listening = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("inet")
+                 if c.status == psutil.CONN_LISTEN and c.pid in pids}
+    assert ("127.0.0.1", s.stack.airflow_port) in listening and ("127.0.0.1", s.stack.mlflow_port) in listening
+    assert all(ip == "127.0.0.1" for ip, _ in listening), listening
     # the metadata really is in Postgres: the DAGs the dag-processor parsed are rows there
     client = stack.AirflowClient(s)
     client.wait_for_dag("chat_ingest", timeout=180)
