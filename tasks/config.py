@@ -280,6 +280,7 @@ class TritonConfig(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     threads_per_instance: int = Field(1, ge=0, description="torch intra-op threads per model instance; 0 = torch default")
     startup_timeout_s: float = Field(90.0, gt=0)
+    exit_timeout_s: int = Field(5, ge=0, description="on SIGTERM, how long in-flight requests may finish")
     serve_env: Path = Path(".venv-serve")  # the numpy<2 environment of the Python backend stub (under the project)
     # empty: the binary in the nvidia-pytriton wheel; else a tritonserver install (bin/, backends/ with the stub)
     server_dir: Path | None = None

@@ -252,18 +252,31 @@ def up(settings: Settings, timeout: float = 180.0) -> dict[str, Any]:
         if alive(settings, name):
             continue
         with open(logs / f"{name}.log", "ab") as out:
+            # umask 077: what the servers write (the generated admin password above all) is the owner's alone
             proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, cwd=settings.paths.root)
+                                    start_new_session=True, cwd=settings.paths.root, umask=0o077)
         pidfile(settings, name).write_text(str(proc.pid))
         started.append(name)
     u = urls(settings)
     wait_http(f"{u['airflow']}/api/v2/monitor/health", timeout, "Airflow api-server", logs / "airflow-api-server.log")
+    pw = Path(u["airflow_password_file"])
+    if pw.exists():  # written by an api-server started before the umask above
+        pw.chmod(0o600)
     wait_http(f"{u['mlflow']}/health", timeout, "MLflow", logs / "mlflow.log")
     return {"started": started, **u}
 
 
 def down(settings: Settings, grace: float = 20.0) -> dict[str, Any]:
     return {"stopped": stop_groups(settings, list(_components(settings)), grace)}
+
+
+def reap(pgid: int) -> None:
+    """Collect our exited children in process group `pgid` (a zombie still counts as a group member)."""
+    try:
+        while os.waitpid(-pgid, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:
+        pass
 
 
 def stop_groups(settings: Settings, names: list[str], grace: float = 20.0) -> list[str]:
@@ -275,6 +288,7 @@ def stop_groups(settings: Settings, names: list[str], grace: float = 20.0) -> li
     deadline = time.monotonic() + grace
     for name, g in groups.items():
         while time.monotonic() < deadline:
+            reap(g)
             try:
                 os.killpg(g, 0)
                 time.sleep(0.2)

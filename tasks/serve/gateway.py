@@ -427,7 +427,10 @@ class Gateway:
         for task in list(self._shadow_tasks):
             task.cancel()
         if self._client is not None:
-            await self._client.close()
+            try:  # a gRPC channel with calls in flight can take its time to close: do not hold up the exit
+                await asyncio.wait_for(self._client.close(), 2.0)
+            except (TimeoutError, asyncio.CancelledError):
+                log.warning("the gRPC channel to Triton did not close within 2 s; exiting anyway")
         await self.store.close()
         self.log.close()
         self.shadow_log.close()

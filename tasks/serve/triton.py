@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.config import PROJECT_DIR, Settings
+from tasks.stack import reap
 
 
 class TritonError(RuntimeError):
@@ -94,7 +95,7 @@ def command(settings: Settings, repository: Path, http_port: int, grpc_port: int
            f"--http-address={host}", f"--http-port={http_port}", f"--grpc-address={host}", f"--grpc-port={grpc_port}",
            f"--metrics-address={host}", f"--metrics-port={metrics_port}", "--allow-metrics=true",
            "--allow-gpu-metrics=false", "--strict-readiness=false", "--exit-on-error=false",
-           "--log-verbose=0", "--log-info=true"]
+           "--log-verbose=0", "--log-info=true", f"--exit-timeout-secs={settings.serve.triton.exit_timeout_s}"]
     return cmd + [f"--load-model={m}" for m in models]
 
 
@@ -179,6 +180,7 @@ def stop_group(pgid: int, grace: float = 15.0) -> None:
         return
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
+        reap(pgid)
         try:
             os.killpg(pgid, 0)
         except ProcessLookupError:

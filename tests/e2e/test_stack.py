@@ -101,6 +101,10 @@ def test_every_server_binds_loopback_only(running):
     addrs = _listening(s)
     assert ("127.0.0.1", 18080) in addrs and ("127.0.0.1", 15000) in addrs
     assert all(ip == "127.0.0.1" for ip, _ in addrs), addrs  # no 0.0.0.0 / [::] log servers
+    # the generated Airflow admin password and the JWT secret are the owner's alone
+    home = stack.airflow_home(s)
+    for f in (home / "simple_auth_manager_passwords.json.generated", home / "jwt_secret"):
+        assert f.stat().st_mode & 0o777 == 0o600, (f, oct(f.stat().st_mode))
 
 
 def test_trigger_and_backfill_through_scheduler(running):

@@ -164,10 +164,12 @@ def test_dynamic_batching_runs_concurrent_requests_together_with_the_same_answer
     prompts = [[{"role": "user", "content": f"{w} my order has not arrived"}] for w in
                ("Hi,", "Hello, sorry but", "Help:", "Why", "Please check:", "Urgent -", "Hey", "So")]
     client = httpclient.InferenceServerClient(tp.http_url, concurrency=8, network_timeout=120)
-    single = [client.infer(MODEL, _infer_inputs(httpclient, p), model_version="1").as_numpy("token_ids").reshape(-1).tolist()
-              for p in prompts]
-    for _ in range(3):  # a few rounds: the batcher groups what arrives within its queue delay
-        pending = [client.async_infer(MODEL, _infer_inputs(httpclient, p), model_version="1") for p in prompts]
+    # long enough generations that 8 concurrent requests outnumber the 2 busy instances and wait together
+    single = [client.infer(MODEL, _infer_inputs(httpclient, p, max_tokens=40), model_version="1").as_numpy("token_ids")
+              .reshape(-1).tolist() for p in prompts]
+    for _ in range(5):  # a few rounds: the batcher groups what arrives within its queue delay
+        pending = [client.async_infer(MODEL, _infer_inputs(httpclient, p, max_tokens=40), model_version="1")
+                   for p in prompts]
         results = [p.get_result() for p in pending]
         sizes = [int(r.as_numpy("batch_size").reshape(-1)[0]) for r in results]
         if max(sizes) > 1:
@@ -351,3 +353,32 @@ def test_triton_down_gives_503_and_the_gateway_recovers_when_it_returns(root):
     finally:
         triton.stop_group(proc.pid)
         tp.stop()
+
+
+def test_sessions_in_redis_survive_a_gateway_restart(server):
+    """The production context store: a session's turns live in Redis, so a restarted gateway (or
+    another replica) continues the conversation."""
+    import redis
+
+    from tests.integration.test_context_store import _redis_up
+
+    _redis_up()
+    s, _ = server
+    store = "serve.gateway.context_store=redis://127.0.0.1:6379/14"
+    sid = f"restart-{os.getpid()}-{time.monotonic_ns()}"
+    body = {"model": "chat-gpt:1", "max_tokens": 8, "messages": [{"role": "user", "content": "Where is my parcel?"}]}
+    proc, base = _gateway(s, store)
+    try:
+        first = httpx.post(f"{base}/v1/chat/completions", headers={"X-Session-Id": sid}, json=body, timeout=60)
+        assert first.status_code == 200
+    finally:
+        triton.stop_group(proc.pid)
+    proc, base = _gateway(s, store)  # a new process: nothing in memory
+    try:
+        again = httpx.post(f"{base}/v1/chat/completions", headers={"X-Session-Id": sid}, json=body, timeout=60)
+        assert again.status_code == 200
+        assert again.json()["usage"]["prompt_tokens"] > first.json()["usage"]["prompt_tokens"]  # turn 1 came along
+        assert httpx.delete(f"{base}/v1/sessions/{sid}").json()["deleted"] is True
+    finally:
+        triton.stop_group(proc.pid)
+        redis.Redis.from_url("redis://127.0.0.1:6379/14").delete(f"llmops:session:{sid}")
