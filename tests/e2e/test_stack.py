@@ -6,9 +6,7 @@ with live gateway traffic that never sees a failed request."""
 
 import json
 import os
-import random
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from tasks import stack
 from tasks.synth import synth, traffic
 from tasks.train import free_port
 from tests.conftest import REPO, make_settings
+from tests.integration.test_rollout_canary import Load
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 
@@ -159,33 +158,6 @@ def test_trigger_and_backfill_through_scheduler(running):
     assert any(s.paths.shards.glob("*/manifest.json"))
 
 
-class Load:
-    """Two clients chatting through the gateway (fresh sessions) until stopped; every answer is kept."""
-
-    def __init__(self, base: str):
-        self.base, self.answers, self._stop = base, [], threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(2)]
-
-    def _run(self, i: int) -> None:
-        rng = random.Random(i)
-        with httpx.Client(timeout=120) as http:
-            while not self._stop.is_set():
-                r = http.post(f"{self.base}/v1/chat/completions", headers={"X-Session-Id": f"s{rng.getrandbits(48)}"},
-                              json={"model": "chat-gpt", "max_tokens": 8, "temperature": 0,
-                                    "messages": [{"role": "user", "content": "Where is my parcel?"}]})
-                self.answers.append((r.status_code, r.headers.get("x-model-version")))
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        for t in self.threads:
-            t.join()
-
-
 def _wait_for_run(client, dag_id: str, known: set[str], timeout: float = 300.0) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -278,7 +250,7 @@ def test_closed_loop_drift_retrains_and_promotes_then_a_slow_challenger_is_rolle
     record = json.loads(Path(shadow["record"]).read_text())
     assert record["action"] == "rollback" and record["evidence"]["steps"][0]["phase"] == "shadow"
     # live traffic throughout both switches: every request answered, only ever by a champion
-    assert load.answers and {st for st, _ in load.answers} == {200}, sorted({st for st, _ in load.answers})
-    assert {v for _, v in load.answers} <= {"1", str(new)}
+    assert load.statuses and set(load.statuses) == {200}, sorted(set(load.statuses))
+    assert set(load.versions) <= {"1", str(new)}
     assert httpx.post(f"{base}/v1/chat/completions", json={"model": "chat-gpt", "max_tokens": 4, "messages": [
         {"role": "user", "content": "hi"}]}, timeout=60).headers["x-model-version"] == str(new)
