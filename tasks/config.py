@@ -176,6 +176,10 @@ class TrainConfig(_Section):
     zero_stage: Literal[0, 1, 2, 3] = 2
     world_size: int = Field(2, ge=1, le=1024, description="ranks on this node")
     launcher: Literal["torchrun", "deepspeed"] = "torchrun"
+    # multi-node (launcher deepspeed): a DeepSpeed hostfile ("host slots=N" per line); the ranks run on
+    # every host it lists (world_size per host), rank 0's host at master_addr. Empty: this node only.
+    hostfile: Path | None = None
+    master_addr: str = "127.0.0.1"
     micro_batch: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
     max_steps: int = Field(200, ge=1)
@@ -199,6 +203,12 @@ class TrainConfig(_Section):
     threads_per_rank: int = Field(0, ge=0, description="0: cores // world_size")
     peak_flops: float = Field(0.0, ge=0.0, description="for MFU; 0: measure a fp32 matmul at start")
     timeout_s: int = Field(3600, ge=10, description="the ranks are killed after this long")
+
+    @model_validator(mode="after")
+    def _multi_node(self) -> TrainConfig:
+        if self.hostfile is not None and self.launcher != "deepspeed":
+            raise ValueError("train.hostfile needs train.launcher=deepspeed (torchrun here is single-node)")
+        return self
 
     @model_validator(mode="after")
     def _lr_order(self) -> TrainConfig:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.atomic import atomic_dir, is_complete, sha256_file, write_json
-from tasks.config import Settings
+from tasks.config import Settings, TrainConfig
 from tasks.lineage import code_version, make_lineage
 from tasks.train_worker import read_metrics
 
@@ -184,15 +184,7 @@ def train(settings: Settings, manifest: Path | str | None = None, resume: bool =
 
     on_gpu = torch.cuda.is_available()
     client.set_tag(mlrun_id, "llmops.device", "gpu" if on_gpu else "cpu")  # the cost report's device-hours unit
-    port = free_port()
-    if t.launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={t.world_size}",
-               "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "tasks.train_worker",
-               "--spec", str(run_dir / "spec.json")]
-    else:
-        ds = str(Path(sys.executable).parent / "deepspeed")
-        cmd = [ds, f"--num_gpus={t.world_size}", "--master_addr=127.0.0.1", f"--master_port={port}",
-               "--module", "tasks.train_worker", "--spec", str(run_dir / "spec.json")]
+    cmd = launch_command(t, run_dir / "spec.json", free_port())
     threads = t.threads_per_rank or max(1, (os.cpu_count() or 1) // t.world_size)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads), "GLOO_SOCKET_IFNAME": "lo",
            "PYTHONWARNINGS": "ignore::FutureWarning",
@@ -262,6 +254,50 @@ def train(settings: Settings, manifest: Path | str | None = None, resume: bool =
     log.info("trained %s: loss %.4f, val %.4f, %.0f tok/s, MFU %.1f%%", run_id, summary["final_loss"],
              summary["val_loss"] or float("nan"), summary["tokens_per_s"], 100 * summary["mfu"])
     return result
+
+
+def read_hostfile(path: Path) -> dict[str, int]:
+    """A DeepSpeed hostfile: `host slots=N` per line, `#` comments; errors name the file and line."""
+    import re
+
+    hosts: dict[str, int] = {}
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise ValueError(f"train.hostfile {path}: {e.strerror}") from None
+    for n, line in enumerate(lines, 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9_.-]*)\s+slots=([1-9][0-9]*)", line)
+        if not m:
+            raise ValueError(f"{path}:{n}: expected 'host slots=N', got {line!r}")
+        if m.group(1) in hosts:
+            raise ValueError(f"{path}:{n}: host {m.group(1)} listed twice")
+        hosts[m.group(1)] = int(m.group(2))
+    if not hosts:
+        raise ValueError(f"{path}: no hosts")
+    return hosts
+
+
+def launch_command(t: TrainConfig, spec: Path, port: int) -> list[str]:
+    """The ranks' launch: torchrun on this node, or the deepspeed launcher on this node or, with
+    `train.hostfile`, on every host of the hostfile (DeepSpeed starts the remote ranks over ssh/pdsh)."""
+    if t.launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={t.world_size}",
+                "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "tasks.train_worker", "--spec", str(spec)]
+    ds = str(Path(sys.executable).parent / "deepspeed")
+    if t.hostfile is None:
+        return [ds, f"--num_gpus={t.world_size}", "--master_addr=127.0.0.1", f"--master_port={port}",
+                "--module", "tasks.train_worker", "--spec", str(spec)]
+    hosts = read_hostfile(t.hostfile)
+    short = {h: n for h, n in hosts.items() if n < t.world_size}
+    if short:
+        raise ValueError(f"train.hostfile {t.hostfile}: hosts with fewer slots than train.world_size={t.world_size} "
+                         f"ranks per host: {short}")
+    return [ds, f"--hostfile={t.hostfile}", f"--num_nodes={len(hosts)}", f"--num_gpus={t.world_size}",
+            f"--master_addr={t.master_addr}", f"--master_port={port}", "--module", "tasks.train_worker",
+            "--spec", str(spec)]
 
 
 def _kill(proc: subprocess.Popen) -> None:

@@ -67,3 +67,26 @@ def test_bad_yaml_names_file(tmp_path):
     cfg = config_dir(tmp_path, shard="vocab_size: [1,\n")
     with pytest.raises(ConfigError, match="shard.yaml: not valid YAML"):
         load_settings("tiny", config_dir=cfg)
+
+
+def test_multi_node_launch_from_a_deepspeed_hostfile(tmp_path):
+    from pathlib import Path
+
+    from tasks.config import TrainConfig
+    from tasks.train import launch_command
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# the training nodes\nnode-a slots=8\nnode-b slots=8  # second\n")
+    t = TrainConfig(launcher="deepspeed", hostfile=hostfile, world_size=8, master_addr="node-a")
+    cmd = launch_command(t, Path("/x/spec.json"), 29500)
+    assert cmd[0].endswith("deepspeed") and f"--hostfile={hostfile}" in cmd and "--num_nodes=2" in cmd
+    assert "--num_gpus=8" in cmd and "--master_addr=node-a" in cmd and cmd[-2:] == ["--spec", "/x/spec.json"]
+    single = launch_command(TrainConfig(world_size=2), Path("/x/spec.json"), 29500)
+    assert "--nnodes=1" in single and "--nproc_per_node=2" in single
+    with pytest.raises(ValueError, match="fewer slots"):
+        launch_command(TrainConfig(launcher="deepspeed", hostfile=hostfile, world_size=16), Path("s"), 1)
+    hostfile.write_text("node-a slots=8\nnode-b eight\n")
+    with pytest.raises(ValueError, match=r"hostfile:2: expected 'host slots=N'"):
+        launch_command(t, Path("s"), 1)
+    with pytest.raises(ValueError, match="launcher=deepspeed"):
+        TrainConfig(hostfile=hostfile)
