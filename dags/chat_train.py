@@ -35,6 +35,32 @@ def _settings():
     return load_settings(p["profile"], overrides)
 
 
+def _train_in_cluster(settings, inputs: dict, ctx) -> dict:
+    """KubernetesPodOperator with the pod tasks/k8s.py renders from `train.kubernetes`; its log is
+    streamed into this task's. The pod writes to the same volume and MLflow, so the result is read back
+    from the run's result.json (the newest run of the experiment names it)."""
+    import json
+
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+    from tasks.k8s import train_pod as render_pod
+    from tasks.train import mlflow_client
+
+    p = ctx["params"]
+    overrides = tuple(f"train.{k}={p[k]}" for k in ("max_steps", "zero_stage", "world_size", "lr") if p.get(k) is not None)
+    kc = settings.train.kubernetes
+    train_pod = KubernetesPodOperator(task_id="train_pod", namespace=kc.namespace, get_logs=True,
+                                      full_pod_spec=render_pod(settings, inputs["manifest"], ctx["run_id"], overrides),
+                                      startup_timeout_seconds=kc.startup_timeout_s, on_finish_action="delete_succeeded_pod")
+    train_pod.execute(ctx)
+    client = mlflow_client(settings)
+    exp = client.get_experiment_by_name(settings.tracking.experiment)
+    last = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)[0]
+    result = settings.paths.models_dir / "checkpoints" / last.info.run_name / "final" / "result.json"
+    r = json.loads(result.read_text())
+    return {k: r[k] for k in ("run_id", "weights", "mlflow_run_id", "final_loss", "val_loss", "tokens_per_s", "mfu")}
+
+
 @dag(
     dag_id="chat_train",
     schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("0 3 * * 1", timezone="UTC"), assets=CHAT_SHARDS),
@@ -85,6 +111,8 @@ def chat_train():
         ctx = get_current_context()
         resume = ctx["params"]["resume"] or ctx["ti"].try_number > 1  # a retry always resumes
         settings = _settings()
+        if settings.train.backend == "kubernetes":  # the ranks run in a pod on a GPU node of the cluster
+            return _train_in_cluster(settings, inputs, ctx)
         r = run(settings, inputs["manifest"], resume=resume)
         if ctx["params"].get("reason") or ctx["params"].get("drift_report"):
             from tasks.train import mlflow_client

@@ -151,6 +151,22 @@ def train(
     _run(lambda: run(s, manifest, resume))
 
 
+@app.command("train-pod")
+def train_pod(
+    manifest: Annotated[str, typer.Option(help="shards manifest.json the pod trains on")] = "data/shards/latest/manifest.json",
+    run_id: Annotated[str, typer.Option(help="names the pod")] = "manual",
+    profile: ProfileOpt = None, set_: SetOpt = None,
+) -> None:
+    """Print the Kubernetes pod (YAML) chat_train starts when train.backend is kubernetes."""
+    import yaml
+
+    from tasks.k8s import as_dict
+    from tasks.k8s import train_pod as render
+
+    s = _settings(profile, set_)
+    typer.echo(yaml.safe_dump(as_dict(render(s, manifest, run_id)), sort_keys=False))
+
+
 @app.command()
 def evaluate(
     weights: Annotated[str | None, typer.Option(help="a trained model directory (default: the latest run's final/)")] = None,

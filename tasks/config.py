@@ -170,8 +170,27 @@ class ModelConfig(_Section):
         return self
 
 
+class TrainPodConfig(_Section):
+    """train.backend kubernetes: the training runs in a pod on a GPU node (tasks/k8s.py)."""
+
+    namespace: str = Field("llmops", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    image: str = "llmops-chat/airflow:latest"
+    gpus: int = Field(8, ge=0, le=64, description="nvidia.com/gpu requested (and limited) for the pod")
+    cpu: str = "32"
+    memory: str = "256Gi"
+    node_selector: dict[str, str] = {}
+    tolerations: tuple[dict[str, str], ...] = ()
+    service_account: str = ""
+    data_pvc: str = Field("llmops-data", description="PersistentVolumeClaim mounted at the project root's data/ and models/")
+    secrets: str = Field("llmops-secrets", description="Kubernetes Secret whose keys become the pod's environment")
+    startup_timeout_s: int = Field(1800, ge=30)
+
+
 class TrainConfig(_Section):
     """DeepSpeed training (tasks/train.py); the DeepSpeed JSON is generated from this."""
+
+    backend: Literal["local", "kubernetes"] = "local"
+    kubernetes: TrainPodConfig = TrainPodConfig()
 
     zero_stage: Literal[0, 1, 2, 3] = 2
     world_size: int = Field(2, ge=1, le=1024, description="ranks on this node")

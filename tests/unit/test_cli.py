@@ -10,7 +10,7 @@ from tests.conftest import REPO
 
 runner = CliRunner()
 COMMANDS = ["config", "synth", "ingest", "validate", "snapshot", "shard", "days", "trigger", "backfill", "status",
-            "stack up", "stack down", "stack status", "rollout shadow", "rollout canary", "drift", "autoscale", "cost"]
+            "stack up", "stack down", "stack status", "rollout shadow", "rollout canary", "drift", "autoscale", "cost", "train-pod"]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)
