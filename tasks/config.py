@@ -275,8 +275,8 @@ class StackConfig(_Section):
     mlflow_port: int = Field(5000, ge=1, le=65535)
     airflow_parallelism: int = Field(4, ge=1, le=64, description="LocalExecutor worker processes")
     # Empty: sqlite under var/. Production: postgresql+psycopg://role@host:5432/db (the prod-local
-    # profile). A password never goes here: it comes from the environment (PGPASSWORD, or
-    # AIRFLOW__DATABASE__SQL_ALCHEMY_CONN, which wins over this key when set).
+    # profile). A password never goes here: write ${NAME} and it is read from the environment variable
+    # NAME when the stack starts (or leave it out and let libpq read PGPASSWORD).
     airflow_db_url: str = ""
     mlflow_backend_uri: str = ""
     executor: Literal["LocalExecutor", "CeleryExecutor"] = "LocalExecutor"

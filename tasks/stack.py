@@ -15,8 +15,10 @@ The production topology is the same code with other settings (the `prod-local` p
 metadata DB on PostgreSQL, the CeleryExecutor with a Redis broker and one more process, a Celery
 worker; MLflow's tracking server on PostgreSQL with its basic-auth app. The Postgres databases and
 their roles are created idempotently on `up` through `stack.postgres_admin_url`. Secrets come only
-from the environment: $LLMOPS_MLFLOW_ADMIN_PASSWORD, and Postgres passwords through PGPASSWORD or
-AIRFLOW__DATABASE__SQL_ALCHEMY_CONN (which, when set, wins over `stack.airflow_db_url`).
+from the environment: $LLMOPS_MLFLOW_ADMIN_PASSWORD, and in the stack's URLs `${NAME}` stands for
+the environment variable NAME (postgresql+psycopg://airflow:${AIRFLOW_DB_PASSWORD}@db/airflow), read
+when the processes start. An AIRFLOW__* variable already in the caller's environment never changes
+which database the stack uses: the URLs come from the config alone.
 """
 
 from __future__ import annotations
@@ -76,8 +78,8 @@ def airflow_env(settings: Settings) -> dict[str, str]:
         "AIRFLOW__API__PORT": str(st.airflow_port),
         "AIRFLOW__API__BASE_URL": base,
         "AIRFLOW__API_AUTH__JWT_SECRET": secret_file.read_text().strip(),
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": os.environ.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN")
-        or st.airflow_db_url or f"sqlite:///{home / 'airflow.db'}",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": expand_env(st.airflow_db_url, "stack.airflow_db_url")
+        or f"sqlite:///{home / 'airflow.db'}",
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
         "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
         "LLMOPS_ROOT": str(settings.paths.root),
@@ -89,13 +91,23 @@ def airflow_env(settings: Settings) -> dict[str, str]:
     if st.executor == "CeleryExecutor":
         if not st.celery_broker_url:
             raise StackError("stack.executor is CeleryExecutor but stack.celery_broker_url is empty (redis://host:6379/N)")
-        env["AIRFLOW__CELERY__BROKER_URL"] = os.environ.get("AIRFLOW__CELERY__BROKER_URL") or st.celery_broker_url
-        env["AIRFLOW__CELERY__RESULT_BACKEND"] = (os.environ.get("AIRFLOW__CELERY__RESULT_BACKEND") or st.celery_result_backend
+        env["AIRFLOW__CELERY__BROKER_URL"] = expand_env(st.celery_broker_url, "stack.celery_broker_url")
+        env["AIRFLOW__CELERY__RESULT_BACKEND"] = (expand_env(st.celery_result_backend, "stack.celery_result_backend")
                                                   or "db+" + env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])
         env["AIRFLOW__CELERY__WORKER_CONCURRENCY"] = str(st.celery_concurrency)
     if st.mlflow_auth:
         env |= mlflow_credentials()
     return env
+
+
+def expand_env(url: str, key: str) -> str:
+    """`${NAME}` in a configured URL -> the environment variable NAME (a secret stays out of configs/)."""
+    def value(m: re.Match) -> str:
+        if m.group(1) not in os.environ:
+            raise StackError(f"{key} refers to ${{{m.group(1)}}}, which is not set in the environment")
+        return os.environ[m.group(1)]
+
+    return re.sub(r"\$\{([A-Z_][A-Z0-9_]*)\}", value, url)
 
 
 def mlflow_credentials() -> dict[str, str]:
@@ -157,7 +169,7 @@ def provision_postgres(settings: Settings) -> list[str]:
     created = []
     if not wanted:
         return created
-    admin = st.postgres_admin_url.replace("postgresql+psycopg://", "postgresql://")
+    admin = expand_env(st.postgres_admin_url, "stack.postgres_admin_url").replace("postgresql+psycopg://", "postgresql://")
     try:
         conn = psycopg.connect(admin, autocommit=True, connect_timeout=10)
     except psycopg.OperationalError as e:
@@ -183,7 +195,8 @@ def _components(settings: Settings) -> dict[str, list[str]]:
         "airflow-dag-processor": [af, "dag-processor"],
         "airflow-triggerer": [af, "triggerer", "--skip-serve-logs"],
         "mlflow": [_bin("mlflow"), "server", "--host", st.host, "--port", str(st.mlflow_port), "--workers", "1",
-                   "--backend-store-uri", st.mlflow_backend_uri or f"sqlite:///{mlflow_dir / 'mlflow.db'}",
+                   "--backend-store-uri", expand_env(st.mlflow_backend_uri, "stack.mlflow_backend_uri")
+                   or f"sqlite:///{mlflow_dir / 'mlflow.db'}",
                    "--artifacts-destination", str(mlflow_dir / "artifacts"),
                    *(["--app-name", "basic-auth"] if st.mlflow_auth else [])],
     }
