@@ -146,10 +146,14 @@ def shard(settings: Settings, snapshot_hash: str | None = None) -> dict[str, Any
     snap = load_snapshot(settings, snapshot_hash)
     snapshot_hash = snap["snapshot_hash"]
     current = corpus_partitions(settings)
-    if current != snap["partitions"]:
-        changed = sorted(set(current.items()) ^ set(snap["partitions"].items()))
+    # the snapshot's own partitions must be as it recorded them; a day ingested since (a parallel
+    # backfill run) is not in this snapshot and waits for the next one
+    changed = sorted(d for d, h in snap["partitions"].items() if current.get(d) != h)
+    if changed:
         raise SnapshotError(f"data/clean no longer matches snapshot {snapshot_hash[:12]} (differs at "
-                            f"{sorted({d for d, _ in changed})}); run `llmops snapshot` first")
+                            f"{changed}); run `llmops snapshot` first")
+    if newer := sorted(set(current) - set(snap["partitions"])):
+        log.info("partitions %s came after snapshot %s; the next snapshot takes them", newer, snapshot_hash[:12])
     cfg = settings.shard
     tok_key = hashlib.sha256(json.dumps(
         [snapshot_hash, cfg.vocab_size, cfg.min_frequency, tokenizers.__version__]).encode()).hexdigest()[:16]

@@ -201,9 +201,10 @@ def test_a_week_backfilled_with_the_airflow_cli_then_reprocessed_gives_identical
         spans = [(dt.datetime.fromisoformat(r["start_date"]), dt.datetime.fromisoformat(r["end_date"])) for r in runs]
         most = max(sum(1 for a, b in spans if a <= t < b) for t, _ in spans)
         assert most <= 2, f"{most} backfill runs at once; --max-active-runs 2"
-        return {r["logical_date"][:10]: client.xcom("chat_ingest", r["dag_run_id"], "ingest")["content_hash"]
-                for r in runs}
+        return {r["logical_date"][:10]: (client.xcom("chat_ingest", r["dag_run_id"], "ingest")["content_hash"],
+                                          r["end_date"]) for r in runs}
 
     first = backfill_with_the_cli()
     again = backfill_with_the_cli()  # reprocessing the completed days
-    assert len(first) == 7 and first == again
+    assert len(first) == 7 and {d: h for d, (h, _) in first.items()} == {d: h for d, (h, _) in again.items()}
+    assert all(again[d][1] > first[d][1] for d in first), "the second backfill did not run the days again"

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,13 +108,19 @@ def test_tokenizer_training_is_deterministic(tmp_path):
     assert hashes[0] == hashes[1]
 
 
-def test_shard_refuses_stale_snapshot(settings):
+def test_shard_refuses_a_snapshot_whose_partitions_changed_but_not_one_a_later_day_came_after(settings):
     synth_day(settings, DAY, records=50, faults=False)
     ingest(DAY, settings)
     _fake_snapshot(settings)
+    # a parallel backfill run ingests another day meanwhile: this snapshot is still whole
     synth_day(settings, "2026-11-02", records=50, faults=False)
     ingest("2026-11-02", settings)
+    out = shard(settings)
+    assert out["snapshot_hash"] and json.loads(Path(out["manifest"]).read_text())["snapshot_hash"] == out["snapshot_hash"]
+    # the snapshot's own day re-ingested with other content: refused
+    synth_day(settings, DAY, records=60, faults=False)
+    ingest(DAY, settings)
     from tasks.snapshot import SnapshotError
 
-    with pytest.raises(SnapshotError, match="no longer matches snapshot"):
+    with pytest.raises(SnapshotError, match=r"no longer matches snapshot .*2026-11-01"):
         shard(settings)
