@@ -27,6 +27,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -319,6 +320,17 @@ def analyze(settings: Settings, since: dt.datetime, until: dt.datetime | None = 
             "_champion": s[aliases["champion"]]}
 
 
+def _judge_windows(sleep: Callable[[float], None], window_s: float, judge: Callable[[], dict[str, Any]],
+                   windows: int = 4) -> dict[str, Any]:
+    """Wait a window and judge; while the verdict is "wait" (too few samples), up to windows-1 more."""
+    for _ in range(windows):
+        sleep(window_s)
+        result = judge()
+        if result["verdict"] != "wait":
+            break
+    return result
+
+
 def shadow(settings: Settings, sleep: Callable[[float], None] = time.sleep,
            on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """The shadow phase: mirror `rollout.shadow_percent` of the champion's requests to the challenger
@@ -334,11 +346,7 @@ def shadow(settings: Settings, sleep: Callable[[float], None] = time.sleep,
                 "reason": "no champion to mirror" if "champion" not in aliases else "rollout.shadow_percent is 0"}
     set_traffic(settings, 0.0, shadow_percent=cfg.shadow_percent)
     start = dt.datetime.now(dt.UTC)
-    for _ in range(4):
-        sleep(cfg.shadow_window_s)
-        result = shadow_report(settings, start)
-        if result["verdict"] != "wait":
-            break
+    result = _judge_windows(sleep, cfg.shadow_window_s, lambda: shadow_report(settings, start))
     step = {"share": 0.0, **result}
     log.info("shadow at %s%% mirrored: %s (%s)", cfg.shadow_percent, result["verdict"], result["reason"])
     if on_step:
@@ -374,11 +382,7 @@ def canary(settings: Settings, sleep: Callable[[float], None] = time.sleep,
     for share in cfg.steps:
         set_traffic(settings, share)
         start = dt.datetime.now(dt.UTC)
-        for _ in range(4):
-            sleep(cfg.window_s)
-            result = analyze(settings, start, baseline=baseline)
-            if result["verdict"] != "wait":
-                break
+        result = _judge_windows(sleep, cfg.window_s, partial(analyze, settings, start, baseline=baseline))
         champ = result.pop("_champion")
         baseline = Sample(baseline.latencies_ms + champ.latencies_ms, baseline.requests + champ.requests,
                           baseline.errors + champ.errors, baseline.safety_hits + champ.safety_hits)

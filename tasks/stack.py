@@ -57,10 +57,6 @@ def airflow_env(settings: Settings) -> dict[str, str]:
     """Environment for every Airflow process (and for `airflow` CLI calls against this stack)."""
     home = airflow_home(settings)
     home.mkdir(parents=True, exist_ok=True)
-    secret_file = home / "jwt_secret"
-    if not secret_file.exists():  # generated per install, never committed
-        secret_file.write_text(secrets.token_urlsafe(48))
-        secret_file.chmod(0o600)
     st = settings.stack
     base = f"http://{st.host}:{st.airflow_port}"
     env = {
@@ -77,7 +73,7 @@ def airflow_env(settings: Settings) -> dict[str, str]:
         "AIRFLOW__API__HOST": st.host,
         "AIRFLOW__API__PORT": str(st.airflow_port),
         "AIRFLOW__API__BASE_URL": base,
-        "AIRFLOW__API_AUTH__JWT_SECRET": secret_file.read_text().strip(),
+        "AIRFLOW__API_AUTH__JWT_SECRET": _secret(home / "jwt_secret"),
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": expand_env(st.airflow_db_url, "stack.airflow_db_url")
         or f"sqlite:///{home / 'airflow.db'}",
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
