@@ -15,10 +15,11 @@ RUN_FROM ?= 2026-11-01
 RUN_TO   ?= 2026-11-03
 PYTEST_ARGS ?=
 
-.PHONY: help install test lint run stop clean bench
+.PHONY: help install test lint run status stop clean bench browser
 
 help:
 	@echo "make run      install, start Airflow + MLflow + Triton + gateway on 127.0.0.1, run the lifecycle on the $(PROFILE) profile, print URLs"
+	@echo "make status   what is up, the last DAG runs, champion and challenger, the last drift decision, the reports"
 	@echo "make test     install, then ruff + pytest (unit, integration, e2e)"
 	@echo "make stop     stop the stack;   make clean  stop and remove generated state"
 	@echo "make bench    print the benchmark JSON lines"
@@ -55,20 +56,10 @@ test: install lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 run: install
-	@echo "==> starting the embedded stack (Airflow + MLflow on 127.0.0.1)"
-	@$(BIN)/llmops stack up --profile $(PROFILE) >/dev/null
-	@echo "==> writing sample raw data: synthetic days $(RUN_FROM)..$(RUN_TO) with every fault kind, plus the packaged chatterbot corpus"
-	@$(BIN)/llmops synth --profile $(PROFILE) --days 3 --start $(RUN_FROM) --faults --chatterbot >/dev/null
-	@# once unpaused, the daily schedule runs yesterday's interval: give it a day of logs too
-	@$(BIN)/llmops synth --profile $(PROFILE) --days 1 --start $$(date -u -d yesterday +%F) --faults >/dev/null
-	@echo "==> backfilling chat_ingest $(RUN_FROM)..$(RUN_TO) through the Airflow scheduler"
-	@$(BIN)/llmops backfill --profile $(PROFILE) --from $(RUN_FROM) --to $(RUN_TO)
-	@echo "==> training with DeepSpeed (chat_train, $(PROFILE) profile, 2 CPU ranks) through the Airflow scheduler"
-	@$(BIN)/llmops trigger chat_train --profile $(PROFILE) --conf '{"profile": "$(PROFILE)"}'
-	@echo "==> starting tritonserver and the OpenAI-compatible gateway (127.0.0.1)"
-	@$(BIN)/llmops serve up --profile $(PROFILE) >/dev/null
-	@echo "==> deploying the challenger (chat_deploy: export to models/triton, load, smoke test) through the Airflow scheduler"
-	@$(BIN)/llmops trigger chat_deploy --profile $(PROFILE) --conf '{"profile": "$(PROFILE)", "alias": "challenger"}' >/dev/null
+	@echo "==> the lifecycle on the $(PROFILE) profile, through Airflow's REST API (first run ~15 min on 2 cores; again: only checks)"
+	@$(BIN)/llmops lifecycle --profile $(PROFILE) --from $(RUN_FROM) --to $(RUN_TO)
+
+status:
 	@$(BIN)/llmops status --profile $(PROFILE)
 
 stop:

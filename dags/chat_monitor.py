@@ -81,7 +81,7 @@ def chat_monitor():
             return False
         note_trigger(s, now, verdict["reason"])
         return {"profile": get_current_context()["params"]["profile"], "reason": f"chat_monitor: {verdict['reason']}",
-                "drift_report": verdict.get("report"), "resume": False}
+                "drift_report": verdict.get("report"), "resume": False, "force": True}
 
     TriggerDagRunOperator(task_id="retrain", trigger_dag_id="chat_train", conf=decide(drift()),
                           wait_for_completion=False)

@@ -2,7 +2,8 @@
 ### chat_train: train the chat GPT with DeepSpeed ZeRO on the latest token shards
 
 `check_inputs` (the shards of the triggering `chat_shards` Asset event, or of the latest snapshot;
-every shard's sha256 verified) → `train` (launches the ranks as separate processes with torchrun
+every shard's sha256 verified; when a version trained from the same shards, config, seed and code is
+already registered the run skips the rest, unless the `force` param is set) → `train` (launches the ranks as separate processes with torchrun
 or the deepspeed launcher, streams their logs here and their metrics to MLflow, writes safetensors
 weights with lineage) → `evaluate` (perplexity, ROUGE-L, BLEU, embedding similarity, toxicity,
 factuality, latency; HTML report attached to the MLflow run) → `gate` (configs/eval.yaml bounds and
@@ -22,6 +23,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
+from airflow.exceptions import AirflowSkipException
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
 
 from chat_assets import CHAT_CHALLENGER, CHAT_SHARDS, DEFAULT_PROFILE, PROFILES
@@ -83,6 +85,9 @@ def _train_in_cluster(settings, inputs: dict, ctx) -> dict:
                     description="Peak learning rate after warmup. Empty: the profile's train.lr."),
         "resume": Param(True, type="boolean", title="Resume",
                         description="Continue from the newest complete checkpoint of the same run if one exists."),
+        "force": Param(False, type="boolean", title="Force",
+                       description="Train and register even when a version from the same shards, config, seed and "
+                                   "code is already registered (otherwise the run skips: nothing would change)."),
         "reason": Param("", type="string", maxLength=2000, title="Reason",
                         description="Why this training runs; chat_monitor fills it in. Tagged on the MLflow run."),
         "drift_report": Param(None, type=["null", "string"], title="Drift report",
@@ -92,17 +97,24 @@ def _train_in_cluster(settings, inputs: dict, ctx) -> dict:
 def chat_train():
     @task
     def check_inputs() -> dict:
+        from tasks.registry import registered_run
         from tasks.shard import verify_shards
-        from tasks.train import latest_manifest
+        from tasks.train import latest_manifest, run_identity
 
         events = get_current_context().get("triggering_asset_events") or {}
         manifest = None
         for evs in events.values():
             for ev in evs:
                 manifest = (ev.extra or {}).get("manifest") or manifest
-        manifest = manifest or str(latest_manifest(_settings()))
+        settings = _settings()
+        manifest = manifest or str(latest_manifest(settings))
         m = verify_shards(manifest.rsplit("/", 1)[0])
-        return {"manifest": manifest, "snapshot_hash": m["snapshot_hash"], "tokens": m["tokens"]}
+        run_id = run_identity(settings, manifest)
+        if not get_current_context()["params"]["force"] and (version := registered_run(settings, run_id)) is not None:
+            # the same shards, config, seed and code were trained and registered: training again changes nothing
+            raise AirflowSkipException(f"unchanged: run {run_id} is registered as {settings.tracking.registered_model} "
+                                       f"version {version}; trigger with force to train it again")
+        return {"manifest": manifest, "snapshot_hash": m["snapshot_hash"], "tokens": m["tokens"], "run_id": run_id}
 
     @task(pool="training", execution_timeout=timedelta(hours=12))
     def train(inputs: dict) -> dict:

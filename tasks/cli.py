@@ -585,61 +585,92 @@ def backfill(
 
 
 @app.command()
-def status(profile: ProfileOpt = None, set_: SetOpt = None) -> None:
-    """One screen: what is up and where, the latest snapshot and shards, and where the reports are."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from tasks import stack
-    from tasks.snapshot import SnapshotError, load_snapshot
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="print it as JSON")] = False,
+    profile: ProfileOpt = None, set_: SetOpt = None,
+) -> None:
+    """One screen: what is up and where, the last runs of each DAG, champion and challenger with their
+    metrics and lineage, the last drift decision, and where the reports are."""
+    from tasks import status as mod
 
     s = _settings(profile, set_)
-    st = stack.status(s)
-    console = Console(soft_wrap=True)  # long lines (paths, the curl line) stay copyable
-    t = Table(title="llmops stack", show_header=True)
-    t.add_column("service")
-    t.add_column("state")
-    for name, up in st["running"].items():
-        t.add_row(name, "[green]running[/]" if up else "[red]stopped[/]")
-    console.print(t)
-    console.print(f"Airflow UI + REST API : {st['airflow']}   (user admin, password in {st['airflow_password_file']})")
-    console.print(f"MLflow UI + API       : {st['mlflow']}")
-    try:
-        snap = load_snapshot(s)
-        console.print(f"latest snapshot       : {snap['snapshot_hash'][:12]} (DVC {snap['dvc_rev']}), "
-                      f"{len(snap['partitions'])} partitions, remote {snap['remote']}")
-    except SnapshotError as e:
-        console.print(f"latest snapshot       : none ({e})")
-    manifests = sorted(s.paths.shards.glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)
-    if manifests:
-        m = json.loads(manifests[-1].read_text())
-        console.print(f"latest shards         : {manifests[-1].parent} tokens {m['tokens']}, tokenizer {m['tokenizer']['version']}")
-    results = sorted(s.paths.models_dir.glob("checkpoints/*/final/result.json"), key=lambda p: p.stat().st_mtime)
-    if results:
-        r = json.loads(results[-1].read_text())
-        console.print(f"latest training       : {r['run_id']} loss {r['final_loss']:.3f} val {r['val_loss'] or float('nan'):.3f}, "
-                      f"{r['tokens_per_s']:.0f} tok/s, MFU {100 * r['mfu']:.1f}%, MLflow run {r['mlflow_run_id']}")
-        console.print(f"weights               : {r['weights']}")
-    from tasks.export import read_aliases
-    from tasks.serve import server
+    info = mod.collect(s)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2, default=str))
+    else:
+        mod.render(info)
 
-    sv = server.status(s)
-    for name, up in sv["running"].items():
-        console.print(f"{name:<22}: {'[green]running[/]' if up else '[red]stopped[/]'}")
-    aliases = read_aliases(s.paths.triton_repository, s.serve.triton.model_name)
-    console.print(f"served versions       : {sv['versions'] or 'none'} {aliases or ''}  (repository {s.paths.triton_repository})")
-    console.print(f"Triton (KServe v2)    : http {sv['triton_http']}, grpc {sv['triton_grpc']}, metrics {sv['triton_metrics']}")
-    console.print(f"chat gateway (OpenAI) : {sv['gateway']}   (/models, /chat/completions; /metrics and /healthz at the root)")
-    if sv["running"]["gateway"]:
-        console.print(f"try it                : curl -s {sv['gateway']}/chat/completions -H 'content-type: application/json' "
-                      """-d '{"model": "chat-gpt", "messages": [{"role": "user", "content": "Hi, my order is late"}]}'""")
-        console.print("                        llmops chat")
-    docs = sorted(s.paths.reports_dir.glob("data_docs/dt=*/index.html"))
-    for d in docs[-3:]:
-        console.print(f"data docs             : {d}")
-    quarantine = sorted(s.paths.quarantine.glob("dt=*/rejects.jsonl"))
-    for q in quarantine[-3:]:
-        console.print(f"quarantine            : {q}")
+
+@app.command()
+def reports(profile: ProfileOpt = None, set_: SetOpt = None) -> None:
+    """Write reports/index.html, linking every report of the latest runs; print the newest of each kind."""
+    from tasks import reports as mod
+
+    s = _settings(profile, set_)
+    _run(lambda: mod.summary(s))
+
+
+@app.command()
+def lifecycle(
+    start: Annotated[str, typer.Option("--from", help="first sample day, YYYY-MM-DD")] = "2026-11-01",
+    end: Annotated[str, typer.Option("--to", help="last sample day: ingested as the new day after the first training")] = "2026-11-03",
+    profile: ProfileOpt = None, set_: SetOpt = None,
+) -> None:
+    """What `make run` runs: start the stack and drive ingest -> train -> deploy -> new day -> retrain ->
+    canary -> monitor through Airflow's REST API, with a live view; unchanged stages are skipped."""
+    from tasks import status as status_mod
+    from tasks.ingest import check_day
+    from tasks.lifecycle import LifecycleError
+    from tasks.lifecycle import lifecycle as make
+    from tasks.serve.triton import TritonError
+    from tasks.stack import StackError
+
+    s = _settings(profile, set_)
+    try:
+        if check_day(start) >= check_day(end):
+            raise ValueError(f"--from {start} must be before --to {end}")
+        lc = make(s, start, end)
+        result = lc.run()
+    except (LifecycleError, StackError, TritonError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    lc.console.print(f"\nlifecycle done in {result['seconds'] / 60:.1f} min "
+                     f"(history: {lc.history_path}; `make run` again skips what is unchanged)\n")
+    status_mod.render(status_mod.collect(s), lc.console)
+
+
+def reference() -> str:
+    """The CLI reference in the README, generated from the commands' own --help (a test keeps them equal)."""
+    root = typer.main.get_command(app)
+    lines: list[str] = []
+
+    def walk(cmd: Any, path: list[str]) -> None:
+        if hasattr(cmd, "commands"):  # a group (typer's own click)
+            if path and cmd.invoke_without_command:
+                emit(cmd, path)
+            for name in sorted(cmd.commands):
+                sub = cmd.commands[name]
+                if not sub.hidden:
+                    walk(sub, [*path, name])
+            return
+        emit(cmd, path)
+
+    def emit(cmd: Any, path: list[str]) -> None:
+        args = [p.name.upper() for p in cmd.params if p.param_type_name == "argument"]
+        opts = [p.opts[0] for p in cmd.params if p.param_type_name == "option" and p.opts[0] not in
+                ("--profile", "--set", "--help")]
+        first = (cmd.help or "").strip().split("\n\n")[0].replace("\n", " ")
+        lines.append(f"llmops {' '.join(path)}" + "".join(f" {a}" for a in args) + (f" [{' '.join(opts)}]" if opts else ""))
+        lines.append(f"    {first}")
+
+    walk(root, [])
+    return "\n".join(lines) + "\n"
+
+
+@app.command("cli-reference", hidden=True)
+def cli_reference() -> None:
+    """Print the CLI reference (the README's)."""
+    typer.echo(reference(), nl=False)
 
 
 def run_stage(name: str) -> None:

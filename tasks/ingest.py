@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from tasks.adapters import SUFFIXES, RawUnit, iter_units
 from tasks.atomic import atomic_dir, is_complete, sha256_file, tree_hash
 from tasks.config import Settings
-from tasks.lineage import LINEAGE_FILE, make_lineage, read_lineage
+from tasks.lineage import LINEAGE_FILE, code_version, make_lineage, read_lineage
 from tasks.progress import Progress
 from tasks.text import normalize, scrub_pii
 
@@ -169,6 +169,27 @@ def _input_files(settings: Settings, day: str) -> list[tuple[Path, str]]:
     return files
 
 
+def _done_before(settings: Settings, day: str, raw_hash: str) -> dict[str, Any] | None:
+    """The published result for dt=<day> if it was made from these very raw bytes with this ingest config,
+    seed and code (the partition's lineage says so), else None: an unchanged stage is not run again."""
+    part_dir = settings.paths.clean / f"dt={day}"
+    if not (part_dir / LINEAGE_FILE).is_file() or not (settings.paths.quarantine / f"dt={day}" / "rejects.jsonl").is_file():
+        return None
+    prev = read_lineage(part_dir)
+    stats = prev.get("stats") or {}
+    if (stats.get("raw_hash"), prev.get("config_hash"), prev.get("seed"), prev.get("code_version")) != (
+            raw_hash, settings.hash("ingest"), settings.seed, code_version()):
+        return None
+    return {**stats, "partition": str(part_dir), "content_hash": prev["content_hash"], "parts": sorted(prev["files"]),
+            "seconds": 0.0, "skipped": f"unchanged raw input {raw_hash[:12]}, config and code"}
+
+
+def is_current(settings: Settings, day: str) -> bool:
+    """Whether dt=<day>'s clean partition is up to date with its raw input (what `ingest` would skip)."""
+    files = _input_files(settings, check_day(day))
+    return bool(files) and _done_before(settings, day, tree_hash({rel: sha256_file(p) for p, rel in files})) is not None
+
+
 def ingest(day: str, settings: Settings) -> dict[str, Any]:
     """Ingest data/raw/*/dt=<day>/ into data/clean/dt=<day>/ and data/quarantine/dt=<day>/."""
     day = check_day(day)
@@ -180,6 +201,9 @@ def ingest(day: str, settings: Settings) -> dict[str, Any]:
     t0 = time.perf_counter()
     input_bytes = sum(p.stat().st_size for p, _ in files)
     raw_hash = tree_hash({rel: sha256_file(p) for p, rel in files})
+    if (done := _done_before(settings, day, raw_hash)) is not None:
+        log.info("ingest dt=%s: skipped, %s", day, done["skipped"])
+        return done
 
     pii: Counter = Counter()
     reasons: Counter = Counter()

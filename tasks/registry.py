@@ -76,6 +76,15 @@ def quantize_and_register(settings: Settings, weights_dir: Path | str, fp32_eval
     return {**out, "registered": register(settings, weights_dir, q, q["gate"], "int8", parent_version)}
 
 
+def registered_run(settings: Settings, run_id: str) -> int | None:
+    """The fp32 version registered from training run `run_id` (the `model_id` lineage tag), if any."""
+    client = mlflow_client(settings)
+    name = settings.tracking.registered_model
+    versions = [int(v.version) for v in client.search_model_versions(f"name='{name}'")
+                if v.tags.get("model_id") == f"model@{run_id}" and v.tags.get("variant", "fp32") == "fp32"]
+    return max(versions) if versions else None
+
+
 def champion_metrics(settings: Settings, alias: str = "champion") -> dict[str, float] | None:
     client = mlflow_client(settings)
     try:

@@ -123,6 +123,21 @@ class _MetricsTail:
             self.logged = max(r["step"] for r in new)
 
 
+def run_identity(settings: Settings, manifest: Path | str) -> str:
+    """The training run's id, `<profile>-<hash>`: a hash of what changes the math (model and training
+    config, the shards manifest, seed, code). How the global batch is split over ranks and micro-batches
+    does not count, so a retry on another world size continues the same run."""
+    t = settings.train
+    ident = settings.resolved()["train"]
+    ident["global_batch"] = t.micro_batch * t.grad_accum * t.world_size
+    for k in ("world_size", "grad_accum", "micro_batch", "launcher", "threads_per_rank", "timeout_s", "peak_flops",
+              "log_every"):
+        ident.pop(k)
+    key = hashlib.sha256(json.dumps([settings.resolved()["model"], ident, sha256_file(Path(manifest)), settings.seed,
+                                     code_version()], sort_keys=True).encode())
+    return f"{settings.profile}-{key.hexdigest()[:12]}"
+
+
 def train(settings: Settings, manifest: Path | str | None = None, resume: bool = True) -> dict[str, Any]:
     import torch
 
@@ -131,16 +146,7 @@ def train(settings: Settings, manifest: Path | str | None = None, resume: bool =
     man = json.loads(manifest.read_text())
     vocab = -(-man["vocab_size"] // 64) * 64  # round up: faster matmuls, room for added tokens
     config_hash = settings.hash("model", "train")
-    # The run's identity: what changes the math. How the global batch is split over ranks and
-    # micro-batches does not, so a retry on another world size continues the same run.
-    ident = settings.resolved()["train"]
-    ident["global_batch"] = t.micro_batch * t.grad_accum * t.world_size
-    for k in ("world_size", "grad_accum", "micro_batch", "launcher", "threads_per_rank", "timeout_s", "peak_flops",
-              "log_every"):
-        ident.pop(k)
-    key = hashlib.sha256(json.dumps([settings.resolved()["model"], ident, sha256_file(manifest), settings.seed,
-                                     code_version()], sort_keys=True).encode())
-    run_id = f"{settings.profile}-{key.hexdigest()[:12]}"
+    run_id = run_identity(settings, manifest)
     run_dir = settings.paths.models_dir / "checkpoints" / run_id
     final = run_dir / "final"
     lineage = make_lineage(

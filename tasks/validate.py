@@ -9,15 +9,17 @@ Data Docs HTML is written to reports/data_docs/dt=<day>/index.html and its path 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-from tasks.atomic import write_json
+from tasks.atomic import tree_hash, write_json
 from tasks.config import Settings
 from tasks.ingest import check_day, read_partition, turns_table
+from tasks.lineage import LINEAGE_FILE, code_version, read_lineage
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +101,22 @@ def run_suite(frames: dict[str, Any], settings: Settings, docs_dir: Path | None,
 
 def validate(day: str, settings: Settings) -> dict[str, Any]:
     day = check_day(day)
-    table = read_partition(settings.paths.clean / f"dt={day}")
+    part_dir = settings.paths.clean / f"dt={day}"
     docs_dir = settings.paths.reports_dir / "data_docs" / f"dt={day}" if settings.validate_.data_docs else None
+    result_path = settings.paths.reports_dir / "validation" / f"dt={day}.json"
+    # what the verdict depends on: the partition's content, the suite and the code
+    key = tree_hash({"partition": read_lineage(part_dir)["content_hash"] if (part_dir / LINEAGE_FILE).is_file() else "",
+                     "config": settings.hash("validate"), "code": code_version()})
+    if result_path.is_file():
+        prev = json.loads(result_path.read_text())
+        if prev.get("key") == key and prev.get("success") and (docs_dir is None or (docs_dir / "index.html").is_file()):
+            log.info("validate dt=%s: skipped, partition %s already passed this suite", day, key[:12])
+            return {**prev, "skipped": "unchanged partition, suite and code"}
+    table = read_partition(part_dir)
     summary = run_suite(_frames(table), settings, docs_dir, name=f"chat_clean_dt={day}")
-    summary.update(dt=day, rows=table.num_rows,
+    summary.update(dt=day, rows=table.num_rows, key=key,
                    data_docs=str(docs_dir / "index.html") if docs_dir is not None else None)
-    write_json(settings.paths.reports_dir / "validation" / f"dt={day}.json", summary)
+    write_json(result_path, summary)
     if not summary["success"]:
         lines = [f"  {f['table']}.{f['expectation']}({_short(f['kwargs'])}): unexpected {f['unexpected_count']}, "
                  f"observed {f['observed_value']!r}, e.g. {f['examples']!r}" for f in summary["failed"]]

@@ -4,76 +4,21 @@ running tritonserver and gateway; and the closed loop: drifted traffic -> chat_m
 chat_train -> chat_deploy (shadow, canary) -> promoted, then a drilled slow challenger rolled back,
 with live gateway traffic that never sees a failed request."""
 
+import datetime as dt
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
-import yaml
 
 from tasks import stack
-from tasks.synth import synth, traffic
-from tasks.train import free_port
-from tests.conftest import REPO, make_settings
-from tests.integration.test_rollout_canary import Load
+from tasks.synth import traffic
+from tasks.traffic import Load
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
-
-# what the whole stack (Airflow's workers too) runs with: short windows, small guards, 30 steps
-PROFILE = {
-    "train": {"max_steps": 30},
-    "rollout": {"steps": [50, 100], "window_s": 6, "min_samples": 8, "shadow_percent": 100,
-                "shadow_window_s": 6, "shadow_min_pairs": 8},
-    "monitor": {"window_hours": 1, "min_rows": 50, "guard": {"min_new_rows": 100, "cooldown_hours": 24}},
-}
-
-
-def _config_dir(root) -> str:
-    """configs/ copied with free serving ports and PROFILE merged into the tiny profile."""
-    configs = root / "configs"
-    shutil.copytree(REPO / "configs", configs)
-    serve = yaml.safe_load((configs / "serve.yaml").read_text())
-    for key in ("http_port", "grpc_port", "metrics_port"):
-        serve["triton"][key] = free_port()
-    serve["gateway"]["port"] = free_port()
-    (configs / "serve.yaml").write_text(yaml.safe_dump(serve))
-    # the gate has its own tests; here only its absolute bounds apply: 30-step models judged against each
-    # other on different validation sets are noise, and latency on a machine this busy is not the model's
-    ev = yaml.safe_load((configs / "eval.yaml").read_text())
-    ev["gate"] = [{**r, "max_regression": None} for r in ev["gate"] if not r["metric"].startswith("latency")]
-    (configs / "eval.yaml").write_text(yaml.safe_dump(ev))
-    tiny = yaml.safe_load((configs / "profiles" / "tiny.yaml").read_text())
-    for section, values in PROFILE.items():
-        tiny[section] = {**tiny.get(section, {}), **values}
-    (configs / "profiles" / "tiny.yaml").write_text(yaml.safe_dump(tiny))
-    return str(configs)
-
-
-@pytest.fixture(scope="module")
-def running(tmp_path_factory):
-    from tasks.serve import server
-
-    root = tmp_path_factory.mktemp("stack")
-    old = os.environ.get("LLMOPS_CONFIG_DIR")
-    os.environ["LLMOPS_CONFIG_DIR"] = _config_dir(root)  # inherited by every Airflow process and the gateway
-    # other ports than the defaults, so a developer's `make run` stack can stay up meanwhile
-    s = make_settings(root, "stack.airflow_port=18080", "stack.mlflow_port=15000")
-    synth(s, days=3, start="2026-11-01", records=60, faults=True, chatterbot=False)
-    try:
-        info = stack.up(s, timeout=240)
-        server.up(s, timeout=120)  # tritonserver (nothing exported yet) + the gateway
-        yield s, info
-    finally:
-        server.down(s)
-        stack.down(s)
-        if old is None:
-            os.environ.pop("LLMOPS_CONFIG_DIR", None)
-        else:
-            os.environ["LLMOPS_CONFIG_DIR"] = old
 
 
 def _listening(settings) -> set[tuple[str, int]]:
@@ -88,8 +33,6 @@ def _listening(settings) -> set[tuple[str, int]]:
 
 def _pgid(pid: int) -> int | None:
     try:
-        import os
-
         return os.getpgid(pid)
     except ProcessLookupError:
         return None
@@ -125,9 +68,18 @@ def test_trigger_and_backfill_through_scheduler(running):
     client.unpause("chat_train")
     train_run = _wait_for_run(client, "chat_train", set(), timeout=60)
     assert client.wait_run("chat_train", train_run, timeout=600) == "success", client.task_states("chat_train", train_run)
-    client.pause("chat_train")  # no asset-triggered trainings during the backfill below
     assert client.task_states("chat_train", train_run) == dict.fromkeys(
         ("check_inputs", "train", "evaluate", "gate", "register", "quantize"), "success")
+    # ... a run of the schedule, not a manual one: the weekly tick, Monday 03:00 UTC
+    run = next(r for r in client.runs("chat_train") if r["dag_run_id"] == train_run)
+    tick = dt.datetime.fromisoformat(run["logical_date"])
+    assert run["run_type"] == "scheduled" and (tick.weekday(), tick.hour, tick.minute) == (0, 3, 0), run
+    # the Trigger button again, nothing changed: check_inputs finds the run registered and skips the rest
+    again = client.trigger("chat_train", {"profile": "tiny"})
+    assert client.wait_run("chat_train", again, timeout=300) == "success"
+    assert client.task_states("chat_train", again) == dict.fromkeys(
+        ("check_inputs", "train", "evaluate", "gate", "register", "quantize"), "skipped")
+    client.pause("chat_train")  # no asset-triggered trainings during the backfill below
     import mlflow
 
     mlc = mlflow.MlflowClient(tracking_uri=f"http://127.0.0.1:{s.stack.mlflow_port}")
@@ -254,3 +206,37 @@ def test_closed_loop_drift_retrains_and_promotes_then_a_slow_challenger_is_rolle
     assert set(load.versions) <= {"1", str(new)}
     assert httpx.post(f"{base}/v1/chat/completions", json={"model": "chat-gpt", "max_tokens": 4, "messages": [
         {"role": "user", "content": "hi"}]}, timeout=60).headers["x-model-version"] == str(new)
+
+
+def test_a_chat_shards_event_starts_chat_train_and_status_shows_the_system(running):
+    """The Asset trigger: an event on chat_shards (what chat_ingest's shard task emits) starts chat_train
+    with the event's manifest; those shards are trained and registered already, so it skips the rest.
+    Then `llmops status` sees it all through the same REST API and MLflow."""
+    from tasks import status
+
+    s, _ = running
+    client = stack.AirflowClient(s)
+    manifest = sorted(s.paths.shards.glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)[-1]
+    asset = client.http.get("/api/v2/assets", params={"name_pattern": "chat_shards"}).json()["assets"][0]
+    client.unpause("chat_train")
+    known = {r["dag_run_id"] for r in client.runs("chat_train")}
+    r = client.http.post("/api/v2/assets/events", json={"asset_id": asset["id"], "extra": {"manifest": str(manifest)}})
+    assert r.status_code == 200, r.text
+    run = _wait_for_run(client, "chat_train", known, timeout=120)
+    assert next(x for x in client.runs("chat_train") if x["dag_run_id"] == run)["run_type"] == "asset_triggered"
+    assert client.wait_run("chat_train", run, timeout=300) == "success"
+    assert client.task_states("chat_train", run)["check_inputs"] == "skipped"  # those shards are registered
+    events = client.http.get(f"/api/v2/dags/chat_train/dagRuns/{run}/upstreamAssetEvents").json()["asset_events"]
+    assert [e["extra"]["manifest"] for e in events] == [str(manifest)]
+    client.pause("chat_train")
+
+    info = status.collect(s)
+    assert all(x["up"] for x in info["services"].values()), info["services"]
+    assert {d: x["runs"][0]["state"] for d, x in info["dags"].items()} == dict.fromkeys(
+        ("chat_ingest", "chat_train", "chat_deploy", "chat_monitor"), "success")
+    champion = info["models"]["champion"]
+    assert champion["version"] == info["served"]["aliases"]["champion"]
+    assert champion["metrics"]["perplexity"] > 1 and champion["lineage"]["snapshot_hash"]
+    assert info["drift"]["verdict"] in ("drift", "ok") and Path(info["drift"]["report"]).is_file()
+    index = Path(info["reports"]["index"])
+    assert index.is_file() and "shadow.html" in index.read_text() and "data_docs" in index.read_text()

@@ -38,6 +38,14 @@ def test_register_promote_load_and_refuse_a_worse_model(root):
     assert out["evaluation"]["gate"]["passed"] and "no champion" in json.dumps(out["evaluation"]["gate"])
     reg = out["registered"]
     assert (reg["version"], reg["alias"]) == (1, "challenger")
+    # what chat_train's check_inputs asks before training: is this run's identity registered already?
+    from tasks.registry import registered_run
+    from tasks.train import latest_manifest, run_identity
+
+    assert good["run_id"] == run_identity(s, latest_manifest(s))
+    assert registered_run(s, good["run_id"]) == 1
+    assert registered_run(make_settings(root, *FAST, "train.max_steps=61"), run_identity(
+        make_settings(root, *FAST, "train.max_steps=61"), latest_manifest(s))) is None
 
     client = mlflow_client(s)
     v = client.get_model_version("chat-gpt", "1")

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import random
-import threading
 from pathlib import Path
 
 import httpx
@@ -23,6 +21,7 @@ from tasks.serve import triton
 from tasks.shard import shard
 from tasks.snapshot import snapshot
 from tasks.synth import synth
+from tasks.traffic import Load
 from tasks.train import free_port, mlflow_client, train
 from tests.conftest import make_settings
 from tests.integration.test_serving import FAST, _gateway
@@ -60,34 +59,6 @@ def stack(tmp_path_factory):
     yield s, tp, base
     triton.stop_group(proc.pid)
     tp.stop()
-
-
-class Load:
-    """Two clients sending chat requests with fresh session ids until stopped; every status is kept."""
-
-    def __init__(self, base: str):
-        self.base, self.statuses, self.versions, self._stop = base, [], [], threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(2)]
-
-    def _run(self, i: int) -> None:
-        rng = random.Random(i)
-        with httpx.Client(timeout=60) as http:
-            while not self._stop.is_set():
-                r = http.post(f"{self.base}/v1/chat/completions", headers={"X-Session-Id": f"s{rng.getrandbits(48)}"},
-                              json={"model": "chat-gpt", "max_tokens": 8, "temperature": 0,
-                                    "messages": [{"role": "user", "content": "Where is my parcel?"}]})
-                self.statuses.append(r.status_code)
-                self.versions.append(r.headers.get("x-model-version"))
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        for t in self.threads:
-            t.join()
 
 
 def test_canary_promotes_a_comparable_challenger_then_rolls_back_a_slow_one(stack):

@@ -61,3 +61,16 @@ def test_unknown_expectation_in_config_is_named(tmp_path):
     ingest(DAY, s)
     with pytest.raises(ValidationFailed, match="unknown expectation 'ExpectNothingAtAll'"):
         validate(DAY, s)
+
+
+def test_an_unchanged_partition_is_not_validated_again(settings):
+    synth_day(settings, DAY, records=60, faults=False)
+    ingest(DAY, settings)
+    first = validate(DAY, settings)
+    assert "skipped" not in first and first["key"]
+    again = validate(DAY, settings)
+    assert again["skipped"] and again["success"] and again["key"] == first["key"]
+    synth_day(settings, DAY, records=80, faults=False)  # new content in the partition: validated again
+    ingest(DAY, settings)
+    third = validate(DAY, settings)
+    assert "skipped" not in third and third["rows"] > first["rows"] and third["key"] != first["key"]

@@ -10,7 +10,8 @@ from tests.conftest import REPO
 
 runner = CliRunner()
 COMMANDS = ["config", "synth", "ingest", "validate", "snapshot", "shard", "days", "trigger", "backfill", "status",
-            "stack up", "stack down", "stack status", "rollout shadow", "rollout canary", "drift", "autoscale", "cost", "train-pod"]
+            "stack up", "stack down", "stack status", "rollout shadow", "rollout canary", "drift", "autoscale", "cost", "train-pod",
+            "lifecycle", "reports"]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)
@@ -52,3 +53,14 @@ def test_synth_traffic_writes_request_logs(tmp_path):
     assert out["rows"] == 40 and out["drifted"] is True
     lines = [json.loads(x) for p in out["paths"] for x in open(p, encoding="utf-8")]
     assert len(lines) == 40 and all(x["synthetic"] and x["prompt"] for x in lines)
+
+
+def test_readme_cli_reference_is_the_commands_own_help():
+    """The README's CLI section is generated (`llmops cli-reference`); it must not drift from the code."""
+    from tasks.cli import reference
+
+    readme = (REPO / "README.md").read_text()
+    start, end = "<!-- cli-reference:start -->\n```\n", "```\n<!-- cli-reference:end -->"
+    assert start in readme and end in readme, "README.md lacks the cli-reference markers"
+    block = readme.split(start, 1)[1].split(end, 1)[0]
+    assert block == reference(), "README.md's CLI reference is stale: paste `llmops cli-reference` between the markers"

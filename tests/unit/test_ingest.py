@@ -143,3 +143,25 @@ def test_bad_day_rejected_before_any_work(settings, day):
 def test_no_input_is_a_clear_error(settings):
     with pytest.raises(IngestError, match=r"no raw input for dt=2026-11-01"):
         ingest(DAY, settings)
+
+
+def test_unchanged_input_is_skipped_and_any_change_runs_again(settings):
+    from tasks.ingest import is_current
+
+    synth_day(settings, DAY, records=40, faults=True)
+    assert not is_current(settings, DAY)
+    first = ingest(DAY, settings)
+    assert "skipped" not in first and is_current(settings, DAY)
+    again = ingest(DAY, settings)  # same raw bytes, config, seed and code: the published result, not redone
+    assert again["skipped"].startswith("unchanged raw input")
+    assert {k: again[k] for k in ("content_hash", "clean", "rejected", "reasons")} == {
+        k: first[k] for k in ("content_hash", "clean", "rejected", "reasons")}
+    # one more record in the raw input: ingested again
+    write_raw(settings, DAY, [json.dumps({"messages": [{"role": "user", "content": "is the shop open on sunday?"},
+                                                       {"role": "assistant", "content": "Yes, from ten to four."}]})])
+    assert not is_current(settings, DAY)
+    more = ingest(DAY, settings)
+    assert "skipped" not in more and more["clean"] == first["clean"] + 1
+    # another ingest config over the same bytes: ingested again
+    other = make_settings(settings.paths.root, "ingest.max_record_bytes=60000")
+    assert not is_current(other, DAY) and "skipped" not in ingest(DAY, other)
