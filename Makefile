@@ -52,7 +52,17 @@ $(SERVE_STAMP): requirements/serve.txt $(STAMP)
 lint: install
 	$(BIN)/ruff check .
 
-test: install lint
+# The browser test drives Debian's chromium through Playwright (Playwright's own browser download needs
+# the internet): installed here when missing and this user may.
+browser:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "==> installing Debian's chromium for the browser test (apt-get, ~30 s)"; \
+	    { apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && \
+	      apt-get install -y -q chromium >/dev/null 2>&1; }; } || echo "warning: apt-get install chromium failed"; \
+	  else echo "warning: chromium not found: apt-get install chromium, or LLMOPS_SKIP_BROWSER=1 to skip the browser test"; fi; }
+
+test: install lint browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 run: install
@@ -67,7 +77,8 @@ stop:
 
 clean: stop
 	rm -rf var reports data/raw data/clean data/quarantine data/shards data/snapshots data/tokenizers \
-	       data/.dvc data/.dvcignore data/clean.dvc data/.snapshot.lock data/requests models/triton
+	       data/.dvc data/.dvcignore data/.gitignore data/clean.dvc data/.snapshot.lock data/requests \
+	       models/triton models/checkpoints models/exports dvcstore
 
 bench: install
 	$(BIN)/python bench/data.py

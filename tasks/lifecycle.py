@@ -362,7 +362,7 @@ def _deploy(lc: Lifecycle, st: Stage, known: set[str], expect: bool) -> tuple[bo
     finally:
         if load is not None:
             load.stop()
-    run_id = list(runs)[-1]
+    run_id = next(iter(runs))  # the newest (runs come newest first)
     canary = lc.client.xcom("chat_deploy", run_id, "canary")
     shadow = lc.client.xcom("chat_deploy", run_id, "shadow")
     lc.facts.setdefault("deploys", []).append({"run": run_id, "shadow": shadow, "canary": canary,
@@ -390,7 +390,8 @@ def _new_day(lc: Lifecycle, st: Stage) -> tuple[bool, str]:
     run_id = lc.client.trigger("chat_ingest", {"day": lc.last, "profile": s.profile})
     lc.follow(st, "chat_ingest", known, started=[run_id])
     shard = lc.client.xcom("chat_ingest", run_id, "shard")
-    return True, f"dt={lc.last} ingested; new shards {Path(shard['manifest']).parent.name} ({shard['tokens']:,} tokens)"
+    tokens = sum(shard["tokens"].values()) if isinstance(shard["tokens"], dict) else shard["tokens"]
+    return True, f"dt={lc.last} ingested; new shards {Path(shard['manifest']).parent.name} ({tokens:,} tokens)"
 
 
 def _retrain(lc: Lifecycle, st: Stage) -> tuple[bool, str]:
