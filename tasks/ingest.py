@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from tasks.adapters import SUFFIXES, RawUnit, iter_units
 from tasks.atomic import atomic_dir, is_complete, sha256_file, tree_hash
 from tasks.config import Settings
-from tasks.lineage import LINEAGE_FILE, code_version, make_lineage, read_lineage
+from tasks.lineage import LINEAGE_FILE, code_hash, make_lineage, read_lineage
 from tasks.progress import Progress
 from tasks.text import normalize, scrub_pii
 
@@ -177,8 +177,8 @@ def _done_before(settings: Settings, day: str, raw_hash: str) -> dict[str, Any] 
         return None
     prev = read_lineage(part_dir)
     stats = prev.get("stats") or {}
-    if (stats.get("raw_hash"), prev.get("config_hash"), prev.get("seed"), prev.get("code_version")) != (
-            raw_hash, settings.hash("ingest"), settings.seed, code_version()):
+    if (stats.get("raw_hash"), prev.get("config_hash"), prev.get("seed"), prev.get("code_hash")) != (
+            raw_hash, settings.hash("ingest"), settings.seed, code_hash()):
         return None
     return {**stats, "partition": str(part_dir), "content_hash": prev["content_hash"], "parts": sorted(prev["files"]),
             "seconds": 0.0, "skipped": f"unchanged raw input {raw_hash[:12]}, config and code"}

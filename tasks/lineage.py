@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import hashlib
 import json
 import subprocess
 from pathlib import Path
@@ -38,6 +39,19 @@ def code_version() -> str:
         return f"pkg:{__version__}"
 
 
+@functools.cache
+def code_hash() -> str:
+    """sha256 over the source of the `tasks` package (every .py, by relative path): what a stage's
+    output can depend on. A commit that changes only docs, tests or DAG wiring keeps it, so the
+    content-hash skips survive it; `code_version` still says which commit made an artifact."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f"{f.relative_to(root).as_posix()}\0".encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def make_lineage(
     kind: str,
     artifact_id: str,
@@ -58,6 +72,7 @@ def make_lineage(
         "tokenizer": tokenizer,
         "config_hash": config_hash,
         "code_version": code_version(),
+        "code_hash": code_hash(),
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         **(extra or {}),
     }

@@ -28,7 +28,7 @@ from typing import Any
 
 from tasks.atomic import atomic_dir, is_complete, sha256_file, write_json
 from tasks.config import Settings, TrainConfig
-from tasks.lineage import code_version, make_lineage
+from tasks.lineage import code_hash, code_version, make_lineage
 from tasks.train_worker import read_metrics
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ class _MetricsTail:
 
 def run_identity(settings: Settings, manifest: Path | str) -> str:
     """The training run's id, `<profile>-<hash>`: a hash of what changes the math (model and training
-    config, the shards manifest, seed, code). How the global batch is split over ranks and micro-batches
+    config, the shards manifest, seed, the `tasks` package's source). How the global batch is split over ranks and micro-batches
     does not count, so a retry on another world size continues the same run."""
     t = settings.train
     ident = settings.resolved()["train"]
@@ -134,7 +134,7 @@ def run_identity(settings: Settings, manifest: Path | str) -> str:
               "log_every"):
         ident.pop(k)
     key = hashlib.sha256(json.dumps([settings.resolved()["model"], ident, sha256_file(Path(manifest)), settings.seed,
-                                     code_version()], sort_keys=True).encode())
+                                     code_hash()], sort_keys=True).encode())
     return f"{settings.profile}-{key.hexdigest()[:12]}"
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from tasks.atomic import tree_hash, write_json
 from tasks.config import Settings
 from tasks.ingest import check_day, read_partition, turns_table
-from tasks.lineage import LINEAGE_FILE, code_version, read_lineage
+from tasks.lineage import LINEAGE_FILE, code_hash, read_lineage
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def validate(day: str, settings: Settings) -> dict[str, Any]:
     result_path = settings.paths.reports_dir / "validation" / f"dt={day}.json"
     # what the verdict depends on: the partition's content, the suite and the code
     key = tree_hash({"partition": read_lineage(part_dir)["content_hash"] if (part_dir / LINEAGE_FILE).is_file() else "",
-                     "config": settings.hash("validate"), "code": code_version()})
+                     "config": settings.hash("validate"), "code": code_hash()})
     if result_path.is_file():
         prev = json.loads(result_path.read_text())
         if prev.get("key") == key and prev.get("success") and (docs_dir is None or (docs_dir / "index.html").is_file()):
