@@ -288,15 +288,21 @@ def _ingest(lc: Lifecycle, st: Stage) -> tuple[bool, str]:
     bf = c.backfill("chat_ingest", days[0], days[-1], "completed")
     deadline = time.monotonic() + 3600
     while time.monotonic() < deadline:
-        runs = [r for r in c.runs("chat_ingest", run_type="backfill") if r["dag_run_id"] not in known]
+        info = c._ok(c.http.get(f"/api/v2/backfills/{bf}"))
+        # a reprocessed day re-runs its existing DagRun: this backfill's runs are those queued since it began
+        runs = [r for r in c.runs("chat_ingest", run_type="backfill")
+                if r["logical_date"][:10] in days and (r["queued_at"] or "") >= info["created_at"]]
         states = {r["logical_date"][:10]: r["state"] for r in runs}
         lc.note(st, f"backfill {bf}: " + ", ".join(f"{d} {states.get(d, 'waiting')}" for d in days))
         if any(v == "failed" for v in states.values()):
             raise LifecycleError(f"chat_ingest backfill {bf}: {states}; see the failed run's task logs in the Airflow UI")
-        if len(states) >= len(days) and all(v == "success" for v in states.values()):
+        if info["completed_at"] and len(states) == len(days) and all(v == "success" for v in states.values()):
             break
         time.sleep(2.0)
-    lc.follow(st, "chat_ingest", known | {r["dag_run_id"] for r in runs}, appear_s=0)  # yesterday's run
+    else:
+        raise LifecycleError(f"chat_ingest backfill {bf} not done after an hour")
+    lc.follow(st, "chat_ingest", known | {r["dag_run_id"] for r in c.runs("chat_ingest", run_type="backfill")},
+              appear_s=0)  # yesterday's scheduled run, if it still runs
     from tasks.snapshot import load_snapshot
 
     snap = load_snapshot(s)
@@ -322,11 +328,17 @@ def _train_result(lc: Lifecycle, runs: dict[str, dict[str, Any]]) -> tuple[bool,
 
 
 def _train(lc: Lifecycle, st: Stage) -> tuple[bool, str]:
-    c = lc.client
+    from tasks.registry import registered_run
+    from tasks.train import latest_manifest, run_identity
+
+    c, s = lc.client, lc.settings
     known = lc.run_ids("chat_train")
     lc.facts["deploys_before_train"] = lc.run_ids("chat_deploy")
     c.unpause("chat_deploy")  # register's chat_challenger Asset starts the deploy
     c.unpause("chat_train")  # the first unpause also runs the latest weekly tick: it skips, as unchanged, or trains
+    run_id = run_identity(s, latest_manifest(s))
+    if (version := registered_run(s, run_id)) is not None:  # what check_inputs would find: no run needed
+        return False, f"unchanged: run {run_id} (these shards, config, seed and code) is version {version}"
     run_id = c.trigger("chat_train", {"profile": lc.settings.profile})
     lc.facts["train_run"] = run_id
     return _train_result(lc, lc.follow(st, "chat_train", known, started=[run_id]))
@@ -414,9 +426,15 @@ def _canary(lc: Lifecycle, st: Stage) -> tuple[bool, str]:
 
 
 def _monitor(lc: Lifecycle, st: Stage) -> tuple[bool, str]:
+    from tasks.reports import last_drift_at
+    from tasks.rollout import read_requests
+
     c = lc.client
     known = lc.run_ids("chat_monitor")
     c.unpause("chat_monitor")  # hourly from now on
+    last = last_drift_at(lc.settings)
+    if last is not None and not read_requests(lc.settings, last[0], dt.datetime.now(dt.UTC)):
+        return False, f"unchanged: no requests since the last check ({last[0]:%H:%M} UTC): {last[1]['verdict']}"
     run_id = c.trigger("chat_monitor", {"profile": lc.settings.profile})
     runs = lc.follow(st, "chat_monitor", known, started=[run_id])
     drift = c.xcom("chat_monitor", run_id, "drift")

@@ -39,14 +39,23 @@ def code_version() -> str:
         return f"pkg:{__version__}"
 
 
+# Modules that drive, serve, watch or report, and never shape a partition, a tokenizer, shards or weights
+NOT_IN_OUTPUTS = frozenset({"cli.py", "lifecycle.py", "status.py", "reports.py", "traffic.py", "stack.py", "k8s.py",
+                            "autoscale.py", "cost.py", "drift.py", "rollout.py", "progress.py", "export.py"})
+
+
 @functools.cache
 def code_hash() -> str:
-    """sha256 over the source of the `tasks` package (every .py, by relative path): what a stage's
-    output can depend on. A commit that changes only docs, tests or DAG wiring keeps it, so the
-    content-hash skips survive it; `code_version` still says which commit made an artifact."""
+    """sha256 over the source of the `tasks` modules that make data and models (every .py by relative
+    path, but NOT_IN_OUTPUTS and serve/): what a stage's output can depend on. A commit that changes
+    only docs, tests, DAG wiring, the CLI or serving keeps it, so the content-hash skips survive it;
+    `code_version` still says which commit made an artifact."""
     root = Path(__file__).resolve().parent
     h = hashlib.sha256()
     for f in sorted(root.rglob("*.py")):
+        rel = f.relative_to(root)
+        if rel.as_posix() in NOT_IN_OUTPUTS or rel.parts[0] == "serve":
+            continue
         h.update(f"{f.relative_to(root).as_posix()}\0".encode())
         h.update(f.read_bytes())
     return h.hexdigest()

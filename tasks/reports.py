@@ -101,5 +101,14 @@ def summary(settings: Settings) -> dict[str, Any]:
 
 def last_drift(settings: Settings) -> dict[str, Any] | None:
     """The newest drift verdict (reports/drift/<time>/verdict.json), if any."""
+    last = last_drift_at(settings)
+    return last[1] if last else None
+
+
+def last_drift_at(settings: Settings) -> tuple[dt.datetime, dict[str, Any]] | None:
+    """(when, verdict) of the newest drift check, when from its directory's UTC stamp."""
     verdicts = sorted(settings.paths.reports_dir.glob("drift/*/verdict.json"))
-    return json.loads(verdicts[-1].read_text()) if verdicts else None
+    if not verdicts:
+        return None
+    when = dt.datetime.strptime(verdicts[-1].parent.name, "%Y%m%dT%H%M%S").replace(tzinfo=dt.UTC)
+    return when, json.loads(verdicts[-1].read_text())

@@ -4,7 +4,7 @@ import os
 import re
 import time
 
-from tasks.reports import collect, last_drift, latest, write_index
+from tasks.reports import collect, last_drift, last_drift_at, latest, write_index
 
 
 def _touch(path, text="x", age_s=0.0):
@@ -41,6 +41,8 @@ def test_index_links_every_kind_relatively_and_newest_first(settings):
     assert html.index("dt=2026-11-02") < html.index("dt=2026-11-01")  # newest first
     assert "../data/quarantine/dt=2026-11-01/rejects.jsonl" in hrefs
     assert last_drift(settings)["verdict"] == "ok"
+    when, verdict = last_drift_at(settings)
+    assert (when.isoformat(), verdict["reason"]) == ("2026-11-28T09:00:00+00:00", "no drift")
 
 
 def test_an_empty_project_gets_an_index_that_says_so(settings):
