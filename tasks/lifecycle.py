@@ -367,8 +367,11 @@ def _deploy(lc: Lifecycle, st: Stage, known: set[str], expect: bool) -> tuple[bo
     if not expect and not runs_now:
         started = [lc.client.trigger("chat_deploy", {"profile": s.profile, "alias": "challenger"})]
     load = None
-    if "champion" in aliases:
-        load = Load(server.urls(s)["gateway"], clients=2, prompt=None, max_tokens=8, headers=auth_headers(s)).start()
+    if "champion" in aliases:  # users asking what the corpus asks: the canary judges, the monitor sees no drift
+        from tasks.drift import reference_prompts
+
+        load = Load(server.urls(s)["gateway"], clients=2, prompt=None, max_tokens=8, headers=auth_headers(s),
+                    prompts=reference_prompts(s)).start()
     try:
         runs = lc.follow(st, "chat_deploy", known, started=started, appear_s=60)
     finally:
@@ -435,8 +438,11 @@ def _monitor(lc: Lifecycle, st: Stage) -> tuple[bool, str]:
     last = last_drift_at(lc.settings)
     if last is not None and not read_requests(lc.settings, last[0], dt.datetime.now(dt.UTC)):
         return False, f"unchanged: no requests since the last check ({last[0]:%H:%M} UTC): {last[1]['verdict']}"
-    run_id = c.trigger("chat_monitor", {"profile": lc.settings.profile})
-    runs = lc.follow(st, "chat_monitor", known, started=[run_id])
+    # unpausing runs the latest hourly tick when it has not run yet: that run is the check; else trigger one
+    runs = lc.follow(st, "chat_monitor", known, appear_s=10)
+    if not runs:
+        runs = lc.follow(st, "chat_monitor", known, started=[c.trigger("chat_monitor", {"profile": lc.settings.profile})])
+    run_id = next(iter(runs))
     drift = c.xcom("chat_monitor", run_id, "drift")
     scale = c.xcom("chat_monitor", run_id, "autoscale")
     retrain = runs[run_id]["tasks"].get("retrain") == "success"

@@ -28,7 +28,7 @@ KINDS: tuple[tuple[str, str, str, str], ...] = (
     ("data", "Quarantine", "data/quarantine/dt=*/rejects.jsonl", "rejected raw records of a day, verbatim, with file, line and reason"),
     ("data", "Validation results", "reports/validation/dt=*.json", "the suite's verdict per day (JSON)"),
     ("model", "Evaluation", "reports/eval/*/report.html", "perplexity, ROUGE-L, BLEU, embedding similarity, toxicity, factuality, latency; the gate"),
-    ("model", "Evaluation (int8)", "reports/eval/*/int8/report.html", "the int8 tier against its fp32 parent"),
+    ("model", "Evaluation (int8)", "reports/eval/*-int8/report.html", "the int8 tier against its fp32 parent"),
     ("rollout", "Shadow", "reports/shadow/*/shadow.html", "mirrored champion/challenger pairs: reply similarity, safety, latency"),
     ("rollout", "Rollout decisions", "reports/rollout/*.json", "promote / roll back / inconclusive, with the evidence of every window"),
     ("monitoring", "Drift", "reports/drift/*/report.html", "Evidently: served prompts vs the training corpus, SLOs"),
@@ -36,6 +36,8 @@ KINDS: tuple[tuple[str, str, str, str], ...] = (
     ("monitoring", "Cost", "reports/cost/*/cost.html", "$ per 1M tokens, training and serving, per version"),
     ("monitoring", "Autoscale", "reports/autoscale/recommendations.jsonl", "scale-out / scale-in recommendations with their signals"),
 )
+# the fp32 evaluation's glob also matches the int8 tier's directory (<run>-int8)
+SKIP = {"Evaluation": lambda p: p.parent.name.endswith("-int8")}
 SECTIONS = {"data": "Data", "model": "Models", "rollout": "Rollout", "monitoring": "Monitoring"}
 
 
@@ -46,7 +48,8 @@ def collect(settings: Settings, per_kind: int = 5) -> list[dict[str, Any]]:
     out = []
     for section, title, pattern, what in KINDS:
         top, rest = pattern.split("/", 1)
-        found = sorted((p for p in bases.get(top, root / top).glob(rest) if p.is_file()),
+        skip = SKIP.get(title, lambda p: False)
+        found = sorted((p for p in bases.get(top, root / top).glob(rest) if p.is_file() and not skip(p)),
                        key=lambda p: p.stat().st_mtime, reverse=True)
         for p in found[:per_kind]:
             out.append({"section": section, "title": title, "what": what, "path": p,

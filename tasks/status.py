@@ -19,6 +19,8 @@ from tasks.config import Settings
 METRICS = ("perplexity", "rouge_l", "bleu", "embedding_similarity", "toxicity_rate", "factuality_fuzzy",
            "latency_p99_ms_b1")
 DAGS = ("chat_ingest", "chat_train", "chat_deploy", "chat_monitor")
+SHORT = {"perplexity": "ppl", "rouge_l": "ROUGE-L", "bleu": "BLEU", "embedding_similarity": "emb sim",
+         "toxicity_rate": "toxic", "factuality_fuzzy": "fact", "latency_p99_ms_b1": "p99 ms"}
 
 
 def _dag_runs(settings: Settings, per_dag: int) -> dict[str, Any]:
@@ -89,6 +91,10 @@ def collect(settings: Settings, per_dag: int = 3) -> dict[str, Any]:
     return info
 
 
+def _cut(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
 def _when(iso: str | None) -> str:
     return iso[5:16].replace("T", " ") if iso else ""
 
@@ -120,15 +126,16 @@ def render(info: dict[str, Any], console: Console | None = None) -> None:
 
     if isinstance(info["dags"], dict):
         t = Table(title="last DAG runs", title_justify="left")
-        for c in ("DAG", "run", "type", "state", "started (UTC)", "took"):
-            t.add_column(c)
+        for c in ("DAG", "type", "state", "started (UTC)", "took"):
+            t.add_column(c, no_wrap=True)
         for dag_id, d in info["dags"].items():
+            name = dag_id + (" (paused)" if d["paused"] else "")
             if not d["runs"]:
-                t.add_row(dag_id + (" (paused)" if d["paused"] else ""), "none yet", "", "", "", "")
+                t.add_row(name, "none yet", "", "", "")
             for i, r in enumerate(d["runs"]):
                 color = {"success": "green", "failed": "red"}.get(r["state"], "yellow")
-                t.add_row(dag_id + (" (paused)" if d["paused"] else "") if i == 0 else "", r["run_id"][-32:], r["type"],
-                          f"[{color}]{r['state']}[/]", _when(r["start"]), _took(r["start"], r["end"]))
+                t.add_row(name if i == 0 else "", r["type"], f"[{color}]{r['state']}[/]", _when(r["start"]),
+                          _took(r["start"], r["end"]))
         console.print(t)
     else:
         console.print(f"DAG runs: {info['dags']}")
@@ -136,19 +143,21 @@ def render(info: dict[str, Any], console: Console | None = None) -> None:
     if isinstance(info["models"], dict) and info["models"]:
         t = Table(title=f"registered model (MLflow); Triton serves {info['served']['aliases'] or 'nothing yet'}",
                   title_justify="left")
-        for c in ("alias", "version", *METRICS, "lineage"):
-            t.add_column(c.replace("_", " "))
+        for c in ("alias", "version", *SHORT.values()):
+            t.add_column(c, no_wrap=True)
+        for alias, m in info["models"].items():
+            t.add_row(alias, str(m["version"]), *(f"{m['metrics'][k]:.3g}" if k in m["metrics"] else "" for k in SHORT))
+        console.print(t)
         for alias, m in info["models"].items():
             lin = m["lineage"]
-            t.add_row(alias, str(m["version"]), *(f"{m['metrics'][k]:.3g}" if k in m["metrics"] else "" for k in METRICS),
-                      f"snapshot {str(lin['snapshot_hash'])[:12]}, tokenizer {lin['tokenizer.version']}, "
-                      f"{lin['code_version']}, seed {lin['seed']}, run {str(lin['mlflow_run_id'])[:12]}")
-        console.print(t)
+            console.print(f"  {alias} v{m['version']}: snapshot {str(lin['snapshot_hash'])[:12]}, tokenizer "
+                          f"{lin['tokenizer.version']}, code {lin['code_version']}, seed {lin['seed']}, MLflow run "
+                          f"{lin['mlflow_run_id']}" + (f"; {m['rollout'][:120]}" if m.get("rollout") else ""))
     else:
         console.print(f"registered model: {info['models'] or 'nothing registered yet'}")
 
     d = info["drift"]
-    console.print(f"last drift check      : {d['verdict']} ({d['reason']}), {d['rows']} requests; {d['report']}"
+    console.print(f"last drift check      : {d['verdict']} ({_cut(d['reason'], 200)}), {d['rows']} requests; {d['report']}"
                   if d else "last drift check      : none yet (chat_monitor runs hourly once unpaused)")
     if info["drift_triggers"]:
         console.print(f"retrains by drift     : {', '.join(info['drift_triggers'])}")

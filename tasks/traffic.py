@@ -3,7 +3,9 @@
     with Load(base_url) as load:      # `clients` threads, each a fresh session per request
         ...                           # load.statuses, load.versions: what every request got
 
-Prompts are first user turns drawn like the training corpus (tasks/synth.py), or one fixed prompt.
+Prompts are drawn from a given list (`make run` passes the training corpus's user turns, so its
+traffic is in distribution and the drift check has no reason to fire), else first user turns made
+like the synthetic corpus (tasks/synth.py), or one fixed prompt.
 `make run` uses it while chat_deploy runs its shadow and canary windows; the rollout tests use it
 to check that users never see a failed request while traffic moves.
 """
@@ -22,9 +24,11 @@ class Load:
     """`clients` threads sending chat completions until stopped; every status and served version is kept."""
 
     def __init__(self, base: str, clients: int = 2, prompt: str | None = "Where is my parcel?", max_tokens: int = 8,
-                 headers: dict[str, str] | None = None, pause_s: float = 0.0, seed: int = 0):
+                 headers: dict[str, str] | None = None, pause_s: float = 0.0, seed: int = 0,
+                 prompts: list[str] | None = None):
         self.base = base.removesuffix("/").removesuffix("/v1")
         self.prompt, self.max_tokens, self.headers, self.pause_s, self.seed = prompt, max_tokens, headers or {}, pause_s, seed
+        self.prompts = prompts
         self.statuses: list[int] = []
         self.versions: list[str | None] = []
         self._stop = threading.Event()
@@ -34,7 +38,10 @@ class Load:
         rng = random.Random(f"{self.seed}:{i}")
         with httpx.Client(timeout=60) as http:
             while not self._stop.is_set():
-                prompt = self.prompt or next(m["content"] for m in conversation(rng)["messages"] if m["role"] == "user")
+                if self.prompts:
+                    prompt = rng.choice(self.prompts)
+                else:
+                    prompt = self.prompt or next(m["content"] for m in conversation(rng)["messages"] if m["role"] == "user")
                 try:
                     r = http.post(f"{self.base}/v1/chat/completions",
                                   headers={**self.headers, "X-Session-Id": f"s{rng.getrandbits(48)}"},

@@ -22,6 +22,7 @@ def test_index_links_every_kind_relatively_and_newest_first(settings):
     files = [
         _touch(d / "quarantine" / "dt=2026-11-01" / "rejects.jsonl"),
         _touch(r / "eval" / "tiny-abc" / "report.html"),
+        _touch(r / "eval" / "tiny-abc-int8" / "report.html"),
         _touch(r / "shadow" / "20261128T080000" / "shadow.html"),
         _touch(r / "rollout" / "20261128T080100-v2-promote.json"),
         _touch(r / "drift" / "20261128T090000" / "report.html"),
@@ -32,6 +33,8 @@ def test_index_links_every_kind_relatively_and_newest_first(settings):
     found = {x["path"] for x in collect(settings)}
     assert {old, new, *[f for f in files if f.suffix != ".json" or "rollout" in str(f)]} <= found
     assert latest(settings)["Data Docs"] == new
+    kinds = {x["path"].parent.name: x["title"] for x in collect(settings) if "eval" in x["path"].parts}
+    assert kinds == {"tiny-abc": "Evaluation", "tiny-abc-int8": "Evaluation (int8)"}
     index = write_index(settings, {"Airflow": "http://127.0.0.1:8080"})
     html = index.read_text()
     hrefs = re.findall(r"href='([^']+)'", html)
