@@ -88,8 +88,8 @@ def _train_in_cluster(settings, inputs: dict, ctx) -> dict:
         "force": Param(False, type="boolean", title="Force",
                        description="Train and register even when a version from the same shards, config, seed and "
                                    "code is already registered (otherwise the run skips: nothing would change)."),
-        "reason": Param("", type="string", maxLength=2000, title="Reason",
-                        description="Why this training runs; chat_monitor fills it in. Tagged on the MLflow run."),
+        "reason": Param(None, type=["null", "string"], maxLength=2000, title="Reason",
+                        description="Why this training runs (optional); chat_monitor fills it in. Tagged on the MLflow run."),
         "drift_report": Param(None, type=["null", "string"], title="Drift report",
                               description="The drift report that triggered this run (set by chat_monitor)."),
     },

@@ -39,6 +39,8 @@ import httpx
 
 from tasks.config import PROJECT_DIR, Settings
 
+SQLITE_CONNECT_ARGS = {"timeout": 60}  # sqlite3.connect(timeout=...): seconds to wait for a lock
+
 
 class StackError(RuntimeError):
     pass
@@ -84,6 +86,10 @@ def airflow_env(settings: Settings) -> dict[str, str]:
         "MLFLOW_TRACKING_URI": f"http://{st.host}:{st.mlflow_port}",
         "NO_PROXY": "127.0.0.1,localhost",
     }
+    if env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("sqlite"):
+        # every process waits up to a minute for SQLite's write lock instead of 5 s: an `airflow backfill create`
+        # from a shell otherwise fails with "database is locked" while the scheduler writes
+        env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS"] = "tasks.stack.SQLITE_CONNECT_ARGS"
     if st.executor == "CeleryExecutor":
         if not st.celery_broker_url:
             raise StackError("stack.executor is CeleryExecutor but stack.celery_broker_url is empty (redis://host:6379/N)")
