@@ -392,7 +392,14 @@ class AirflowClient:
         """Create a backfill over [start, end] (dates); returns its id. `reprocess`: none|failed|completed."""
         body = {"dag_id": dag_id, "from_date": f"{start}T00:00:00Z", "to_date": f"{end}T00:00:00Z",
                 "run_backwards": False, "dag_run_conf": {}, "reprocess_behavior": reprocess, "max_active_runs": 1}
-        return self._ok(self.http.post("/api/v2/backfills", json=body))["id"]
+        # On SQLite, creating a backfill while the scheduler writes can meet a lock that SQLite reports at once
+        # (a read transaction upgrading to write); the API answers 503 and nothing was created: try again.
+        for _ in range(30):
+            r = self.http.post("/api/v2/backfills", json=body)
+            if r.status_code != 503 or "locked" not in r.text:
+                break
+            time.sleep(2.0)
+        return self._ok(r)["id"]
 
     def wait_backfill(self, dag_id: str, backfill_id: int, timeout: float = 1800.0) -> dict[str, str]:
         """Wait until the backfill completes; return {logical_date: state} of its runs."""
