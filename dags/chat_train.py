@@ -23,8 +23,8 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.exceptions import AirflowSkipException
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowSkipException
 
 from chat_assets import CHAT_CHALLENGER, CHAT_SHARDS, DEFAULT_PROFILE, PROFILES
 
@@ -102,10 +102,10 @@ def chat_train():
         from tasks.train import latest_manifest, run_identity
 
         events = get_current_context().get("triggering_asset_events") or {}
-        manifest = None
-        for evs in events.values():
-            for ev in evs:
-                manifest = (ev.extra or {}).get("manifest") or manifest
+        # every chat_shards event since the previous asset-triggered run comes along: the newest names the shards
+        newest = max((ev for evs in events.values() for ev in evs if (ev.extra or {}).get("manifest")),
+                     key=lambda ev: ev.timestamp, default=None)
+        manifest = newest.extra["manifest"] if newest is not None else None
         settings = _settings()
         manifest = manifest or str(latest_manifest(settings))
         m = verify_shards(manifest.rsplit("/", 1)[0])

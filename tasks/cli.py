@@ -634,6 +634,10 @@ def lifecycle(
     except (LifecycleError, StackError, TritonError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted; the stack and any started DAG runs go on. `make run` again picks up from there, "
+                   "`make stop` ends it all", err=True)
+        raise typer.Exit(130) from None
     lc.console.print(f"\nlifecycle done in {result['seconds'] / 60:.1f} min "
                      f"(history: {lc.history_path}; `make run` again skips what is unchanged)\n")
     status_mod.render(status_mod.collect(s), lc.console)

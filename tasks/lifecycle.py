@@ -101,8 +101,8 @@ class Lifecycle:
 
     def __rich__(self) -> Group:
         t = Table(title=f"llmops lifecycle ({self.settings.profile} profile)", title_justify="left", expand=False)
-        for col in ("", "stage", "elapsed", "ETA", "what / status"):
-            t.add_column(col, no_wrap=col != "what / status")
+        for col in ("", "stage", "elapsed", "ETA", "what / status"):  # one line a stage: it fits any terminal
+            t.add_column(col, no_wrap=True, overflow="ellipsis")
         for st in self.stages:
             sym, style = STYLE[st.status]
             eta = self.eta(st)
@@ -419,8 +419,9 @@ def _retrain(lc: Lifecycle, st: Stage) -> tuple[bool, str]:
     if not pending and not (lc.run_ids("chat_train") - known):
         return _train_result(lc, {})
     runs = lc.follow(st, "chat_train", known, appear_s=60 if pending else 3)  # started by the chat_shards Asset
-    if not runs:  # the Asset event came before chat_train was unpaused: start it as the form would
-        runs = lc.follow(st, "chat_train", known, started=[lc.client.trigger("chat_train", {"profile": s.profile})])
+    if registered_run(s, run_identity(s, latest_manifest(s))) is None:  # no run came, or it trained other shards
+        runs |= lc.follow(st, "chat_train", known | set(runs),
+                          started=[lc.client.trigger("chat_train", {"profile": s.profile})])
     return _train_result(lc, runs)
 
 
