@@ -66,7 +66,7 @@ test: install lint browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 run: install
-	@echo "==> the lifecycle on the $(PROFILE) profile, through Airflow's REST API (first run ~15 min on 2 cores; again: only checks)"
+	@echo "==> the lifecycle on the $(PROFILE) profile, through Airflow's REST API (first run about 8 minutes on 2 cores; again: only checks, seconds)"
 	@$(BIN)/llmops lifecycle --profile $(PROFILE) --from $(RUN_FROM) --to $(RUN_TO)
 
 status:

@@ -100,9 +100,13 @@ class Lifecycle:
         return max(ran - st.elapsed(), 0.0) if st.status == "running" else (ran if st.status == "pending" else None)
 
     def __rich__(self) -> Group:
-        t = Table(title=f"llmops lifecycle ({self.settings.profile} profile)", title_justify="left", expand=False)
-        for col in ("", "stage", "elapsed", "ETA", "what / status"):  # one line a stage: it fits any terminal
-            t.add_column(col, no_wrap=True, overflow="ellipsis")
+        t = Table(title=f"llmops lifecycle ({self.settings.profile} profile)", title_justify="left", expand=True)
+        # one line a stage, so the view fits any terminal: the last column takes what is left, cut with …
+        t.add_column("", width=1, no_wrap=True)
+        t.add_column("stage", min_width=7, no_wrap=True)
+        t.add_column("elapsed", min_width=7, no_wrap=True)
+        t.add_column("ETA", min_width=6, no_wrap=True)
+        t.add_column("what / status", ratio=1, no_wrap=True, overflow="ellipsis")
         for st in self.stages:
             sym, style = STYLE[st.status]
             eta = self.eta(st)
@@ -113,7 +117,9 @@ class Lifecycle:
         left = [self.eta(st) for st in self.stages if st.status in ("pending", "running")]
         known = [x for x in left if x is not None]
         foot = f"elapsed {_fmt(total)}"
-        if left:
+        if left and not known:
+            foot += ", ETA: none yet (no earlier run to time the stages by)"
+        elif left:
             foot += f", ETA {_fmt(sum(known))}" + (" + stages never timed" if len(known) < len(left) else "")
         return Group(t, Text(foot, style="bold"))
 
