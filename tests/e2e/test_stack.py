@@ -229,7 +229,7 @@ def test_a_chat_shards_event_starts_chat_train_and_status_shows_the_system(runni
     # the run gets every chat_shards event since the last asset-triggered run; ours is the newest, whose
     # manifest check_inputs takes (chat_ingest's earlier events name older shards)
     events = client.http.get(f"/api/v2/dags/chat_train/dagRuns/{run}/upstreamAssetEvents").json()["asset_events"]
-    assert max(events, key=lambda e: e["timestamp"])["extra"] == {"manifest": str(manifest)}, events
+    assert max(events, key=lambda e: e["timestamp"])["extra"]["manifest"] == str(manifest), events
     client.pause("chat_train")
 
     info = status.collect(s)
