@@ -17,6 +17,7 @@ import pytest
 from tasks import stack
 from tasks.synth import traffic
 from tasks.traffic import Load
+from tests.conftest import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 
@@ -98,10 +99,16 @@ def test_trigger_and_backfill_through_scheduler(running):
     r = client.http.post("/api/v2/dags/chat_ingest/dagRuns", json={"logical_date": None, "conf": {"day": "yesterday"}})
     assert r.status_code == 400, r.text
 
-    # backfill two past days through Airflow's backfill API
-    bf = client.backfill("chat_ingest", "2026-11-02", "2026-11-03")
-    runs = client.wait_backfill("chat_ingest", bf, timeout=900)
-    assert runs == {"2026-11-02": "success", "2026-11-03": "success"}
+    # backfill two past days as a user does: `llmops backfill` (a thin wrapper over Airflow's backfill API)
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "tasks.cli", "backfill", "--from", "2026-11-02", "--to", "2026-11-03",
+                          "--set", f"paths.root={s.paths.root}", "--set", f"stack.airflow_port={s.stack.airflow_port}",
+                          "--set", f"stack.mlflow_port={s.stack.mlflow_port}"],
+                         capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout)["runs"] == {"2026-11-02": "success", "2026-11-03": "success"}
     assert sorted(p.name for p in s.paths.clean.iterdir() if p.name.startswith("dt=")) == [
         "dt=2026-11-01", "dt=2026-11-02", "dt=2026-11-03"]
     latest = json.loads((s.paths.snapshots / "latest.json").read_text())
