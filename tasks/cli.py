@@ -153,7 +153,7 @@ def train(
 
 @app.command("train-pod")
 def train_pod(
-    manifest: Annotated[str, typer.Option(help="shards manifest.json the pod trains on")] = "data/shards/latest/manifest.json",
+    manifest: Annotated[str | None, typer.Option(help="shards manifest.json the pod trains on (default: the latest snapshot's)")] = None,
     run_id: Annotated[str, typer.Option(help="names the pod")] = "manual",
     profile: ProfileOpt = None, set_: SetOpt = None,
 ) -> None:
@@ -162,8 +162,15 @@ def train_pod(
 
     from tasks.k8s import as_dict
     from tasks.k8s import train_pod as render
+    from tasks.snapshot import SnapshotError
+    from tasks.train import TrainError, latest_manifest
 
     s = _settings(profile, set_)
+    try:
+        manifest = manifest or str(latest_manifest(s))
+    except (TrainError, SnapshotError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
     typer.echo(yaml.safe_dump(as_dict(render(s, manifest, run_id)), sort_keys=False))
 
 

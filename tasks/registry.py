@@ -38,9 +38,12 @@ class RegistrationRefused(RegistryError):
 
 
 def latest_weights(settings: Settings) -> Path:
-    finals = sorted(settings.paths.models_dir.glob("checkpoints/*/final/_SUCCESS"), key=lambda p: p.stat().st_mtime)
+    """The newest finished training run of this profile (run directories are `<profile>-<identity>`)."""
+    finals = sorted(settings.paths.models_dir.glob(f"checkpoints/{settings.profile}-*/final/_SUCCESS"),
+                    key=lambda p: p.stat().st_mtime)
     if not finals:
-        raise RegistryError(f"no trained model under {settings.paths.models_dir / 'checkpoints'}; run `llmops train` first")
+        raise RegistryError(f"no trained {settings.profile} model under {settings.paths.models_dir / 'checkpoints'}; "
+                            "run `llmops train` first")
     return finals[-1].parent
 
 

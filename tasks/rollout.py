@@ -281,8 +281,10 @@ def rollback(settings: Settings, reason: str, evidence: dict[str, Any]) -> dict[
     """Traffic back to the champion at once; the challenger alias is moved to `rejected` with the reason."""
     from tasks.train import mlflow_client
 
-    set_traffic(settings, 0.0)  # first: from the gateway's next request on, nobody is sent to the challenger
     repo, name = settings.paths.triton_repository, settings.serve.triton.model_name
+    if "challenger" not in read_aliases(repo, name):
+        raise ValueError(f"no challenger to roll back (aliases.json: {read_aliases(repo, name)})")
+    set_traffic(settings, 0.0)  # first: from the gateway's next request on, nobody is sent to the challenger
     aliases = read_aliases(repo, name)
     challenger = aliases.pop("challenger")
     write_aliases(repo, name, {**aliases, "rejected": challenger})
@@ -402,10 +404,12 @@ def canary(settings: Settings, sleep: Callable[[float], None] = time.sleep,
 def drill(settings: Settings, version: int, delay_ms_per_token: float) -> dict[str, Any]:
     """Make a served version slower on purpose (drill.json in its directory, then reload), to rehearse
     the automatic roll-back; delay 0 removes the drill."""
-    from tasks.export import STREAM_SUFFIX
+    from tasks.export import STREAM_SUFFIX, served_versions
     from tasks.serve import server
 
     name = settings.serve.triton.model_name
+    if version not in (served := served_versions(settings.paths.triton_repository, name)):
+        raise ValueError(f"version {version} is not in the Triton repository (served: {served})")
     paths = [settings.paths.triton_repository / m / str(version) / "drill.json" for m in (name, name + STREAM_SUFFIX)]
     for p in paths:
         if delay_ms_per_token > 0:

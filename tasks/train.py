@@ -71,8 +71,15 @@ def free_port() -> int:
 
 
 def _tracking_uri(settings: Settings) -> str:
-    return (settings.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
-            or f"sqlite:///{settings.paths.var_dir / 'mlflow' / 'mlflow.db'}")
+    """tracking.uri, else $MLFLOW_TRACKING_URI, else the stack's MLflow server when it runs for this root (its
+    experiments keep artifacts behind the server, mlflow-artifacts:/), else the SQLite store under var/."""
+    if settings.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        return settings.tracking.uri or os.environ["MLFLOW_TRACKING_URI"]
+    from tasks.stack import alive
+
+    if alive(settings, "mlflow"):
+        return f"http://{settings.stack.host}:{settings.stack.mlflow_port}"
+    return f"sqlite:///{settings.paths.var_dir / 'mlflow' / 'mlflow.db'}"
 
 
 def mlflow_client(settings: Settings):

@@ -154,3 +154,19 @@ def test_the_gateway_mirrors_only_champion_routed_requests_by_the_shadow_share(t
     assert router.shadow_of(router.route("chat-gpt:1", "x"), "x") is None  # a pinned version is not mirrored
     set_traffic(s, 50.0)  # the canary steps: no shadow share any more
     assert all(router.shadow_of(router.route("chat-gpt", f"s{i}"), f"s{i}") is None for i in range(200))
+
+
+def test_rollback_and_drill_refuse_what_is_not_there_and_touch_nothing(settings):
+    """No challenger: a clear error and the traffic file untouched; a drill of an unserved version: an error,
+    and no half version directory for tritonserver to choke on."""
+    from tasks import rollout
+    from tasks.export import write_aliases
+
+    repo = settings.paths.triton_repository
+    (repo / "chat-gpt" / "1").mkdir(parents=True)
+    write_aliases(repo, "chat-gpt", {"champion": 1})
+    with pytest.raises(ValueError, match="no challenger to roll back"):
+        rollout.rollback(settings, "why not", {})
+    with pytest.raises(ValueError, match="version 3 is not in the Triton repository"):
+        rollout.drill(settings, 3, 40.0)
+    assert sorted(p.name for p in (repo / "chat-gpt").iterdir()) == ["1", "aliases.json"]  # no traffic.json either
