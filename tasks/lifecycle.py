@@ -315,10 +315,17 @@ def _ingest(lc: Lifecycle, st: Stage) -> tuple[bool, str]:
     return True, f"{len(days)} days backfilled; snapshot {snap['snapshot_hash'][:12]} ({len(snap['partitions'])} partitions)"
 
 
-def _train_result(lc: Lifecycle, runs: dict[str, dict[str, Any]]) -> tuple[bool, str]:
+def _latest_registered(settings: Settings) -> tuple[str, int | None]:
+    """(run identity of the latest snapshot's shards, the version registered from it or None): what
+    chat_train's check_inputs asks before training."""
     from tasks.registry import registered_run
     from tasks.train import latest_manifest, run_identity
 
+    run_id = run_identity(settings, latest_manifest(settings))
+    return run_id, registered_run(settings, run_id)
+
+
+def _train_result(lc: Lifecycle, runs: dict[str, dict[str, Any]]) -> tuple[bool, str]:
     for run_id, r in runs.items():
         if r["tasks"].get("register") == "success":
             reg = lc.client.xcom("chat_train", run_id, "register")
@@ -326,24 +333,20 @@ def _train_result(lc: Lifecycle, runs: dict[str, dict[str, Any]]) -> tuple[bool,
             lc.facts["registered"] = reg["version"]
             return True, (f"version {reg['version']} registered as {reg['alias']} ({r['run_type']} run; loss "
                           f"{trained['final_loss']:.3f}, {trained['tokens_per_s']:.0f} tok/s)")
-    s = lc.settings
-    version = registered_run(s, run_identity(s, latest_manifest(s)))
+    version = _latest_registered(lc.settings)[1]
     if version is None:
         raise LifecycleError(f"chat_train ran ({list(runs)}) but registered nothing; see its task logs")
     return False, f"unchanged: the latest shards, config and code are version {version} already"
 
 
 def _train(lc: Lifecycle, st: Stage) -> tuple[bool, str]:
-    from tasks.registry import registered_run
-    from tasks.train import latest_manifest, run_identity
-
     c, s = lc.client, lc.settings
     known = lc.run_ids("chat_train")
     lc.facts["deploys_before_train"] = lc.run_ids("chat_deploy")
     c.unpause("chat_deploy")  # register's chat_challenger Asset starts the deploy
     c.unpause("chat_train")  # the first unpause also runs the latest weekly tick: it skips, as unchanged, or trains
-    run_id = run_identity(s, latest_manifest(s))
-    if (version := registered_run(s, run_id)) is not None:  # what check_inputs would find: no run needed
+    run_id, version = _latest_registered(s)
+    if version is not None:  # what check_inputs would find: no run needed
         return False, f"unchanged: run {run_id} (these shards, config, seed and code) is version {version}"
     run_id = c.trigger("chat_train", {"profile": lc.settings.profile})
     lc.facts["train_run"] = run_id
@@ -416,16 +419,13 @@ def _new_day(lc: Lifecycle, st: Stage) -> tuple[bool, str]:
 
 
 def _retrain(lc: Lifecycle, st: Stage) -> tuple[bool, str]:
-    from tasks.registry import registered_run
-    from tasks.train import latest_manifest, run_identity
-
     s = lc.settings
     known = lc.facts["trains_before_new_day"]
-    pending = registered_run(s, run_identity(s, latest_manifest(s))) is None
+    pending = _latest_registered(s)[1] is None
     if not pending and not (lc.run_ids("chat_train") - known):
         return _train_result(lc, {})
     runs = lc.follow(st, "chat_train", known, appear_s=60 if pending else 3)  # started by the chat_shards Asset
-    if registered_run(s, run_identity(s, latest_manifest(s))) is None:  # no run came, or it trained other shards
+    if _latest_registered(s)[1] is None:  # no run came, or it trained other shards
         runs |= lc.follow(st, "chat_train", known | set(runs),
                           started=[lc.client.trigger("chat_train", {"profile": s.profile})])
     return _train_result(lc, runs)
