@@ -11,7 +11,8 @@ allowed regression vs the `champion`; fails the run with the reason when it does
 `register` (MLflow model `chat-gpt`, alias `challenger`, lineage tags; emits the `chat_challenger`
 Asset that `chat_deploy` runs on) → `quantize` (the dynamic
 int8 variant, evaluated by the same suite and gated against its fp32 parent; registered as
-`challenger-int8` only if it passes).
+`challenger-int8` only if it passes) and `distill` (with the `distill` param: a smaller student trained
+against the champion's logits, evaluated by the same suite and gate, registered as `chat-gpt-small`).
 
 Runs weekly (Monday 03:00 UTC), whenever `chat_ingest` publishes new shards, and from the Trigger
 form. `train` runs in the `training` pool (one slot), so two trainings never share the machine,
@@ -88,6 +89,10 @@ def _train_in_cluster(settings, inputs: dict, ctx) -> dict:
         "force": Param(False, type="boolean", title="Force",
                        description="Train and register even when a version from the same shards, config, seed and "
                                    "code is already registered (otherwise the run skips: nothing would change)."),
+        "distill": Param(False, type="boolean", title="Distill a small tier",
+                         description="Also distill a smaller student (configs/distill.yaml) from the champion (the "
+                                     "version this run registers when there is none yet), evaluate and gate it, and "
+                                     "register it as chat-gpt-small for the gateway's light tier."),
         "reason": Param(None, type=["null", "string"], maxLength=2000, title="Reason",
                         description="Why this training runs (optional); chat_monitor fills it in. Tagged on the MLflow run."),
         "drift_report": Param(None, type=["null", "string"], title="Drift report",
@@ -178,8 +183,26 @@ def chat_train():
         return {"registered": r["registered"], "gate": r["gate"], "report": r["report"],
                 "memory_ratio": r["int8"]["memory_ratio"], "speedup_b1": r["int8"]["speedup_b1"]}
 
+    @task(pool="training", execution_timeout=timedelta(hours=12))
+    def distill(registered: dict) -> dict:
+        from tasks.distill import DistillError, distill_and_register, resolve_teacher
+
+        if not get_current_context()["params"]["distill"]:
+            raise AirflowSkipException("the distill param is off")
+        settings = _settings()
+        try:
+            teacher = resolve_teacher(settings)  # distill.teacher_alias, the champion
+        except DistillError:  # no champion yet: the version this run registered teaches
+            teacher = resolve_teacher(settings, version=registered["version"])
+        r = distill_and_register(settings, teacher)
+        return {"registered": r["registered"], "teacher": r["teacher"], "metrics_path": r["evaluation"]["metrics_path"],
+                "report": r["evaluation"]["report"], "val_loss": r["trained"]["val_loss"],
+                "teacher_val_loss": r["trained"]["teacher_val_loss"]}
+
     gated = gate(evaluate(train(check_inputs())))
-    quantize(register(gated), gated)
+    registered = register(gated)
+    quantize(registered, gated)
+    distill(registered)
 
 
 chat_train()

@@ -200,6 +200,51 @@ def register(
 
 
 @app.command()
+def distill(
+    teacher: Annotated[str | None, typer.Option(help="teacher weights directory (default: a registered version)")] = None,
+    teacher_version: Annotated[int | None, typer.Option(help="teacher: this version of tracking.registered_model")] = None,
+    teacher_alias: Annotated[str | None, typer.Option(help="teacher: this alias (default distill.teacher_alias)")] = None,
+    manifest: Annotated[str | None, typer.Option(help="shards manifest.json (default: the teacher's shards)")] = None,
+    register: Annotated[bool, typer.Option(help="evaluate, gate and register the student as distill.registered_model")] = True,
+    resume: Annotated[bool, typer.Option(help="resume from the newest complete checkpoint of the same run")] = True,
+    profile: ProfileOpt = None, set_: SetOpt = None,
+) -> None:
+    """Distill a smaller student from a teacher's logits with DeepSpeed; register it as chat-gpt-small."""
+    from tasks.distill import distill as run
+    from tasks.distill import distill_and_register, resolve_teacher
+
+    s = _settings(profile, set_)
+
+    def go() -> dict:
+        t = resolve_teacher(s, teacher, teacher_version, teacher_alias)
+        return distill_and_register(s, t, manifest, resume) if register else run(s, t, manifest, resume)
+
+    _run(go)
+
+
+@app.command()
+def reproduce(
+    ref: Annotated[str, typer.Argument(help="MODEL@VERSION or MODEL@ALIAS, e.g. chat-gpt@3 or chat-gpt@champion")],
+    workdir: Annotated[str | None, typer.Option(help="where to rebuild (default var/reproduce/<model>-v<N>)")] = None,
+    profile: ProfileOpt = None, set_: SetOpt = None,
+) -> None:
+    """Rebuild a registered version from its lineage (DVC snapshot, config, seed) and compare the weights."""
+    from tasks.reproduce import reproduce as run
+
+    s = _settings(profile, set_)
+    report: dict[str, Any] = {}
+
+    def go() -> dict:
+        report.update(run(s, ref, workdir))
+        return report
+
+    _run(go)
+    if not report.get("identical"):
+        typer.echo(f"not identical: differs in {', '.join(report.get('differs') or []) or 'no recorded input'}", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
 def promote(
     version: Annotated[int, typer.Option(help="registered model version to make champion")],
     reason: Annotated[str, typer.Option(help="why (recorded on the version)")],

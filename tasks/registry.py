@@ -60,8 +60,9 @@ def lineage_tags(lineage: dict[str, Any], mlflow_run_id: str | None, eval_report
         if flat.get(key) in (None, ""):
             raise RegistrationRefused(f"registration refused: lineage field '{key}' is missing "
                                       f"(model {lineage.get('id')}); every version must be rebuildable")
+    teacher = {f"teacher.{k}": str(v) for k, v in (lineage.get("teacher") or {}).items() if v is not None}
     return {k: str(v) for k, v in flat.items()} | {"weights_sha256": str(lineage.get("weights_sha256", "")),
-                                                   "model_id": str(lineage.get("id"))}
+                                                   "model_id": str(lineage.get("id"))} | teacher
 
 
 def quantize_and_register(settings: Settings, weights_dir: Path | str, fp32_eval: dict[str, Any],

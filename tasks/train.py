@@ -130,22 +130,28 @@ class _MetricsTail:
             self.logged = max(r["step"] for r in new)
 
 
-def run_identity(settings: Settings, manifest: Path | str) -> str:
+def run_identity(settings: Settings, manifest: Path | str, teacher: dict[str, Any] | None = None) -> str:
     """The training run's id, `<profile>-<hash>`: a hash of what changes the math (model and training
     config, the shards manifest, seed, the `tasks` package's source). How the global batch is split over ranks and micro-batches
-    does not count, so a retry on another world size continues the same run."""
+    does not count, so a retry on another world size continues the same run. A distillation run
+    (`teacher`: its weights' sha256, temperature and alpha count too) is `distill-<profile>-<hash>`."""
     t = settings.train
     ident = settings.resolved()["train"]
     ident["global_batch"] = t.micro_batch * t.grad_accum * t.world_size
     for k in ("world_size", "grad_accum", "micro_batch", "launcher", "threads_per_rank", "timeout_s", "peak_flops",
               "log_every"):
         ident.pop(k)
-    key = hashlib.sha256(json.dumps([settings.resolved()["model"], ident, sha256_file(Path(manifest)), settings.seed,
-                                     code_hash()], sort_keys=True).encode())
-    return f"{settings.profile}-{key.hexdigest()[:12]}"
+    parts: list[Any] = [settings.resolved()["model"], ident, sha256_file(Path(manifest)), settings.seed, code_hash()]
+    if teacher is not None:
+        parts.append({k: teacher[k] for k in ("weights_sha256", "temperature", "alpha")})
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode())
+    return f"{'distill-' if teacher is not None else ''}{settings.profile}-{key.hexdigest()[:12]}"
 
 
-def train(settings: Settings, manifest: Path | str | None = None, resume: bool = True) -> dict[str, Any]:
+def train(settings: Settings, manifest: Path | str | None = None, resume: bool = True,
+          teacher: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train on the shards of `manifest`. With `teacher` (tasks/distill.py builds it: weights_dir,
+    weights_sha256, temperature, alpha, and who the teacher is) the ranks distill a student from it."""
     import torch
 
     t = settings.train
@@ -153,15 +159,16 @@ def train(settings: Settings, manifest: Path | str | None = None, resume: bool =
     man = json.loads(manifest.read_text())
     vocab = -(-man["vocab_size"] // 64) * 64  # round up: faster matmuls, room for added tokens
     config_hash = settings.hash("model", "train")
-    run_id = run_identity(settings, manifest)
+    run_id = run_identity(settings, manifest, teacher)
     run_dir = settings.paths.models_dir / "checkpoints" / run_id
     final = run_dir / "final"
+    teacher_lineage = {k: v for k, v in (teacher or {}).items() if k != "weights_dir"}
     lineage = make_lineage(
         "model", f"model@{run_id}", config_hash=config_hash, seed=settings.seed,
         parent=man["lineage"]["id"], snapshot_hash=man["snapshot_hash"],
         tokenizer={"version": man["tokenizer"]["version"], "sha256": man["tokenizer"]["sha256"],
                    "path": man["tokenizer"]["path"]},
-        extra={"shards_manifest": str(manifest)})
+        extra={"shards_manifest": str(manifest), **({"teacher": teacher_lineage} if teacher else {})})
 
     client = mlflow_client(settings)
     exp_id = _experiment(client, settings)
@@ -178,8 +185,10 @@ def train(settings: Settings, manifest: Path | str | None = None, resume: bool =
         mlrun_id = run_file.read_text().strip()
         client.update_run(mlrun_id, status="RUNNING")
     else:
+        teacher_tags = {f"teacher.{k}": str(v) for k, v in teacher_lineage.items()}
         mlrun_id = client.create_run(exp_id, run_name=run_id, tags={
-            "llmops.run_id": run_id, "llmops.stage": "train", "seed": str(settings.seed),
+            **teacher_tags, "llmops.run_id": run_id, "llmops.stage": "distill" if teacher else "train",
+            "seed": str(settings.seed),
             "snapshot_hash": man["snapshot_hash"], "tokenizer_version": man["tokenizer"]["version"],
             "tokenizer_sha256": man["tokenizer"]["sha256"], "config_hash": config_hash,
             "code_version": code_version(), "parent": man["lineage"]["id"],
@@ -192,7 +201,8 @@ def train(settings: Settings, manifest: Path | str | None = None, resume: bool =
 
     peak = t.peak_flops or measure_peak_flops()
     spec = {"settings": settings.resolved(), "run_dir": str(run_dir), "manifest": str(manifest), "resume": resume,
-            "vocab_size": vocab, "config_hash": config_hash, "lineage": lineage, "peak_flops": peak}
+            "vocab_size": vocab, "config_hash": config_hash, "lineage": lineage, "peak_flops": peak,
+            "teacher": teacher}
     write_json(run_dir / "spec.json", spec)
 
     on_gpu = torch.cuda.is_available()
@@ -245,6 +255,8 @@ def train(settings: Settings, manifest: Path | str | None = None, resume: bool =
     measured = [r for r in steps if r["step"] > start["step"] + 1] or steps  # skip the warm-up step
     summary = {
         "final_loss": steps[-1]["loss"], "val_loss": next((r["val_loss"] for r in reversed(steps) if "val_loss" in r), None),
+        **({"teacher_val_loss": next((r["teacher_val_loss"] for r in steps if "teacher_val_loss" in r), None),
+            "kd_loss": steps[-1].get("kd_loss"), "teacher": teacher_lineage} if teacher else {}),
         "tokens_per_s": sum(r["tokens_per_s"] for r in measured) / len(measured),
         "mfu": sum(r.get("mfu", 0.0) for r in measured) / len(measured), "peak_flops": peak,
         "steps": steps[-1]["step"], "resumed_from": start["step"], "resume_mode": start["resume"],
@@ -260,8 +272,8 @@ def train(settings: Settings, manifest: Path | str | None = None, resume: bool =
     client.log_artifact(mlrun_id, str(final / "config.json"), "model")
     client.log_artifact(mlrun_id, str(final / "_lineage.json"), "model")
     client.log_artifact(mlrun_id, str(run_dir / "metrics.jsonl"))
-    for k in ("final_loss", "val_loss", "tokens_per_s", "mfu"):
-        if summary[k] is not None:
+    for k in ("final_loss", "val_loss", "tokens_per_s", "mfu", "teacher_val_loss", "kd_loss"):
+        if summary.get(k) is not None:
             client.log_metric(mlrun_id, f"summary.{k}", float(summary[k]))
     client.set_terminated(mlrun_id, status="FINISHED")
     log.info("trained %s: loss %.4f, val %.4f, %.0f tok/s, MFU %.1f%%", run_id, summary["final_loss"],

@@ -132,6 +132,27 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         raise ValueError(f"{path}: weights do not fit the model (missing {missing}, unexpected {unexpected})")
 
 
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ce: torch.Tensor,
+                 temperature: float, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, kd): Hinton et al.'s distillation loss. kd = T^2 * KL(softmax(t/T) || softmax(s/T)), mean
+    over tokens (T^2 keeps its gradient scale independent of T); loss = alpha * kd + (1 - alpha) * ce."""
+    import torch.nn.functional as F
+
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (B, T, V)
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    kd = F.kl_div(s, t, log_target=True, reduction="none").sum(-1).mean() * temperature**2
+    return alpha * kd + (1 - alpha) * ce, kd
+
+
+def load_teacher(weights_dir: Path, device: torch.device) -> GPT:
+    """The frozen teacher: its own config.json and safetensors weights, in eval mode, on this rank's device."""
+    cfg = json.loads((weights_dir / "config.json").read_text())["model"]
+    teacher = GPT(GPTConfig(**{**cfg, "activation_checkpointing": False}))
+    load_weights(teacher, weights_dir / "model.safetensors")
+    teacher.requires_grad_(False)
+    return teacher.eval().to(device)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--spec", required=True)
@@ -186,6 +207,15 @@ def main() -> None:
 
         torch.set_rng_state(load_file(str(tags[-1] / f"rng_rank{rank}.safetensors"))["cpu"])
 
+    # Distillation: the teacher's logits are computed on the fly on the same windows (a forward pass
+    # of a model a few times the student's size is cheaper here than reading V floats per token back
+    # from disk, and nothing has to be invalidated when the teacher changes)
+    kd_cfg = spec.get("teacher")
+    teacher = load_teacher(Path(kd_cfg["weights_dir"]), device) if kd_cfg else None
+    if teacher is not None and teacher.cfg.vocab_size != gpt_cfg.vocab_size:
+        raise ValueError(f"teacher vocab {teacher.cfg.vocab_size} != student vocab {gpt_cfg.vocab_size}: "
+                         "distill on the shards of the teacher's tokenizer")
+
     sampler = TokenSampler(split_paths(spec["manifest"], "train"), gpt_cfg.block_size, settings.seed)
     val_sampler = TokenSampler(split_paths(spec["manifest"], "val"), gpt_cfg.block_size, settings.seed, salt=1)
     metrics_path = run_dir / "metrics.jsonl"
@@ -193,13 +223,14 @@ def main() -> None:
     flops_per_step = gpt_cfg.flops_per_token() * tokens_per_step
     fail_at = int(os.environ.get("LLMOPS_TEST_CRASH_IN_CHECKPOINT", "0"))  # tests: die mid-checkpoint
 
-    def evaluate(step: int) -> float:
+    def evaluate(step: int, model=None) -> float:
+        """Mean validation cross-entropy of the engine's model (or of `model`, the teacher) on fixed windows."""
         engine.eval()
         total = torch.zeros(1, device=device)
         with torch.no_grad():
             for b in range(t.eval_batches):
                 x, y = val_sampler.batch(b, 0, rank, world, t.micro_batch, 1)
-                total += engine(x.to(device), y.to(device))[1].float()
+                total += (engine if model is None else model)(x.to(device), y.to(device))[1].float()
         dist.all_reduce(total)
         engine.train()
         return (total / (t.eval_batches * world)).item()
@@ -243,23 +274,34 @@ def main() -> None:
         for g in engine.optimizer.param_groups:
             g["lr"] = lr
         t0 = time.perf_counter()
-        loss_sum = torch.zeros(1, device=device)
+        loss_sum = torch.zeros(3, device=device)  # total, CE, KD
         for micro in range(t.grad_accum):
             x, y = sampler.batch(step, micro, rank, world, t.micro_batch, t.grad_accum)
-            loss = engine(x.to(device), y.to(device))[1]
+            x, y = x.to(device), y.to(device)
+            logits, ce = engine(x, y)
+            loss, kd = ce, torch.zeros((), device=device)
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = teacher(x, y)[0]
+                loss, kd = distill_loss(logits, teacher_logits, ce, kd_cfg["temperature"], kd_cfg["alpha"])
             engine.backward(loss)
             engine.step()
-            loss_sum += loss.detach().float()
+            loss_sum += torch.stack((loss.detach().float(), ce.detach().float(), kd.detach().float()))
         dist.all_reduce(loss_sum)
         dt = time.perf_counter() - t0
         done = step + 1
-        row = {"step": done, "loss": (loss_sum / (t.grad_accum * world)).item(), "lr": lr,
+        means = (loss_sum / (t.grad_accum * world)).tolist()
+        row = {"step": done, "loss": means[0], "lr": lr,
                "grad_norm": float(engine.get_global_grad_norm() or 0.0), "step_s": dt,
                "tokens_per_s": tokens_per_step / dt}
         if spec.get("peak_flops"):
             row["mfu"] = flops_per_step / dt / spec["peak_flops"]
+        if teacher is not None:
+            row.update(ce_loss=means[1], kd_loss=means[2])
         if done % t.eval_every == 0 or done == t.max_steps:
             row["val_loss"] = evaluate(done)
+            if teacher is not None:  # the same windows, so the student's gap to its teacher is read off directly
+                row["teacher_val_loss"] = evaluate(done, teacher)
         if rank == 0 and (done % t.log_every == 0 or done == t.max_steps or "val_loss" in row):
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
