@@ -225,7 +225,8 @@ def distill(
 @app.command()
 def reproduce(
     ref: Annotated[str, typer.Argument(help="MODEL@VERSION or MODEL@ALIAS, e.g. chat-gpt@3 or chat-gpt@champion")],
-    workdir: Annotated[str | None, typer.Option(help="where to rebuild (default var/reproduce/<model>-v<N>)")] = None,
+    workdir: Annotated[str | None, typer.Option(help="an empty directory to rebuild in (default var/reproduce/<model>-v<N>-<time>)")] = None,
+    force: Annotated[bool, typer.Option(help="retrain even when the checked-out data is not the recorded snapshot")] = False,
     profile: ProfileOpt = None, set_: SetOpt = None,
 ) -> None:
     """Rebuild a registered version from its lineage (DVC snapshot, config, seed) and compare the weights."""
@@ -235,7 +236,7 @@ def reproduce(
     report: dict[str, Any] = {}
 
     def go() -> dict:
-        report.update(run(s, ref, workdir))
+        report.update(run(s, ref, workdir, force))
         return report
 
     _run(go)

@@ -4,7 +4,7 @@
     llmops reproduce chat-gpt@champion
     llmops reproduce chat-gpt-small@challenger        # a distilled student: its teacher version is fetched too
 
-What it does, in a fresh work directory (var/reproduce/<model>-v<N>/ unless --workdir says):
+What it does, in a fresh work directory (var/reproduce/<model>-v<N>-<time>/ unless --workdir names an empty one):
 1. reads the version's lineage: its tags and `_lineage.json` (seed, snapshot, tokenizer, config and code
    hashes, the teacher of a student) and its training run's resolved config (`config/resolved.json`);
 2. checks the data snapshot out of the DVC remote: the snapshot's `.dvc` file (kept as
@@ -18,7 +18,9 @@ On the same hardware and world size the weights are bit-identical (the sampler i
 of seed and step, ranks reduce in a fixed order, deterministic algorithms are on). When they are not,
 the report names each input that differs (data snapshot, tokenizer, shards, config, code, seed,
 teacher, world size, machine) so the cause is read off rather than guessed. The report is written to
-reports/reproduce/ and `llmops reproduce` exits 1 unless the weights are identical.
+reports/reproduce/ and `llmops reproduce` exits 1 unless the weights are identical. When the data that
+comes back from the remote is not the recorded snapshot it stops before training (the weights could
+not match) and reports that, unless --force.
 """
 
 from __future__ import annotations
@@ -109,8 +111,10 @@ def _row(name: str, registered: Any, rebuilt: Any, note: str = "") -> dict[str, 
     return {"input": name, "registered": registered, "rebuilt": rebuilt, "same": registered == rebuilt, "note": note}
 
 
-def reproduce(settings: Settings, ref: str, workdir: Path | str | None = None) -> dict[str, Any]:
-    """Retrain `name@version|alias` from its lineage and compare; returns (and writes) the report."""
+def reproduce(settings: Settings, ref: str, workdir: Path | str | None = None, force: bool = False) -> dict[str, Any]:
+    """Retrain `name@version|alias` from its lineage and compare; returns (and writes) the report. When the
+    data checked out of the remote is not the recorded snapshot the weights cannot match, so it stops there
+    and says so, unless `force` (train anyway, e.g. to see how far apart the weights end up)."""
     import mlflow
 
     from tasks.lineage import code_hash, code_version
@@ -124,10 +128,18 @@ def reproduce(settings: Settings, ref: str, workdir: Path | str | None = None) -
     except Exception as e:  # MLflow's RestException: no such model, version or alias
         raise ReproduceError(f"{ref}: not in the registry ({e})") from None
     version = int(v.version)
-    workdir = Path(workdir or settings.paths.var_dir / "reproduce" / f"{name}-v{version}")
-    if workdir.exists():
-        shutil.rmtree(workdir)  # a rebuild starts from nothing: no reused tokenizer, shard or checkpoint
-    workdir.mkdir(parents=True)
+    if workdir is None:
+        # a rebuild starts from nothing (no reused tokenizer, shard or checkpoint) in a directory of its own;
+        # the previous rebuilds of this version go (a new name each time: MLflow keeps the engines of
+        # stores it opened in this process, and a store whose file was removed under it turns read-only)
+        base = settings.paths.var_dir / "reproduce"
+        for old in base.glob(f"{name}-v{version}-*"):
+            shutil.rmtree(old, ignore_errors=True)
+        workdir = base / f"{name}-v{version}-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S%f}"
+    workdir = Path(workdir)
+    if workdir.exists() and any(workdir.iterdir()):
+        raise ReproduceError(f"--workdir {workdir} is not empty; a rebuild starts from an empty directory")
+    workdir.mkdir(parents=True, exist_ok=True)
     uri = client._tracking_client.tracking_uri
     reg_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=v.source, dst_path=str(workdir / "registered"),
                                                        tracking_uri=uri))
@@ -145,6 +157,13 @@ def reproduce(settings: Settings, ref: str, workdir: Path | str | None = None) -
 
     log.info("reproducing %s version %d: snapshot %s from %s", name, version, snapshot_hash[:12], record["remote"])
     data = restore_snapshot(settings, work, snapshot_hash)
+    data_row = _row("data snapshot", snapshot_hash, data["snapshot_hash"],
+                    f"partitions whose bytes differ: {data['partitions_changed']}" if data["partitions_changed"] else "")
+    if not data_row["same"] and not force:
+        log.warning("%s version %d: the data checked out of %s is not snapshot %s (%s); not retrained", name, version,
+                    record["remote"], snapshot_hash[:12], data_row["note"])
+        return _report(settings, name, version, ref, workdir, [data_row], sha256_file(reg_dir / "model.safetensors"),
+                       None, v.tags.get("weights_sha256") or lineage.get("weights_sha256"), None)
     manifest = Path(shard(work, snapshot_hash)["manifest"])
 
     teacher = None
@@ -164,8 +183,7 @@ def reproduce(settings: Settings, ref: str, workdir: Path | str | None = None) -
     registered_sha = sha256_file(reg_dir / "model.safetensors")
     rebuilt_sha = sha256_file(Path(result["weights"]))
     inputs = [
-        _row("data snapshot", snapshot_hash, data["snapshot_hash"],
-             f"partitions whose bytes differ: {data['partitions_changed']}" if data["partitions_changed"] else ""),
+        data_row,
         _row("tokenizer sha256", v.tags.get("tokenizer.sha256") or lineage["tokenizer"]["sha256"],
              rebuilt["tokenizer"]["sha256"]),
         _row("seed", str(lineage["seed"]), str(rebuilt["seed"])),
@@ -177,22 +195,29 @@ def reproduce(settings: Settings, ref: str, workdir: Path | str | None = None) -
     ]
     if teacher is not None:
         inputs.append(_row("teacher weights sha256", lineage["teacher"]["weights_sha256"], teacher["weights_sha256"]))
+    return _report(settings, name, version, ref, workdir, inputs, registered_sha, rebuilt_sha,
+                   v.tags.get("weights_sha256") or lineage.get("weights_sha256"), result["run_id"])
+
+
+def _report(settings: Settings, name: str, version: int, ref: str, workdir: Path, inputs: list[dict[str, Any]],
+            registered_sha: str, rebuilt_sha: str | None, tag_sha: str | None, rebuilt_run: str | None) -> dict[str, Any]:
     report = {
         "model": name, "version": version, "ref": ref, "identical": registered_sha == rebuilt_sha,
-        "weights_sha256": {"registered": registered_sha, "rebuilt": rebuilt_sha,
-                           "tag": v.tags.get("weights_sha256") or lineage.get("weights_sha256")},
+        "retrained": rebuilt_sha is not None,
+        "weights_sha256": {"registered": registered_sha, "rebuilt": rebuilt_sha, "tag": tag_sha},
         "inputs": inputs, "differs": [r["input"] for r in inputs if not r["same"]],
-        "rebuilt_run": result["run_id"], "workdir": str(workdir), "machine": _machine(),
+        "rebuilt_run": rebuilt_run, "workdir": str(workdir), "machine": _machine(),
         "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     stamp = report["at"].replace(":", "").replace("-", "")
     report["report"] = str(settings.paths.reports_dir / "reproduce" / f"{name}-v{version}-{stamp}.json")
     write_json(Path(report["report"]), report)
     if report["identical"]:
-        log.info("%s version %d rebuilt bit for bit (weights sha256 %s)", name, version, rebuilt_sha[:12])
+        log.info("%s version %d rebuilt bit for bit (weights sha256 %s)", name, version, registered_sha[:12])
     else:
-        log.warning("%s version %d rebuilt with other weights (%s != %s); inputs that differ: %s", name, version,
-                    rebuilt_sha[:12], registered_sha[:12], ", ".join(report["differs"]) or "none recorded")
+        log.warning("%s version %d not rebuilt to the same weights (%s vs registered %s); inputs that differ: %s", name,
+                    version, (rebuilt_sha or "not retrained")[:14], registered_sha[:12],
+                    ", ".join(report["differs"]) or "none recorded")
     return report
 
 

@@ -25,6 +25,29 @@ def test_model_alias_and_session_names(name):
         check_version(name)
 
 
+@pytest.mark.parametrize("ref", ["../chat-gpt@1", "chat-gpt@../1", "chat-gpt@..", "a/b@1", "chat-gpt@0", "@1",
+                                 "chat-gpt@/etc"])
+def test_reproduce_refs(ref):
+    from tasks.reproduce import parse_ref
+
+    with pytest.raises(ExportError):
+        parse_ref(ref)
+
+
+def test_reproduce_refs_that_are_fine():
+    from tasks.reproduce import parse_ref
+
+    assert parse_ref("chat-gpt@3") == ("chat-gpt", "3")
+    assert parse_ref("chat-gpt-small@challenger") == ("chat-gpt-small", "challenger")
+    assert parse_ref("chat-gpt") == ("chat-gpt", "champion")
+
+
+@pytest.mark.parametrize("key", ["distill.registered_model", "distill.teacher_alias"])
+def test_distill_names_that_become_paths(tmp_path, key):
+    with pytest.raises(ConfigError, match=key.split(".")[-1]):
+        make_settings(tmp_path, f"{key}=../escape")
+
+
 @pytest.mark.parametrize("name", ["../tiny", "tiny/../../x", "/etc/passwd", "..", "tiny;rm"])
 def test_profile_names(name):
     with pytest.raises(ConfigError, match="profile"):
