@@ -163,14 +163,23 @@ def export_dir(settings: Settings, weights_dir: Path, name: str, version: int,
             "versions": served_versions(repo, name), "aliases": read_aliases(repo, name)}
 
 
-def export(settings: Settings, alias: str | None = None, version: int | None = None) -> dict[str, Any]:
-    """Export a registered version of `tracking.registered_model` (by alias or number) from MLflow."""
+def export(settings: Settings, alias: str | None = None, version: int | None = None,
+           model: str | None = None) -> dict[str, Any]:
+    """Export a registered version of `tracking.registered_model` (by alias or number) from MLflow to
+    the Triton model `serve.triton.model_name`; `model` names both at once (e.g. "chat-gpt-small",
+    the gateway's small tier, whose registered and Triton names are the same)."""
     import mlflow
 
     from tasks.train import mlflow_client
 
     if (alias is None) == (version is None):
         raise ExportError("give exactly one of an alias (e.g. challenger) or a version number")
+    if model is not None:
+        check_name(model)
+        settings = settings.model_copy(update={
+            "tracking": settings.tracking.model_copy(update={"registered_model": model}),
+            "serve": settings.serve.model_copy(update={"triton": settings.serve.triton.model_copy(
+                update={"model_name": model})})})
     client = mlflow_client(settings)
     name = check_name(settings.tracking.registered_model)
     if alias is not None:

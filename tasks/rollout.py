@@ -17,6 +17,10 @@ on safety hits), so a noisy window cannot roll a good model back. The error rate
 bound. Every decision is written as JSON under reports/rollout/ and as tags on the MLflow version.
 Traffic moves by rewriting models/triton/<model>/traffic.json atomically; the gateway re-reads it
 on the next request, and both versions stay loaded, so no request fails during a switch.
+
+Per tier: the gateway's small tier (serve.routing) is its own Triton model with its own aliases.json
+and traffic.json, and request-log lines name the model that served them, so all of this runs on it
+with `--set serve.triton.model_name=chat-gpt-small --set tracking.registered_model=chat-gpt-small`.
 """
 
 from __future__ import annotations
@@ -79,9 +83,19 @@ def read_requests(settings: Settings, since: dt.datetime, until: dt.datetime | N
     return out
 
 
-def samples(records: Iterable[dict[str, Any]], versions: Iterable[int]) -> dict[int, Sample]:
+def _of_model(rec: dict[str, Any], model: str | None) -> bool:
+    """Whether a log line is about `model`: the gateway serves two tiers (chat-gpt, chat-gpt-small) whose
+    version numbers overlap, and each tier has its own canary. A line without a model is counted."""
+    served = rec.get("model")
+    return model is None or not isinstance(served, str) or served.partition(":")[0] == model
+
+
+def samples(records: Iterable[dict[str, Any]], versions: Iterable[int], model: str | None = None) -> dict[int, Sample]:
+    """Per-version samples of the request log lines, those of Triton model `model` only when given."""
     out = {int(v): Sample() for v in versions}
     for r in records:
+        if not _of_model(r, model):
+            continue
         s = out.get(r.get("version"))
         if s is None:
             continue
@@ -161,9 +175,10 @@ def shadow_report(settings: Settings, since: dt.datetime, until: dt.datetime | N
     from tasks import metrics as M
 
     cfg = settings.rollout
-    aliases = read_aliases(settings.paths.triton_repository, settings.serve.triton.model_name)
-    pairs = [p for p in read_requests(settings, since, until, kind="shadow")
-             if p.get("champion", {}).get("version") == aliases.get("champion")
+    name = settings.serve.triton.model_name
+    aliases = read_aliases(settings.paths.triton_repository, name)
+    pairs = [p for p in read_requests(settings, since, until, kind="shadow") if _of_model(p, name)
+             and p.get("champion", {}).get("version") == aliases.get("champion")
              and p.get("challenger", {}).get("version") == aliases.get("challenger")]
     champ, chal = _pair_sample(pairs, "champion"), _pair_sample(pairs, "challenger")
     result: dict[str, Any] = {"phase": "shadow", "champion": aliases.get("champion"),
@@ -311,7 +326,8 @@ def analyze(settings: Settings, since: dt.datetime, until: dt.datetime | None = 
     aliases = read_aliases(settings.paths.triton_repository, settings.serve.triton.model_name)
     if "champion" not in aliases or "challenger" not in aliases:
         raise ValueError(f"a canary needs a champion and a challenger in aliases.json, got {aliases}")
-    s = samples(read_requests(settings, since, until), (aliases["champion"], aliases["challenger"]))
+    s = samples(read_requests(settings, since, until), (aliases["champion"], aliases["challenger"]),
+                settings.serve.triton.model_name)
     champ, source = s[aliases["champion"]], "same window"
     if champ.requests < settings.rollout.min_samples and baseline is not None and baseline.requests:
         champ, source = baseline, "earlier canary windows"

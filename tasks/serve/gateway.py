@@ -9,8 +9,10 @@ OpenAI's chunk format), GET /v1/models, DELETE /v1/sessions/{id}, GET /healthz, 
 The official `openai` client works against it with `base_url="http://127.0.0.1:9000/v1"`.
 
 A request goes: parse and validate (400 with an OpenAI-style error body naming the parameter)
--> route (model id -> Triton model version; `chat-gpt` follows the aliases and the sticky
-traffic split) -> session turns fitted into the model's window -> safety filter on the prompt
+-> tier (small or large, tasks/serve/tiers.py: the model id, the X-Tier header, or light vs heavy;
+sent back as X-Tier and X-Route-Reason) -> route within the tier (model id -> Triton model
+version; `chat-gpt` follows the tier's aliases and sticky traffic split, and so does
+`chat-gpt-small`) -> session turns fitted into the model's window -> safety filter on the prompt
 (a refusal, counted) -> admission (bounded queue by priority; 429 + Retry-After when full) ->
 Triton over gRPC (streaming for stream mode) -> safety filter on the reply -> request log line
 (PII scrubbed) and metrics. Triton unreachable gives 503 until it is back; nothing is retried
@@ -45,12 +47,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from tasks.chat_template import PromptTooLong, fit_turns
+from tasks.chat_template import PromptTooLong, encode_chat, fit_turns
 from tasks.config import Settings
 from tasks.export import STREAM_SUFFIX, read_aliases
 from tasks.serve.admission import PRIORITIES, Admission, Overloaded
 from tasks.serve.safety import SafetyFilter
 from tasks.serve.sessions import SESSION_ID, open_store
+from tasks.serve.tiers import LARGE, SMALL, Decision, TierError, decide, small_model_id, tier_of_model
 
 log = logging.getLogger("llmops.gateway")
 
@@ -119,20 +122,23 @@ def _validation_error(e: ValidationError) -> ApiError:
 
 @dataclass
 class Route:
-    model_id: str      # what the client asked for
+    model_id: str      # what is served: the client's id, or the small model's when the policy chose it
     triton_model: str  # chat-gpt
     version: int
     alias: str | None
+    tier: str = LARGE  # small | large: the Router (tier) it came from
 
 
 class Router:
     """Model ids -> Triton versions, from the repository's aliases.json (re-read when it changes)
     and Triton's list of ready versions. `chat-gpt` goes to the champion, or to the challenger for
-    the share of sessions `traffic.json` gives it (sticky by session: a session stays on one side)."""
+    the share of sessions `traffic.json` gives it (sticky by session: a session stays on one side).
+    One per tier: the small tier's model has its own files, so its own split, shadow and canary."""
 
-    def __init__(self, repository: Path, name: str):
-        self.repository, self.name = repository, name
+    def __init__(self, repository: Path, name: str, tier: str = LARGE):
+        self.repository, self.name, self.tier = repository, name, tier
         self.ready: set[int] = set()
+        self.stream_ready: set[int] = set()  # versions of the streaming twin (<name>-stream)
         self._stamp: tuple = ()
         self.aliases: dict[str, int] = {}
         self.traffic: dict[str, float] = {}
@@ -176,7 +182,7 @@ class Router:
                                code="model_not_ready")
             raise ApiError(404, f"The model '{model_id}' does not exist: version {version} is not loaded",
                            param="model", code="model_not_found")
-        return Route(model_id, self.name, version, alias)
+        return Route(model_id, self.name, version, alias, self.tier)
 
     def shadow_of(self, route: Route, key: str) -> Route | None:
         """The challenger route this champion-routed request is mirrored to, if the shadow share picks it."""
@@ -186,7 +192,7 @@ class Router:
             return None
         if zlib.crc32(f"shadow:{key}".encode()) % 10_000 >= share * 100:
             return None
-        return Route(f"{self.name}:challenger", self.name, challenger, "challenger")
+        return Route(f"{self.name}:challenger", self.name, challenger, "challenger", self.tier)
 
 
 # ---------------------------------------------------------------- metrics and request log
@@ -216,6 +222,9 @@ class Metrics:
         self.rejected = Counter("gateway_rejected", "Requests refused before inference", ["reason"], registry=r)
         self.shadow = Counter("gateway_shadow_requests", "Requests mirrored to the challenger, by outcome",
                               ["outcome"], registry=r)
+        self.routes = Counter("gateway_route", "Requests by the tier they were routed to and the kind of reason "
+                              "(header, model, light, heavy, small-tier-not-served, routing-disabled)",
+                              ["tier", "reason_kind"], registry=r)
         self.window_s, self.cost_per_hour = window_s, cost_per_hour
         self._recent: deque[tuple[float, int]] = deque()
 
@@ -279,7 +288,13 @@ class Gateway:
         self.grpc_url = triton_grpc or f"{host}:{t.grpc_port}"
         self.http_url = triton_http or f"{host}:{t.http_port}"
         self.cfg = g
-        self.router = Router(settings.paths.triton_repository, t.model_name)
+        self.routing = settings.serve.routing
+        if self.routing.small_model == t.model_name:  # a gateway pointed at the small model itself: one tier
+            self.routing = self.routing.model_copy(update={"enabled": False})
+        self.router = Router(settings.paths.triton_repository, t.model_name)  # the main model: the large tier
+        self.tiers = {LARGE: self.router}
+        if self.routing.enabled:
+            self.tiers[SMALL] = Router(settings.paths.triton_repository, self.routing.small_model, SMALL)
         self.admission = Admission(g.max_inflight, g.max_queue, g.batch_queue_share)
         self.safety = SafetyFilter(settings.serve.safety)
         self.metrics = Metrics(g.throughput_window_s, g.cost_per_hour_usd)
@@ -290,13 +305,16 @@ class Gateway:
         self.store = open_store(g)
         self.api_keys = api_keys(settings)
         self._client = None
-        self._tokenizers: dict[int, tuple[Any, int]] = {}
+        self._tokenizers: dict[tuple[str, int], tuple[Any, int]] = {}
         self.triton_up = False
         self._last_poll = 0.0
 
     @property
     def headers(self) -> dict[str, str]:
         return {"X-Safety-Version": self.safety.version}
+
+    def tier_headers(self, decision: Decision) -> dict[str, str]:
+        return {self.routing.header: decision.tier, "X-Route-Reason": decision.reason}
 
     def client(self):
         if self._client is None:
@@ -312,23 +330,44 @@ class Gateway:
         self._last_poll = time.monotonic()
         try:
             index = await asyncio.wait_for(self.client().get_model_repository_index(as_json=True), 5.0)
-            ready = {int(m["version"]) for m in index.get("models", [])
-                     if m.get("name") == self.router.name and m.get("state") == "READY" and m.get("version")}
-            self.router.ready = ready
+            ready: dict[str, set[int]] = {}
+            for m in index.get("models", []):
+                if m.get("state") == "READY" and m.get("version"):
+                    ready.setdefault(m.get("name"), set()).add(int(m["version"]))
+            for r in self.tiers.values():
+                r.ready, r.stream_ready = ready.get(r.name, set()), ready.get(r.name + STREAM_SUFFIX, set())
             self.triton_up = True
         except Exception as e:  # noqa: BLE001 - any failure to reach Triton means "down" for routing
             log.warning("Triton at %s unreachable: %s", self.grpc_url, e)
-            self.router.ready, self.triton_up = set(), False
+            for r in self.tiers.values():
+                r.ready, r.stream_ready = set(), set()
+            self.triton_up = False
         return self.triton_up
 
-    def tokenizer(self, version: int):
-        if version not in self._tokenizers:
+    def tokenizer(self, route: Route):
+        """The tokenizer and context window of the model version a route goes to (each tier, each
+        version its own: a distilled model may share the teacher's tokenizer, but nothing relies on it)."""
+        key = (route.triton_model, route.version)
+        if key not in self._tokenizers:
             from tokenizers import Tokenizer
 
-            d = self.router.repository / self.router.name / str(version)
+            d = self.router.repository / route.triton_model / str(route.version)
             block = json.loads((d / "config.json").read_text())["model"]["block_size"]
-            self._tokenizers[version] = (Tokenizer.from_file(str(d / "tokenizer.json")), block)
-        return self._tokenizers[version]
+            self._tokenizers[key] = (Tokenizer.from_file(str(d / "tokenizer.json")), block)
+        return self._tokenizers[key]
+
+    def small_route(self, key: str, stream: bool) -> Route | None:
+        """Where the small tier would serve the default small model id for this session (its own
+        champion/challenger split), or None when it cannot: not exported, not loaded, the version its
+        aliases name not ready (or its streaming twin, for a stream)."""
+        small = self.tiers.get(SMALL)
+        if small is None or not small.ready:
+            return None
+        try:
+            route = small.route(self.routing.small_model, key)
+        except ApiError:
+            return None
+        return route if not stream or route.version in small.stream_ready else None
 
     def _inputs(self, messages: list[dict], max_tokens: int, req: ChatRequest):
         from tritonclient.grpc import InferInput
@@ -421,6 +460,7 @@ class Gateway:
                     "latency_ms": round((time.perf_counter() - t0) * 1e3, 3)}
             self.metrics.shadow.labels("error").inc()
         self.shadow_log.write({"request_id": champion["request_id"], "session": champion.get("session"),
+                               "model": shadow.triton_model, "tier": shadow.tier,
                                "prompt": champion["prompt"], "champion": champion["reply"], "challenger": out})
 
     async def close(self) -> None:
@@ -492,9 +532,12 @@ def create_app(settings: Settings, triton_grpc: str | None = None, triton_http: 
     @app.get("/healthz")
     async def healthz():
         up = await gw.poll_triton(force=True)
-        gw.router.refresh_files()
+        for r in gw.tiers.values():
+            r.refresh_files()
         body = {"status": "ok" if up and gw.router.ready else "unavailable", "triton": "up" if up else "down",
                 "versions_ready": sorted(gw.router.ready), "aliases": gw.router.aliases,
+                "tiers": {t: {"model": r.name, "versions_ready": sorted(r.ready), "aliases": r.aliases}
+                          for t, r in gw.tiers.items()},
                 "queue": gw.admission.queued, "inflight": gw.admission.inflight, "safety_version": gw.safety.version}
         return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503, headers=gw.headers)
 
@@ -509,10 +552,14 @@ def create_app(settings: Settings, triton_grpc: str | None = None, triton_http: 
     @app.get("/v1/models")
     async def models():
         await gw.poll_triton()
-        gw.router.refresh_files()
+        ids = []
+        for r in gw.tiers.values():
+            r.refresh_files()
+            ids += r.model_ids()
+        if SMALL in gw.tiers and gw.tiers[SMALL].ready:
+            ids += list(gw.routing.aliases)
         return JSONResponse({"object": "list", "data": [
-            {"id": m, "object": "model", "created": 0, "owned_by": "llmops"} for m in gw.router.model_ids()]},
-            headers=gw.headers)
+            {"id": m, "object": "model", "created": 0, "owned_by": "llmops"} for m in ids]}, headers=gw.headers)
 
     @app.delete("/v1/sessions/{session_id}")
     async def delete_session(session_id: str):
@@ -527,6 +574,7 @@ def create_app(settings: Settings, triton_grpc: str | None = None, triton_http: 
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         record: dict[str, Any] = {"request_id": rid, "safety_version": gw.safety.version}
         model_label = "unknown"
+        tier_headers: dict[str, str] = {}  # on every answer once the tier is chosen, errors included
         try:
             body = await request.body()
             if len(body) > gw.cfg.max_request_bytes:
@@ -558,22 +606,25 @@ def create_app(settings: Settings, triton_grpc: str | None = None, triton_http: 
             if not gw.triton_up:
                 raise ApiError(503, "the model server is unavailable; retry shortly", type_="server_error",
                                code="model_server_unavailable", headers={"Retry-After": str(gw.cfg.retry_after_s)})
-            route = gw.router.route(req.model, session or rid)
+            history = await gw.store.get(session) if session else []
+            route, decision = _choose_route(gw, req, request, messages, history, session or rid)
+            tier_headers = gw.tier_headers(decision)
+            gw.metrics.routes.labels(decision.tier, decision.kind).inc()
             model_label = f"{route.triton_model}:{route.version}"
-            tok, block = gw.tokenizer(route.version)
+            tok, block = gw.tokenizer(route)
             # not given: the configured default, but never more than half this model's window
             max_tokens = req.max_completion_tokens or req.max_tokens or min(gw.cfg.default_max_tokens, block // 2)
             if max_tokens >= block:
                 raise ApiError(400, f"max_tokens={max_tokens} must be below this model's context of {block} tokens",
                                param="max_tokens", code="invalid_value")
             record.update({"model": route.model_id, "version": route.version, "alias": route.alias,
+                           "tier": decision.tier, "route_reason": decision.reason, "requested_model": req.model,
                            "session": session, "stream": req.stream, "priority": priority})
             verdict_in = gw.safety.check("\n".join(m["content"] for m in messages if m["role"] == "user"))
             record["safety_input"] = verdict_in.to_dict()
             if verdict_in.blocked:
                 gw.metrics.safety.labels("input", verdict_in.rule).inc()
-                return _refusal(gw, req, route, rid, record, t0, messages)
-            history = await gw.store.get(session) if session else []
+                return _refusal(gw, req, route, rid, record, t0, messages, tier_headers)
             try:
                 prompt = fit_turns(tok, history, messages, block - max_tokens)
             except PromptTooLong as e:
@@ -590,7 +641,7 @@ def create_app(settings: Settings, triton_grpc: str | None = None, triton_http: 
             if req.stream:
                 return StreamingResponse(_stream(gw, req, route, rid, prompt, messages, max_tokens, session, record, t0),
                                          media_type="text/event-stream",
-                                         headers={**gw.headers, "X-Model-Version": str(route.version),
+                                         headers={**gw.headers, **tier_headers, "X-Model-Version": str(route.version),
                                                   "X-Request-Id": rid, "Cache-Control": "no-cache"})
             try:
                 out = await gw.infer(route, prompt, max_tokens, req)
@@ -620,22 +671,50 @@ def create_app(settings: Settings, triton_grpc: str | None = None, triton_http: 
                              "finish_reason": out["finish_reason"], "logprobs": None}],
                 "usage": {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
                           "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}},
-                headers={**gw.headers, "X-Model-Version": str(route.version), "X-Request-Id": rid})
+                headers={**gw.headers, **tier_headers, "X-Model-Version": str(route.version), "X-Request-Id": rid})
         except ApiError as e:
             gw.metrics.requests.labels(model_label, str(e.status)).inc()
             if e.status == 503:
                 gw.metrics.rejected.labels("unavailable").inc()
             gw.log.write({**record, "status": e.status, "error": e.code, "latency_ms": (time.perf_counter() - t0) * 1e3})
-            return e.response(gw.headers)
+            return e.response({**gw.headers, **tier_headers})
         except TritonUnavailable as e:
             gw.triton_up = False
             gw.metrics.requests.labels(model_label, "503").inc()
             gw.log.write({**record, "status": 503, "error": "model_server_unavailable"})
             return ApiError(503, f"the model server is unavailable: {str(e)[:200]}", type_="server_error",
                             code="model_server_unavailable",
-                            headers={"Retry-After": str(gw.cfg.retry_after_s)}).response(gw.headers)
+                            headers={"Retry-After": str(gw.cfg.retry_after_s)}).response({**gw.headers, **tier_headers})
 
     return app
+
+
+def _choose_route(gw: Gateway, req: ChatRequest, request: Request, messages: list[dict], history: list[dict],
+                  key: str) -> tuple[Route, Decision]:
+    """The tier policy (tasks/serve/tiers.py) applied to this request, and the route in that tier."""
+    asked = tier_of_model(req.model, gw.router.name, gw.routing)
+    small = gw.small_route(key, req.stream) if asked is None else None
+
+    def prompt_tokens() -> int:  # in the small model's own tokenizer: the light threshold is about it
+        assert small is not None  # decide() counts only when the small tier is served
+        tok, _ = gw.tokenizer(small)
+        return len(encode_chat(tok, [*history, *messages], add_generation_prompt=True))
+
+    try:
+        decision = decide(gw.routing, asked=asked, header=request.headers.get(gw.routing.header),
+                          max_tokens=req.max_completion_tokens or req.max_tokens or gw.cfg.default_max_tokens,
+                          prompt_tokens=prompt_tokens, small_served=small is not None)
+    except TierError as e:
+        raise ApiError(400, str(e), param=gw.routing.header, code="invalid_value") from None
+    if decision.tier == LARGE:
+        return gw.router.route(req.model, key), decision
+    if small is not None:
+        return small, decision
+    tier = gw.tiers[SMALL]  # asked for by name
+    if not tier.ready:  # a name that is not served: as for any unknown model, not a silent switch
+        raise ApiError(404, f"The model '{req.model}' is not served: no version of the small tier ({tier.name}) "
+                       "is loaded; GET /v1/models lists the served ones", param="model", code="model_not_found")
+    return tier.route(small_model_id(req.model, gw.routing), key), decision
 
 
 def _observe(gw: Gateway, model_label: str, status: int, latency: float, ttft: float, out: dict, record: dict,
@@ -658,7 +737,7 @@ def _observe(gw: Gateway, model_label: str, status: int, latency: float, ttft: f
 
 def _mirror(gw: Gateway, route: Route, key: str, prompt: list[dict], max_tokens: int, req: ChatRequest,
             record: dict, latency: float, out: dict, text: str) -> None:
-    shadow = gw.router.shadow_of(route, key)
+    shadow = gw.tiers[route.tier].shadow_of(route, key)  # each tier mirrors to its own challenger
     if shadow is None:
         return
     last_user = next((x["content"] for x in reversed(prompt) if x["role"] == "user"), "")
@@ -670,12 +749,14 @@ def _mirror(gw: Gateway, route: Route, key: str, prompt: list[dict], max_tokens:
                                                  "prompt": gw.log.scrub(last_user), "reply": champion})
 
 
-def _refusal(gw: Gateway, req: ChatRequest, route: Route, rid: str, record: dict, t0: float, messages: list[dict]):
+def _refusal(gw: Gateway, req: ChatRequest, route: Route, rid: str, record: dict, t0: float, messages: list[dict],
+             tier_headers: dict[str, str]):
     text = gw.safety.cfg.refusal
     out = {"prompt_tokens": 0, "completion_tokens": 0, "finish_reason": "content_filter"}
     latency = time.perf_counter() - t0
     _observe(gw, f"{route.triton_model}:{route.version}", 200, latency, latency, out, record, messages, text)
-    headers = {**gw.headers, "X-Model-Version": str(route.version), "X-Request-Id": rid, "X-Safety-Blocked": "input"}
+    headers = {**gw.headers, **tier_headers, "X-Model-Version": str(route.version), "X-Request-Id": rid,
+               "X-Safety-Blocked": "input"}
     if req.stream:
         async def one():
             yield _sse(_chunk(rid, route, {"role": "assistant", "content": text}, None))

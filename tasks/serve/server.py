@@ -33,9 +33,16 @@ def urls(settings: Settings) -> dict[str, str]:
             "triton_metrics": f"http://{h}:{t.metrics_port}/metrics"}
 
 
+def _tier_names(settings: Settings) -> list[str]:
+    """The Triton models the gateway routes to: the main one, and the small tier's when routing is on."""
+    names, r = [settings.serve.triton.model_name], settings.serve.routing
+    return names + [r.small_model] if r.enabled and r.small_model not in names else names
+
+
 def _models(settings: Settings) -> tuple[str, ...]:
-    name = settings.serve.triton.model_name
-    return (name, name + STREAM_SUFFIX) if served_versions(settings.paths.triton_repository, name) else ()
+    """Every tier's model that has an exported version, each with its streaming twin."""
+    repo = settings.paths.triton_repository
+    return tuple(m for n in _tier_names(settings) if served_versions(repo, n) for m in (n, n + STREAM_SUFFIX))
 
 
 def up(settings: Settings, timeout: float | None = None) -> dict[str, Any]:
@@ -49,7 +56,10 @@ def up(settings: Settings, timeout: float | None = None) -> dict[str, Any]:
         pidfile(settings, "tritonserver").write_text(str(tp.proc.pid))
         started.append("tritonserver")
         tp.wait_ready(timeout, _models(settings))
-    else:
+    else:  # a tier exported since the server started (e.g. the small model) is loaded now
+        for m in _models(settings):
+            if httpx.get(f"http://{u['triton_http']}/v2/models/{m}/ready", timeout=5.0).status_code != 200:
+                triton.load(u["triton_http"], m)
         triton.wait_ready(u["triton_http"], timeout, _models(settings))
     if not alive(settings, "gateway"):
         env = {**os.environ, "LLMOPS_ROOT": str(settings.paths.root), "LLMOPS_PROFILE": settings.profile,
@@ -85,8 +95,10 @@ def down(settings: Settings) -> dict[str, Any]:
 
 
 def status(settings: Settings) -> dict[str, Any]:
+    repo = settings.paths.triton_repository
     return {"running": {n: bool(alive(settings, n)) for n in COMPONENTS}, **urls(settings),
-            "versions": served_versions(settings.paths.triton_repository, settings.serve.triton.model_name)}
+            "versions": served_versions(repo, settings.serve.triton.model_name),
+            "tiers": {n: served_versions(repo, n) for n in _tier_names(settings)}}
 
 
 def reload(settings: Settings, models: tuple[str, ...]) -> None:

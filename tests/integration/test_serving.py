@@ -2,10 +2,12 @@
 the gateway in front of it as its own process: tritonclient HTTP / gRPC / streaming, tokenization
 and generation parity with the training code, dynamic batching, two versions at once, the
 official `openai` client (streaming and not), every kind of bad request, overload, sessions,
-the safety filter, request logs and metrics."""
+the safety filter, request logs and metrics; and the small/large tiers (serve.routing): each kind
+of request to its tier, with the decision in headers, request log and metrics, and a canary per tier."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -382,3 +384,191 @@ def test_sessions_in_redis_survive_a_gateway_restart(server):
     finally:
         triton.stop_group(proc.pid)
         redis.Redis.from_url("redis://127.0.0.1:6379/14").delete(f"llmops:session:{sid}")
+
+
+# ---------------------------------------------------------------- small/large tiers (serve.routing)
+
+SMALL = "chat-gpt-small"
+
+
+def _chat(base: str, body: dict, headers: dict | None = None) -> httpx.Response:
+    return httpx.post(f"{base}/v1/chat/completions", json={"temperature": 0, **body}, headers=headers, timeout=120)
+
+
+def _log_line(s, rid: str) -> dict:
+    """The request log line of one request (a stream's is written just after its last event)."""
+    deadline = time.monotonic() + 10
+    while True:
+        for f in s.paths.requests.glob("dt=*/*.jsonl"):
+            for x in f.read_text().splitlines():
+                if f'"{rid}"' in x and json.loads(x).get("request_id") == rid:
+                    return json.loads(x)
+        assert time.monotonic() < deadline, f"no request log line for {rid}"
+        time.sleep(0.2)
+
+
+def _routes(base: str) -> dict[tuple[str, str], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(x.labels["tier"], x.labels["reason_kind"]): x.value
+            for fam in text_string_to_metric_families(httpx.get(f"{base}/metrics").text) if fam.name == "gateway_route"
+            for x in fam.samples if x.name == "gateway_route_total"}
+
+
+def test_without_a_small_model_everything_goes_to_the_main_model(gateway):
+    r = _chat(gateway, {"model": MODEL, "messages": HELLO, "max_tokens": 8})
+    assert r.status_code == 200 and r.headers["x-tier"] == "large", r.text
+    assert r.headers["x-route-reason"] == "small-tier-not-served" and r.json()["system_fingerprint"] == "chat-gpt:1"
+    asked = _chat(gateway, {"model": SMALL, "messages": HELLO, "max_tokens": 8})
+    assert asked.status_code == 404 and asked.json()["error"]["code"] == "model_not_found"  # a name, not a preference
+    assert SMALL not in {m["id"] for m in httpx.get(f"{gateway}/v1/models").json()["data"]}
+
+
+@pytest.fixture(scope="module")
+def small_tier(root, server, gateway):
+    """chat-gpt-small served beside chat-gpt in the running server, no training: its versions 1 and 2 are
+    the main model's weights swapped (small 1 = chat-gpt 2, small 2 = chat-gpt 1), so every answer shows
+    which weights produced it, and the version numbers overlap the main model's as a distilled model's will."""
+    s, tp = server
+    repo = s.paths.triton_repository
+    one = make_settings(root, *FAST, "serve.triton.instances=1")  # 4 more backend processes on 2 cores, not 8
+    export_dir(one, repo / MODEL / "2", SMALL, 1)
+    export_dir(one, repo / MODEL / "1", SMALL, 2, aliases={"champion": 1, "challenger": 2})
+    try:
+        tp.load(SMALL)
+        tp.load(SMALL + "-stream")
+        deadline = time.monotonic() + 30  # the gateway sees it on its next poll of the repository index
+        while f"{SMALL}:champion" not in {m["id"] for m in httpx.get(f"{gateway}/v1/models").json()["data"]}:
+            assert time.monotonic() < deadline, httpx.get(f"{gateway}/healthz").text
+            time.sleep(0.5)
+        yield s
+    finally:  # later tests expect one tier: a short `chat-gpt` request would go small otherwise
+        for m in (SMALL, SMALL + "-stream"):
+            with contextlib.suppress(triton.TritonError):  # not loaded: the load's own error is the one to see
+                triton.unload(tp.http_url, m)
+        deadline = time.monotonic() + 30
+        httpx.get(f"{gateway}/healthz")  # makes the gateway read the repository index now
+        while _chat(gateway, {"model": MODEL, "messages": HELLO, "max_tokens": 4}).headers.get("x-tier") != "large":
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+
+
+def test_tiers_route_each_kind_of_request_with_headers_logs_and_metrics(small_tier, gateway):
+    from tokenizers import Tokenizer
+
+    s = small_tier
+    before = _routes(gateway)
+    pinned = {v: _chat(gateway, {"model": f"{MODEL}:{v}", "messages": HELLO, "max_tokens": 16}) for v in (1, 2)}
+    assert {r.headers["x-tier"] + "/" + r.headers["x-route-reason"] for r in pinned.values()} == {"large/model"}
+    text = {v: r.json()["choices"][0]["message"]["content"] for v, r in pinned.items()}
+    assert text[1] != text[2]
+
+    def check(r, tier, reason, fingerprint, reply=None):
+        assert r.status_code == 200, r.text
+        body, rid = r.json(), r.headers["x-request-id"]
+        assert (r.headers["x-tier"], r.headers["x-route-reason"]) == (tier, reason), (rid, dict(r.headers))
+        assert body["system_fingerprint"] == fingerprint and r.headers["x-model-version"] == fingerprint.split(":")[1]
+        if reply is not None:  # the tokens come from the weights the headers name
+            assert body["choices"][0]["message"]["content"] == reply
+        line = _log_line(s, rid)
+        assert (line["tier"], line["route_reason"], line["version"]) == (tier, reason, int(fingerprint.split(":")[1]))
+        assert line["model"].partition(":")[0] == fingerprint.split(":")[0]
+        return body
+
+    # HELLO is 30 tokens of the 64-token window: max_tokens 33 is the most a heavy request of it may ask
+    light = _chat(gateway, {"model": MODEL, "messages": HELLO, "max_tokens": 16})
+    n = light.json()["usage"]["prompt_tokens"]
+    assert n <= 48, "HELLO should be a light prompt"
+    body = check(light, "small", f"light(prompt={n}<=48,max_tokens=16<=32)", f"{SMALL}:1", text[2])
+    assert body["model"] == SMALL and _log_line(s, light.headers["x-request-id"])["requested_model"] == MODEL
+    check(_chat(gateway, {"model": MODEL, "messages": HELLO, "max_tokens": 33}), "large", "heavy(max_tokens=33>32)",
+          f"{MODEL}:1")
+    check(_chat(gateway, {"model": MODEL, "messages": HELLO}), "large", "heavy(max_tokens=64>32)", f"{MODEL}:1")
+    check(_chat(gateway, {"model": MODEL, "messages": HELLO, "max_tokens": 16}, {"X-Tier": "large"}), "large", "header",
+          f"{MODEL}:1", text[1])
+    check(_chat(gateway, {"model": MODEL, "messages": HELLO, "max_tokens": 33}, {"X-Tier": "small"}), "small", "header",
+          f"{SMALL}:1")
+    check(_chat(gateway, {"model": SMALL, "messages": HELLO, "max_tokens": 33}), "small", "model", f"{SMALL}:1")
+    check(_chat(gateway, {"model": f"{SMALL}:2", "messages": HELLO, "max_tokens": 16}), "small", "model", f"{SMALL}:2",
+          text[1])
+    # a long prompt (that still fits the 64-token window with 4 to generate) is heavy whatever max_tokens says
+    tok = Tokenizer.from_file(str(s.paths.triton_repository / SMALL / "1" / "tokenizer.json"))
+    words = "Hello, my order has not arrived"
+    while len(encode_chat(tok, [{"role": "user", "content": words}], add_generation_prompt=True)) <= 48:
+        words += " again"
+    long = [{"role": "user", "content": words}]
+    m = len(encode_chat(tok, long, add_generation_prompt=True))
+    check(_chat(gateway, {"model": MODEL, "messages": long, "max_tokens": 4}), "large", f"heavy(prompt={m}>48)", f"{MODEL}:1")
+
+    for headers, model in (({"X-Tier": "large"}, SMALL), ({"X-Tier": "small"}, f"{MODEL}:2"), ({"X-Tier": "tiny"}, MODEL)):
+        r = _chat(gateway, {"model": model, "messages": HELLO, "max_tokens": 8}, headers)
+        err = r.json()["error"]
+        assert r.status_code == 400 and (err["code"], err["param"]) == ("invalid_value", "X-Tier"), r.text
+        assert "X-Tier" in err["message"]
+
+    # streaming: the same headers, and the small model's tokens as they come
+    for max_tokens, tier, fingerprint in ((16, "small", f"{SMALL}:1"), (33, "large", f"{MODEL}:1")):
+        with httpx.stream("POST", f"{gateway}/v1/chat/completions", timeout=120, json={
+                "model": MODEL, "messages": HELLO, "max_tokens": max_tokens, "temperature": 0, "stream": True}) as r:
+            assert r.status_code == 200 and r.headers["x-tier"] == tier, r.headers
+            assert r.headers["x-route-reason"].startswith("light(" if tier == "small" else "heavy(")
+            events = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+        assert {e["system_fingerprint"] for e in events} == {fingerprint}
+        deltas = [e["choices"][0]["delta"].get("content") for e in events if e["choices"]]
+        assert len([d for d in deltas if d]) > 1  # token by token, not one piece
+        if tier == "small":
+            assert "".join(d or "" for d in deltas).strip() == text[2]
+        assert _log_line(s, r.headers["x-request-id"])["tier"] == tier
+
+    ids = {m["id"] for m in httpx.get(f"{gateway}/v1/models").json()["data"]}
+    assert {SMALL, f"{SMALL}:champion", f"{SMALL}:challenger", f"{SMALL}:1", f"{SMALL}:2", MODEL, f"{MODEL}:1"} <= ids
+    tiers = httpx.get(f"{gateway}/healthz").json()["tiers"]
+    assert tiers["small"] == {"model": SMALL, "versions_ready": [1, 2], "aliases": {"champion": 1, "challenger": 2}}
+    after = _routes(gateway)
+    grew = {k: after[k] - before.get(k, 0.0) for k in after if after[k] != before.get(k, 0.0)}
+    assert grew == {("large", "model"): 2, ("small", "light"): 2, ("large", "heavy"): 4, ("large", "header"): 1,
+                    ("small", "header"): 1, ("small", "model"): 2}, grew  # the three 400s were never routed
+
+
+def test_canary_and_shadow_apply_per_tier(root, small_tier, gateway):
+    """`tasks.rollout` pointed at the small tier by configuration moves only the small tier's traffic,
+    mirrors to the small tier's challenger, and judges only the small tier's requests."""
+    import datetime as dt
+
+    from tasks import rollout
+
+    s = small_tier
+    small = make_settings(root, *FAST, f"serve.triton.model_name={SMALL}", f"tracking.registered_model={SMALL}")
+    repo = s.paths.triton_repository
+    since = dt.datetime.now(dt.UTC)
+    light = {"model": MODEL, "messages": HELLO, "max_tokens": 16}
+    try:
+        rollout.set_traffic(small, 100.0)  # every small-tier session on its challenger (version 2)
+        assert json.loads((repo / SMALL / "traffic.json").read_text()) == {"challenger": 100.0}
+        assert not (repo / MODEL / "traffic.json").exists()
+        for i in range(3):
+            r = _chat(gateway, light, {"X-Session-Id": f"tier-canary-{i}"})
+            assert (r.headers["x-tier"], r.json()["system_fingerprint"]) == ("small", f"{SMALL}:2"), r.text
+            assert _log_line(s, r.headers["x-request-id"])["alias"] == "challenger"
+        big = _chat(gateway, {**light, "max_tokens": 33})
+        assert big.json()["system_fingerprint"] == f"{MODEL}:1"  # the main tier's split is its own: champion
+
+        rollout.set_traffic(small, 0.0, shadow_percent=100.0)
+        r = _chat(gateway, light)
+        assert r.json()["system_fingerprint"] == f"{SMALL}:1"
+        rid = r.headers["x-request-id"]
+        deadline = time.monotonic() + 30
+        while not (pair := [json.loads(x) for f in (s.paths.requests / "shadow").glob("dt=*/*.jsonl")
+                            for x in f.read_text().splitlines() if rid in x]):
+            assert time.monotonic() < deadline, "no shadow pair for the small tier's request"
+            time.sleep(0.3)
+        assert (pair[0]["model"], pair[0]["tier"]) == (SMALL, "small")
+        assert (pair[0]["champion"]["version"], pair[0]["challenger"]["version"], pair[0]["challenger"]["status"]) == (1, 2, 200)
+        report = rollout.shadow_report(small, since)
+        assert (report["pairs"], report["champion"], report["challenger"], report["verdict"]) == (1, 1, 2, "wait")
+        assert rollout.shadow_report(s, since)["pairs"] == 0  # chat-gpt's shadow sees none of them
+        # the judge counts each tier's own requests, though both have versions 1 and 2
+        assert rollout.analyze(small, since)["requests"] == {"champion": 1, "challenger": 3}
+        assert rollout.analyze(s, since)["requests"] == {"champion": 1, "challenger": 0}
+    finally:
+        rollout.set_traffic(small, 0.0)

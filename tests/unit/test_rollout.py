@@ -71,6 +71,16 @@ def test_request_logs_become_per_version_samples(tmp_path):
     assert by[2].latencies_ms == [101.0, 103.0, 105.0, 107.0]
 
 
+def test_each_tier_samples_only_its_own_model():
+    """The small tier (chat-gpt-small) has version numbers of its own: its lines never count for chat-gpt's canary."""
+    lines = [{"model": m, "version": v, "status": 200, "latency_ms": 10.0}
+             for m, v in (("chat-gpt", 1), ("chat-gpt:2", 2), ("chat-gpt-small", 1), ("chat-gpt-small:challenger", 2))]
+    lines.append({"version": 1, "status": 200, "latency_ms": 10.0})  # a line from before the tiers: counted
+    main, small, both = samples(lines, [1, 2], "chat-gpt"), samples(lines, [1, 2], "chat-gpt-small"), samples(lines, [1, 2])
+    assert (main[1].requests, main[2].requests, small[1].requests, small[2].requests) == (2, 1, 2, 1)
+    assert (both[1].requests, both[2].requests) == (3, 2)
+
+
 def test_steps_must_increase():
     with pytest.raises(ValueError):
         RolloutConfig(steps=(50, 25))

@@ -215,3 +215,104 @@ def test_gateway_api_keys_from_the_environment_401_without_them(tmp_path, monkey
     monkeypatch.setenv("LLMOPS_GATEWAY_API_KEYS", "short")
     with pytest.raises(ValueError, match="LLMOPS_GATEWAY_API_KEYS"):
         create_app(s)
+
+
+def _routing(**kw):
+    from tasks.config import RoutingConfig
+
+    return RoutingConfig(**kw)
+
+
+def test_tier_policy_light_heavy_and_the_thresholds_inclusive():
+    from tasks.serve.tiers import decide
+
+    cfg = _routing(max_prompt_tokens=48, max_tokens=32)
+
+    def auto(prompt, max_tokens, served=True):
+        return decide(cfg, asked=None, header=None, max_tokens=max_tokens, prompt_tokens=lambda: prompt,
+                      small_served=served)
+
+    d = auto(12, 16)
+    assert (d.tier, d.reason, d.kind) == ("small", "light(prompt=12<=48,max_tokens=16<=32)", "light")
+    assert auto(48, 32).tier == "small"  # at the thresholds: still light
+    assert (auto(12, 64).tier, auto(12, 64).reason) == ("large", "heavy(max_tokens=64>32)")
+    assert auto(49, 16).reason == "heavy(prompt=49>48)"  # both conditions must hold: a long prompt is heavy
+    assert auto(60, 64).reason == "heavy(prompt=60>48,max_tokens=64>32)"
+    assert (auto(12, 16, served=False).tier, auto(12, 16, served=False).reason) == ("large", "small-tier-not-served")
+
+
+def test_tier_policy_headers_model_ids_and_their_conflicts():
+    from tasks.serve.tiers import TierError, decide
+
+    cfg = _routing()
+
+    def never() -> int:
+        raise AssertionError("prompt tokens are counted only when the light/heavy rule decides")
+
+    def d(header, asked=None, served=True, max_tokens=16):
+        return decide(cfg, asked=asked, header=header, max_tokens=max_tokens, prompt_tokens=never, small_served=served)
+
+    assert (d("large").tier, d("large").reason) == ("large", "header")  # forces the main model on a light request
+    assert (d("small", max_tokens=500).tier, d("small", max_tokens=500).reason) == ("small", "header")
+    assert (d(" Small ").tier, d("LARGE").tier) == ("small", "large")  # header values are case-insensitive
+    assert (d("small", served=False).tier, d("small", served=False).reason) == ("large", "small-tier-not-served")
+    assert (d(None, asked="small").tier, d(None, asked="small").reason) == ("small", "model")
+    assert (d("auto", asked="large").tier, d("small", asked="small").reason) == ("large", "model")
+    for header, asked in (("large", "small"), ("small", "large")):
+        with pytest.raises(TierError, match="X-Tier: .* contradicts"):
+            d(header, asked=asked)
+    with pytest.raises(TierError, match="X-Tier must be one of small, large, auto; got 'tiny'"):
+        d("tiny")
+    off = _routing(enabled=False)
+    assert decide(off, asked=None, header="small", max_tokens=4, prompt_tokens=never,
+                  small_served=True).reason == "routing-disabled"
+
+
+def test_model_ids_name_their_tier():
+    from tasks.serve.tiers import small_model_id, tier_of_model
+
+    cfg = _routing(aliases=("chat-gpt-mini",))
+    assert tier_of_model("chat-gpt", "chat-gpt", cfg) is None  # the policy decides
+    assert tier_of_model("chat-gpt:1", "chat-gpt", cfg) == tier_of_model("chat-gpt:champion", "chat-gpt", cfg) == "large"
+    for small in ("chat-gpt-small", "chat-gpt-small:champion", "chat-gpt-small:3", "chat-gpt-mini", "chat-gpt-mini:2"):
+        assert tier_of_model(small, "chat-gpt", cfg) == "small", small
+    assert tier_of_model("gpt-9", "chat-gpt", cfg) == "large"  # unknown: the main router answers 404
+    assert tier_of_model("chat-gpt-small", "chat-gpt", _routing(enabled=False)) == "large"
+    assert small_model_id("chat-gpt-mini:2", cfg) == "chat-gpt-small:2" and small_model_id("chat-gpt-mini", cfg) == "chat-gpt-small"
+
+
+def test_routing_config_is_validated(tmp_path):
+    from tasks.config import ConfigError
+
+    s = make_settings(tmp_path)
+    assert (s.serve.routing.enabled, s.serve.routing.small_model, s.serve.routing.header) == (True, "chat-gpt-small", "X-Tier")
+    for bad, key in (("serve.routing.small_model=../x", "small_model"), ("serve.routing.aliases=[a:b]", "aliases"),
+                     ("serve.routing.header='X Tier'", "header"), ("serve.routing.max_tokens=0", "max_tokens"),
+                     ("serve.routing.tiers=2", "tiers")):
+        with pytest.raises(ConfigError, match=f"serve.routing.{key}"):
+            make_settings(tmp_path, bad)
+    # the rollout and export are pointed at the small tier this way: allowed, and a gateway so configured has one tier
+    one = make_settings(tmp_path, "serve.triton.model_name=chat-gpt-small")
+    from tasks.serve.gateway import Gateway
+
+    assert list(Gateway(one).tiers) == ["large"] and list(Gateway(s).tiers) == ["large", "small"]
+
+
+def test_small_tier_router_has_its_own_split_and_shadow(tmp_path):
+    for name, aliases, traffic in (("chat-gpt", {"champion": 1, "challenger": 2}, {"challenger": 0}),
+                                   ("chat-gpt-small", {"champion": 1, "challenger": 2}, {"challenger": 100, "shadow": 0})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "aliases.json").write_text(json.dumps(aliases))
+        (tmp_path / name / "traffic.json").write_text(json.dumps(traffic))
+    large, small = Router(tmp_path, "chat-gpt"), Router(tmp_path, "chat-gpt-small", "small")
+    large.ready = small.ready = {1, 2}
+    r = small.route("chat-gpt-small", "s")
+    assert (r.triton_model, r.version, r.alias, r.tier) == ("chat-gpt-small", 2, "challenger", "small")
+    assert large.route("chat-gpt", "s").version == 1 and large.route("chat-gpt", "s").tier == "large"
+    assert small.model_ids() == ["chat-gpt-small", "chat-gpt-small:challenger", "chat-gpt-small:champion",
+                                 "chat-gpt-small:1", "chat-gpt-small:2"]
+    (tmp_path / "chat-gpt-small" / "traffic.json").write_text(json.dumps({"challenger": 0, "shadow": 100}))
+    champ = small.route("chat-gpt-small", "s")
+    mirror = small.shadow_of(champ, "s")
+    assert mirror is not None and (mirror.triton_model, mirror.version, mirror.tier) == ("chat-gpt-small", 2, "small")
+    assert large.shadow_of(large.route("chat-gpt", "s"), "s") is None  # the main tier's files say no shadow
