@@ -334,6 +334,7 @@ def export(
     alias: Annotated[str | None, typer.Option(help="registered alias to export, e.g. challenger")] = None,
     version: Annotated[int | None, typer.Option(help="registered version number to export")] = None,
     load: Annotated[bool, typer.Option(help="(re)load it in the running tritonserver")] = True,
+    model: Annotated[str | None, typer.Option(help="registered and Triton model name, e.g. chat-gpt-small (the small tier)")] = None,
     profile: ProfileOpt = None, set_: SetOpt = None,
 ) -> None:
     """Write a registered version into the Triton model repository (models/triton/), and load it."""
@@ -341,7 +342,8 @@ def export(
     from tasks.export import export as run_export
     from tasks.serve import server
 
-    s = _settings(profile, set_)
+    named = [f"tracking.registered_model={model}", f"serve.triton.model_name={model}"] if model else []
+    s = _settings(profile, [*(set_ or []), *named])
     if alias is None and version is None:
         alias = "challenger"
 
