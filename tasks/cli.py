@@ -192,7 +192,7 @@ def register(
     weights: Annotated[str | None, typer.Option(help="a trained model directory (default: the latest run's final/)")] = None,
     profile: ProfileOpt = None, set_: SetOpt = None,
 ) -> None:
-    """Evaluate, gate against the champion, register as `challenger`; then the int8 variant as `challenger-int8`."""
+    """Evaluate, gate against the champion, register as `challenger`; then the int8 and int4 variants (`challenger-int8`, `-int4`)."""
     from tasks.registry import evaluate_and_register, latest_weights
 
     s = _settings(profile, set_)
