@@ -84,5 +84,6 @@ bench: install
 	$(BIN)/python bench/data.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/eval.py
+	$(BIN)/python bench/tiers.py
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/monitor.py

@@ -66,18 +66,27 @@ def lineage_tags(lineage: dict[str, Any], mlflow_run_id: str | None, eval_report
 
 
 def quantize_and_register(settings: Settings, weights_dir: Path | str, fp32_eval: dict[str, Any],
-                          parent_version: int) -> dict[str, Any]:
-    """Evaluate the int8 variant against its fp32 parent; register it only if it passes its own gate."""
-    from tasks.quantize import evaluate_int8
+                          parent_version: int, variants: tuple[str, ...] = ("int8", "int4")) -> dict[str, Any]:
+    """Evaluate each quantized variant (int8, int4) against its fp32 parent; register each as
+    `challenger-<variant>` only if it passes its own gate. r["<variant>"] holds its comparison (bytes,
+    memory_ratio, speedups, deltas) plus its metrics, gate, report and registered version (or None);
+    r["gate"], r["report"], r["registered"] are int8's, as before the int4 tier."""
+    from tasks.quantize import evaluate_variant
 
-    q = evaluate_int8(settings, weights_dir, fp32_eval)
-    log_evaluation(settings, weights_dir, q, variant="int8")
-    out: dict[str, Any] = {"int8": q["int8"], "gate": {"passed": q["gate"]["passed"], "reason": q["gate"]["reason"]},
-                           "report": q["report"]}
-    if not q["gate"]["passed"]:
-        log.warning("int8 variant not registered: %s", q["gate"]["reason"])
-        return {**out, "registered": None}
-    return {**out, "registered": register(settings, weights_dir, q, q["gate"], "int8", parent_version)}
+    out: dict[str, Any] = {}
+    for variant in variants:
+        q = evaluate_variant(settings, weights_dir, fp32_eval, variant)
+        log_evaluation(settings, weights_dir, q, variant=variant)
+        gate = {"passed": q["gate"]["passed"], "reason": q["gate"]["reason"]}
+        registered = None
+        if gate["passed"]:
+            registered = register(settings, weights_dir, q, q["gate"], variant, parent_version, recipe=q["recipe"])
+        else:
+            log.warning("%s variant not registered: %s", variant, q["gate"]["reason"])
+        out[variant] = {**q[variant], "metrics": q["metrics"], "gate": gate, "report": q["report"],
+                        "metrics_path": q["metrics_path"], "recipe": q["recipe"], "registered": registered}
+    first = out[variants[0]]
+    return {**out, "gate": first["gate"], "report": first["report"], "registered": first["registered"]}
 
 
 def registered_run(settings: Settings, run_id: str) -> int | None:
@@ -113,8 +122,10 @@ def log_evaluation(settings: Settings, weights_dir: Path | str, evaluation: dict
 
 
 def register(settings: Settings, weights_dir: Path | str, evaluation: dict[str, Any], gate: dict[str, Any],
-             variant: str = "fp32", parent_version: int | None = None) -> dict[str, Any]:
-    """Register a gated model version as `challenger` (a variant as `challenger-<variant>`).
+             variant: str = "fp32", parent_version: int | None = None,
+             recipe: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Register a gated model version as `challenger` (a variant as `challenger-<variant>`, with the
+    `recipe` that rebuilds it from the fp32 weights in variant.json, e.g. int4's group size).
     Refuses when the gate failed or lineage is incomplete."""
     weights_dir = Path(weights_dir)
     if not gate["passed"]:
@@ -131,7 +142,8 @@ def register(settings: Settings, weights_dir: Path | str, evaluation: dict[str, 
         for f in ("model.safetensors", "config.json", "_lineage.json"):
             shutil.copyfile(weights_dir / f, pkg / f)
         shutil.copyfile(lineage["tokenizer"]["path"], pkg / "tokenizer.json")
-        (pkg / "variant.json").write_text(json.dumps({"variant": variant}))
+        recipe = {**(recipe or {}), "variant": variant}
+        (pkg / "variant.json").write_text(json.dumps(recipe))
         client.log_artifacts(run_id, str(pkg), f"registered/{variant}")
     try:
         client.get_registered_model(name)
@@ -141,6 +153,7 @@ def register(settings: Settings, weights_dir: Path | str, evaluation: dict[str, 
     extra = {"parent_version": str(parent_version)} if parent_version is not None else {}
     version = client.create_model_version(name, source, run_id=run_id, tags={
         **tags, **extra, "variant": variant, "gate": "passed", "gate.reason": gate["reason"],
+        **{f"variant.{k}": str(v) for k, v in recipe.items() if k != "variant"},
         **{f"eval.{k}": f"{v:.6g}" for k, v in evaluation["metrics"].items()}})
     alias = "challenger" if variant == "fp32" else f"challenger-{variant}"
     client.set_registered_model_alias(name, alias, version.version)
@@ -154,7 +167,7 @@ class GateFailed(RegistryError):
 
 def evaluate_and_register(settings: Settings, weights_dir: Path | str, int8: bool = True) -> dict[str, Any]:
     """evaluate -> gate (vs the champion, or absolute bounds) -> register as challenger; GateFailed otherwise.
-    Then (int8=True) the int8 variant, gated against this fp32 parent, as challenger-int8."""
+    Then (int8=True) the int8 and int4 variants, each gated against this fp32 parent, as challenger-int8/-int4."""
     from tasks.evaluate import evaluate
 
     champion = champion_metrics(settings)
@@ -202,8 +215,9 @@ def load_by_alias(settings: Settings, alias: str = "champion", dest: Path | None
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=v.source, dst_path=str(dest),
                                                      tracking_uri=client._tracking_client.tracking_uri))
     model, tok, _ = load_chat_model(local, tokenizer_path=str(local / "tokenizer.json"))
-    if json.loads((local / "variant.json").read_text())["variant"] == "int8":
-        from tasks.quantize import quantize_int8
+    recipe = json.loads((local / "variant.json").read_text())
+    if recipe.get("variant", "fp32") != "fp32":
+        from tasks.quantize import apply_recipe
 
-        model = quantize_int8(model)  # the variant is a deterministic recipe over the same weights
+        model = apply_recipe(model, recipe)  # the variant is a deterministic recipe over the same weights
     return model, tok, v

@@ -29,6 +29,8 @@ KINDS: tuple[tuple[str, str, str, str], ...] = (
     ("data", "Validation results", "reports/validation/dt=*.json", "the suite's verdict per day (JSON)"),
     ("model", "Evaluation", "reports/eval/*/report.html", "perplexity, ROUGE-L, BLEU, embedding similarity, toxicity, factuality, latency; the gate"),
     ("model", "Evaluation (int8)", "reports/eval/*-int8/report.html", "the int8 tier against its fp32 parent"),
+    ("model", "Evaluation (int4)", "reports/eval/*-int4/report.html", "the weight-only int4 tier against its fp32 parent"),
+    ("model", "Model tiers", "reports/eval/*-tiers/report.html", "fp32, int8, int4, distilled side by side: quality, speed, memory, $ per 1M tokens"),
     ("rollout", "Shadow", "reports/shadow/*/shadow.html", "mirrored champion/challenger pairs: reply similarity, safety, latency"),
     ("rollout", "Rollout decisions", "reports/rollout/*.json", "promote / roll back / inconclusive, with the evidence of every window"),
     ("monitoring", "Drift", "reports/drift/*/report.html", "Evidently: served prompts vs the training corpus, SLOs"),
@@ -36,8 +38,8 @@ KINDS: tuple[tuple[str, str, str, str], ...] = (
     ("monitoring", "Cost", "reports/cost/*/cost.html", "$ per 1M tokens, training and serving, per version"),
     ("monitoring", "Autoscale", "reports/autoscale/recommendations.jsonl", "scale-out / scale-in recommendations with their signals"),
 )
-# the fp32 evaluation's glob also matches the int8 tier's directory (<run>-int8)
-SKIP = {"Evaluation": lambda p: p.parent.name.endswith("-int8")}
+# the fp32 evaluation's glob also matches the quantized tiers' and the tier comparison's directories
+SKIP = {"Evaluation": lambda p: p.parent.name.endswith(("-int8", "-int4", "-tiers"))}
 SECTIONS = {"data": "Data", "model": "Models", "rollout": "Rollout", "monitoring": "Monitoring"}
 
 

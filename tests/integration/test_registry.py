@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,23 @@ def test_register_promote_load_and_refuse_a_worse_model(root):
     else:
         assert q["registered"] is None and "worse than champion" in q["gate"]["reason"]
 
+    # the int4 variant: the same suite, its own gate against the same parent, a recipe with its group size
+    q4 = q["int4"]
+    assert math.isfinite(q4["metrics"]["perplexity"]) and q4["metrics"]["tokens_per_s_b1"] > 0
+    assert q4["metrics"]["tokens_per_s_b8"] > 0 and q4["int4_bytes"] < 0.6 * q4["fp32_bytes"]
+    assert q4["recipe"] == {"variant": "int4", "group_size": s.eval.int4_group_size}
+    assert "int4 vs fp32" in Path(q4["report"]).read_text()
+    if q4["gate"]["passed"]:
+        assert q4["registered"]["alias"] == "challenger-int4"
+        v4 = client.get_model_version("chat-gpt", str(q4["registered"]["version"]))
+        assert v4.tags["variant"] == "int4" and v4.tags["variant.group_size"] == str(s.eval.int4_group_size)
+        from tasks.quantize import Int4Linear
+
+        qmodel4, _, _ = load_by_alias(s, "challenger-int4")
+        assert {m.group_size for m in qmodel4.modules() if isinstance(m, Int4Linear)} == {s.eval.int4_group_size}
+    else:
+        assert q4["registered"] is None and "worse than champion" in q4["gate"]["reason"]
+
     p = promote(s, 1, reason="first model", who="tester")
     assert p["champion"] == 1 and p["previous"] is None
     assert client.get_model_version("chat-gpt", "1").tags["promoted_by"] == "tester"
@@ -88,8 +106,9 @@ def test_register_promote_load_and_refuse_a_worse_model(root):
     assert model.generate(prompt, 20, temperature=0.0) == ref_model.generate(prompt, 20, temperature=0.0)
 
     # a far shorter training fails the gate against the champion and is not registered
+    before = len(client.search_model_versions("name='chat-gpt'"))
     worse = train(make_settings(root, *FAST, "train.max_steps=3"), resume=False)
     with pytest.raises(GateFailed) as e:
         evaluate_and_register(make_settings(root, *FAST, "train.max_steps=3"), Path(worse["weights"]).parent)
     assert "worse than champion" in str(e.value) and "perplexity" in str(e.value)
-    assert "3" not in [str(m.version) for m in client.search_model_versions("name='chat-gpt'")]
+    assert len(client.search_model_versions("name='chat-gpt'")) == before

@@ -23,6 +23,8 @@ def test_index_links_every_kind_relatively_and_newest_first(settings):
         _touch(d / "quarantine" / "dt=2026-11-01" / "rejects.jsonl"),
         _touch(r / "eval" / "tiny-abc" / "report.html"),
         _touch(r / "eval" / "tiny-abc-int8" / "report.html"),
+        _touch(r / "eval" / "tiny-abc-int4" / "report.html"),
+        _touch(r / "eval" / "tiny-abc-tiers" / "report.html"),
         _touch(r / "shadow" / "20261128T080000" / "shadow.html"),
         _touch(r / "rollout" / "20261128T080100-v2-promote.json"),
         _touch(r / "drift" / "20261128T090000" / "report.html"),
@@ -34,7 +36,8 @@ def test_index_links_every_kind_relatively_and_newest_first(settings):
     assert {old, new, *[f for f in files if f.suffix != ".json" or "rollout" in str(f)]} <= found
     assert latest(settings)["Data Docs"] == new
     kinds = {x["path"].parent.name: x["title"] for x in collect(settings) if "eval" in x["path"].parts}
-    assert kinds == {"tiny-abc": "Evaluation", "tiny-abc-int8": "Evaluation (int8)"}
+    assert kinds == {"tiny-abc": "Evaluation", "tiny-abc-int8": "Evaluation (int8)", "tiny-abc-int4": "Evaluation (int4)",
+                     "tiny-abc-tiers": "Model tiers"}
     index = write_index(settings, {"Airflow": "http://127.0.0.1:8080"})
     html = index.read_text()
     hrefs = re.findall(r"href='([^']+)'", html)
