@@ -11,8 +11,10 @@ allowed regression vs the `champion`; fails the run with the reason when it does
 `register` (MLflow model `chat-gpt`, alias `challenger`, lineage tags; emits the `chat_challenger`
 Asset that `chat_deploy` runs on) → `quantize` (the dynamic
 int8 variant, evaluated by the same suite and gated against its fp32 parent; registered as
-`challenger-int8` only if it passes) and `distill` (with the `distill` param: a smaller student trained
-against the champion's logits, evaluated by the same suite and gate, registered as `chat-gpt-small`).
+`challenger-int8` only if it passes, then the group-wise int4 variant the same way as `challenger-int4`),
+`distill` (with the `distill` param: a smaller student trained against the champion's logits, evaluated
+by the same suite and gate, registered as `chat-gpt-small`) → `tiers` (fp32, int8, int4 and the student
+side by side: quality, tokens/s, p99, memory, $ per 1M tokens, each as a ratio to fp32).
 
 Runs weekly (Monday 03:00 UTC), whenever `chat_ingest` publishes new shards, and from the Trigger
 form. `train` runs in the `training` pool (one slot), so two trainings never share the machine,
@@ -181,7 +183,9 @@ def chat_train():
         ev = json.loads(Path(evaluated["metrics_path"]).read_text())
         r = quantize_and_register(_settings(), evaluated["weights_dir"], ev, registered["version"])
         return {"registered": r["registered"], "gate": r["gate"], "report": r["report"],
-                "memory_ratio": r["int8"]["memory_ratio"], "speedup_b1": r["int8"]["speedup_b1"]}
+                "memory_ratio": r["int8"]["memory_ratio"], "speedup_b1": r["int8"]["speedup_b1"],
+                "metrics_path": r["int8"]["metrics_path"],
+                "int4": {k: r["int4"][k] for k in ("registered", "memory_ratio", "speedup_b1", "report", "metrics_path")}}
 
     @task(pool="training", execution_timeout=timedelta(hours=12))
     def distill(registered: dict) -> dict:
@@ -199,10 +203,21 @@ def chat_train():
                 "report": r["evaluation"]["report"], "val_loss": r["trained"]["val_loss"],
                 "teacher_val_loss": r["trained"]["teacher_val_loss"]}
 
+    @task(trigger_rule="none_failed_min_one_success")  # with or without the student (the distill param)
+    def tiers(evaluated: dict, quantized: dict, distilled: dict | None) -> dict:
+        import json
+        from pathlib import Path
+
+        from tasks.tiers import tiers_report
+
+        paths = {"fp32": evaluated["metrics_path"], "int8": quantized["metrics_path"],
+                 "int4": quantized["int4"]["metrics_path"], "distilled": (distilled or {}).get("metrics_path")}
+        r = tiers_report(_settings(), {t: json.loads(Path(p).read_text()) for t, p in paths.items() if p})
+        return {"report": r["report"], "tiers": r["tiers"], "ratios": r["ratios"]}
+
     gated = gate(evaluate(train(check_inputs())))
     registered = register(gated)
-    quantize(registered, gated)
-    distill(registered)
+    tiers(gated, quantize(registered, gated), distill(registered))
 
 
 chat_train()
