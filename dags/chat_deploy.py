@@ -16,7 +16,8 @@ decision is a JSON record under reports/rollout/ and tags on the MLflow version,
 the task log.
 
 Runs when `chat_train` registers a new challenger (the `chat_challenger` Asset) and from the
-Trigger form. `drill_delay_ms` > 0 rehearses the automatic roll-back: the exported version is made
+Trigger form. With `tier` small it rolls out the distilled `chat-gpt-small` the same way: the
+gateway's small tier has its own aliases, traffic split, shadow and canary. `drill_delay_ms` > 0 rehearses the automatic roll-back: the exported version is made
 that much slower per generated token, so shadow or canary must catch it.
 """
 
@@ -31,9 +32,18 @@ from chat_assets import CHAT_CHALLENGER, DEFAULT_PROFILE, PROFILES
 
 
 def _settings():
+    """The profile's settings, pointed at the small tier's registered and Triton model when `tier` is small."""
     from tasks.config import load_settings
 
-    return load_settings(get_current_context()["params"]["profile"])
+    p = get_current_context()["params"]
+    settings = load_settings(p["profile"])
+    if p.get("tier", "large") == "large":
+        return settings
+    small = settings.serve.routing.small_model
+    if settings.distill.registered_model != small:
+        raise ValueError(f"distill.registered_model={settings.distill.registered_model!r} differs from "
+                         f"serve.routing.small_model={small!r}: the small tier is one model, set both alike")
+    return load_settings(p["profile"], [f"tracking.registered_model={small}", f"serve.triton.model_name={small}"])
 
 
 @dag(
@@ -49,7 +59,10 @@ def _settings():
         "profile": Param(DEFAULT_PROFILE, type="string", enum=PROFILES, title="Profile",
                          description="Config profile (configs/profiles/) whose paths and serving settings apply."),
         "alias": Param("challenger", type="string", enum=["challenger", "champion"], title="Alias",
-                       description="Which registered version of chat-gpt to export and load."),
+                       description="Which registered version of the tier's model to export and load."),
+        "tier": Param("large", type="string", enum=["large", "small"], title="Tier",
+                      description="large: the main model (chat-gpt). small: the distilled chat-gpt-small that the "
+                                  "gateway's light requests go to; its aliases, traffic split, shadow and canary are its own."),
         "drill_delay_ms": Param(0, type="number", minimum=0, maximum=10_000, title="Roll-back drill (ms per token)",
                                 description="Rehearsal: slow the exported version down by this much per generated "
                                             "token, so the rollout must roll it back. 0: no drill."),

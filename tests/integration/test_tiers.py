@@ -14,6 +14,7 @@ import pytest
 
 from tasks.atomic import sha256_file
 from tasks.distill import distill, distill_and_register, resolve_teacher
+from tasks.export import export
 from tasks.ingest import ingest
 from tasks.registry import evaluate_and_register
 from tasks.reproduce import reproduce
@@ -91,6 +92,15 @@ def test_distilled_student_approaches_its_teacher_and_registers_with_it_in_the_l
     assert float(v.tags["eval.perplexity"]) > 0 and v.tags["snapshot_hash"]
     run = mlflow_client(s).get_run(v.run_id)
     assert run.data.tags["llmops.stage"] == "distill" and "summary.kd_loss" in run.data.metrics
+
+    # the small tier's Triton model, exported from the registry beside (not over) the main one
+    exported = export(s, alias="challenger", model="chat-gpt-small")
+    small = s.paths.triton_repository / "chat-gpt-small"
+    assert exported["models"] == ["chat-gpt-small", "chat-gpt-small-stream"]
+    assert json.loads((small / "aliases.json").read_text()) == {"challenger": out["registered"]["version"]}
+    assert sha256_file(small / str(out["registered"]["version"]) / "model.safetensors") == \
+        sha256_file(Path(out["trained"]["weights"]))
+    assert not (s.paths.triton_repository / "chat-gpt").exists()
 
 
 def test_reproduce_rebuilds_the_registered_weights_bit_for_bit(teacher):

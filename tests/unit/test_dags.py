@@ -73,6 +73,8 @@ def test_chat_deploy_shape(dagbag):
     assert type(dag.timetable).__name__ == "AssetTriggeredTimetable"
     assert "chat_challenger" in str(dag.timetable.asset_condition)
     assert dag.params.get_param("alias").value == "challenger"
+    tier = dag.params.get_param("tier")  # the small tier's rollout is the same DAG, pointed at chat-gpt-small
+    assert tier.value == "large" and tier.schema["enum"] == ["large", "small"]
 
 
 def test_chat_monitor_shape(dagbag):
