@@ -20,14 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.config import load_settings  # noqa: E402
+from _tiny import train_tiny  # noqa: E402  (bench/ is this script's own directory on sys.path)
+
 from tasks.evaluate import evaluate  # noqa: E402
-from tasks.ingest import ingest  # noqa: E402
 from tasks.quantize import evaluate_int8  # noqa: E402
-from tasks.shard import shard  # noqa: E402
-from tasks.snapshot import snapshot  # noqa: E402
-from tasks.synth import synth  # noqa: E402
-from tasks.train import train  # noqa: E402
 
 
 def main() -> None:
@@ -36,15 +32,7 @@ def main() -> None:
     a = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="llmops-bench-eval-"))
     try:
-        s = load_settings("tiny", [f"paths.root={root}", "train.world_size=1", "train.zero_stage=0",
-                                   f"train.max_steps={a.steps}", f"train.checkpoint_every={a.steps}"])
-        synth(s, days=2, start="2026-11-01", records=400, faults=False, chatterbot=True)
-        for day in ("2026-11-01", "2026-11-02"):
-            ingest(day, s)
-        snapshot(s)
-        shard(s)
-        trained = train(s, resume=False)
-        weights = Path(trained["weights"]).parent
+        s, weights = train_tiny(root, a.steps)
         t0 = time.perf_counter()
         fp32 = evaluate(s, weights)
         suite_s = time.perf_counter() - t0

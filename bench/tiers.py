@@ -23,16 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.config import load_settings  # noqa: E402
+from _tiny import train_tiny  # noqa: E402  (bench/ is this script's own directory on sys.path)
+
 from tasks.distill import distill, resolve_teacher, student_settings  # noqa: E402
 from tasks.evaluate import evaluate, load_chat_model  # noqa: E402
-from tasks.ingest import ingest  # noqa: E402
 from tasks.quantize import evaluate_int4, evaluate_int8, model_bytes  # noqa: E402
-from tasks.shard import shard  # noqa: E402
-from tasks.snapshot import snapshot  # noqa: E402
-from tasks.synth import synth  # noqa: E402
 from tasks.tiers import tiers_report  # noqa: E402
-from tasks.train import train  # noqa: E402
 
 METRICS = ("perplexity", "rouge_l", "bleu", "embedding_similarity", "toxicity_rate", "factuality_fuzzy",
            "tokens_per_s_b1", "tokens_per_s_b8", "latency_p99_ms_b1")
@@ -44,14 +40,7 @@ def main() -> None:
     a = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="llmops-bench-tiers-"))
     try:
-        s = load_settings("tiny", [f"paths.root={root}", "train.world_size=1", "train.zero_stage=0",
-                                   f"train.max_steps={a.steps}", f"train.checkpoint_every={a.steps}"])
-        synth(s, days=2, start="2026-11-01", records=400, faults=False, chatterbot=True)
-        for day in ("2026-11-01", "2026-11-02"):
-            ingest(day, s)
-        snapshot(s)
-        shard(s)
-        weights = Path(train(s, resume=False)["weights"]).parent
+        s, weights = train_tiny(root, a.steps)
         teacher = resolve_teacher(s, weights_dir=weights)
         student_dir = Path(distill(s, teacher, manifest=None, resume=False)["weights"]).parent
 
