@@ -38,11 +38,11 @@ def _dag_runs(settings: Settings, per_dag: int) -> dict[str, Any]:
     return out
 
 
-def _models(settings: Settings) -> dict[str, Any]:
+def _models(settings: Settings, name: str | None = None) -> dict[str, Any]:
     from tasks.train import mlflow_client
 
     client = mlflow_client(settings)
-    name = settings.tracking.registered_model
+    name = name or settings.tracking.registered_model
     out = {}
     for alias in ("champion", "challenger", "previous"):
         try:
@@ -82,6 +82,12 @@ def collect(settings: Settings, per_dag: int = 3) -> dict[str, Any]:
         info["models"] = _models(settings)
     except Exception as e:  # noqa: BLE001
         info["models"] = f"unavailable: {e}"
+    small = settings.serve.routing.small_model
+    try:  # the gateway's small tier (the distilled model), when one is registered
+        info["small_tier"] = {"name": small, "models": _models(settings, small),
+                              "served": read_aliases(settings.paths.triton_repository, small)}
+    except Exception as e:  # noqa: BLE001
+        info["small_tier"] = {"name": small, "models": f"unavailable: {e}", "served": {}}
     drift = reports.last_drift(settings)
     info["drift"] = None if drift is None else {k: drift.get(k) for k in ("verdict", "fire", "reason", "rows", "report")}
     from tasks.drift import load_state
@@ -155,6 +161,11 @@ def render(info: dict[str, Any], console: Console | None = None) -> None:
                           f"{lin['mlflow_run_id']}" + (f"; {m['rollout'][:120]}" if m.get("rollout") else ""))
     else:
         console.print(f"registered model: {info['models'] or 'nothing registered yet'}")
+    small = info.get("small_tier") or {}
+    if isinstance(small.get("models"), dict) and small["models"]:
+        versions = ", ".join(f"{a} v{m['version']} (perplexity {m['metrics'].get('perplexity', float('nan')):.3g})"
+                             for a, m in small["models"].items())
+        console.print(f"small tier {small['name']:<11}: {versions}; Triton serves {small['served'] or 'nothing yet'}")
 
     d = info["drift"]
     console.print(f"last drift check      : {d['verdict']} ({_cut(d['reason'], 200)}), {d['rows']} requests; {d['report']}"
