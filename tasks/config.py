@@ -481,6 +481,7 @@ class DistillConfig(_Section):
     n_head: int = Field(4, ge=1, le=128)
     d_model: int = Field(64, ge=8, le=16384)
     max_steps: int | None = Field(None, ge=1, description="empty: train.max_steps")
+    lr: float | None = Field(5e-3, gt=0.0, le=1.0, description="the student's peak learning rate; empty: train.lr")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> DistillConfig:

@@ -88,7 +88,8 @@ def resolve_teacher(settings: Settings, weights_dir: Path | str | None = None, v
 
 def student_settings(settings: Settings, teacher_dir: Path | str) -> Settings:
     """The settings the student trains, evaluates and registers with: the student's shape, the teacher's
-    block size and positions, `distill.max_steps`, and `distill.registered_model` as the registered model."""
+    block size and positions, `distill.max_steps` and `distill.lr`, and `distill.registered_model` as the
+    registered model."""
     d = settings.distill
     teacher_model = json.loads((Path(teacher_dir) / "config.json").read_text())["model"]
     resolved = settings.resolved()
@@ -96,6 +97,8 @@ def student_settings(settings: Settings, teacher_dir: Path | str) -> Settings:
                          "block_size": teacher_model["block_size"], "pos": teacher_model["pos"]}
     if d.max_steps is not None:
         resolved["train"]["max_steps"] = d.max_steps
+    if d.lr is not None:
+        resolved["train"]["lr"] = d.lr
     resolved["tracking"]["registered_model"] = d.registered_model
     return Settings.model_validate(resolved)
 

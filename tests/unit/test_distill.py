@@ -55,6 +55,7 @@ def test_student_settings_take_the_students_shape_and_the_teachers_block(tmp_pat
     assert (st.model.n_layer, st.model.d_model, st.model.n_head) == (1, 32, 2)
     assert (st.model.block_size, st.model.pos) == (64, "learned")
     assert st.train.max_steps == 7 and st.tracking.registered_model == "chat-gpt-small"
+    assert st.train.lr == s.distill.lr and st.train.lr != s.train.lr
     assert st.hash("model") != s.hash("model") and s.train.max_steps != 7  # the teacher's settings are untouched
 
 
