@@ -11,10 +11,11 @@ allowed regression vs the `champion`; fails the run with the reason when it does
 `register` (MLflow model `chat-gpt`, alias `challenger`, lineage tags; emits the `chat_challenger`
 Asset that `chat_deploy` runs on) → `quantize` (the dynamic
 int8 variant, evaluated by the same suite and gated against its fp32 parent; registered as
-`challenger-int8` only if it passes, then the group-wise int4 variant the same way as `challenger-int4`),
-`distill` (with the `distill` param: a smaller student trained against the champion's logits, evaluated
-by the same suite and gate, registered as `chat-gpt-small`) → `tiers` (fp32, int8, int4 and the student
-side by side: quality, tokens/s, p99, memory, $ per 1M tokens, each as a ratio to fp32).
+`challenger-int8` only if it passes, then the group-wise int4 variant the same way as `challenger-int4`;
+the tiers report puts fp32, int8 and int4 side by side: quality, tokens/s, p99, memory, $ per 1M tokens,
+each as a ratio to fp32) → `distill` (with the `distill` param: a smaller student trained against the
+champion's logits, evaluated by the same suite and gate, registered as `chat-gpt-small`, added to the
+tiers report).
 
 Runs weekly (Monday 03:00 UTC), whenever `chat_ingest` publishes new shards, and from the Trigger
 form. `train` runs in the `training` pool (one slot), so two trainings never share the machine,
@@ -179,17 +180,26 @@ def chat_train():
         from pathlib import Path
 
         from tasks.registry import quantize_and_register
+        from tasks.tiers import tiers_report
 
+        settings = _settings()
         ev = json.loads(Path(evaluated["metrics_path"]).read_text())
-        r = quantize_and_register(_settings(), evaluated["weights_dir"], ev, registered["version"])
+        r = quantize_and_register(settings, evaluated["weights_dir"], ev, registered["version"])
+        # the tier comparison from the evaluations' own files (each quantized one records its bytes); distill adds the student
+        paths = {"fp32": evaluated["metrics_path"], "int8": r["int8"]["metrics_path"], "int4": r["int4"]["metrics_path"]}
+        tiers = tiers_report(settings, {t: json.loads(Path(p).read_text()) for t, p in paths.items()})
         return {"registered": r["registered"], "gate": r["gate"], "report": r["report"],
                 "memory_ratio": r["int8"]["memory_ratio"], "speedup_b1": r["int8"]["speedup_b1"],
-                "metrics_path": r["int8"]["metrics_path"],
-                "int4": {k: r["int4"][k] for k in ("registered", "memory_ratio", "speedup_b1", "report", "metrics_path")}}
+                "int4": {k: r["int4"][k] for k in ("registered", "memory_ratio", "speedup_b1", "report")},
+                "tiers_report": tiers["report"], "tier_metrics": paths}
 
     @task(pool="training", execution_timeout=timedelta(hours=12))
-    def distill(registered: dict) -> dict:
+    def distill(registered: dict, quantized: dict) -> dict:
+        import json
+        from pathlib import Path
+
         from tasks.distill import DistillError, distill_and_register, resolve_teacher
+        from tasks.tiers import tiers_report
 
         if not get_current_context()["params"]["distill"]:
             raise AirflowSkipException("the distill param is off")
@@ -199,25 +209,17 @@ def chat_train():
         except DistillError:  # no champion yet: the version this run registered teaches
             teacher = resolve_teacher(settings, version=registered["version"])
         r = distill_and_register(settings, teacher)
-        return {"registered": r["registered"], "teacher": r["teacher"], "metrics_path": r["evaluation"]["metrics_path"],
-                "report": r["evaluation"]["report"], "val_loss": r["trained"]["val_loss"],
-                "teacher_val_loss": r["trained"]["teacher_val_loss"]}
-
-    @task(trigger_rule="none_failed_min_one_success")  # with or without the student (the distill param)
-    def tiers(evaluated: dict, quantized: dict, distilled: dict | None) -> dict:
-        import json
-        from pathlib import Path
-
-        from tasks.tiers import tiers_report
-
-        paths = {"fp32": evaluated["metrics_path"], "int8": quantized["metrics_path"],
-                 "int4": quantized["int4"]["metrics_path"], "distilled": (distilled or {}).get("metrics_path")}
-        r = tiers_report(_settings(), {t: json.loads(Path(p).read_text()) for t, p in paths.items() if p})
-        return {"report": r["report"], "tiers": r["tiers"], "ratios": r["ratios"]}
+        # the tier comparison again, with the student beside fp32, int8 and int4
+        paths = {**quantized["tier_metrics"], "distilled": r["evaluation"]["metrics_path"]}
+        evals = {t: json.loads(Path(p).read_text()) for t, p in paths.items()}
+        tiers = tiers_report(settings, evals)
+        return {"registered": r["registered"], "teacher": r["teacher"], "report": r["evaluation"]["report"],
+                "val_loss": r["trained"]["val_loss"], "teacher_val_loss": r["trained"]["teacher_val_loss"],
+                "tiers_report": tiers["report"]}
 
     gated = gate(evaluate(train(check_inputs())))
     registered = register(gated)
-    tiers(gated, quantize(registered, gated), distill(registered))
+    distill(registered, quantize(registered, gated))
 
 
 chat_train()

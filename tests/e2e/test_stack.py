@@ -70,7 +70,7 @@ def test_trigger_and_backfill_through_scheduler(running):
     train_run = _wait_for_run(client, "chat_train", set(), timeout=60)
     assert client.wait_run("chat_train", train_run, timeout=600) == "success", client.task_states("chat_train", train_run)
     assert client.task_states("chat_train", train_run) == {**dict.fromkeys(
-        ("check_inputs", "train", "evaluate", "gate", "register", "quantize", "tiers"), "success"), "distill": "skipped"}
+        ("check_inputs", "train", "evaluate", "gate", "register", "quantize"), "success"), "distill": "skipped"}
     # ... a run of the schedule, not a manual one: the weekly tick, Monday 03:00 UTC
     run = next(r for r in client.runs("chat_train") if r["dag_run_id"] == train_run)
     tick = dt.datetime.fromisoformat(run["logical_date"])
@@ -79,7 +79,7 @@ def test_trigger_and_backfill_through_scheduler(running):
     again = client.trigger("chat_train", {"profile": "tiny"})
     assert client.wait_run("chat_train", again, timeout=300) == "success"
     assert client.task_states("chat_train", again) == dict.fromkeys(
-        ("check_inputs", "train", "evaluate", "gate", "register", "quantize", "distill", "tiers"), "skipped")
+        ("check_inputs", "train", "evaluate", "gate", "register", "quantize", "distill"), "skipped")
     client.pause("chat_train")  # no asset-triggered trainings during the backfill below
     import mlflow
 

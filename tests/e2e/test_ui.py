@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.services]
 SHOTS = REPO / "reports" / "test-artifacts" / "ui"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
-TASKS = ("check_inputs", "train", "evaluate", "gate", "register", "quantize", "tiers")
+TASKS = ("check_inputs", "train", "evaluate", "gate", "register", "quantize")
 # the form's fields under test: Param name -> (ARIA role of its input, the Param's title = the field's label)
 FIELDS = {"profile": ("combobox", "Profile"), "max_steps": ("spinbutton", "Max steps"),
           "zero_stage": ("combobox", "ZeRO stage")}
@@ -171,6 +171,8 @@ def test_trigger_chat_train_from_the_web_ui(chromium, running):
             # no resume: the run must train now, whatever was registered or checkpointed before
             _switch(form.get_by_role("checkbox", name="Force"), True)
             _switch(form.get_by_role("checkbox", name="Resume"), False)
+            # and the small tier: a student distilled from the champion, registered as chat-gpt-small
+            _switch(form.get_by_role("checkbox", name="Distill a small tier"), True)
             # Reason (optional) proves the conf reached training; its input has no accessible name in 3.3
             form.get_by_role("group").filter(has_text=re.compile(r"^Reason")).get_by_role("textbox").fill(reason)
             for title, shown in (("Profile", "tiny"), ("ZeRO stage", "3")):
@@ -182,7 +184,7 @@ def test_trigger_chat_train_from_the_web_ui(chromium, running):
             dialog.get_by_role("button", name="Advanced Options").click()
             editor = dialog.get_by_role("group").filter(has_text="Configuration JSON")  # a Monaco editor
             for key, value in (("profile", "tiny"), ("max_steps", 30), ("zero_stage", 3), ("resume", False),
-                               ("force", True), ("reason", reason)):
+                               ("force", True), ("distill", True), ("reason", reason)):
                 expect(editor).to_contain_text(f'"{key}": {json.dumps(value)}')
             _shot(page, "04-trigger-conf", dialog)
             submit = dialog.get_by_role("button", name="Trigger", exact=True)
@@ -204,7 +206,7 @@ def test_trigger_chat_train_from_the_web_ui(chromium, running):
             _wait_started(client, run_id, timeout=900)  # a run the schedules started meanwhile may go first
             state = client.wait_run("chat_train", run_id, timeout=900)
             states = client.task_states("chat_train", run_id)
-            assert state == "success" and states == {**dict.fromkeys(TASKS, "success"), "distill": "skipped"}, (state, states)
+            assert state == "success" and states == dict.fromkeys((*TASKS, "distill"), "success"), (state, states)
 
             # 5. the run page says Success
             page.reload()
@@ -233,3 +235,14 @@ def test_trigger_chat_train_from_the_web_ui(chromium, running):
     assert len(mlc.get_metric_history(run.info.run_id, "loss")) == 30
     registered = client.xcom("chat_train", run_id, "register")
     assert mlc.get_model_version("chat-gpt", str(registered["version"])).run_id == run.info.run_id
+    # 7. the distill task: the student registered as its own model, its teacher named, and in the tiers report
+    distilled = client.xcom("chat_train", run_id, "distill")
+    student = mlc.get_model_version("chat-gpt-small", str(distilled["registered"]["version"]))
+    # the teacher: the champion when the task ran (chat_deploy may have promoted this run's version since)
+    teacher = mlc.get_model_version("chat-gpt", str(distilled["teacher"]["version"]))
+    assert student.tags["teacher.registered_model"] == "chat-gpt" and student.tags["teacher.version"] == teacher.version
+    assert student.tags["teacher.weights_sha256"] == teacher.tags["weights_sha256"], (student.tags, teacher.tags)
+    assert mlc.get_run(student.run_id).data.tags["llmops.stage"] == "distill"
+    tiers = json.loads(Path(distilled["tiers_report"]).with_name("tiers.json").read_text())
+    assert tiers["tiers"] == ["fp32", "int8", "int4", "distilled"] and tiers["values"]["distilled"]["memory_mb"] > 0
+    assert tiers["values"]["int4"]["memory_mb"] < tiers["values"]["int8"]["memory_mb"] < tiers["values"]["fp32"]["memory_mb"]

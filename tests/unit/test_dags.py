@@ -55,11 +55,10 @@ def test_chat_ingest_shape(dagbag):
 def test_chat_train_shape(dagbag):
     dag = dagbag.get_dag("chat_train")
     assert [t.task_id for t in dag.topological_sort()] == ["check_inputs", "train", "evaluate", "gate", "register", "quantize",
-                                                           "distill", "tiers"]
-    assert dag.get_task("tiers").upstream_task_ids == {"gate", "quantize", "distill"}
-    assert dag.get_task("tiers").trigger_rule == "none_failed_min_one_success"  # runs without the student
+                                                           "distill"]
     assert dag.get_task("train").pool == dag.get_task("distill").pool == "training"
-    assert dag.get_task("distill").upstream_task_ids == {"register"} and dag.params.get_param("distill").value is False
+    assert dag.get_task("distill").upstream_task_ids == {"register", "quantize"}
+    assert dag.params.get_param("distill").value is False
     assert type(dag.timetable).__name__ == "AssetOrTimeSchedule"
     assert {p: dag.params.get_param(p).value for p in ("profile", "resume")} == {"profile": "tiny", "resume": True}
     assert {o.name for o in dag.get_task("register").outlets} == {"chat_challenger"}
