@@ -1,5 +1,7 @@
-"""DeepSpeed training for real: 2 CPU ranks as separate processes, ZeRO-2 and ZeRO-3, determinism,
-kill-and-resume to the bit, a crash mid-checkpoint, the stored loss baseline, MLflow lineage."""
+"""DeepSpeed training for real: 2 CPU ranks as separate processes, ZeRO-2 and ZeRO-3, kill-and-resume
+to the bit, a crash mid-checkpoint, the stored loss baseline, MLflow lineage. That two runs of the same
+inputs give the same result is shown to the weights' bits by `reproduce` in tests/integration/test_tiers.py
+(2 ranks, ZeRO-2), which subsumes a same-seed loss comparison here."""
 
 from __future__ import annotations
 
@@ -92,11 +94,6 @@ def test_final_weights_load_without_pickle_and_generate(reference):
     assert "lm_head.weight" not in load_file(reference["weights"])  # tied, stored once
     out = model.generate([1, 5, 9], 10, temperature=0.0)
     assert len(out) <= 10
-
-
-def test_same_seed_gives_identical_losses(reference, root):
-    again = train(_settings(root, "train.zero_stage=2"), resume=False)
-    assert _curve(again) == reference["curve"]  # exactly, at every step
 
 
 def test_zero3_really_shards_and_learns(root):
