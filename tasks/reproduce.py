@@ -66,11 +66,11 @@ def _machine() -> dict[str, Any]:
             "torch": torch.__version__}
 
 
-def restore_snapshot(settings: Settings, work: Settings, snapshot_hash: str) -> dict[str, Any]:
-    """Check snapshot `snapshot_hash` out of its DVC remote into `work`'s data/, then hash what came back."""
-    from tasks.snapshot import _repo, load_snapshot
+def restore_snapshot(settings: Settings, work: Settings, record: dict[str, Any]) -> dict[str, Any]:
+    """Check the snapshot `record` (load_snapshot's) out of its DVC remote into `work`'s data/, then hash what came back."""
+    from tasks.snapshot import _repo
 
-    record = load_snapshot(settings, snapshot_hash)
+    snapshot_hash = record["snapshot_hash"]
     dvcmeta = settings.paths.snapshots / f"{snapshot_hash}.dvcmeta"
     if not dvcmeta.is_file():
         raise ReproduceError(f"snapshot {snapshot_hash[:12]}: {dvcmeta} missing; its .dvc file is how DVC finds the data")
@@ -119,6 +119,7 @@ def reproduce(settings: Settings, ref: str, workdir: Path | str | None = None, f
 
     from tasks.lineage import code_hash, code_version
     from tasks.shard import shard
+    from tasks.snapshot import SnapshotError, load_snapshot
     from tasks.train import train
 
     name, which = parse_ref(ref)
@@ -149,14 +150,14 @@ def reproduce(settings: Settings, ref: str, workdir: Path | str | None = None, f
             run_id=v.run_id, artifact_path="config/resolved.json", dst_path=tmp, tracking_uri=uri)).read_text())
     run_tags = client.get_run(v.run_id).data.tags
     snapshot_hash = v.tags.get("snapshot_hash") or lineage["snapshot_hash"]
-    record = json.loads((settings.paths.snapshots / f"{snapshot_hash}.json").read_text()) \
-        if (settings.paths.snapshots / f"{snapshot_hash}.json").is_file() else None
-    if record is None:
-        raise ReproduceError(f"{ref}: snapshot {snapshot_hash[:12]} has no record under {settings.paths.snapshots}")
+    try:
+        record = load_snapshot(settings, snapshot_hash)
+    except SnapshotError as e:
+        raise ReproduceError(f"{ref}: {e}") from None
     work = _work_settings(resolved, workdir, record["remote"])
 
     log.info("reproducing %s version %d: snapshot %s from %s", name, version, snapshot_hash[:12], record["remote"])
-    data = restore_snapshot(settings, work, snapshot_hash)
+    data = restore_snapshot(settings, work, record)
     data_row = _row("data snapshot", snapshot_hash, data["snapshot_hash"],
                     f"partitions whose bytes differ: {data['partitions_changed']}" if data["partitions_changed"] else "")
     if not data_row["same"] and not force:

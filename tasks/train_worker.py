@@ -269,6 +269,7 @@ def main() -> None:
             f.write(json.dumps({"event": "start", "step": start_step, "resume": resume_mode, "world_size": world,
                                 "zero_stage": t.zero_stage, "threads_per_rank": threads}) + "\n")
     engine.train()
+    teacher_val: float | None = None
     for step in range(start_step, t.max_steps):
         lr = lr_at(step, t)
         for g in engine.optimizer.param_groups:
@@ -301,7 +302,9 @@ def main() -> None:
         if done % t.eval_every == 0 or done == t.max_steps:
             row["val_loss"] = evaluate(done)
             if teacher is not None:  # the same windows, so the student's gap to its teacher is read off directly
-                row["teacher_val_loss"] = evaluate(done, teacher)
+                if teacher_val is None:  # a frozen teacher on fixed windows: one value for the whole run
+                    teacher_val = evaluate(done, teacher)
+                row["teacher_val_loss"] = teacher_val
         if rank == 0 and (done % t.log_every == 0 or done == t.max_steps or "val_loss" in row):
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
