@@ -189,7 +189,7 @@ def test_closed_loop_drift_retrains_and_promotes_then_a_slow_challenger_is_rolle
         assert client.wait_run("chat_deploy", deploy, timeout=600) == "success", client.task_states("chat_deploy", deploy)
         shadow = client.xcom("chat_deploy", deploy, "shadow")
         decision = client.xcom("chat_deploy", deploy, "canary")
-        assert shadow["action"] == "continue" and shadow["verdict"] == "pass", shadow
+        assert shadow["action"] == "continue" and shadow["verdict"] == "pass", (shadow.get("reason"), shadow)
         assert Path(shadow["report"]).is_file()
         assert decision["action"] == "promote" and (decision["champion"], decision["challenger"]) == (1, new), decision
         assert read_aliases(s.paths.triton_repository, "chat-gpt") == {"champion": new, "previous": 1}
