@@ -69,3 +69,29 @@ def fit_turns(tokenizer, history: Sequence[dict[str, Any]], messages: Sequence[d
             break
         chosen.insert(0, turn)
     return head + chosen + tail
+
+
+MEMORY_HEADER = "Relevant earlier conversation:"
+
+
+def memory_message(memories: Sequence[str]) -> dict[str, str]:
+    """The system message recalled memories go into (tasks/serve/memory.py)."""
+    return {"role": "system", "content": MEMORY_HEADER + "\n" + "\n".join(f"- {m}" for m in memories)}
+
+
+def with_memories(tokenizer, memories: Sequence[str], messages: Sequence[dict[str, Any]], budget: int,
+                  share: float) -> tuple[list[dict[str, Any]], int]:
+    """`messages` with one system message of recalled memories after the request's own leading
+    system messages: as many whole memories, best first, as fit in `share` of `budget` (and in the
+    budget at all). Returns the messages and how many memories went in (0: `messages` unchanged)."""
+    messages = list(messages)
+    if not memories:
+        return messages, 0
+    n_sys = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+    base = len(encode_chat(tokenizer, messages, add_generation_prompt=True))
+    room = min(int(budget * share), budget - base)
+    for n in range(len(memories), 0, -1):
+        trial = messages[:n_sys] + [memory_message(memories[:n])] + messages[n_sys:]
+        if len(encode_chat(tokenizer, trial, add_generation_prompt=True)) - base <= room:
+            return trial, n
+    return messages, 0
