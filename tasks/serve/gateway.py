@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import hmac
 import json
 import logging
@@ -47,10 +48,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from tasks.chat_template import PromptTooLong, encode_chat, fit_turns
+from tasks.chat_template import PromptTooLong, encode_chat, fit_turns, with_memories
 from tasks.config import Settings
 from tasks.export import STREAM_SUFFIX, read_aliases
 from tasks.serve.admission import PRIORITIES, Admission, Overloaded
+from tasks.serve.memory import SessionMemory
 from tasks.serve.safety import SafetyFilter
 from tasks.serve.sessions import SESSION_ID, open_store
 from tasks.serve.tiers import LARGE, SMALL, Decision, TierError, decide, small_model_id, tier_of_model
@@ -222,6 +224,8 @@ class Metrics:
         self.rejected = Counter("gateway_rejected", "Requests refused before inference", ["reason"], registry=r)
         self.shadow = Counter("gateway_shadow_requests", "Requests mirrored to the challenger, by outcome",
                               ["outcome"], registry=r)
+        self.coalesced = Counter("gateway_coalesced_requests", "Requests answered by an identical request's "
+                                 "inference already in flight (no inference of their own)", registry=r)
         self.routes = Counter("gateway_route", "Requests by the tier they were routed to and the kind of reason "
                               "(header, model, light, heavy, small-tier-not-served, routing-disabled)",
                               ["tier", "reason_kind"], registry=r)
@@ -303,6 +307,9 @@ class Gateway:
         self.shadow_limit = max(1, g.max_inflight // 2)  # mirrors in flight or waiting, at most
         self._shadow_tasks: set[asyncio.Task] = set()
         self.store = open_store(g)
+        m = settings.serve.memory
+        self.memory = SessionMemory(m, settings.ingest.pii_kinds, registry=self.metrics.registry) if m.enabled else None
+        self._inflight: dict[str, asyncio.Future] = {}  # coalescing: request key -> the leader's result
         self.api_keys = api_keys(settings)
         self._client = None
         self._tokenizers: dict[tuple[str, int], tuple[Any, int]] = {}
@@ -463,9 +470,51 @@ class Gateway:
                                "model": shadow.triton_model, "tier": shadow.tier,
                                "prompt": champion["prompt"], "champion": champion["reply"], "challenger": out})
 
+    @staticmethod
+    def coalesce_key(route: Route, prompt: list[dict], max_tokens: int, req: ChatRequest) -> str | None:
+        """Requests with this key get the same tokens: same model version, same prompt, same limits,
+        and deterministic decoding (greedy, or sampling with a given seed). None: not coalescible."""
+        if req.temperature > 0 and req.seed is None:
+            return None
+        body = [route.triton_model, route.version, prompt, max_tokens, req.temperature, req.top_p, req.seed]
+        return hashlib.sha256(json.dumps(body, ensure_ascii=False).encode()).hexdigest()
+
+    async def infer_once(self, route: Route, prompt: list[dict], max_tokens: int, req: ChatRequest,
+                         priority: str) -> tuple[dict[str, Any], bool]:
+        """One inference per set of identical in-flight requests: the first takes an admission slot
+        and asks Triton, the others wait for its result (no slot, no queue place). Returns the result
+        and whether it was shared."""
+        key = self.coalesce_key(route, prompt, max_tokens, req) if self.cfg.coalesce else None
+        leader = self._inflight.get(key) if key else None
+        if leader is not None:
+            self.metrics.coalesced.inc()
+            return dict(await asyncio.shield(leader)), True
+        fut = asyncio.get_running_loop().create_future() if key else None
+        if key:
+            self._inflight[key] = fut
+        try:
+            await self.admission.acquire(priority)
+            try:
+                out = await self.infer(route, prompt, max_tokens, req)
+            finally:
+                self.admission.release()
+            if fut is not None:
+                fut.set_result(out)
+            return out, False
+        except BaseException as e:
+            if fut is not None:
+                fut.set_exception(e if isinstance(e, Exception) else TritonUnavailable("the first request was cancelled"))
+                fut.exception()  # retrieved: no warning when nobody else waited
+            raise
+        finally:
+            if key:
+                self._inflight.pop(key, None)
+
     async def close(self) -> None:
         for task in list(self._shadow_tasks):
             task.cancel()
+        if self.memory is not None:
+            await self.memory.close()
         if self._client is not None:
             try:  # a gRPC channel with calls in flight can take its time to close: do not hold up the exit
                 await asyncio.wait_for(self._client.close(), 2.0)
@@ -507,6 +556,8 @@ def create_app(settings: Settings, triton_grpc: str | None = None, triton_http: 
 
     async def lifespan(app):
         await gw.poll_triton(force=True)
+        if gw.memory is not None:
+            await gw.memory.start()  # the embedder loads in the background; recall waits for nothing
         yield
         await gw.close()
 
@@ -534,7 +585,9 @@ def create_app(settings: Settings, triton_grpc: str | None = None, triton_http: 
         up = await gw.poll_triton(force=True)
         for r in gw.tiers.values():
             r.refresh_files()
+        memory = None if gw.memory is None else {"ready": gw.memory.ready, "pending": await gw.memory.queue.pending()}
         body = {"status": "ok" if up and gw.router.ready else "unavailable", "triton": "up" if up else "down",
+                "memory": memory,
                 "versions_ready": sorted(gw.router.ready), "aliases": gw.router.aliases,
                 "tiers": {t: {"model": r.name, "versions_ready": sorted(r.ready), "aliases": r.aliases}
                           for t, r in gw.tiers.items()},
@@ -547,6 +600,8 @@ def create_app(settings: Settings, triton_grpc: str | None = None, triton_http: 
 
         gw.metrics.queue.set(gw.admission.queued)
         gw.metrics.inflight.set(gw.admission.inflight)
+        if gw.memory is not None:
+            await gw.memory.update_gauges()
         return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
@@ -565,8 +620,24 @@ def create_app(settings: Settings, triton_grpc: str | None = None, triton_http: 
     async def delete_session(session_id: str):
         if not SESSION_ID.fullmatch(session_id):
             raise ApiError(400, "invalid session id", param="session_id", code="invalid_value")
-        deleted = await gw.store.delete(session_id)
-        return JSONResponse({"id": session_id, "object": "session", "deleted": deleted}, headers=gw.headers)
+        turns = await gw.store.delete(session_id)
+        gone = await gw.memory.forget(session=session_id) if gw.memory is not None else {"queued": 0, "memories": 0}
+        return JSONResponse({"id": session_id, "object": "session", "deleted": bool(turns or gone["memories"]),
+                             "turns": turns, "memories": gone["memories"], "queued": gone["queued"]},
+                            headers=gw.headers)
+
+    @app.delete("/v1/users/{user_id}")
+    async def delete_user(user_id: str):
+        """A user's long-term memories from every session, and the session keyed by the user id itself
+        (a request with `user` and no session id keeps its turns under the user id)."""
+        if not SESSION_ID.fullmatch(user_id):
+            raise ApiError(400, "invalid user id", param="user_id", code="invalid_value")
+        turns = await gw.store.delete(user_id)
+        gone = {"queued": 0, "memories": 0}
+        if gw.memory is not None:
+            gone = await gw.memory.forget(session=user_id, user=user_id)
+        return JSONResponse({"id": user_id, "object": "user", "deleted": bool(turns or gone["memories"]),
+                             "turns": turns, **gone}, headers=gw.headers)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -625,33 +696,42 @@ def create_app(settings: Settings, triton_grpc: str | None = None, triton_http: 
             if verdict_in.blocked:
                 gw.metrics.safety.labels("input", verdict_in.rule).inc()
                 return _refusal(gw, req, route, rid, record, t0, messages, tier_headers)
+            last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+            asked = messages
+            if gw.memory is not None and session:
+                t_mem = time.perf_counter()
+                recalled = await gw.memory.recall(session, req.user, last_user, history)
+                asked, n_mem = with_memories(tok, [m.text for m, _ in recalled], messages, block - max_tokens,
+                                             gw.settings.serve.memory.max_prompt_share)
+                gw.memory.m_recalled.labels("hit" if n_mem else "miss").inc()
+                record["memory_ms"] = round((time.perf_counter() - t_mem) * 1e3, 3)
+                record["memories"] = [{"id": m.id, "score": round(sc, 4)} for m, sc in recalled[:n_mem]]
             try:
-                prompt = fit_turns(tok, history, messages, block - max_tokens)
+                prompt = fit_turns(tok, history, asked, block - max_tokens)
             except PromptTooLong as e:
                 raise ApiError(400, f"This model's maximum context length is {block} tokens: {e}",
                                param="messages", code="context_length_exceeded") from None
-            record["history_turns_used"] = len(prompt) - len(messages)
-            try:
-                await gw.admission.acquire(priority)
-            except Overloaded as e:
-                gw.metrics.rejected.labels("overloaded").inc()
-                raise ApiError(429, f"the server is at capacity ({e}); retry after {gw.cfg.retry_after_s}s",
-                               type_="rate_limit_error", code="overloaded",
-                               headers={"Retry-After": str(gw.cfg.retry_after_s)}) from None
+            record["history_turns_used"] = len(prompt) - len(asked)
             if req.stream:
+                try:
+                    await gw.admission.acquire(priority)
+                except Overloaded as e:
+                    raise _overloaded(gw, e) from None
                 return StreamingResponse(_stream(gw, req, route, rid, prompt, messages, max_tokens, session, record, t0),
                                          media_type="text/event-stream",
                                          headers={**gw.headers, **tier_headers, "X-Model-Version": str(route.version),
                                                   "X-Request-Id": rid, "Cache-Control": "no-cache"})
             try:
-                out = await gw.infer(route, prompt, max_tokens, req)
+                out, shared = await gw.infer_once(route, prompt, max_tokens, req, priority)
+            except Overloaded as e:
+                raise _overloaded(gw, e) from None
             except TritonUnavailable:
                 raise
             except Exception as e:  # noqa: BLE001 - any other model-server failure: a 502 with a body, never a bare 500
                 raise ApiError(502, f"the model server failed this request: {str(e)[:300]}", type_="server_error",
                                code="model_server_error") from None
-            finally:
-                gw.admission.release()
+            if shared:
+                record["coalesced"] = True
             text = out["text"].strip()
             verdict_out = gw.safety.check(text)
             record["safety_output"] = verdict_out.to_dict()
@@ -659,11 +739,11 @@ def create_app(settings: Settings, triton_grpc: str | None = None, triton_http: 
                 gw.metrics.safety.labels("output", verdict_out.rule).inc()
                 text, out["finish_reason"] = gw.safety.cfg.refusal, "content_filter"
             elif session:
-                await gw.store.append(session, [m for m in messages if m["role"] != "system"]
-                                      + [{"role": "assistant", "content": text}])
+                await _keep(gw, session, req.user, messages, text)
             latency = time.perf_counter() - t0
             _observe(gw, model_label, 200, latency, latency, out, record, messages, text)
             _mirror(gw, route, session or rid, prompt, max_tokens, req, record, latency, out, text)
+            extra = {"X-Coalesced": "true"} if shared else {}
             return JSONResponse({
                 "id": rid, "object": "chat.completion", "created": int(time.time()), "model": route.model_id,
                 "system_fingerprint": f"{route.triton_model}:{route.version}",
@@ -671,7 +751,8 @@ def create_app(settings: Settings, triton_grpc: str | None = None, triton_http: 
                              "finish_reason": out["finish_reason"], "logprobs": None}],
                 "usage": {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
                           "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}},
-                headers={**gw.headers, **tier_headers, "X-Model-Version": str(route.version), "X-Request-Id": rid})
+                headers={**gw.headers, **tier_headers, **extra, "X-Model-Version": str(route.version),
+                         "X-Request-Id": rid})
         except ApiError as e:
             gw.metrics.requests.labels(model_label, str(e.status)).inc()
             if e.status == 503:
@@ -687,6 +768,22 @@ def create_app(settings: Settings, triton_grpc: str | None = None, triton_http: 
                             headers={"Retry-After": str(gw.cfg.retry_after_s)}).response({**gw.headers, **tier_headers})
 
     return app
+
+
+def _overloaded(gw: Gateway, e: Overloaded) -> ApiError:
+    gw.metrics.rejected.labels("overloaded").inc()
+    return ApiError(429, f"the server is at capacity ({e}); retry after {gw.cfg.retry_after_s}s",
+                    type_="rate_limit_error", code="overloaded", headers={"Retry-After": str(gw.cfg.retry_after_s)})
+
+
+async def _keep(gw: Gateway, session: str, user: str | None, messages: list[dict], reply: str) -> None:
+    """A finished exchange: its turns into the short-term store, and queued for long-term memory
+    (condensed and embedded by the memory worker, after this request has been answered)."""
+    await gw.store.append(session, [m for m in messages if m["role"] != "system"]
+                          + [{"role": "assistant", "content": reply}])
+    if gw.memory is not None:
+        last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        await gw.memory.remember(session, user, last_user, reply)
 
 
 def _choose_route(gw: Gateway, req: ChatRequest, request: Request, messages: list[dict], history: list[dict],
@@ -822,8 +919,7 @@ async def _stream(gw: Gateway, req: ChatRequest, route: Route, rid: str, prompt:
             yield _sse(c)
         yield "data: [DONE]\n\n"
         if session and not blocked:
-            await gw.store.append(session, [m for m in messages if m["role"] != "system"]
-                                  + [{"role": "assistant", "content": text}])
+            await _keep(gw, session, req.user, messages, text)
         latency = time.perf_counter() - t0
         _observe(gw, label, 200, latency, ttft or latency, {**final, "finish_reason": finish}, record, messages, text)
         _mirror(gw, route, session or rid, prompt, max_tokens, req, record, latency, final, text)
