@@ -409,6 +409,35 @@ def serve_status(profile: ProfileOpt = None, set_: SetOpt = None) -> None:
     _serve_run(lambda: server.status(s))
 
 
+@app.command("memory-worker")
+def memory_worker(profile: ProfileOpt = None, set_: SetOpt = None) -> None:
+    """Embed the exchanges queued for long-term session memory and store them, until stopped (production:
+    serve.memory.queue a redis:// stream, serve.memory.index a postgresql:// table, worker_in_gateway false)."""
+    import asyncio
+    import logging
+
+    from tasks.serve.memory import SessionMemory
+
+    s = _settings(profile, set_)
+    if not s.serve.memory.queue:
+        typer.echo("error: serve.memory.queue is empty: the in-process queue lives in the gateway, which embeds "
+                   "itself; set serve.memory.queue=redis://... for worker processes", err=True)
+        raise typer.Exit(2)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def work() -> None:
+        memory = SessionMemory(s.serve.memory, s.ingest.pii_kinds, run_worker=False)
+        try:
+            await memory.run()
+        finally:
+            await memory.close()
+
+    try:
+        asyncio.run(work())
+    except KeyboardInterrupt:
+        pass
+
+
 @app.command()
 def drift(
     hours: Annotated[float | None, typer.Option(help="window of request logs (default monitor.window_hours)")] = None,
