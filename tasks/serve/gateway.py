@@ -706,6 +706,7 @@ def create_app(settings: Settings, triton_grpc: str | None = None, triton_http: 
                 gw.memory.m_recalled.labels("hit" if n_mem else "miss").inc()
                 record["memory_ms"] = round((time.perf_counter() - t_mem) * 1e3, 3)
                 record["memories"] = [{"id": m.id, "score": round(sc, 4)} for m, sc in recalled[:n_mem]]
+                record["memories_recalled"] = len(recalled)  # above min_similarity; `memories` is what fitted
             try:
                 prompt = fit_turns(tok, history, asked, block - max_tokens)
             except PromptTooLong as e:

@@ -81,9 +81,10 @@ def _clip(text: str, limit: int) -> str:
 
 def condense(user: str, reply: str, max_chars: int) -> str:
     """The memory of an exchange: the user's words (what later questions are about) get two thirds
-    of the room, the reply the rest."""
+    of the room, the reply the rest; labelled with the chat template's role names, which every
+    tokenizer trained on our shards holds as single tokens."""
     u = _clip(user, max_chars * 2 // 3)
-    return f"User: {u} | Assistant: {_clip(reply, max(16, max_chars - len(u) - 22))}"
+    return f"user: {u} | assistant: {_clip(reply, max(16, max_chars - len(u) - 22))}"
 
 
 @dataclass

@@ -42,9 +42,9 @@ def run(coro):
 def test_condense_keeps_whole_sentences_and_the_users_words_first():
     user = "My dog is called Biscuit. He is three years old. " + "He likes the beach very much. " * 20
     out = condense(user, "What a lovely dog! Tell me more. " * 10, 240)
-    assert len(out) <= 240 + 5 and out.startswith("User: My dog is called Biscuit. He is three years old.")
-    assert "| Assistant: What a lovely dog!" in out
-    assert condense("hi", "hello", 240) == "User: hi | Assistant: hello"
+    assert len(out) <= 240 + 5 and out.startswith("user: My dog is called Biscuit. He is three years old.")
+    assert "| assistant: What a lovely dog!" in out
+    assert condense("hi", "hello", 240) == "user: hi | assistant: hello"
     # one enormous word is cut, not dropped
     assert len(condense("a" * 1000, "b", 240)) < 300
     history = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "r"}]
@@ -112,7 +112,7 @@ def test_local_index_search_is_scoped_and_excludes_what_the_prompt_already_has()
 def test_memories_fit_whole_within_their_share_of_the_budget():
     tok = _tokenizer()
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
-    memories = [f"User: question {i} about help | Assistant: answer {i}" for i in range(6)]
+    memories = [f"user: question {i} about help | assistant: answer {i}" for i in range(6)]
     base = len(encode_chat(tok, messages, add_generation_prompt=True))
     out, n = with_memories(tok, memories, messages, 10_000, 1.0)
     assert n == 6 and out[0] == messages[0] and out[1]["content"].startswith(MEMORY_HEADER) and out[2:] == messages[1:]
