@@ -71,7 +71,7 @@ def fit_turns(tokenizer, history: Sequence[dict[str, Any]], messages: Sequence[d
     return head + chosen + tail
 
 
-MEMORY_HEADER = "Relevant earlier conversation:"
+MEMORY_HEADER = "Earlier:"  # short: on a small model's window every token of the prompt counts
 
 
 def memory_message(memories: Sequence[str]) -> dict[str, str]:
