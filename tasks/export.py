@@ -5,7 +5,8 @@
 writes, atomically, for the registered model `chat-gpt` version N:
 
     models/triton/chat-gpt/config.pbtxt          Python backend, dynamic batching (configs/serve.yaml)
-    models/triton/chat-gpt/N/                    model.py + gpt.py + chat_template.py (the training code),
+    models/triton/chat-gpt/N/                    model.py + gpt.py + chat_template.py (the training code)
+                                                 + prefix_cache.py,
                                                  model.safetensors, config.json, tokenizer.json,
                                                  _lineage.json, export.json
     models/triton/chat-gpt-stream/config.pbtxt   the same model, decoupled: one response per token
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 STREAM_SUFFIX = "-stream"
 ALIASES_FILE = "aliases.json"
 CODE = {"model.py": "tasks/serve/triton_model.py", "gpt.py": "tasks/model.py",
-        "chat_template.py": "tasks/chat_template.py"}
+        "chat_template.py": "tasks/chat_template.py", "prefix_cache.py": "tasks/prefix_cache.py"}
 ARTIFACTS = ("model.safetensors", "config.json", "tokenizer.json", "_lineage.json")
 
 
@@ -70,7 +71,7 @@ def config_pbtxt(settings: Settings, name: str, decoupled: bool) -> str:
               ("seed", "TYPE_INT64", (1,), True)]
     outputs = [("text", "TYPE_STRING", (1,)), ("token_ids", "TYPE_INT64", (-1,)), ("prompt_tokens", "TYPE_INT32", (1,)),
                ("completion_tokens", "TYPE_INT32", (1,)), ("finish_reason", "TYPE_STRING", (1,)),
-               ("batch_size", "TYPE_INT32", (1,))]
+               ("batch_size", "TYPE_INT32", (1,)), ("cached_tokens", "TYPE_INT32", (1,))]
     lines = [f'name: "{name}"', 'backend: "python"', f"max_batch_size: {t.max_batch_size}",
              "version_policy: { all { } }", "input ["]
     lines.append(",\n".join(f'  {{ name: "{n}" data_type: {ty} dims: {_dims(d)}{" optional: true" if opt else ""} }}'
@@ -85,7 +86,8 @@ def config_pbtxt(settings: Settings, name: str, decoupled: bool) -> str:
     lines.append(f"instance_group [ {{ count: {t.instances} kind: {kind} }} ]")
     if decoupled:
         lines.append("model_transaction_policy { decoupled: true }")
-    for key, value in (("dtype", t.dtype), ("threads_per_instance", str(t.threads_per_instance)), ("device", t.device)):
+    for key, value in (("dtype", t.dtype), ("threads_per_instance", str(t.threads_per_instance)), ("device", t.device),
+                       ("prefix_cache_mb", str(t.prefix_cache_mb)), ("prefix_cache_min_tokens", str(t.prefix_cache_min_tokens))):
         lines.append(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
     return "\n".join(lines) + "\n"
 

@@ -83,6 +83,13 @@ class KVCache:
     def length(self) -> int:
         return 0 if self.k[0] is None else self.k[0].shape[2]
 
+    def head(self, n: int) -> KVCache:
+        """The first n positions, in tensors of their own (contiguous: views would keep all of these alive)."""
+        out = KVCache(len(self.k))
+        out.k = [t[:, :, :n].clone(memory_format=torch.contiguous_format) for t in self.k]
+        out.v = [t[:, :, :n].clone(memory_format=torch.contiguous_format) for t in self.v]
+        return out
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
@@ -157,9 +164,11 @@ class GPT(nn.Module):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
-                pad: torch.Tensor | None = None):
+                pad: torch.Tensor | None = None, pad_at: int = 0):
         """`pad` (B,): left-padding per row of a batch of prompts of different lengths. Row b's
-        first pad[b] positions are ignored as keys and its positions start after them."""
+        pad[b] positions from `pad_at` on are ignored as keys and its positions after them continue
+        from pad_at. pad_at 0: the pads lead the row; pad_at P: they follow a shared prefix of P
+        tokens already in the cache ([prefix][pad][suffix], see `generate_stream`)."""
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.block_size:
@@ -171,13 +180,19 @@ class GPT(nn.Module):
             if self.wpe is None:
                 rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
         else:
-            positions = (torch.arange(start, start + T, device=idx.device)[None, :] - pad[:, None]).clamp(min=0)
+            at = torch.arange(start, start + T, device=idx.device)[None, :]  # (1, T) absolute index
+            positions = (at - pad[:, None]).clamp(min=pad_at)  # (B, T); a pad's own position is pad_at
+            if pad_at:
+                positions = torch.where(at < pad_at, at, positions)  # the shared prefix keeps its own
             if self.wpe is None:
                 rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))  # (B,1,T,hd/2)
             q_at = torch.arange(start, start + T, device=idx.device)[:, None]  # (T, 1) absolute query index
             k_at = torch.arange(start + T, device=idx.device)[None, :]  # (1, K)
             causal = k_at <= q_at
-            mask = (causal[None] & (k_at[None] >= pad[:, None, None])) | (k_at == q_at)[None]  # a pad query sees itself
+            real = k_at[None] >= (pad_at + pad)[:, None, None]  # (B, 1, K): past this row's pads ...
+            if pad_at:
+                real = real | (k_at < pad_at)[None]  # ... or in the prefix before them
+            mask = (causal[None] & real) | (k_at == q_at)[None]  # a pad query sees itself
             mask = mask.unsqueeze(1)  # (B, 1, T, K)
         if self.wpe is not None:
             x = x + self.wpe(positions)
@@ -240,18 +255,40 @@ def generate_batch(model: GPT, prompts: torch.Tensor, max_new_tokens: int) -> to
 
 
 @torch.no_grad()
+def prefill(model: GPT, ids: Sequence[int]) -> KVCache:
+    """The K/V of one token sequence (a B=1 forward), to start later batches from (`generate_stream`'s
+    `prefix`). Each tensor is its own contiguous copy: (1, nh, len(ids), hd)."""
+    was_training = model.training
+    model.eval()
+    cache = KVCache(model.cfg.n_layer)
+    model(torch.tensor([list(ids)], dtype=torch.long, device=model.wte.weight.device), cache=cache)
+    model.train(was_training)
+    return cache.head(len(ids))  # a learned-positions k is a view into the whole qkv projection
+
+
+@torch.no_grad()
 def generate_stream(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
                     temperature: Sequence[float], top_p: Sequence[float | None] = (), top_k: Sequence[int | None] = (),
-                    stop_tokens: Sequence[int] = (), generators: Sequence[torch.Generator | None] = ()):
+                    stop_tokens: Sequence[int] = (), generators: Sequence[torch.Generator | None] = (),
+                    prefix: KVCache | None = None):
     """Continue B prompts of different lengths together (left-padded, one KV cache), each with its
     own length limit and sampling settings. Yields, after every step, a list of B entries: the new
     token id of each row, or None once that row has finished (stop token or its limit).
-    This is what the model server runs on a dynamic batch; a batch of one is exactly `generate()`."""
+    This is what the model server runs on a dynamic batch; a batch of one is exactly `generate()`.
+
+    `prefix` (from `prefill`, batch 1): the K/V of the first prefix.length tokens, which every prompt
+    starts with (a cached system prompt). Only the rest is computed, and the rows are laid out
+    [prefix][pad][suffix]; the prefix's tensors are read, never written. The logits equal the full
+    prefill's up to float rounding (the same keys, summed in another order)."""
     B = len(prompts)
     if B == 0 or any(len(p) == 0 for p in prompts):
         raise ValueError("generate_stream() needs non-empty prompts")
+    start = prefix.length if prefix is not None else 0
+    if any(len(p) <= start for p in prompts):
+        raise ValueError("generate_stream() needs every prompt to go on past its cached prefix")
+    room = model.cfg.block_size - max(len(p) for p in prompts)
+    prompts = [list(p)[start:] for p in prompts]
     longest = max(len(p) for p in prompts)
-    room = model.cfg.block_size - longest
     limits = [max(0, min(int(n), room)) for n in max_new_tokens]
     top_p = list(top_p) or [None] * B
     top_k = list(top_k) or [None] * B
@@ -263,12 +300,15 @@ def generate_stream(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens
     ids = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
     pad_arg = pad if bool(pad.any()) else None  # equal lengths: the plain causal path, bit for bit generate()'s
     cache = KVCache(model.cfg.n_layer)
+    if prefix is not None:  # (1, nh, P, hd) -> (B, nh, P, hd) views; the first step's torch.cat copies them
+        cache.k = [k.expand(B, -1, -1, -1) for k in prefix.k]
+        cache.v = [v.expand(B, -1, -1, -1) for v in prefix.v]
     done = [n == 0 for n in limits]
     counts = [0] * B
     step_in = ids
     try:
         while not all(done):
-            logits, _ = model(step_in, cache=cache, pad=pad_arg)
+            logits, _ = model(step_in, cache=cache, pad=pad_arg, pad_at=start)
             last = logits[:, -1, :]
             picked = last.argmax(dim=-1)  # greedy rows in one op; sampled rows below
             for b in range(B):

@@ -1,18 +1,23 @@
 """Triton Python-backend model for the chat GPT; `llmops export` copies it into each version as model.py.
 
 A version directory is self-contained: this file, `gpt.py` and `chat_template.py` (the very
-modules training used, copied at export), `model.safetensors`, `config.json`, `tokenizer.json`
-and `_lineage.json`. Nothing is unpickled.
+modules training used, copied at export), `prefix_cache.py`, `model.safetensors`, `config.json`,
+`tokenizer.json` and `_lineage.json`. Nothing is unpickled.
 
 Requests arrive in dynamic batches; `execute` runs them together with the KV-cache decoder
 (`gpt.generate_stream`: left-padded, each request with its own limits and sampling). In the
 decoupled (streaming) model the same loop sends one response per new token to each request's
 sender, then a final one with the finish reason and token counts.
 
+Leading system messages are tokenized once per content hash, and a batch whose rows share them
+(serve.triton.prefix_cache_min_tokens or more) starts its prefill from their cached K/V (up to
+serve.triton.prefix_cache_mb per instance; 0: off). See tasks/prefix_cache.py.
+
 Inputs (per request):  messages STRING (JSON list of {role, content}), max_tokens INT32,
                        temperature FP32, top_p FP32, seed INT64 (all but messages optional)
 Outputs:               text STRING, token_ids INT64[-1], prompt_tokens INT32, completion_tokens INT32,
-                       finish_reason STRING, batch_size INT32
+                       finish_reason STRING, batch_size INT32,
+                       cached_tokens INT32 (prompt tokens whose K/V came from the prefix cache)
 """
 
 import json
@@ -39,11 +44,12 @@ class TritonPythonModel:
     def initialize(self, args):
         import chat_template
         import gpt
+        import prefix_cache
         import torch
         from safetensors.torch import load_file
         from tokenizers import Tokenizer
 
-        self.torch, self.gpt, self.chat_template = torch, gpt, chat_template
+        self.torch, self.gpt = torch, gpt
         self.model_config = json.loads(args["model_config"])
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(self.model_config)
         params = {k: v["string_value"] for k, v in self.model_config.get("parameters", {}).items()}
@@ -68,6 +74,10 @@ class TritonPythonModel:
         self.stop = tuple(i for i in (self.tok.token_to_id(chat_template.EOS), self.tok.token_to_id(chat_template.EOT))
                           if i is not None)
         self.block = self.model.cfg.block_size
+        # absent parameters (a hand-written config.pbtxt): no K/V cache; the tokenized prefixes always
+        self.prompts = prefix_cache.PromptEncoder(self.tok, chat_template.render_chat)
+        self.prefix_kv = prefix_cache.PrefixKV(int(float(params.get("prefix_cache_mb", "0")) * 2**20),
+                                               int(params.get("prefix_cache_min_tokens", "16")))
         # a rollout drill: drill.json in a version directory makes that version slower on purpose, to
         # rehearse an automatic roll-back (`llmops rollout drill`); absent in normal exports
         drill = os.path.join(HERE, "drill.json")
@@ -83,9 +93,10 @@ class TritonPythonModel:
         max_tokens = int(_scalar(request, "max_tokens", 64))
         if max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
-        ids = self.chat_template.encode_chat(self.tok, messages, add_generation_prompt=True)
+        ids, cuts = self.prompts.encode(messages)  # == chat_template.encode_chat(..., add_generation_prompt=True)
         keep = max(1, self.block - max_tokens)
-        ids = ids[-keep:]  # the gateway already fitted whole turns; this only guards the model's window
+        if len(ids) > keep:  # the gateway already fitted whole turns; this only guards the model's window
+            ids, cuts = ids[-keep:], []  # (and the system messages no longer lead)
         seed = int(_scalar(request, "seed", -1))
         gen = None
         temperature = float(_scalar(request, "temperature", 0.0))
@@ -93,7 +104,7 @@ class TritonPythonModel:
             gen = self.torch.Generator(device=self.device)
             gen.manual_seed(seed if seed >= 0 else int.from_bytes(os.urandom(7), "little"))
         top_p = float(_scalar(request, "top_p", 1.0))
-        return {"ids": ids, "max_tokens": max_tokens, "temperature": temperature,
+        return {"ids": ids, "cuts": cuts, "max_tokens": max_tokens, "temperature": temperature,
                 "top_p": top_p if top_p < 1.0 else None, "generator": gen}
 
     def execute(self, requests):
@@ -118,10 +129,14 @@ class TritonPythonModel:
         texts = [""] * n
         finish = ["length"] * n
         senders = [requests[i].get_response_sender() for i, _ in parsed] if self.decoupled else None
+        prefix, cached = self.prefix_kv.for_batch([p["ids"] for _, p in parsed], [p["cuts"] for _, p in parsed],
+                                                  lambda ids: self.gpt.prefill(self.model, ids))
+        for (_, p), c in zip(parsed, cached, strict=True):
+            p["cached_tokens"] = c
         steps = self.gpt.generate_stream(
             self.model, [p["ids"] for _, p in parsed], [p["max_tokens"] for _, p in parsed],
             [p["temperature"] for _, p in parsed], top_p=[p["top_p"] for _, p in parsed],
-            stop_tokens=self.stop, generators=[p["generator"] for _, p in parsed])
+            stop_tokens=self.stop, generators=[p["generator"] for _, p in parsed], prefix=prefix)
         finished = [False] * n
         room = self.block - max(len(p["ids"]) for _, p in parsed)
         limits = [max(0, min(p["max_tokens"], room)) for _, p in parsed]
@@ -161,7 +176,8 @@ class TritonPythonModel:
             pb_utils.Tensor("prompt_tokens", np.array([[len(p["ids"])]], dtype=np.int32)),
             pb_utils.Tensor("completion_tokens", np.array([[len(out)]], dtype=np.int32)),
             pb_utils.Tensor("finish_reason", np.array([[finish.encode()]], dtype=np.object_)),
-            pb_utils.Tensor("batch_size", np.array([[batch]], dtype=np.int32))])
+            pb_utils.Tensor("batch_size", np.array([[batch]], dtype=np.int32)),
+            pb_utils.Tensor("cached_tokens", np.array([[p["cached_tokens"]]], dtype=np.int32))])
 
     def _final(self, sender, p, out, finish, batch):
         sender.send(self._response(p, out, finish, batch, ""), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)

@@ -2,7 +2,7 @@
 the gateway in front of it as its own process: tritonclient HTTP / gRPC / streaming, tokenization
 and generation parity with the training code, dynamic batching, two versions at once, the
 official `openai` client (streaming and not), every kind of bad request, overload, sessions,
-the safety filter, request logs and metrics; and the small/large tiers (serve.routing): each kind
+long-term session memory, request coalescing, the safety filter, request logs and metrics; and the small/large tiers (serve.routing): each kind
 of request to its tier, with the decision in headers, request log and metrics, and a canary per tier."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tasks.chat_template import EOS, EOT, encode_chat
+from tasks.chat_template import EOS, EOT, encode_chat, render_chat
 from tasks.evaluate import load_chat_model
 from tasks.export import export, export_dir, served_versions
 from tasks.ingest import ingest
@@ -100,7 +100,9 @@ def _gateway(s, *extra: str) -> tuple[subprocess.Popen, str]:
 @pytest.fixture(scope="module")
 def gateway(server):
     s, _ = server
-    proc, base = _gateway(s, "serve.gateway.max_inflight=2", "serve.gateway.max_queue=3")
+    # this model's window is 64 tokens: memories may take most of a prompt's budget, condensed short
+    proc, base = _gateway(s, "serve.gateway.max_inflight=2", "serve.gateway.max_queue=3",
+                          "serve.memory.max_prompt_share=0.9", "serve.memory.summary_max_chars=120")
     yield base
     triton.stop_group(proc.pid)
 
@@ -154,9 +156,30 @@ def test_tritonclient_http_grpc_and_stream_match_the_training_code(root, server)
     assert tokens == expected and len(got) == len(expected) + 1  # one response per token, then the final one
     assert "".join(x.as_numpy("text").reshape(-1)[0].decode() for x in got[:-1]) == tok.decode(expected, skip_special_tokens=True)
     assert int(got[-1].as_numpy("completion_tokens").reshape(-1)[0]) == len(expected)
+    assert int(got[-1].as_numpy("cached_tokens").reshape(-1)[0]) == 0  # no system prompt, nothing to reuse
 
     metrics = httpx.get(tp.metrics_url).text
     assert 'nv_inference_request_success{model="chat-gpt",version="1"}' in metrics
+
+
+def test_a_repeated_system_prompt_is_prefilled_from_the_prefix_cache(root, server):
+    import tritonclient.http as httpclient
+
+    s, tp = server
+    system = {"role": "system", "content": "You are the support assistant of our shop. Be brief."}  # 30 tokens
+    messages = [system, {"role": "user", "content": "Hi"}]
+    expected, n_prompt, tok = _expected(root, messages, max_tokens=4)
+    n_system = len(tok.encode(render_chat([system], end_of_text=False), add_special_tokens=False).ids)
+    assert s.serve.triton.prefix_cache_min_tokens <= n_system < n_prompt <= 60
+    c = tp.http()
+    cached = []
+    for _ in range(6):  # two instances, each with its own cache: the second request to either one hits
+        r = c.infer(MODEL, _infer_inputs(httpclient, messages, max_tokens=4), model_version="1")
+        assert r.as_numpy("token_ids").reshape(-1).tolist() == expected
+        cached.append(int(r.as_numpy("cached_tokens").reshape(-1)[0]))
+        if cached[-1]:
+            break
+    assert cached[0] == 0 and cached[-1] == n_system, cached
 
 
 def test_dynamic_batching_runs_concurrent_requests_together_with_the_same_answers(root, server):
@@ -285,9 +308,9 @@ def test_bad_requests_get_openai_style_4xx(gateway, body, status, code):
 
 
 def test_overload_gives_429_with_retry_after_and_never_5xx(gateway):
-    body = {"model": "chat-gpt:1", "messages": HELLO, "max_tokens": 24, "temperature": 0}
-
-    def one(_):
+    def one(i):  # each request its own prompt: identical ones would share one inference (coalescing)
+        body = {"model": "chat-gpt:1", "messages": [{"role": "user", "content": f"Hello {i}, I cannot log in."}],
+                "max_tokens": 24, "temperature": 0}
         r = httpx.post(f"{gateway}/v1/chat/completions", json=body, timeout=120)
         return r.status_code, r.headers.get("retry-after")
 
@@ -384,6 +407,87 @@ def test_sessions_in_redis_survive_a_gateway_restart(server):
     finally:
         triton.stop_group(proc.pid)
         redis.Redis.from_url("redis://127.0.0.1:6379/14").delete(f"llmops:session:{sid}")
+
+
+# ---------------------------------------------------------------- long-term memory and coalescing
+
+
+def _metric(base: str, line_start: str) -> float:
+    for line in httpx.get(f"{base}/metrics").text.splitlines():
+        if line.startswith(line_start):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_a_memory_from_an_early_turn_is_recalled_many_turns_later_only_when_relevant(server, gateway):
+    """Turn 1 says something; 17 unrelated exchanges push it out of the 32 short-term turns; then a
+    question about it recalls it into the prompt, and an unrelated question recalls nothing."""
+    s, _ = server
+    sid = f"mem-{os.getpid()}"
+    h = {"X-Session-Id": sid}
+    stored = _metric(gateway, 'gateway_memory_jobs_total{outcome="stored"}')
+    first = _chat(gateway, {"model": "chat-gpt:1", "max_tokens": 4, "messages": [
+        {"role": "user", "content": "My dog is Rex."}]}, h)
+    assert first.status_code == 200
+    filler = ["Where is my parcel?", "How do I reset my password?", "What is your refund policy?",
+              "The invoice shows the wrong address.", "Is there a student discount?", "Can I change my order?"]
+    for i in range(17):
+        r = _chat(gateway, {"model": "chat-gpt:1", "max_tokens": 4, "messages": [
+            {"role": "user", "content": filler[i % len(filler)]}]}, h)
+        assert r.status_code == 200
+    deadline = time.monotonic() + 60  # the worker embeds behind the requests
+    while _metric(gateway, 'gateway_memory_jobs_total{outcome="stored"}') < stored + 18:
+        assert time.monotonic() < deadline, httpx.get(f"{gateway}/healthz").json()
+        time.sleep(0.2)
+    from tasks.serve.memory import exchange_hash
+
+    turn1 = exchange_hash("My dog is Rex.", first.json()["choices"][0]["message"]["content"])
+    # (the question and the memory's system message take most of what this 64-token window leaves)
+    asked = _chat(gateway, {"model": "chat-gpt:1", "max_tokens": 2, "messages": [
+        {"role": "user", "content": "My dog's name?"}]}, h)
+    rec = _log_line(s, asked.headers["x-request-id"])
+    assert [m["id"] for m in rec["memories"]] == [turn1], rec
+    assert rec["memories"][0]["score"] >= s.serve.memory.min_similarity and rec["memory_ms"] > 0
+    other = _chat(gateway, {"model": "chat-gpt:1", "max_tokens": 2, "messages": [
+        {"role": "user", "content": "Tell me about the history of Roman aqueducts."}]}, h)
+    rec = _log_line(s, other.headers["x-request-id"])
+    assert rec["memories"] == [] and rec["memories_recalled"] == 0, rec
+    assert _metric(gateway, "gateway_memory_sessions ") >= 1 and _metric(gateway, 'gateway_memory_bytes{stat="total"}') > 0
+    gone = httpx.delete(f"{gateway}/v1/sessions/{sid}").json()
+    assert gone["turns"] and gone["memories"] >= 1 + len(filler), gone  # a repeated exchange is one memory
+    again = _chat(gateway, {"model": "chat-gpt:1", "max_tokens": 2, "messages": [
+        {"role": "user", "content": "My dog's name?"}]}, h)
+    assert _log_line(s, again.headers["x-request-id"])["memories"] == []
+
+
+def test_identical_concurrent_requests_are_served_by_one_inference(server, gateway):
+    import asyncio
+
+    _, tp = server
+
+    def inferences() -> int:
+        stats = tp.http().get_inference_statistics(MODEL, "1")["model_stats"]
+        return int(stats[0]["inference_count"])
+
+    body = {"model": "chat-gpt:1", "max_tokens": 24, "temperature": 0,
+            "messages": [{"role": "user", "content": f"Is there a student discount? ({os.getpid()})"}]}
+
+    async def burst(n: int) -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as http:
+            return await asyncio.gather(*[http.post(f"{gateway}/v1/chat/completions", json=body) for _ in range(n)])
+
+    before, coalesced = inferences(), _metric(gateway, "gateway_coalesced_requests_total")
+    rs = asyncio.run(burst(6))
+    assert [r.status_code for r in rs] == [200] * 6
+    assert len({r.json()["choices"][0]["message"]["content"] for r in rs}) == 1
+    assert inferences() - before == 1  # Triton ran it once
+    assert _metric(gateway, "gateway_coalesced_requests_total") - coalesced == 5
+    assert sum(r.headers.get("x-coalesced") == "true" for r in rs) == 5
+    # sampling without a seed is not deterministic: each such request is its own inference
+    before = inferences()
+    body["temperature"] = 0.8
+    rs = asyncio.run(burst(3))
+    assert [r.status_code for r in rs] == [200] * 3 and inferences() - before == 3
 
 
 # ---------------------------------------------------------------- small/large tiers (serve.routing)
