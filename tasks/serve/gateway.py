@@ -406,10 +406,7 @@ class Gateway:
             if self._unavailable(e):
                 raise TritonUnavailable(str(e)) from None
             raise
-        return {"text": res.as_numpy("text").reshape(-1)[0].decode(), "prompt_tokens": int(res.as_numpy("prompt_tokens").reshape(-1)[0]),
-                "completion_tokens": int(res.as_numpy("completion_tokens").reshape(-1)[0]),
-                "finish_reason": res.as_numpy("finish_reason").reshape(-1)[0].decode(),
-                "batch_size": int(res.as_numpy("batch_size").reshape(-1)[0])}
+        return {"text": res.as_numpy("text").reshape(-1)[0].decode(), **_counts(res)}
 
     async def infer_stream(self, route: Route, messages: list[dict], max_tokens: int, req: ChatRequest, rid: str):
         """Yields ("delta", text) per token, then ("final", {...counts, finish_reason})."""
@@ -425,12 +422,8 @@ class Gateway:
             async for result, error in self.client().stream_infer(requests(), stream_timeout=self.cfg.request_timeout_s):
                 if error is not None:
                     raise error
-                final = result.as_numpy("finish_reason")
-                if final is not None:
-                    yield "final", {"prompt_tokens": int(result.as_numpy("prompt_tokens").reshape(-1)[0]),
-                                    "completion_tokens": int(result.as_numpy("completion_tokens").reshape(-1)[0]),
-                                    "finish_reason": final.reshape(-1)[0].decode(),
-                                    "batch_size": int(result.as_numpy("batch_size").reshape(-1)[0])}
+                if result.as_numpy("finish_reason") is not None:
+                    yield "final", _counts(result)
                     return
                 yield "delta", result.as_numpy("text").reshape(-1)[0].decode()
         except InferenceServerException as e:
@@ -523,6 +516,25 @@ class Gateway:
         await self.store.close()
         self.log.close()
         self.shadow_log.close()
+
+
+def _counts(res) -> dict[str, Any]:
+    """Token counts, finish reason and batch size of a final Triton response; `cached_tokens` (the
+    prompt tokens whose K/V came from the model's prefix cache) is absent from older exports: 0."""
+    def one(name: str):
+        x = res.as_numpy(name)
+        return None if x is None else x.reshape(-1)[0]
+
+    return {"prompt_tokens": int(one("prompt_tokens")), "completion_tokens": int(one("completion_tokens")),
+            "finish_reason": one("finish_reason").decode(), "batch_size": int(one("batch_size")),
+            "cached_tokens": int(one("cached_tokens") or 0)}
+
+
+def _usage(out: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's usage object, with prompt_tokens_details.cached_tokens as OpenAI reports prompt caching."""
+    return {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
+            "total_tokens": out["prompt_tokens"] + out["completion_tokens"],
+            "prompt_tokens_details": {"cached_tokens": out.get("cached_tokens", 0)}}
 
 
 def api_keys(settings: Settings) -> tuple[str, ...]:
@@ -750,8 +762,7 @@ def create_app(settings: Settings, triton_grpc: str | None = None, triton_http: 
                 "system_fingerprint": f"{route.triton_model}:{route.version}",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "finish_reason": out["finish_reason"], "logprobs": None}],
-                "usage": {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
-                          "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}},
+                "usage": _usage(out)},
                 headers={**gw.headers, **tier_headers, **extra, "X-Model-Version": str(route.version),
                          "X-Request-Id": rid})
         except ApiError as e:
@@ -823,12 +834,15 @@ def _observe(gw: Gateway, model_label: str, status: int, latency: float, ttft: f
     m.ttft.labels(model_label).observe(ttft)
     m.tokens.labels(model_label, "prompt").inc(out["prompt_tokens"])
     m.tokens.labels(model_label, "completion").inc(out["completion_tokens"])
+    if out.get("cached_tokens"):
+        m.tokens.labels(model_label, "prompt_cached").inc(out["cached_tokens"])
     if out.get("batch_size"):
         m.batch.observe(out["batch_size"])
     m.completed(out["completion_tokens"])
     last_user = next((x["content"] for x in reversed(messages) if x["role"] == "user"), "")
     gw.log.write({**record, "status": status, "latency_ms": round(latency * 1e3, 3), "ttft_ms": round(ttft * 1e3, 3),
                   "prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
+                  "cached_tokens": out.get("cached_tokens", 0),
                   "finish_reason": out["finish_reason"], "batch_size": out.get("batch_size"),
                   "prompt": gw.log.scrub(last_user), "response": gw.log.scrub(text)})
 
@@ -910,8 +924,7 @@ async def _stream(gw: Gateway, req: ChatRequest, route: Route, rid: str, prompt:
             gw.metrics.safety.labels("output", verdict.rule).inc()
         final = final or {"prompt_tokens": 0, "completion_tokens": len(parts), "finish_reason": "stop"}
         finish = "content_filter" if blocked else final["finish_reason"]
-        usage = {"prompt_tokens": final["prompt_tokens"], "completion_tokens": final["completion_tokens"],
-                 "total_tokens": final["prompt_tokens"] + final["completion_tokens"]}
+        usage = _usage(final)
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         yield _sse(_chunk(rid, route, {}, finish))
         if include_usage:

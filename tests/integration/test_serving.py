@@ -162,7 +162,7 @@ def test_tritonclient_http_grpc_and_stream_match_the_training_code(root, server)
     assert 'nv_inference_request_success{model="chat-gpt",version="1"}' in metrics
 
 
-def test_a_repeated_system_prompt_is_prefilled_from_the_prefix_cache(root, server):
+def test_a_repeated_system_prompt_is_prefilled_from_the_prefix_cache(root, server, gateway):
     import tritonclient.http as httpclient
 
     s, tp = server
@@ -180,6 +180,14 @@ def test_a_repeated_system_prompt_is_prefilled_from_the_prefix_cache(root, serve
         if cached[-1]:
             break
     assert cached[0] == 0 and cached[-1] == n_system, cached
+    # through the gateway: OpenAI's usage.prompt_tokens_details.cached_tokens, and the request log
+    for _ in range(6):
+        r = _chat(gateway, {"model": "chat-gpt:1", "max_tokens": 4, "messages": messages})
+        usage = r.json()["usage"]
+        if usage["prompt_tokens_details"]["cached_tokens"]:
+            break
+    assert usage["prompt_tokens_details"]["cached_tokens"] == n_system, usage
+    assert _log_line(s, r.headers["x-request-id"])["cached_tokens"] == n_system
 
 
 def test_dynamic_batching_runs_concurrent_requests_together_with_the_same_answers(root, server):
