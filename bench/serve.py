@@ -1,6 +1,6 @@
 """Serving benchmark: prints one JSON line of figures, all measured in this one run.
 
-    python bench/serve.py [--profile tiny] [--max-tokens 32] [--device cpu|gpu]
+    python bench/serve.py [--profile tiny] [--max-tokens 32] [--device cpu|gpu] [--tune]
 
 Builds a tokenizer from synthetic data (the real pipeline: synth -> ingest -> snapshot -> shard),
 gives the profile's GPT shape random weights (serving cost does not depend on the values, and with
@@ -13,6 +13,8 @@ gateway, then measures from a client in this process:
 - gateway overhead: p50 latency through the gateway vs tritonclient direct at concurrency 1
   (4 interleaved rounds each, medians)
 - cost per 1M completion tokens at the best measured throughput and serve.gateway.cost_per_hour_usd
+- with --tune: `llmops tune-serving`'s grid on chat-gpt; the chosen setting against the default
+  (serve.triton's), throughput ratio and p99 of both, and the best throughput at the default's p99 or better
 The client shares the machine with the servers; on 2 cores that costs the server some CPU.
 """
 
@@ -35,16 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tasks.config import PROJECT_DIR, load_settings  # noqa: E402
 from tasks.export import export_dir  # noqa: E402
+from tasks.loadgen import PROMPTS, direct  # noqa: E402
+from tasks.loadgen import pct as _pct  # noqa: E402
 from tasks.serve import triton  # noqa: E402
 from tasks.serve.server import wait_gateway  # noqa: E402
-
-PROMPTS = ["Hi, my order has not arrived yet.", "How do I reset my password?", "Can you help me with the app crashing?",
-           "What is your refund policy?", "The invoice shows the wrong address.", "Is there a student discount?",
-           "My package arrived damaged, what now?", "How long does shipping take to Canada?"]
-
-
-def _pct(xs: list[float], q: float) -> float:
-    return float(np.percentile(np.array(xs), q)) if xs else float("nan")
 
 
 def free_port() -> int:
@@ -94,48 +90,6 @@ def build(root: Path, profile: str, overrides: list[str], tokenizer: Path | None
     return s, cfg.n_params(non_embedding=False)
 
 
-async def direct(grpc_url: str, model: str, concurrency: int, n: int, max_tokens: int) -> dict:
-    from tritonclient.grpc import InferInput
-    from tritonclient.grpc import aio as grpcaio
-
-    client = grpcaio.InferenceServerClient(grpc_url)
-
-    def inputs(i):
-        vals = [("messages", "BYTES", json.dumps([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]).encode(), np.object_),
-                ("max_tokens", "INT32", max_tokens, np.int32), ("temperature", "FP32", 0.0, np.float32),
-                ("top_p", "FP32", 1.0, np.float32), ("seed", "INT64", -1, np.int64)]
-        out = []
-        for name, dt, v, npdt in vals:
-            x = InferInput(name, [1, 1], dt)
-            x.set_data_from_numpy(np.array([[v]], dtype=npdt))
-            out.append(x)
-        return out
-
-    lat, tokens, batches = [], 0, []
-    counter = iter(range(n))
-
-    async def worker():
-        nonlocal tokens
-        for i in counter:
-            t0 = time.perf_counter()
-            r = await client.infer(model, inputs(i))
-            lat.append(time.perf_counter() - t0)
-            tokens += int(r.as_numpy("completion_tokens").reshape(-1)[0])
-            batches.append(int(r.as_numpy("batch_size").reshape(-1)[0]))
-
-    await asyncio.gather(*[worker() for _ in range(min(concurrency, 2))])  # warm-up round
-    lat.clear(), batches.clear()
-    tokens = 0
-    counter = iter(range(n))
-    t0 = time.perf_counter()
-    await asyncio.gather(*[worker() for _ in range(concurrency)])
-    wall = time.perf_counter() - t0
-    await client.close()
-    return {"req_per_s": round(n / wall, 2), "tokens_per_s": round(tokens / wall, 1),
-            "p50_ms": round(_pct(lat, 50) * 1e3, 1), "p99_ms": round(_pct(lat, 99) * 1e3, 1),
-            "mean_batch": round(float(np.mean(batches)), 2)}
-
-
 async def through_gateway(base: str, concurrency: int, n: int, max_tokens: int, stream: bool) -> dict:
     import httpx
 
@@ -180,6 +134,8 @@ def main() -> None:
     ap.add_argument("--tokenizer", type=Path, default=None, help="a tokenizer.json to use instead of building one")
     ap.add_argument("--concurrency", default="1,4,16", help="comma-separated client concurrencies")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override, e.g. serve.triton.instances=2")
+    ap.add_argument("--tune", action="store_true", help="also run the tuner (serve.tune's grid, `llmops tune-serving`) on "
+                    "chat-gpt and report its chosen setting against the default")
     a = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="llmops-bench-serve-"))
     dtype = a.dtype or ("bfloat16" if a.device == "gpu" else "float32")
@@ -221,6 +177,17 @@ def main() -> None:
         c16 = results[f"batched_c{top}"]
         best_tps = max(r["tokens_per_s"] for r in results.values())
         cost_h = s.serve.gateway.cost_per_hour_usd
+        tuned = None
+        if a.tune:  # last: it reloads chat-gpt with each setting of the grid (and its own configuration at the end)
+            from tasks.tune import compare, tune
+
+            # the load shape of the figures above (top concurrency, --max-tokens) unless --set says otherwise
+            shape = {k: v for k, v in (("concurrency", top), ("max_tokens", a.max_tokens))
+                     if not any(o.startswith(f"serve.tune.{k}=") for o in a.overrides)}
+            ts = s.model_copy(update={"serve": s.serve.model_copy(update={"tune": s.serve.tune.model_copy(update=shape)})})
+            report = tune(ts, tp.http_url, tp.grpc_url, "chat-gpt", out_dir=root / "tune")
+            tuned = {**compare(report), "points": len(report["points"]), "load": report["load"],
+                     "warnings": report["warnings"]}
         print(json.dumps({
             "bench": "serve", "device": a.device, "dtype": dtype, "cpus": os.cpu_count(), "profile": a.profile,
             "params": n_params, "max_tokens": a.max_tokens, "overrides": a.overrides,
@@ -235,6 +202,7 @@ def main() -> None:
             "gateway_overhead_p50": round(gw_c1["p50_ms"] / direct_c1["p50_ms"] - 1, 3),
             "cost_per_hour_usd": cost_h,
             "cost_per_1m_tokens_usd": round(cost_h / (best_tps * 3600) * 1e6, 4),
+            **({"tune": tuned} if tuned is not None else {}),
         }))
     finally:
         if gw is not None:

@@ -484,6 +484,55 @@ def cost(
     _run(lambda: cost_report(s, since_hours))
 
 
+@app.command("tune-serving")
+def tune_serving(
+    model: Annotated[str | None, typer.Option(help="Triton model to tune (default serve.triton.model_name)")] = None,
+    version: Annotated[int | None, typer.Option(help="version the load goes to (default: the champion, else the newest)")] = None,
+    slo_p99_ms: Annotated[float | None, typer.Option(help="p99 SLO in ms (default serve.tune.slo_p99_ms, else monitor.slo_p99_ms)")] = None,
+    requests: Annotated[int | None, typer.Option(min=1, help="measured requests per setting (default serve.tune.requests)")] = None,
+    duration: Annotated[float | None, typer.Option(min=0.1, help="instead: seconds of load per setting")] = None,
+    concurrency: Annotated[int | None, typer.Option(min=1, help="concurrent clients (default serve.gateway.max_inflight)")] = None,
+    max_tokens: Annotated[int | None, typer.Option(min=1, help="tokens per request (default serve.gateway.default_max_tokens)")] = None,
+    own_server: Annotated[bool, typer.Option(help="start a private tritonserver (free loopback ports, only this model) "
+                                             "instead of using the one `llmops serve` runs")] = False,
+    apply: Annotated[bool, typer.Option(help="write the chosen values into the repository's config.pbtxt (and the "
+                                        "-stream twin's) and reload them; the printed overrides keep them past `llmops export`")] = False,
+    profile: ProfileOpt = None, set_: SetOpt = None,
+) -> None:
+    """Measure Triton batch settings (serve.tune's grid) under load; choose the highest throughput within the p99 SLO.
+
+    Needs the tritonserver `llmops serve` runs, with the model loaded, or --own-server.
+
+    Each setting is loaded with a config override; the original configuration is loaded back at the end.
+
+    Writes reports/tune/<time>/ (tune.json, tune.png, chosen.pbtxt); exits 1 when no setting meets the SLO."""
+    from tasks import tune as mod
+    from tasks.serve.triton import TritonError
+
+    given = {"slo_p99_ms": slo_p99_ms, "concurrency": concurrency, "max_tokens": max_tokens, "requests": requests}
+    extra = [f"serve.tune.{k}={v}" for k, v in given.items() if v is not None]
+    if duration is not None:
+        extra += [f"serve.tune.duration_s={duration}", "serve.tune.requests=0"]
+    s = _settings(profile, [*(set_ or []), *extra])
+    report: dict[str, Any] = {}
+
+    def go() -> dict[str, Any]:
+        try:
+            report.update(mod.tune_serving(s, model, version, own_server, apply))
+        except TritonError as e:
+            raise mod.TuneError(str(e)) from None
+        except KeyboardInterrupt:
+            raise mod.TuneError("interrupted; the model's configuration from before was loaded back") from None
+        return mod.summary(report)
+
+    _run(go)
+    if not report["choice"]["slo_met"]:
+        typer.echo(f"error: {report['choice']['reason']} (report {report['files']['json']})", err=True)
+        raise typer.Exit(1)
+    typer.echo("to keep it: " + " ".join(f"--set {o}" for o in report["overrides"]) + " (or put them in configs/serve.yaml)",
+               err=True)
+
+
 rollout_app = typer.Typer(help="Canary analysis, promotion and roll-back of the served challenger.", no_args_is_help=True)
 app.add_typer(rollout_app, name="rollout")
 

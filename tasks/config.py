@@ -16,7 +16,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -457,6 +457,50 @@ class AutoscaleConfig(_Section):
         return self
 
 
+class TuneConfig(_Section):
+    """`llmops tune-serving` (tasks/tune.py): Triton's batch settings measured on a grid under load,
+    the highest throughput whose p99 is within the SLO chosen. Every combination of the three lists
+    is one point; serve.triton's own setting (the default) is always measured too."""
+
+    slo_p99_ms: float | None = Field(None, gt=0, description="p99 latency (ms, Triton direct) the choice must keep; "
+                                     "empty: monitor.slo_p99_ms")
+    max_batch_size: tuple[Annotated[int, Field(ge=1, le=1024)], ...] = Field((4, 8, 16), min_length=1)
+    max_queue_delay_us: tuple[Annotated[int, Field(ge=0, le=10_000_000)], ...] = Field((0, 2000, 10000), min_length=1)
+    instances: tuple[Annotated[int, Field(ge=1, le=64)], ...] = Field((1, 2), min_length=1)
+    preferred_batch_sizes: Literal["max", "keep"] = Field(
+        "max", description="a grid point's preferred batch sizes: max ([max_batch_size]: batches as large as the "
+        "queue delay allows; what Triton fills in when none are given) or keep serve.triton's (those over the "
+        "point's max_batch_size dropped)")
+    objective: Literal["tokens_per_s", "req_per_s"] = Field("tokens_per_s", description="what throughput means")
+    concurrency: int | None = Field(None, ge=1, le=4096, description="closed-loop clients; empty: serve.gateway.max_inflight")
+    requests: int = Field(256, ge=0, description="measured requests per point; 0: run for duration_s instead")
+    duration_s: float = Field(0.0, ge=0, description="seconds of load per point, when requests is 0")
+    max_tokens: int | None = Field(None, ge=1, description="tokens generated per request; empty: serve.gateway.default_max_tokens")
+    warmup_requests: int = Field(32, ge=0, description="sent after each reload, not measured")
+    request_timeout_s: float = Field(120.0, gt=0, description="a request slower than this counts as an error")
+    rounds: int = Field(1, ge=1, le=10, description="passes over the grid, round-robin; a point's figures are the "
+                        "medians of its rounds (a machine whose load changes hits every setting alike)")
+    max_points: int = Field(48, ge=1, description="a grid larger than this is refused (each point reloads the model)")
+
+    @field_validator("max_batch_size", "max_queue_delay_us", "instances")
+    @classmethod
+    def _distinct(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"{list(v)}: each value once")
+        return v
+
+    @model_validator(mode="after")
+    def _load_and_size(self) -> TuneConfig:
+        if (self.requests > 0) == (self.duration_s > 0):
+            raise ValueError(f"set requests > 0 or duration_s > 0, not both (requests={self.requests}, "
+                             f"duration_s={self.duration_s})")
+        n = len(self.max_batch_size) * len(self.max_queue_delay_us) * len(self.instances)
+        if n > self.max_points:
+            raise ValueError(f"the grid has {n} points (max_batch_size x max_queue_delay_us x instances), more than "
+                             f"max_points={self.max_points}: shorten a list or raise max_points")
+        return self
+
+
 class ServeConfig(_Section):
     triton: TritonConfig = TritonConfig()
     gateway: GatewayConfig = GatewayConfig()
@@ -466,6 +510,7 @@ class ServeConfig(_Section):
     # at the small tier by setting triton.model_name=chat-gpt-small; a gateway so configured has one tier
     routing: RoutingConfig = RoutingConfig()
     memory: MemoryConfig = MemoryConfig()
+    tune: TuneConfig = TuneConfig()
 
 
 class RolloutConfig(_Section):

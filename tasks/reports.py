@@ -4,10 +4,10 @@
 
 Each stage writes its own report where it belongs (Great Expectations Data Docs per day, the
 evaluation report per training run, the shadow report and the rollout decision records per
-deploy, Evidently drift reports, cost reports, autoscale recommendations, the quarantine of
-rejected records). This page only finds them: nothing is copied, links are relative, so the
-folder can be served or zipped as it is. `make run` writes it at the end; `llmops reports` and
-`llmops status` refresh it.
+deploy, Evidently drift reports, cost reports, autoscale recommendations, serving tune reports,
+the quarantine of rejected records). This page only finds them: nothing is copied, links are
+relative, so the folder can be served or zipped as it is. `make run` writes it at the end;
+`llmops reports` and `llmops status` refresh it.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ KINDS: tuple[tuple[str, str, str, str], ...] = (
     ("monitoring", "Drift (embeddings)", "reports/drift/*/embeddings.html", "embedding drift of the prompts"),
     ("monitoring", "Cost", "reports/cost/*/cost.html", "$ per 1M tokens, training and serving, per version"),
     ("monitoring", "Autoscale", "reports/autoscale/recommendations.jsonl", "scale-out / scale-in recommendations with their signals"),
+    ("monitoring", "Serving tune", "reports/tune/*/tune.png", "Triton batch settings under load: throughput vs p99 per "
+     "setting, the SLO, the chosen one and the default (tune.json, chosen.pbtxt beside it)"),
 )
 # the fp32 evaluation's glob also matches the quantized tiers' and the tier comparison's directories
 SKIP = {"Evaluation": lambda p: p.parent.name.endswith(("-int8", "-int4", "-tiers"))}

@@ -155,13 +155,30 @@ def wait_ready(http_url: str, timeout: float, models: tuple[str, ...] = (), log:
     raise TritonError(f"tritonserver at {http_url} {state} within {timeout:.0f}s; log {log}:\n{tail}")
 
 
-def load(http_url: str, name: str) -> None:
-    """(Re)load a model through the repository API: picks up every version directory on disk."""
+def load(http_url: str, name: str, config: dict | None = None) -> None:
+    """(Re)load a model through the repository API: picks up every version directory on disk. With
+    `config` (a model configuration as /v2/models/<name>/config returns it) the model is loaded with
+    that configuration instead of its config.pbtxt; nothing on disk changes. A plain load after such
+    an override keeps the override while the model directory is unchanged: load the old
+    configuration back explicitly (tasks/tune.py does)."""
+    import json
+
     import httpx
 
-    r = httpx.post(f"http://{http_url}/v2/repository/models/{name}/load", timeout=600.0)
+    body = {"parameters": {"config": json.dumps(config)}} if config is not None else None
+    r = httpx.post(f"http://{http_url}/v2/repository/models/{name}/load", json=body, timeout=600.0)
     if r.status_code != 200:
         raise TritonError(f"loading {name!r} into {http_url} failed: {r.status_code} {r.text[:500]}")
+
+
+def model_config(http_url: str, name: str) -> dict:
+    """The configuration a loaded model runs with (JSON of Triton's ModelConfig, defaults filled in)."""
+    import httpx
+
+    r = httpx.get(f"http://{http_url}/v2/models/{name}/config", timeout=30.0)
+    if r.status_code != 200:
+        raise TritonError(f"model {name!r} has no configuration at {http_url} (not loaded?): {r.status_code} {r.text[:300]}")
+    return r.json()
 
 
 def unload(http_url: str, name: str) -> None:
