@@ -180,3 +180,32 @@ def _table(url: str) -> bool:
 
     with psycopg.connect(url) as conn:
         return conn.execute("SELECT to_regclass('llmops_memory') IS NOT NULL").fetchone()[0]
+
+
+@pytest.mark.parametrize("mode", ["embedded", "production"])
+def test_deleting_a_user_removes_their_memories_from_every_session(tmp_path, pg, redis_db, mode):
+    from fastapi.testclient import TestClient
+
+    from tasks.serve.gateway import create_app
+
+    s = _settings(tmp_path, mode, pg)
+    user, tag = f"u-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex[:6]
+    with TestClient(create_app(s)) as client:
+        memory = client.app.state.gateway.memory
+
+        async def write():
+            await memory.wait_ready()
+            for sid in (f"a-{tag}", f"b-{tag}"):
+                await memory.remember(sid, user, "My sister lives in Oslo.", "Oslo is beautiful.")
+            await memory.remember(f"c-{tag}", None, "My sister lives in Oslo.", "Oslo is beautiful.")  # no user
+            await memory.process(await memory.queue.get(16, timeout=2))
+
+        client.portal.call(write)
+        r = client.delete(f"/v1/users/{user}")
+        assert r.status_code == 200 and r.json()["memories"] == 2, r.text
+
+        async def left(sid):
+            return await memory.index.session_bytes(sid)
+        assert client.portal.call(left, f"a-{tag}") == client.portal.call(left, f"b-{tag}") == 0
+        assert client.portal.call(left, f"c-{tag}") > 0  # another person's memory of the same words stays
+        assert client.delete("/v1/users/a%20b").status_code == 400
