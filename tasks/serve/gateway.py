@@ -715,7 +715,7 @@ def create_app(settings: Settings, triton_grpc: str | None = None, triton_http: 
                 recalled = await gw.memory.recall(session, req.user, last_user, history)
                 asked, n_mem = with_memories(tok, [m.text for m, _ in recalled], messages, block - max_tokens,
                                              gw.settings.serve.memory.max_prompt_share)
-                gw.memory.m_recalled.labels("hit" if n_mem else "miss").inc()
+                gw.memory.m_recalled.labels("hit" if n_mem else "miss" if gw.memory.ready else "not_ready").inc()
                 record["memory_ms"] = round((time.perf_counter() - t_mem) * 1e3, 3)
                 record["memories"] = [{"id": m.id, "score": round(sc, 4)} for m, sc in recalled[:n_mem]]
                 record["memories_recalled"] = len(recalled)  # above min_similarity; `memories` is what fitted

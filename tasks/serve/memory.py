@@ -586,8 +586,7 @@ class SessionMemory:
                      history: Sequence[dict[str, Any]]) -> list[tuple[Memory, float]]:
         """The top_k memories of this session (or user) at least min_similarity to `query`, most
         similar first, leaving out exchanges still in `history`."""
-        if not self.ready:
-            self.m_recalled.labels("not_ready").inc()
+        if not self.ready:  # the embedder is still loading: the request goes on without memories
             return []
         t0 = time.perf_counter()
         vec = await asyncio.to_thread(self.embedder.query, query)
