@@ -87,3 +87,4 @@ bench: install
 	$(BIN)/python bench/tiers.py
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/monitor.py
+	$(BIN)/python bench/memory.py
