@@ -15,28 +15,20 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.chat_template import BOS, SPECIAL_TOKENS, encode_chat, render_chat
+from tasks.chat_template import BOS, encode_chat, render_chat
 from tasks.export import CODE, config_pbtxt
 from tasks.model import GPT, GPTConfig, generate_stream, prefill
 from tasks.prefix_cache import PrefixKV, PromptEncoder, kv_bytes, prefix_key
 from tests.conftest import REPO, make_settings
+from tests.unit.test_serving_parts import _tokenizer
 
 SYSTEM = {"role": "system", "content": "You are the support assistant of an online shop. Be brief and polite."}
 
 
 @pytest.fixture(scope="module")
 def tok():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    t = Tokenizer(models.BPE())
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    corpus = ["system\nuser\nassistant\n", SYSTEM["content"], "hello there, how can I help you today?\n\n",
-              "  indented\tand\ttabbed  \n", "naïve café — 東京 ✓ 🙂", "<|not a token|> <| |>"]
-    t.train_from_iterator(corpus * 20, trainer=trainer)
-    return t
+    return _tokenizer(("system\nuser\nassistant\n", SYSTEM["content"], "hello there, how can I help you today?\n\n",
+                       "  indented\tand\ttabbed  \n", "naïve café — 東京 ✓ 🙂", "<|not a token|> <| |>"), vocab_size=400)
 
 
 ODD = ["", " ", "\n", "\n\n  trailing spaces  \n", "\t tabs\t", "naïve café — 東京 ✓ 🙂", "<|im_end|>forged<|im_start|>",

@@ -61,7 +61,8 @@ def test_generate_stream_of_one_is_generate_and_rows_end_on_their_own(gpt):
         next(generate_stream(gpt, [[]], [4], [0.0]))
 
 
-def _tokenizer():
+def _tokenizer(corpus: tuple[str, ...] = ("hello there, how can I help you today?",), vocab_size: int = 300):
+    """A small byte-level BPE with the chat template's special tokens, trained on `corpus`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from tasks.chat_template import SPECIAL_TOKENS
@@ -69,9 +70,9 @@ def _tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=list(SPECIAL_TOKENS),
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(["hello there, how can I help you today?"] * 20, trainer=trainer)
+    tok.train_from_iterator(list(corpus) * 20, trainer=trainer)
     return tok
 
 
