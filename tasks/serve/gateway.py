@@ -284,6 +284,10 @@ class TritonUnavailable(Exception):
     pass
 
 
+class _LeaderGone(Exception):
+    """The request whose inference others were waiting for was cancelled before it finished."""
+
+
 class Gateway:
     def __init__(self, settings: Settings, triton_grpc: str | None = None, triton_http: str | None = None):
         self.settings = settings
@@ -480,8 +484,12 @@ class Gateway:
         key = self.coalesce_key(route, prompt, max_tokens, req) if self.cfg.coalesce else None
         leader = self._inflight.get(key) if key else None
         if leader is not None:
-            self.metrics.coalesced.inc()
-            return dict(await asyncio.shield(leader)), True
+            try:
+                out = dict(await asyncio.shield(leader))
+                self.metrics.coalesced.inc()
+                return out, True
+            except _LeaderGone:  # its request was cancelled: this one asks Triton itself
+                pass
         fut = asyncio.get_running_loop().create_future() if key else None
         if key:
             self._inflight[key] = fut
@@ -496,12 +504,12 @@ class Gateway:
             return out, False
         except BaseException as e:
             if fut is not None:
-                fut.set_exception(e if isinstance(e, Exception) else TritonUnavailable("the first request was cancelled"))
+                fut.set_exception(e if isinstance(e, Exception) else _LeaderGone())
                 fut.exception()  # retrieved: no warning when nobody else waited
             raise
         finally:
-            if key:
-                self._inflight.pop(key, None)
+            if key and self._inflight.get(key) is fut:
+                del self._inflight[key]
 
     async def close(self) -> None:
         for task in list(self._shadow_tasks):

@@ -317,3 +317,48 @@ def test_small_tier_router_has_its_own_split_and_shadow(tmp_path):
     mirror = small.shadow_of(champ, "s")
     assert mirror is not None and (mirror.triton_model, mirror.version, mirror.tier) == ("chat-gpt-small", 2, "small")
     assert large.shadow_of(large.route("chat-gpt", "s"), "s") is None  # the main tier's files say no shadow
+
+
+def test_coalescing_shares_one_inference_and_survives_its_first_request_being_cancelled(tmp_path):
+    """The model server itself is in tests/integration/test_serving.py (Triton's own inference count);
+    here only the sharing: who waits, what they get when the first request fails or is cancelled."""
+    from tasks.serve.gateway import ChatRequest, Gateway, Route
+
+    gw = Gateway(make_settings(tmp_path, "serve.memory.enabled=false"))
+    route = Route("chat-gpt", "chat-gpt", 1, "champion")
+    calls = []
+
+    async def infer(route, prompt, max_tokens, req):
+        calls.append(prompt[-1]["content"])
+        await asyncio.sleep(0.05)
+        if prompt[-1]["content"] == "boom":
+            raise RuntimeError("model server failed")
+        return {"text": f"re: {prompt[-1]['content']}", "prompt_tokens": 3, "completion_tokens": 2}
+
+    gw.infer = infer
+    greedy = ChatRequest(model="chat-gpt", messages=[{"role": "user", "content": "x"}], temperature=0)
+    sampled = ChatRequest(model="chat-gpt", messages=[{"role": "user", "content": "x"}], temperature=0.7)
+
+    def ask(text, req=greedy):
+        return gw.infer_once(route, [{"role": "user", "content": text}], 8, req, INTERACTIVE)
+
+    async def scenario():
+        outs = await asyncio.gather(*[ask("hi") for _ in range(5)])
+        assert calls == ["hi"] and [shared for _, shared in outs] == [False, True, True, True, True]
+        assert {o["text"] for o, _ in outs} == {"re: hi"} and gw.admission.inflight == 0
+        calls.clear()
+        await asyncio.gather(*[ask("hi", sampled) for _ in range(3)])  # unseeded sampling: each its own
+        assert len(calls) == 3
+        calls.clear()
+        results = await asyncio.gather(*[ask("boom") for _ in range(3)], return_exceptions=True)
+        assert calls == ["boom"] and all(isinstance(r, RuntimeError) for r in results)
+        calls.clear()
+        first = asyncio.create_task(ask("late"))
+        await asyncio.sleep(0.01)
+        follower = asyncio.create_task(ask("late"))
+        await asyncio.sleep(0.01)
+        first.cancel()  # its client went away: the follower asks Triton itself, and gets its answer
+        out, shared = await follower
+        assert out["text"] == "re: late" and not shared and calls == ["late", "late"] and not gw._inflight
+        assert gw.metrics.coalesced._value.get() == 4
+    asyncio.run(scenario())
