@@ -31,8 +31,7 @@ $(STAMP): requirements/lock.txt setup.cfg pyproject.toml
 	@echo "==> [1/4] creating $(VENV)"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "==> [2/4] installing the pinned set from requirements/lock.txt (about 3 minutes on a fresh machine)"
-	@# --no-compile: modules are byte-compiled when first imported, not all ~48k files up front
-	@set -o pipefail; $(BIN)/pip install -q --disable-pip-version-check --no-compile $(FIND_LINKS) -r requirements/lock.txt 2>&1 \
+	@set -o pipefail; $(BIN)/pip install -q --disable-pip-version-check $(FIND_LINKS) -r requirements/lock.txt 2>&1 \
 	    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 	@echo "==> [3/4] installing this project (editable)"
 	@$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .

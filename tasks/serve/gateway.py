@@ -576,8 +576,8 @@ def create_app(settings: Settings, triton_grpc: str | None = None, triton_http: 
 
     async def lifespan(app):
         await gw.poll_triton(force=True)
-        if gw.memory is not None:
-            await gw.memory.start()  # the embedder loads in the background; recall waits for nothing
+        if gw.memory is not None:  # serving starts with the embedder loaded (~6 s on 2 cores): no
+            await gw.memory.wait_ready()  # CPU burst under the first requests, no recall skipped
         yield
         await gw.close()
 
