@@ -122,6 +122,16 @@ class LocalIndex:
         self.cfg, self.clock = cfg, clock
         self._sessions: OrderedDict[str, OrderedDict[str, Memory]] = OrderedDict()
         self._bytes: dict[str, int] = {}
+        self._users: dict[str, set[str]] = {}  # user -> sessions that held their memories (pruned when read)
+
+    def _owners(self, session: str | None, user: str | None) -> list[str]:
+        """The live sessions that may hold memories of this session or user: a lookup, not a scan of all."""
+        if user is not None and user in self._users:
+            self._users[user] = {s for s in self._users[user] if s in self._sessions}
+        owners = set(self._users.get(user, ())) if user is not None else set()
+        if session is not None:
+            owners.add(session)
+        return [s for s in owners if s in self._sessions]
 
     def _expire(self, session: str, now: float) -> None:
         mems = self._sessions.get(session)
@@ -140,6 +150,8 @@ class LocalIndex:
             self._bytes[mem.session] -= mems.pop(mem.id).bytes
         mem.last_used = now
         mems[mem.id] = mem
+        if mem.user is not None:
+            self._users.setdefault(mem.user, set()).add(mem.session)
         self._bytes[mem.session] += mem.bytes
         self._sessions.move_to_end(mem.session)
         self._expire(mem.session, now)
@@ -154,8 +166,7 @@ class LocalIndex:
 
     async def search(self, session, user, vector, k, min_similarity, exclude):
         now = self.clock()
-        owners = [s for s, mems in self._sessions.items()
-                  if s == session or (user is not None and any(m.user == user for m in mems.values()))]
+        owners = self._owners(session, user)
         for s in owners:
             self._expire(s, now)
         cands = [m for s in owners for m in self._sessions.get(s, {}).values()
@@ -173,7 +184,7 @@ class LocalIndex:
 
     async def delete(self, session=None, user=None) -> int:
         n = 0
-        for s in list(self._sessions):
+        for s in self._owners(session, user):
             mems = self._sessions[s]
             gone = [mid for mid, m in mems.items() if s == session or (user is not None and m.user == user)]
             for mid in gone:
