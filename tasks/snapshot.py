@@ -71,7 +71,14 @@ def _repo(data_dir: Path, settings: Settings):
     from dvc.repo import Repo
 
     if not (data_dir / ".dvc").is_dir():
-        Repo.init(str(data_dir), no_scm=True)
+        # DVC's loggers write INFO to stdout, where the CLI's JSON goes: its one line here is ours, on stderr
+        dvc_init = logging.getLogger("dvc.repo.init")
+        level, dvc_init.level = dvc_init.level, logging.WARNING
+        try:
+            Repo.init(str(data_dir), no_scm=True)
+        finally:
+            dvc_init.setLevel(level)
+        log.info("initialised a DVC project (no git) in %s", data_dir)
     (data_dir / ".dvcignore").write_text(DVCIGNORE)
     repo = Repo(str(data_dir))
     url = remote_url(settings)

@@ -41,6 +41,19 @@ def test_synth_then_ingest_prints_json(tmp_path):
     assert out["clean"] == 50 and out["rejected"] == 10
 
 
+def test_the_first_snapshot_prints_only_its_json_on_stdout(tmp_path):
+    """DVC's own loggers write INFO lines to stdout; the snapshot that initialises the DVC project must still
+    leave stdout to its JSON (scripts parse it)."""
+    root = ["--set", f"paths.root={tmp_path}"]
+    assert runner.invoke(app, ["synth", "--days", "1", "--records", "30", *root]).exit_code == 0
+    assert runner.invoke(app, ["ingest", "--day", "2026-11-01", *root]).exit_code == 0
+    r = subprocess.run([sys.executable, "-m", "tasks.cli", "snapshot", *root], capture_output=True, text=True,
+                       cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["snapshot_hash"], r.stdout
+    assert "initialised a DVC project" in r.stderr
+
+
 def test_data_error_exits_1_with_message(tmp_path):
     r = runner.invoke(app, ["ingest", "--day", "2026-11-05", "--set", f"paths.root={tmp_path}"])
     assert r.exit_code == 1 and "no raw input for dt=2026-11-05" in r.output
