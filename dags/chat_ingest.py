@@ -58,9 +58,18 @@ def _day() -> str:
 def chat_ingest():
     @task
     def ingest() -> dict:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from tasks.ingest import IngestError
         from tasks.ingest import ingest as run
 
-        r = run(_day(), _settings())
+        try:
+            r = run(_day(), _settings())
+        except IngestError as e:
+            # the input's verdict (no raw files for the day, a bad date, the reject gate): the same on every
+            # try, so the run fails now with the reason instead of holding the DAG (one run at a time)
+            # through its retries; other errors (a full disk, a lost mount) are still retried
+            raise AirflowFailException(str(e)) from e
         return {k: r[k] for k in ("dt", "partition", "content_hash", "clean", "rejected", "reasons", "quarantine")}
 
     @task

@@ -63,3 +63,14 @@ def test_backfill_three_days_twice_is_identical(chat_ingest, tmp_path, monkeypat
     manifests = [json.loads(p.read_text()) for p in s.paths.shards.glob("*/manifest.json")]
     assert {m["snapshot_hash"] for m in manifests} == {
         json.loads(p.read_text())["snapshot_hash"] for p in s.paths.snapshots.glob("*.json") if p.name != "latest.json"}
+
+
+def test_a_day_without_raw_input_fails_on_its_first_try_with_the_reason(chat_ingest, tmp_path, monkeypatch):
+    """Missing raw files are the input's verdict, the same on a retry: ingest fails at once (what the daily
+    schedule's run does for a day whose logs never landed) and does not hold the DAG through its retries."""
+    s = make_settings(tmp_path)
+    monkeypatch.setenv("LLMOPS_ROOT", str(s.paths.root))
+    run = chat_ingest.test(run_conf={"day": "2026-11-09"})
+    states = {ti.task_id: (ti.state, ti.try_number) for ti in run.get_task_instances()}
+    assert run.state == "failed" and states["ingest"] == ("failed", 1), states
+    assert {states[t][0] for t in ("validate", "snapshot", "shard")} == {"upstream_failed"}, states
