@@ -80,6 +80,10 @@ def prod(tmp_path_factory):
     profile = yaml.safe_load((configs / "profiles" / "prod-local.yaml").read_text())
     profile["train"]["max_steps"] = 20
     (configs / "profiles" / "prod-local.yaml").write_text(yaml.safe_dump(profile))
+    # this run is about the topology; its training evaluates three tiers, each on fewer, shorter replies
+    ev = yaml.safe_load((configs / "eval.yaml").read_text())
+    ev.update(reply_samples=16, max_new_tokens=16, perplexity_windows=16, latency_requests=8)
+    (configs / "eval.yaml").write_text(yaml.safe_dump(ev))
     os.environ["LLMOPS_CONFIG_DIR"] = str(configs)
     s = make_settings(root, f"stack.airflow_port={free_port()}", f"stack.mlflow_port={free_port()}",
                       f"stack.airflow_db_url=postgresql+psycopg://{role}@127.0.0.1:5432/{af_db}",
