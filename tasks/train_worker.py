@@ -167,6 +167,13 @@ def main() -> None:
     import deepspeed
 
     on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        # DeepSpeed's CPU backend JIT-builds a shared-memory all-reduce (40-90 s of C++ on each machine and
+        # virtualenv it has not seen) that only tensor-parallel inference calls (inference_all_reduce); ZeRO
+        # training reduces through gloo. DeepSpeed keeps its probe's dict so that edits like this one hold.
+        from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+        deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     if on_gpu:
