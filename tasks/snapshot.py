@@ -73,7 +73,8 @@ def _repo(data_dir: Path, settings: Settings):
     if not (data_dir / ".dvc").is_dir():
         # DVC's loggers write INFO to stdout, where the CLI's JSON goes: its one line here is ours, on stderr
         dvc_init = logging.getLogger("dvc.repo.init")
-        level, dvc_init.level = dvc_init.level, logging.WARNING
+        level = dvc_init.level
+        dvc_init.setLevel(logging.WARNING)  # setLevel, not .level =: it clears the loggers' isEnabledFor cache
         try:
             Repo.init(str(data_dir), no_scm=True)
         finally:
