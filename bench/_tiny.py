@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from tasks.config import Settings, load_settings
-from tasks.ingest import ingest
-from tasks.shard import shard
-from tasks.snapshot import snapshot
-from tasks.synth import synth
-from tasks.train import train
+from tasks.data.ingest import ingest
+from tasks.data.shard import shard
+from tasks.data.snapshot import snapshot
+from tasks.data.synth import synth
+from tasks.train.launch import train
 
 
 def train_tiny(root: Path, steps: int) -> tuple[Settings, Path]:

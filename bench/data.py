@@ -27,13 +27,14 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 
-from tasks.chat_template import render_chat  # noqa: E402
 from tasks.config import load_settings  # noqa: E402
-from tasks.ingest import ingest, read_partition  # noqa: E402
-from tasks.shard import load_tokenizer, shard  # noqa: E402
-from tasks.snapshot import snapshot  # noqa: E402
-from tasks.synth import synth  # noqa: E402
-from tasks.validate import _frames, run_suite  # noqa: E402
+from tasks.data.ingest import ingest
+from tasks.data.partition import read_partition  # noqa: E402
+from tasks.data.shard import load_tokenizer, shard  # noqa: E402
+from tasks.data.snapshot import snapshot  # noqa: E402
+from tasks.data.synth import synth  # noqa: E402
+from tasks.data.validate import _frames, run_suite  # noqa: E402
+from tasks.model.chat_template import render_chat  # noqa: E402
 
 
 def main() -> None:

@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _tiny import train_tiny  # noqa: E402  (bench/ is this script's own directory on sys.path)
 
-from tasks.evaluate import evaluate  # noqa: E402
-from tasks.quantize import evaluate_int8  # noqa: E402
+from tasks.judge.evaluate import evaluate  # noqa: E402
+from tasks.judge.quantize import evaluate_int8  # noqa: E402
 
 
 def main() -> None:

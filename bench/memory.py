@@ -36,14 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from serve import build, free_port  # noqa: E402  (bench/ is this script's own directory on sys.path)
 
-from tasks.chat_template import with_memories  # noqa: E402
 from tasks.config import PROJECT_DIR, MemoryConfig, load_settings  # noqa: E402
-from tasks.loadgen import pct  # noqa: E402
+from tasks.data.synth import conversation  # noqa: E402
+from tasks.model.chat_template import with_memories  # noqa: E402
 from tasks.serve import triton  # noqa: E402
+from tasks.serve.loadgen import pct  # noqa: E402
 from tasks.serve.memory import SessionMemory  # noqa: E402
 from tasks.serve.server import wait_gateway  # noqa: E402
 from tasks.serve.sessions import MemoryStore  # noqa: E402
-from tasks.synth import conversation  # noqa: E402
 
 
 def _exchanges(n: int, seed: int) -> list[tuple[str, str]]:
@@ -178,7 +178,7 @@ TUNE_GRID = ["serve.tune.max_batch_size=[4,8,16]", "serve.tune.max_queue_delay_u
 
 
 def tuner(profile: str, root: Path, overrides: list[str], tp, concurrency: int, max_tokens: int) -> dict:
-    from tasks import tune
+    from tasks.serve import tune
 
     s = load_settings(profile, [f"paths.root={root}", *overrides, *TUNE_GRID, f"serve.tune.concurrency={concurrency}",
                                 f"serve.tune.max_tokens={max_tokens}"])

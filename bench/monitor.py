@@ -3,14 +3,14 @@
     python bench/monitor.py [--rows 10000,100000] [--reference 50000] [--window-s 5]
 
 In a temporary project root, with a byte-level BPE tokenizer trained here on the reference prompts:
-- drift_report_s_<rows>: `tasks.drift.drift_report` end to end (prompt features, token KL, prompt
+- drift_report_s_<rows>: `tasks.loop.drift.drift_report` end to end (prompt features, token KL, prompt
   embeddings, both Evidently reports, HTML and verdict files) on that many request-log rows against
   the reference prompts, with the default sampling (`monitor.sample_rows`, `embedding_sample_rows`);
   goal <= 60 s at 100k. The rows compared after sampling are reported beside it, and the time to read
   the rows back from the day partitions (`read_requests`, as `check()` does) separately. A warm-up
   report first pays the imports and the embedding model's load (`warmup_s`); a cold hourly run adds that.
 - canary decision latency: two versions registered in a real MLflow sqlite store, champion and
-  challenger aliases, then `tasks.rollout.canary` (short window, no shadow phase) while a writer thread
+  challenger aliases, then `tasks.loop.rollout.canary` (short window, no shadow phase) while a writer thread
   appends request-log lines as the gateway would (routing by traffic.json; the challenger is 300 ms
   slower). Latency = first breaching line written -> rollback decision returned (its record written):
   window_s + analysis (time inside `analyze`) + roll-back (aliases, MLflow, record), less the moment
@@ -39,11 +39,11 @@ from typing import TextIO
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks import rollout  # noqa: E402
 from tasks.config import Settings, load_settings  # noqa: E402
-from tasks.drift import drift_report  # noqa: E402
-from tasks.export import write_aliases  # noqa: E402
-from tasks.synth import conversation  # noqa: E402
+from tasks.data.synth import conversation  # noqa: E402
+from tasks.loop import rollout  # noqa: E402
+from tasks.loop.drift import drift_report  # noqa: E402
+from tasks.serve.repository import write_aliases  # noqa: E402
 
 NEW_TOPICS = ("How do I {v} a {t} in Python?", "Why does my Rust {t} fail to {v}?", "Best way to {v} a {t} in SQL?",
               "Как {v} {t}?", "Wie kann ich {t} {v}?")
@@ -59,10 +59,10 @@ def user_turns(rng: random.Random, n: int) -> list[str]:
 
 
 def tokenizer(texts: list[str], vocab_size: int):
-    """Byte-level BPE as tasks/shard.py trains it (the served model's tokenizer kind)."""
+    """Byte-level BPE as tasks/data/shard.py trains it (the served model's tokenizer kind)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from tasks.chat_template import SPECIAL_TOKENS
+    from tasks.model.chat_template import SPECIAL_TOKENS
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -188,7 +188,7 @@ class Traffic(threading.Thread):
 
 
 def bench_canary(root: Path, window_s: float, rate: float) -> dict:
-    from tasks.train import mlflow_client
+    from tasks.tracking import mlflow_client
 
     s = load_settings("tiny", [f"paths.root={root}", f"rollout.window_s={window_s}", "rollout.min_samples=20",
                                "rollout.shadow_percent=0"])

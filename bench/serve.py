@@ -36,10 +36,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tasks.config import PROJECT_DIR, load_settings  # noqa: E402
-from tasks.export import export_dir  # noqa: E402
-from tasks.loadgen import PROMPTS, direct  # noqa: E402
-from tasks.loadgen import pct as _pct  # noqa: E402
 from tasks.serve import triton  # noqa: E402
+from tasks.serve.export import export_dir  # noqa: E402
+from tasks.serve.loadgen import PROMPTS, direct  # noqa: E402
+from tasks.serve.loadgen import pct as _pct  # noqa: E402
 from tasks.serve.server import wait_gateway  # noqa: E402
 
 
@@ -55,14 +55,14 @@ def build(root: Path, profile: str, overrides: list[str], tokenizer: Path | None
     import torch
     from safetensors.torch import save_file
 
-    from tasks.model import GPT, GPTConfig
+    from tasks.model.gpt import GPT, GPTConfig
 
     s = load_settings(profile, [f"paths.root={root}", *overrides])
     if tokenizer is None:  # the real data path: synth -> ingest -> snapshot -> shard trains the tokenizer
-        from tasks.ingest import ingest
-        from tasks.shard import shard
-        from tasks.snapshot import snapshot
-        from tasks.synth import synth
+        from tasks.data.ingest import ingest
+        from tasks.data.shard import shard
+        from tasks.data.snapshot import snapshot
+        from tasks.data.synth import synth
 
         synth(s, days=1, start="2026-11-01", records=300, faults=False, chatterbot=True)
         ingest("2026-11-01", s)
@@ -179,7 +179,7 @@ def main() -> None:
         cost_h = s.serve.gateway.cost_per_hour_usd
         tuned = None
         if a.tune:  # last: it reloads chat-gpt with each setting of the grid (and its own configuration at the end)
-            from tasks.tune import compare, tune
+            from tasks.serve.tune import compare, tune
 
             # the load shape of the figures above (top concurrency, --max-tokens) unless --set says otherwise
             shape = {k: v for k, v in (("concurrency", top), ("max_tokens", a.max_tokens))

@@ -8,7 +8,7 @@ suite one after another on this machine: fp32, int8 (dynamic), int4 (weight-only
 `eval.int4_group_size`) and the distilled student. For each tier: the quality metrics, tokens/s at
 batch 1 and 8, p99 latency at batch 1 and the model's bytes, each also as a ratio to fp32
 (`<metric>_vs_fp32`), plus $ per 1M tokens at serve.gateway.cost_per_hour_usd. The tier report
-(tasks/tiers.py) is written too, inside the temporary root.
+(tasks/judge/tiers.py) is written too, inside the temporary root.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _tiny import train_tiny  # noqa: E402  (bench/ is this script's own directory on sys.path)
 
-from tasks.distill import distill, resolve_teacher, student_settings  # noqa: E402
-from tasks.evaluate import evaluate, load_chat_model  # noqa: E402
-from tasks.quantize import evaluate_int4, evaluate_int8, model_bytes  # noqa: E402
-from tasks.tiers import tiers_report  # noqa: E402
+from tasks.judge.evaluate import evaluate, load_chat_model  # noqa: E402
+from tasks.judge.quantize import evaluate_int4, evaluate_int8, model_bytes  # noqa: E402
+from tasks.judge.tiers import tiers_report  # noqa: E402
+from tasks.train.distill import distill, resolve_teacher, student_settings  # noqa: E402
 
 METRICS = ("perplexity", "rouge_l", "bleu", "embedding_similarity", "toxicity_rate", "factuality_fuzzy",
            "tokens_per_s_b1", "tokens_per_s_b8", "latency_p99_ms_b1")

@@ -25,7 +25,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from tasks.train import free_port  # noqa: E402
+from tasks.procs import free_port  # noqa: E402
 
 
 def peak_gflops(n: int = 2048, seconds: float = 2.0) -> float:

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from tasks.model import GPT, GPTConfig  # noqa: E402
+from tasks.model.gpt import GPT, GPTConfig  # noqa: E402
 
 SIZES = {
     "tiny": dict(n_layer=4, n_head=4, d_model=128, block_size=128, vocab_size=2048),

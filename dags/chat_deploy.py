@@ -71,15 +71,15 @@ def _settings():
 def chat_deploy():
     @task
     def export() -> dict:
-        from tasks.export import export as run
+        from tasks.serve.export import export as run
 
         r = run(_settings(), alias=get_current_context()["params"]["alias"])
         return {k: r[k] for k in ("model", "version", "path", "versions", "aliases", "weights_sha256", "lineage_id")}
 
     @task
     def load(exported: dict) -> dict:
+        from tasks.procs import alive
         from tasks.serve import server
-        from tasks.stack import alive
 
         settings = _settings()
         if not alive(settings, "tritonserver"):
@@ -87,7 +87,7 @@ def chat_deploy():
             return {**exported, "loaded": False}
         drill = float(get_current_context()["params"]["drill_delay_ms"])
         if drill > 0:  # writes drill.json beside the version, then reloads
-            from tasks.rollout import drill as slow_down
+            from tasks.loop.rollout import drill as slow_down
 
             print(f"roll-back drill: version {exported['version']} is {drill} ms slower per token",
                   slow_down(settings, exported["version"], drill))
@@ -124,7 +124,7 @@ def chat_deploy():
     def shadow(smoked: dict) -> dict:
         import json
 
-        from tasks import rollout
+        from tasks.loop import rollout
 
         if smoked.get("skipped"):
             return {"action": "none", "reason": "no server running"}
@@ -136,7 +136,7 @@ def chat_deploy():
     def canary(shadowed: dict) -> dict:
         import json
 
-        from tasks import rollout
+        from tasks.loop import rollout
 
         if shadowed["action"] != "continue":  # no server, or the shadow already rolled back / was inconclusive
             print(f"no canary: {shadowed['action']}: {shadowed['reason']}")

@@ -19,7 +19,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import CronDataIntervalTimetable, Param, dag, get_current_context, task
 
-from chat_assets import CHAT_SHARDS, CLEAN_CORPUS, DEFAULT_PROFILE, PROFILES
+from chat_assets import CHAT_SHARDS, CLEAN_CORPUS, DEFAULT_PROFILE, PROFILES, fails_fast
 
 
 def _settings():
@@ -57,31 +57,26 @@ def _day() -> str:
 )
 def chat_ingest():
     @task
+    @fails_fast  # no raw files for the day, a bad date, the reject gate: the same on every try, so the run
+    # fails now with the reason instead of holding the DAG (one run at a time) through its retries
     def ingest() -> dict:
-        from airflow.sdk.exceptions import AirflowFailException
+        from tasks.data.ingest import ingest as run
 
-        from tasks.ingest import IngestError
-        from tasks.ingest import ingest as run
-
-        try:
-            r = run(_day(), _settings())
-        except IngestError as e:
-            # the input's verdict (no raw files for the day, a bad date, the reject gate): the same on every
-            # try, so the run fails now with the reason instead of holding the DAG (one run at a time)
-            # through its retries; other errors (a full disk, a lost mount) are still retried
-            raise AirflowFailException(str(e)) from e
+        r = run(_day(), _settings())
         return {k: r[k] for k in ("dt", "partition", "content_hash", "clean", "rejected", "reasons", "quarantine")}
 
     @task
+    @fails_fast
     def validate(ingested: dict) -> dict:
-        from tasks.validate import validate as run
+        from tasks.data.validate import validate as run
 
         r = run(ingested["dt"], _settings())
         return {"dt": r["dt"], "success": r["success"], "data_docs": r["data_docs"]}
 
     @task(outlets=[CLEAN_CORPUS])
+    @fails_fast
     def snapshot(validated: dict) -> dict:
-        from tasks.snapshot import snapshot as run
+        from tasks.data.snapshot import snapshot as run
 
         r = run(_settings())
         get_current_context()["outlet_events"][CLEAN_CORPUS].extra = {
@@ -89,8 +84,9 @@ def chat_ingest():
         return r
 
     @task(outlets=[CHAT_SHARDS])
+    @fails_fast
     def shard(snap: dict) -> dict:
-        from tasks.shard import shard as run
+        from tasks.data.shard import shard as run
 
         r = run(_settings(), snap["snapshot_hash"])
         get_current_context()["outlet_events"][CHAT_SHARDS].extra = {

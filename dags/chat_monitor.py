@@ -53,7 +53,7 @@ def _settings():
 def chat_monitor():
     @task
     def drift() -> dict:
-        from tasks.drift import check
+        from tasks.loop.drift import check
 
         result = check(_settings())
         print(f"drift verdict: {result['verdict']}: {result['reason']} (report {result.get('report')})")
@@ -63,8 +63,8 @@ def chat_monitor():
     def decide(verdict: dict):
         import datetime as dt
 
-        from tasks.drift import guard, load_state, note_trigger
-        from tasks.rollout import read_requests
+        from tasks.loop.drift import guard, load_state, note_trigger
+        from tasks.loop.rollout import read_requests
 
         if not verdict["fire"]:
             print(f"no retrain: {verdict['reason']}")
@@ -88,8 +88,8 @@ def chat_monitor():
 
     @task
     def autoscale() -> dict:
-        from tasks.autoscale import AutoscaleError
-        from tasks.autoscale import autoscale as run
+        from tasks.loop.autoscale import AutoscaleError
+        from tasks.loop.autoscale import autoscale as run
 
         try:
             out = run(_settings())
@@ -101,7 +101,7 @@ def chat_monitor():
 
     @task
     def cost() -> dict:
-        from tasks.cost import cost_report
+        from tasks.loop.cost import cost_report
 
         out = cost_report(_settings())
         print(f"cost report {out.get('report')}: {out.get('totals')}")

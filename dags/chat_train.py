@@ -30,7 +30,7 @@ import pendulum
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowSkipException
 
-from chat_assets import CHAT_CHALLENGER, CHAT_SHARDS, DEFAULT_PROFILE, PROFILES
+from chat_assets import CHAT_CHALLENGER, CHAT_SHARDS, DEFAULT_PROFILE, PROFILES, fails_fast
 
 
 def _settings():
@@ -42,15 +42,13 @@ def _settings():
 
 
 def _train_in_cluster(settings, inputs: dict, ctx) -> dict:
-    """KubernetesPodOperator with the pod tasks/k8s.py renders from `train.kubernetes`; its log is
-    streamed into this task's. The pod writes to the same volume and MLflow, so the result is read back
-    from the run's result.json (the newest run of the experiment names it)."""
-    import json
-
+    """KubernetesPodOperator with the pod tasks/train/k8s.py renders from `train.kubernetes`; its log is
+    streamed into this task's. The pod writes to the same volume and MLflow; its result is read back by the
+    run id check_inputs computed (the pod trains exactly that run), never as "the newest run"."""
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 
-    from tasks.k8s import train_pod as render_pod
-    from tasks.train import mlflow_client
+    from tasks.train.k8s import train_pod as render_pod
+    from tasks.train.launch import read_result
 
     p = ctx["params"]
     overrides = tuple(f"train.{k}={p[k]}" for k in ("max_steps", "zero_stage", "world_size", "lr") if p.get(k) is not None)
@@ -59,12 +57,7 @@ def _train_in_cluster(settings, inputs: dict, ctx) -> dict:
                                       full_pod_spec=render_pod(settings, inputs["manifest"], ctx["run_id"], overrides),
                                       startup_timeout_seconds=kc.startup_timeout_s, on_finish_action="delete_succeeded_pod")
     train_pod.execute(ctx)
-    client = mlflow_client(settings)
-    exp = client.get_experiment_by_name(settings.tracking.experiment)
-    last = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)[0]
-    result = settings.paths.models_dir / "checkpoints" / last.info.run_name / "final" / "result.json"
-    r = json.loads(result.read_text())
-    return {k: r[k] for k in ("run_id", "weights", "mlflow_run_id", "final_loss", "val_loss", "tokens_per_s", "mfu")}
+    return read_result(settings, inputs["run_id"])
 
 
 @dag(
@@ -104,118 +97,73 @@ def _train_in_cluster(settings, inputs: dict, ctx) -> dict:
 )
 def chat_train():
     @task
+    @fails_fast
     def check_inputs() -> dict:
-        from tasks.registry import registered_run
-        from tasks.shard import verify_shards
-        from tasks.train import latest_manifest, run_identity
+        from tasks.judge.release import check_inputs as run
 
         events = get_current_context().get("triggering_asset_events") or {}
         # every chat_shards event since the previous asset-triggered run comes along: the newest names the shards
         newest = max((ev for evs in events.values() for ev in evs if (ev.extra or {}).get("manifest")),
                      key=lambda ev: ev.timestamp, default=None)
-        manifest = newest.extra["manifest"] if newest is not None else None
         settings = _settings()
-        manifest = manifest or str(latest_manifest(settings))
-        m = verify_shards(manifest.rsplit("/", 1)[0])
-        run_id = run_identity(settings, manifest)
-        if not get_current_context()["params"]["force"] and (version := registered_run(settings, run_id)) is not None:
+        r = run(settings, newest.extra["manifest"] if newest is not None else None)
+        if r["registered"] is not None and not get_current_context()["params"]["force"]:
             # the same shards, config, seed and code were trained and registered: training again changes nothing
-            raise AirflowSkipException(f"unchanged: run {run_id} is registered as {settings.tracking.registered_model} "
-                                       f"version {version}; trigger with force to train it again")
-        return {"manifest": manifest, "snapshot_hash": m["snapshot_hash"], "tokens": m["tokens"], "run_id": run_id}
+            raise AirflowSkipException(f"unchanged: run {r['run_id']} is registered as {settings.tracking.registered_model} "
+                                       f"version {r['registered']}; trigger with force to train it again")
+        return r
 
     @task(pool="training", execution_timeout=timedelta(hours=12))
+    @fails_fast
     def train(inputs: dict) -> dict:
-        from tasks.train import train as run
+        from tasks.train.launch import train as run
 
         ctx = get_current_context()
-        resume = ctx["params"]["resume"] or ctx["ti"].try_number > 1  # a retry always resumes
         settings = _settings()
         if settings.train.backend == "kubernetes":  # the ranks run in a pod on a GPU node of the cluster
             return _train_in_cluster(settings, inputs, ctx)
-        r = run(settings, inputs["manifest"], resume=resume)
-        if ctx["params"].get("reason") or ctx["params"].get("drift_report"):
-            from tasks.train import mlflow_client
-
-            for key in ("reason", "drift_report"):
-                if ctx["params"].get(key):
-                    mlflow_client(settings).set_tag(r["mlflow_run_id"], f"llmops.trigger_{key}", ctx["params"][key][:4000])
-        return {k: r[k] for k in ("run_id", "weights", "mlflow_run_id", "final_loss", "val_loss", "tokens_per_s", "mfu")}
+        resume = ctx["params"]["resume"] or ctx["ti"].try_number > 1  # a retry always resumes
+        why = {k: ctx["params"][k] for k in ("reason", "drift_report") if ctx["params"].get(k)}
+        return run(settings, inputs["manifest"], resume=resume, trigger=why)
 
     @task
+    @fails_fast
     def evaluate(trained: dict) -> dict:
         from pathlib import Path
 
-        from tasks.evaluate import evaluate as run
-        from tasks.registry import champion_metrics, log_evaluation
+        from tasks.judge.release import evaluate_trained
 
-        settings = _settings()
-        weights_dir = Path(trained["weights"]).parent
-        ev = run(settings, weights_dir, champion_metrics(settings))
-        log_evaluation(settings, weights_dir, ev)
-        return {"weights_dir": str(weights_dir), "metrics_path": ev["metrics_path"], "report": ev["report"],
-                "gate": {"passed": ev["gate"]["passed"], "reason": ev["gate"]["reason"]}}
-
-    @task(retries=0)  # a failed gate is a verdict, not a flake
-    def gate(evaluated: dict) -> dict:
-        from tasks.registry import GateFailed
-
-        if not evaluated["gate"]["passed"]:
-            raise GateFailed(f"gate failed, not registered: {evaluated['gate']['reason']} (report {evaluated['report']})")
-        return evaluated
-
-    @task(outlets=[CHAT_CHALLENGER])  # chat_deploy runs on it
-    def register(evaluated: dict) -> dict:
-        import json
-        from pathlib import Path
-
-        from tasks.registry import register as run
-
-        ev = json.loads(Path(evaluated["metrics_path"]).read_text())
-        return run(_settings(), evaluated["weights_dir"], ev, ev["gate"])
+        return evaluate_trained(_settings(), Path(trained["weights"]).parent)
 
     @task
+    @fails_fast  # a failed gate is a verdict, not a flake: no retry
+    def gate(evaluated: dict) -> dict:
+        from tasks.judge.release import require_gate
+
+        return require_gate(evaluated)
+
+    @task(outlets=[CHAT_CHALLENGER])  # chat_deploy runs on it
+    @fails_fast
+    def register(evaluated: dict) -> dict:
+        from tasks.judge.release import register_evaluated
+
+        return register_evaluated(_settings(), evaluated)
+
+    @task
+    @fails_fast
     def quantize(registered: dict, evaluated: dict) -> dict:
-        import json
-        from pathlib import Path
+        from tasks.judge.release import quantize_and_report
 
-        from tasks.registry import quantize_and_register
-        from tasks.tiers import tiers_report
-
-        settings = _settings()
-        ev = json.loads(Path(evaluated["metrics_path"]).read_text())
-        r = quantize_and_register(settings, evaluated["weights_dir"], ev, registered["version"])
-        # the tier comparison from the evaluations' own files (each quantized one records its bytes); distill adds the student
-        paths = {"fp32": evaluated["metrics_path"], "int8": r["int8"]["metrics_path"], "int4": r["int4"]["metrics_path"]}
-        tiers = tiers_report(settings, {t: json.loads(Path(p).read_text()) for t, p in paths.items()})
-        return {"registered": r["registered"], "gate": r["gate"], "report": r["report"],
-                "memory_ratio": r["int8"]["memory_ratio"], "speedup_b1": r["int8"]["speedup_b1"],
-                "int4": {k: r["int4"][k] for k in ("registered", "memory_ratio", "speedup_b1", "report")},
-                "tiers_report": tiers["report"], "tier_metrics": paths}
+        return quantize_and_report(_settings(), evaluated, registered)
 
     @task(pool="training", execution_timeout=timedelta(hours=12))
+    @fails_fast
     def distill(registered: dict, quantized: dict) -> dict:
-        import json
-        from pathlib import Path
-
-        from tasks.distill import DistillError, distill_and_register, resolve_teacher
-        from tasks.tiers import tiers_report
+        from tasks.judge.release import distill_and_report
 
         if not get_current_context()["params"]["distill"]:
             raise AirflowSkipException("the distill param is off")
-        settings = _settings()
-        try:
-            teacher = resolve_teacher(settings)  # distill.teacher_alias, the champion
-        except DistillError:  # no champion yet: the version this run registered teaches
-            teacher = resolve_teacher(settings, version=registered["version"])
-        r = distill_and_register(settings, teacher)
-        # the tier comparison again, with the student beside fp32, int8 and int4
-        paths = {**quantized["tier_metrics"], "distilled": r["evaluation"]["metrics_path"]}
-        evals = {t: json.loads(Path(p).read_text()) for t, p in paths.items()}
-        tiers = tiers_report(settings, evals)
-        return {"registered": r["registered"], "teacher": r["teacher"], "report": r["evaluation"]["report"],
-                "val_loss": r["trained"]["val_loss"], "teacher_val_loss": r["trained"]["teacher_val_loss"],
-                "tiers_report": tiers["report"]}
+        return distill_and_report(_settings(), registered["version"], quantized["tier_metrics"])
 
     gated = gate(evaluate(train(check_inputs())))
     registered = register(gated)

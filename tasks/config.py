@@ -21,13 +21,11 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG_DIR = PROJECT_DIR / "configs"
+from tasks.errors import ConfigError
+from tasks.profiles import PROJECT_DIR, profile_names
+from tasks.profiles import config_dir as configs_dir
+
 ROLES = ("system", "user", "assistant")
-
-
-class ConfigError(ValueError):
-    """A configuration problem, phrased for the person who has to fix it."""
 
 
 class _Section(BaseModel):
@@ -154,7 +152,7 @@ class ShardConfig(_Section):
 
 
 class ModelConfig(_Section):
-    """GPT shape (tasks/model.py). vocab_size comes from the tokenizer, rounded up to a multiple of 64."""
+    """GPT shape (tasks/model/gpt.py). vocab_size comes from the tokenizer, rounded up to a multiple of 64."""
 
     n_layer: int = Field(4, ge=1, le=96)
     n_head: int = Field(4, ge=1, le=128)
@@ -171,7 +169,7 @@ class ModelConfig(_Section):
 
 
 class TrainPodConfig(_Section):
-    """train.backend kubernetes: the training runs in a pod on a GPU node (tasks/k8s.py)."""
+    """train.backend kubernetes: the training runs in a pod on a GPU node (tasks/train/k8s.py)."""
 
     namespace: str = Field("llmops", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     image: str = "llmops-chat/airflow:latest"
@@ -187,7 +185,7 @@ class TrainPodConfig(_Section):
 
 
 class TrainConfig(_Section):
-    """DeepSpeed training (tasks/train.py); the DeepSpeed JSON is generated from this."""
+    """DeepSpeed training (tasks/train/launch.py); the DeepSpeed JSON is generated from this."""
 
     backend: Literal["local", "kubernetes"] = "local"
     kubernetes: TrainPodConfig = TrainPodConfig()
@@ -257,7 +255,7 @@ class EvalConfig(_Section):
     factuality_set: Path = Path("configs/eval/factuality.jsonl")
     safety_set: Path = Path("configs/eval/safety.jsonl")
     int4_group_size: int = Field(32, ge=2, multiple_of=2, description="weights per int4 scale/zero, along the input "
-                                 "dim (tasks/quantize.py); must divide d_model and 4*d_model; 32/64/128/256 use the CPU kernel")
+                                 "dim (tasks/judge/quantize.py); must divide d_model and 4*d_model; 32/64/128/256 use the CPU kernel")
     gate: tuple[GateRule, ...] = ()
 
 
@@ -270,7 +268,7 @@ class TrackingConfig(_Section):
 
 
 class StackConfig(_Section):
-    """The embedded stack `make run` starts (tasks/stack.py). Servers bind to `host` only."""
+    """The embedded stack `make run` starts (tasks/ops/stack.py). Servers bind to `host` only."""
 
     host: str = "127.0.0.1"
     airflow_port: int = Field(8080, ge=1, le=65535)
@@ -437,7 +435,7 @@ class SafetyConfig(_Section):
 
 
 class AutoscaleConfig(_Section):
-    """The scale-out / scale-in recommendation computed from the serving signals (tasks/autoscale.py)."""
+    """The scale-out / scale-in recommendation computed from the serving signals (tasks/loop/autoscale.py)."""
 
     min_instances: int = Field(1, ge=1, description="model instances never scaled in below")
     max_instances: int = Field(8, ge=1, description="model instances never scaled out above (warm ones included)")
@@ -458,7 +456,7 @@ class AutoscaleConfig(_Section):
 
 
 class TuneConfig(_Section):
-    """`llmops tune-serving` (tasks/tune.py): Triton's batch settings measured on a grid under load,
+    """`llmops tune-serving` (tasks/serve/tune.py): Triton's batch settings measured on a grid under load,
     the highest throughput whose p99 is within the SLO chosen. Every combination of the three lists
     is one point; serve.triton's own setting (the default) is always measured too."""
 
@@ -514,7 +512,7 @@ class ServeConfig(_Section):
 
 
 class RolloutConfig(_Section):
-    """Canary analysis and promotion (tasks/rollout.py), defaults from the product design."""
+    """Canary analysis and promotion (tasks/loop/rollout.py), defaults from the product design."""
 
     steps: tuple[float, ...] = (5.0, 25.0, 50.0, 100.0)  # % of sessions on the challenger, in order
     window_s: float = Field(600.0, gt=0, description="analysis window per canary step")
@@ -546,7 +544,7 @@ class RetrainGuard(_Section):
 
 
 class MonitorConfig(_Section):
-    """Drift and SLO monitoring on the request logs (tasks/drift.py, DAG chat_monitor)."""
+    """Drift and SLO monitoring on the request logs (tasks/loop/drift.py, DAG chat_monitor)."""
 
     window_hours: float = Field(24.0, gt=0)
     sample_rows: int = Field(20_000, ge=100, description="each side is sampled down to this many rows")
@@ -562,7 +560,7 @@ class MonitorConfig(_Section):
 
 
 class DistillConfig(_Section):
-    """Distillation (tasks/distill.py): a smaller student trained on the same shards against a teacher's
+    """Distillation (tasks/train/distill.py): a smaller student trained on the same shards against a teacher's
     softened logits. The student keeps the teacher's tokenizer, block size and position kind; its own
     shape is n_layer, n_head and d_model, its training the `train` section (`max_steps` overrides train.max_steps)."""
 
@@ -681,7 +679,7 @@ def load_settings(
     overrides: list[str] | tuple[str, ...] = (),
     config_dir: Path | str | None = None,
 ) -> Settings:
-    config_dir = Path(config_dir or os.environ.get("LLMOPS_CONFIG_DIR") or DEFAULT_CONFIG_DIR)
+    config_dir = Path(config_dir or configs_dir())
     if not config_dir.is_dir():
         raise ConfigError(f"config directory {config_dir} does not exist")
     merged: dict[str, Any] = {}
@@ -700,7 +698,7 @@ def load_settings(
         raise ConfigError(f"profile {profile!r}: must be a plain name such as tiny or small")
     ppath = config_dir / "profiles" / f"{profile}.yaml"
     if not ppath.is_file():
-        known = sorted(p.stem for p in (config_dir / "profiles").glob("*.yaml"))
+        known = profile_names(config_dir)
         raise ConfigError(f"profile {profile!r}: no file {ppath}; known profiles: {known}")
     _deep_merge(merged, _read_yaml(ppath), origin, str(ppath))
     merged["profile"] = profile

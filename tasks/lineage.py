@@ -39,25 +39,40 @@ def code_version() -> str:
         return f"pkg:{__version__}"
 
 
-# Modules that drive, serve, watch or report, and never shape a partition, a tokenizer, shards or weights
-NOT_IN_OUTPUTS = frozenset({"cli.py", "lifecycle.py", "status.py", "reports.py", "traffic.py", "stack.py", "k8s.py",
-                            "autoscale.py", "cost.py", "drift.py", "rollout.py", "progress.py", "export.py"})
+TASKS_DIR = Path(__file__).resolve().parent
+
+# What can shape an artifact, by package. A package imports only from the packages below it (the layers
+# contract in pyproject.toml, checked by `make lint`), so an artifact depends on the code of the package
+# that makes it and of the packages it imports, and on nothing above: serve/, judge/, loop/ and ops/ never
+# enter a run id or a partition's skip check. The base modules (config, atomic, lineage, ...) shape nothing
+# by their code: what a config says is in the config hash, and how a file is written does not change its
+# bytes. tests/unit/test_code_hash.py checks each scope against the import graph.
+SCOPES: dict[str, tuple[str, ...]] = {
+    "data": ("data",),                       # an ingested partition, its validation, the snapshot
+    "shards": ("data", "model"),             # the tokenizer and shards (rendered with model/chat_template)
+    "model": ("data", "model", "train"),     # a training run's id and its weights
+}
+# the scope each lineage kind is hashed with
+KIND_SCOPE = {"clean_partition": "data", "snapshot": "data", "tokenizer": "shards", "shards": "shards", "model": "model"}
+
+
+def code_hash(scope: str = "model", root: Path | None = None) -> str:
+    """sha256 over the source of the packages in SCOPES[scope] (every .py by path relative to `root`, in
+    order): what an artifact of that scope can depend on. A commit that changes only docs, tests, DAG wiring,
+    the CLI, serving, judging or the loop keeps it, so the content-hash skips survive it; `code_version`
+    still says which commit made an artifact."""
+    return _tree_hash(scope, root or TASKS_DIR)
 
 
 @functools.cache
-def code_hash() -> str:
-    """sha256 over the source of the `tasks` modules that make data and models (every .py by relative
-    path, but NOT_IN_OUTPUTS and serve/): what a stage's output can depend on. A commit that changes
-    only docs, tests, DAG wiring, the CLI or serving keeps it, so the content-hash skips survive it;
-    `code_version` still says which commit made an artifact."""
-    root = Path(__file__).resolve().parent
+def _tree_hash(scope: str, root: Path) -> str:
+    if scope not in SCOPES:
+        raise KeyError(f"code_hash: unknown scope {scope!r}; one of {sorted(SCOPES)}")
     h = hashlib.sha256()
-    for f in sorted(root.rglob("*.py")):
-        rel = f.relative_to(root)
-        if rel.as_posix() in NOT_IN_OUTPUTS or rel.parts[0] == "serve":
-            continue
-        h.update(f"{f.relative_to(root).as_posix()}\0".encode())
-        h.update(f.read_bytes())
+    for package in SCOPES[scope]:
+        for f in sorted((root / package).rglob("*.py")):
+            h.update(f"{f.relative_to(root).as_posix()}\0".encode())
+            h.update(f.read_bytes())
     return h.hexdigest()
 
 
@@ -81,7 +96,7 @@ def make_lineage(
         "tokenizer": tokenizer,
         "config_hash": config_hash,
         "code_version": code_version(),
-        "code_hash": code_hash(),
+        "code_hash": code_hash(KIND_SCOPE[kind]),
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         **(extra or {}),
     }

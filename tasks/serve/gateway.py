@@ -22,7 +22,7 @@ Shadow: while `traffic.json` holds a `shadow` share (the rollout's shadow phase)
 the requests routed to the champion is sent again to the challenger after the champion's reply
 has gone out. The challenger's reply is never shown; the pair (both replies, latencies, token
 counts, safety verdicts) is one line under data/requests/shadow/dt=YYYY-MM-DD/, which
-`tasks.rollout.shadow_report` scores. Mirrors run under their own small concurrency bound and
+`tasks.loop.rollout.shadow_report` scores. Mirrors run under their own small concurrency bound and
 are dropped (counted) rather than queued when it is full, so they cannot crowd out live traffic.
 """
 
@@ -48,11 +48,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from tasks.chat_template import PromptTooLong, encode_chat, fit_turns, with_memories
 from tasks.config import Settings
-from tasks.export import STREAM_SUFFIX, read_aliases
+from tasks.errors import ConfigError
+from tasks.model.chat_template import PromptTooLong, encode_chat, fit_turns, with_memories
 from tasks.serve.admission import PRIORITIES, Admission, Overloaded
 from tasks.serve.memory import SessionMemory
+from tasks.serve.repository import STREAM_SUFFIX, read_aliases
 from tasks.serve.safety import SafetyFilter
 from tasks.serve.sessions import SESSION_ID, open_store
 from tasks.serve.tiers import LARGE, SMALL, Decision, TierError, decide, small_model_id, tier_of_model
@@ -253,7 +254,7 @@ class RequestLog:
         self._day = None
 
     def scrub(self, text: str) -> str:
-        from tasks.text import scrub_pii
+        from tasks.data.text import scrub_pii
 
         return scrub_pii(text, self.pii_kinds, Counter())
 
@@ -552,7 +553,7 @@ def api_keys(settings: Settings) -> tuple[str, ...]:
         return ()
     keys = tuple(k.strip() for k in os.environ.get(var, "").split(",") if k.strip())
     if not keys or any(len(k) < 16 for k in keys):
-        raise ValueError(f"serve.gateway.api_keys_env={var}: set ${var} to one or more comma-separated keys "
+        raise ConfigError(f"serve.gateway.api_keys_env={var}: set ${var} to one or more comma-separated keys "
                          "of 16 characters or more")
     return keys
 

@@ -477,7 +477,7 @@ class RedisQueue:
 
 
 class Embedder:
-    """The packaged sentence-embedding model (tasks.metrics), unit-length float32 vectors, with an
+    """The packaged sentence-embedding model (tasks.judge.metrics), unit-length float32 vectors, with an
     LRU of query embeddings by content hash (repeated questions skip the encoder)."""
 
     def __init__(self, model: str, cache_size: int):
@@ -489,10 +489,10 @@ class Embedder:
     def load(self) -> None:
         import torch
 
-        from tasks.metrics import _embedder, embedding_model_dir
+        from tasks.model.encoders import embedder, embedding_model_dir
 
         torch.set_num_threads(1)  # beside the model server on a few cores: one thread, no oversubscription
-        self._model = _embedder(embedding_model_dir(self.model_name))
+        self._model = embedder(embedding_model_dir(self.model_name))
         self.dim = int(self._model.get_embedding_dimension())
 
     @property
@@ -586,7 +586,7 @@ class SessionMemory:
 
     async def remember(self, session: str, user: str | None, user_text: str, reply: str) -> bool:
         """Queue a finished exchange; the embedding happens in a worker. Returns False when dropped."""
-        from tasks.text import scrub_pii
+        from tasks.data.text import scrub_pii
 
         text = scrub_pii(condense(user_text, reply, self.cfg.summary_max_chars), self.pii_kinds, Counter())
         ok = await self.queue.put(Job(session, user, text, exchange_hash(user_text, reply)))

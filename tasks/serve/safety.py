@@ -37,7 +37,7 @@ class SafetyFilter:
         self.version = f"{cfg.version}+{hashlib.sha256(rules.encode()).hexdigest()[:8]}"
 
     def check(self, text: str) -> Verdict:
-        from tasks.metrics import toxicity_scores
+        from tasks.model.encoders import toxicity_scores
 
         score = toxicity_scores([text])[0] if text.strip() else 0.0
         for i, pat in enumerate(self.patterns):

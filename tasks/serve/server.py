@@ -20,9 +20,10 @@ from typing import Any
 import httpx
 
 from tasks.config import PROJECT_DIR, Settings
-from tasks.export import STREAM_SUFFIX, export, served_versions
+from tasks.procs import alive, pidfile, stop_groups
 from tasks.serve import triton
-from tasks.stack import alive, pidfile, stop_groups
+from tasks.serve.export import export
+from tasks.serve.repository import STREAM_SUFFIX, served_versions
 
 COMPONENTS = ("tritonserver", "gateway")
 

@@ -31,12 +31,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tasks.config import RoutingConfig
+from tasks.errors import InputError
 
 SMALL, LARGE = "small", "large"
 HEADER_VALUES = (SMALL, LARGE, "auto")
 
 
-class TierError(ValueError):
+class TierError(InputError):
     """A tier header the policy cannot follow; the gateway answers 400 naming the header."""
 
 

@@ -25,11 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.config import PROJECT_DIR, Settings
-from tasks.stack import reap
+from tasks.errors import ServiceError
+from tasks.procs import reap
 
 
-class TritonError(RuntimeError):
-    pass
+class TritonError(ServiceError):
+    """tritonserver is missing, did not start, or refused a repository request."""
 
 
 def _pytriton_dir() -> Path:
@@ -160,7 +161,7 @@ def load(http_url: str, name: str, config: dict | None = None) -> None:
     `config` (a model configuration as /v2/models/<name>/config returns it) the model is loaded with
     that configuration instead of its config.pbtxt; nothing on disk changes. A plain load after such
     an override keeps the override while the model directory is unchanged: load the old
-    configuration back explicitly (tasks/tune.py does)."""
+    configuration back explicitly (tasks/serve/tune.py does)."""
     import json
 
     import httpx

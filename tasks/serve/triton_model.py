@@ -11,7 +11,7 @@ sender, then a final one with the finish reason and token counts.
 
 Leading system messages are tokenized once per content hash, and a batch whose rows share them
 (serve.triton.prefix_cache_min_tokens or more) starts its prefill from their cached K/V (up to
-serve.triton.prefix_cache_mb per instance; 0: off). See tasks/prefix_cache.py.
+serve.triton.prefix_cache_mb per instance; 0: off). See tasks/model/prefix_cache.py.
 
 Inputs (per request):  messages STRING (JSON list of {role, content}), max_tokens INT32,
                        temperature FP32, top_p FP32, seed INT64 (all but messages optional)

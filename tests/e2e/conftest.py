@@ -8,9 +8,9 @@ import shutil
 import pytest
 import yaml
 
-from tasks import stack
-from tasks.synth import synth
-from tasks.train import free_port
+from tasks.data.synth import synth
+from tasks.ops import stack
+from tasks.procs import free_port
 from tests.conftest import REPO, make_settings
 
 # what the whole stack (Airflow's workers too) runs with: short windows, small guards, 30 steps

@@ -7,7 +7,7 @@ import sys
 import pendulum
 import pytest
 
-from tasks.synth import synth
+from tasks.data.synth import synth
 from tests.conftest import REPO, make_settings
 
 pytestmark = pytest.mark.slow

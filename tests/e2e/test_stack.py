@@ -14,9 +14,10 @@ import httpx
 import psutil
 import pytest
 
-from tasks import stack
-from tasks.synth import traffic
-from tasks.traffic import Load
+from tasks.loop.traffic import Load, traffic
+from tasks.ops import stack
+from tasks.ops.airflow_client import AirflowClient
+from tasks.procs import alive
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
@@ -25,7 +26,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.services]
 def _listening(settings) -> set[tuple[str, int]]:
     pids = set()
     for name in ("airflow-api-server", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer", "mlflow"):
-        pgid = stack.alive(settings, name)
+        pgid = alive(settings, name)
         assert pgid, f"{name} is not running"
         pids |= {p.pid for p in psutil.process_iter() if _pgid(p.pid) == pgid}
     return {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("inet")
@@ -52,7 +53,7 @@ def test_every_server_binds_loopback_only(running):
 
 def test_trigger_and_backfill_through_scheduler(running):
     s, _ = running
-    client = stack.AirflowClient(s)
+    client = AirflowClient(s)
     client.wait_for_dag("chat_ingest", timeout=180)
     client.unpause("chat_ingest")
     # the UI's Trigger form: a manual run with the `day` param
@@ -103,7 +104,7 @@ def test_trigger_and_backfill_through_scheduler(running):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "tasks.cli", "backfill", "--from", "2026-11-02", "--to", "2026-11-03",
+    out = subprocess.run([sys.executable, "-m", "tasks", "backfill", "--from", "2026-11-02", "--to", "2026-11-03",
                           "--set", f"paths.root={s.paths.root}", "--set", f"stack.airflow_port={s.stack.airflow_port}",
                           "--set", f"stack.mlflow_port={s.stack.mlflow_port}"],
                          capture_output=True, text=True, timeout=900, cwd=REPO)
@@ -130,11 +131,11 @@ def _wait_for_run(client, dag_id: str, known: set[str], timeout: float = 300.0) 
 def test_closed_loop_drift_retrains_and_promotes_then_a_slow_challenger_is_rolled_back(running):
     import mlflow
 
-    from tasks.export import read_aliases
     from tasks.serve import server
+    from tasks.serve.repository import read_aliases
 
     s, _ = running
-    client = stack.AirflowClient(s)
+    client = AirflowClient(s)
     mlc = mlflow.MlflowClient(tracking_uri=f"http://127.0.0.1:{s.stack.mlflow_port}")
     base = server.urls(s)["gateway"].removesuffix("/v1")
 
@@ -219,10 +220,10 @@ def test_a_chat_shards_event_starts_chat_train_and_status_shows_the_system(runni
     """The Asset trigger: an event on chat_shards (what chat_ingest's shard task emits) starts chat_train
     with the event's manifest; those shards are trained and registered already, so it skips the rest.
     Then `llmops status` sees it all through the same REST API and MLflow."""
-    from tasks import status
+    from tasks.ops import status
 
     s, _ = running
-    client = stack.AirflowClient(s)
+    client = AirflowClient(s)
     manifest = sorted(s.paths.shards.glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)[-1]
     asset = client.http.get("/api/v2/assets", params={"name_pattern": "chat_shards"}).json()["assets"][0]
     client.unpause("chat_train")

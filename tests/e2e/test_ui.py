@@ -18,7 +18,8 @@ from urllib.parse import unquote
 
 import pytest
 
-from tasks import stack
+from tasks.ops import stack
+from tasks.ops.airflow_client import AirflowClient
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
@@ -51,7 +52,7 @@ def _shot(page, name: str, target=None) -> Path:
     return path
 
 
-def _wait_idle(client: stack.AirflowClient, dag_id: str, timeout: float) -> None:
+def _wait_idle(client: AirflowClient, dag_id: str, timeout: float) -> None:
     """Until the DAG has no queued or running run (max_active_runs=1: ours would wait behind it)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -62,7 +63,7 @@ def _wait_idle(client: stack.AirflowClient, dag_id: str, timeout: float) -> None
                          f"{[(r['dag_run_id'], r['state']) for r in client.runs(dag_id)]}")
 
 
-def _wait_started(client: stack.AirflowClient, run_id: str, timeout: float) -> None:
+def _wait_started(client: AirflowClient, run_id: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while client.run_state("chat_train", run_id) == "queued":
         if time.monotonic() > deadline:
@@ -71,7 +72,7 @@ def _wait_started(client: stack.AirflowClient, run_id: str, timeout: float) -> N
         time.sleep(3.0)
 
 
-def _prepare(s, client: stack.AirflowClient) -> None:
+def _prepare(s, client: AirflowClient) -> None:
     """Shards to train on, no deploy started by the registration, chat_train unpaused and idle."""
     for dag_id in ("chat_ingest", "chat_train", "chat_deploy", "chat_monitor"):
         client.wait_for_dag(dag_id, timeout=180)
@@ -112,7 +113,7 @@ def test_trigger_chat_train_from_the_web_ui(chromium, running):
     s, info = running
     base = info["airflow"]
     password = json.loads((stack.airflow_home(s) / "simple_auth_manager_passwords.json.generated").read_text())["admin"]
-    client = stack.AirflowClient(s)
+    client = AirflowClient(s)
     _prepare(s, client)
     params = client.http.get("/api/v2/dags/chat_train/details").json()["params"]
     for key, (_, title) in FIELDS.items():

@@ -148,7 +148,7 @@ def test_deleting_a_session_removes_turns_summaries_vectors_and_queued_exchanges
 def test_a_memory_worker_process_embeds_what_the_gateway_queued(tmp_path, pg, redis_db):
     s = _settings(tmp_path, "production", pg)
     sid = f"w-{uuid.uuid4().hex[:6]}"
-    args = [sys.executable, "-m", "tasks.cli", "memory-worker", "--set", f"paths.root={tmp_path}",
+    args = [sys.executable, "-m", "tasks", "memory-worker", "--set", f"paths.root={tmp_path}",
             *[a for x in (f"serve.memory.index={pg}", f"serve.memory.queue={REDIS_URL}") for a in ("--set", x)]]
     log = tmp_path / "worker.log"
     with open(log, "wb") as out:

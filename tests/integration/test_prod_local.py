@@ -19,9 +19,10 @@ import httpx
 import pytest
 import yaml
 
-from tasks import stack
-from tasks.synth import synth
-from tasks.train import free_port
+from tasks.data.synth import synth
+from tasks.ops import stack
+from tasks.ops.airflow_client import AirflowClient
+from tasks.procs import alive, free_port, venv_bin
 from tests.conftest import REPO, make_settings
 from tests.integration.test_context_store import _redis_up
 
@@ -108,7 +109,7 @@ def prod(tmp_path_factory):
                 os.environ[k] = v
 
 
-def _latencies(client: stack.AirflowClient, dag_id: str, run_id: str) -> list[float]:
+def _latencies(client: AirflowClient, dag_id: str, run_id: str) -> list[float]:
     """Seconds from a task instance being queued to its start on the worker."""
     tis = client._ok(client.http.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances"))["task_instances"]
     return [(dt.datetime.fromisoformat(t["start_date"]) - dt.datetime.fromisoformat(t["queued_when"])).total_seconds()
@@ -124,14 +125,14 @@ def test_airflow_runs_on_postgres_and_celery_and_mlflow_needs_credentials(prod):
     # every socket the stack listens on, the Celery worker's included, is on 127.0.0.1
     import psutil
 
-    groups = {stack.alive(s, n) for n in info["started"]}
+    groups = {alive(s, n) for n in info["started"]}
     pids = {p.pid for p in psutil.process_iter() if _pgid(p.pid) in groups}
     listening = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("inet")
                  if c.status == psutil.CONN_LISTEN and c.pid in pids}
     assert ("127.0.0.1", s.stack.airflow_port) in listening and ("127.0.0.1", s.stack.mlflow_port) in listening
     assert all(ip == "127.0.0.1" for ip, _ in listening), listening
     # the metadata really is in Postgres: the DAGs the dag-processor parsed are rows there
-    client = stack.AirflowClient(s)
+    client = AirflowClient(s)
     client.wait_for_dag("chat_ingest", timeout=180)
     db = s.stack.airflow_db_url.replace("postgresql+psycopg://", "postgresql://")
     with psycopg.connect(db) as conn:
@@ -189,11 +190,11 @@ def test_airflow_runs_on_postgres_and_celery_and_mlflow_needs_credentials(prod):
 
 def test_days_backfilled_with_the_airflow_cli_then_reprocessed_give_identical_hashes(prod):
     s, _ = prod
-    client = stack.AirflowClient(s)
+    client = AirflowClient(s)
     synth(s, days=3, start="2026-11-02", records=60, faults=True, chatterbot=False)
 
     def backfill_with_the_cli() -> dict[str, str]:
-        r = subprocess.run([stack._bin("airflow"), "backfill", "create", "--dag-id", "chat_ingest",
+        r = subprocess.run([venv_bin("airflow"), "backfill", "create", "--dag-id", "chat_ingest",
                             "--from-date", "2026-11-02", "--to-date", "2026-11-04", "--max-active-runs", "2",
                             "--reprocess-behavior", "completed"], env=stack.airflow_env(s), capture_output=True,
                            text=True, timeout=300)

@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from tasks.ingest import ingest
-from tasks.registry import GateFailed, evaluate_and_register, load_by_alias, promote
-from tasks.shard import shard
-from tasks.snapshot import snapshot
-from tasks.synth import synth
-from tasks.train import mlflow_client, train
+from tasks.data.ingest import ingest
+from tasks.data.shard import shard
+from tasks.data.snapshot import snapshot
+from tasks.data.synth import synth
+from tasks.judge.registry import GateFailed, load_by_alias, promote
+from tasks.judge.release import evaluate_and_register
+from tasks.tracking import mlflow_client
+from tasks.train.launch import train
 from tests.conftest import make_settings
 
 pytestmark = pytest.mark.slow
@@ -40,8 +42,9 @@ def test_register_promote_load_and_refuse_a_worse_model(root):
     reg = out["registered"]
     assert (reg["version"], reg["alias"]) == (1, "challenger")
     # what chat_train's check_inputs asks before training: is this run's identity registered already?
-    from tasks.registry import registered_run
-    from tasks.train import latest_manifest, run_identity
+    from tasks.data.shard import latest_manifest
+    from tasks.judge.registry import registered_run
+    from tasks.train.launch import run_identity
 
     assert good["run_id"] == run_identity(s, latest_manifest(s))
     assert registered_run(s, good["run_id"]) == 1
@@ -85,7 +88,7 @@ def test_register_promote_load_and_refuse_a_worse_model(root):
         assert q4["registered"]["alias"] == "challenger-int4"
         v4 = client.get_model_version("chat-gpt", str(q4["registered"]["version"]))
         assert v4.tags["variant"] == "int4" and v4.tags["variant.group_size"] == str(s.eval.int4_group_size)
-        from tasks.quantize import Int4Linear
+        from tasks.judge.quantize import Int4Linear
 
         qmodel4, _, _ = load_by_alias(s, "challenger-int4")
         assert {m.group_size for m in qmodel4.modules() if isinstance(m, Int4Linear)} == {s.eval.int4_group_size}
@@ -97,7 +100,7 @@ def test_register_promote_load_and_refuse_a_worse_model(root):
     assert client.get_model_version("chat-gpt", "1").tags["promoted_by"] == "tester"
 
     # round trip: the champion, loaded from MLflow's artifacts, generates what the trained weights do
-    from tasks.evaluate import load_chat_model
+    from tasks.judge.evaluate import load_chat_model
 
     model, tok, version = load_by_alias(s, "champion")
     ref_model, _, _ = load_chat_model(Path(good["weights"]).parent)

@@ -12,17 +12,21 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tasks import rollout
-from tasks.evaluate import evaluate
-from tasks.export import export, read_aliases
-from tasks.ingest import ingest
-from tasks.registry import evaluate_and_register, promote, register
+from tasks.data.ingest import ingest
+from tasks.data.shard import shard
+from tasks.data.snapshot import snapshot
+from tasks.data.synth import synth
+from tasks.judge.evaluate import evaluate
+from tasks.judge.registry import promote, register
+from tasks.judge.release import evaluate_and_register
+from tasks.loop import rollout
+from tasks.loop.traffic import Load
+from tasks.procs import free_port
 from tasks.serve import triton
-from tasks.shard import shard
-from tasks.snapshot import snapshot
-from tasks.synth import synth
-from tasks.traffic import Load
-from tasks.train import free_port, mlflow_client, train
+from tasks.serve.export import export
+from tasks.serve.repository import read_aliases
+from tasks.tracking import mlflow_client
+from tasks.train.launch import train
 from tests.conftest import make_settings
 from tests.integration.test_serving import FAST, _gateway
 
@@ -95,7 +99,7 @@ def test_canary_promotes_a_comparable_challenger_then_rolls_back_a_slow_one(stac
     # a slow challenger: version 1 again, with a rollout drill adding 40 ms per token
     rollout.drill(s, 1, 40.0)
     client.set_registered_model_alias("chat-gpt", "challenger", "1")
-    from tasks.export import write_aliases
+    from tasks.serve.repository import write_aliases
 
     write_aliases(s.paths.triton_repository, "chat-gpt", {"champion": 2, "challenger": 1})
     steps.clear()

@@ -20,17 +20,19 @@ import httpx
 import numpy as np
 import pytest
 
-from tasks.chat_template import EOS, EOT, encode_chat, render_chat
-from tasks.evaluate import load_chat_model
-from tasks.export import export, export_dir, served_versions
-from tasks.ingest import ingest
-from tasks.registry import evaluate_and_register
+from tasks.data.ingest import ingest
+from tasks.data.shard import shard
+from tasks.data.snapshot import snapshot
+from tasks.data.synth import synth
+from tasks.judge.evaluate import load_chat_model
+from tasks.judge.release import evaluate_and_register
+from tasks.model.chat_template import EOS, EOT, encode_chat, render_chat
+from tasks.procs import free_port
 from tasks.serve import triton
+from tasks.serve.export import export, export_dir
+from tasks.serve.repository import served_versions
 from tasks.serve.server import wait_gateway
-from tasks.shard import shard
-from tasks.snapshot import snapshot
-from tasks.synth import synth
-from tasks.train import free_port, train
+from tasks.train.launch import train
 from tests.conftest import REPO, make_settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
@@ -256,7 +258,7 @@ def _loopback(ip: str) -> bool:
 
 
 def test_llmops_chat_streams_a_conversation(gateway):
-    out = subprocess.run([sys.executable, "-m", "tasks.cli", "chat", "--base-url", f"{gateway}/v1", "--model",
+    out = subprocess.run([sys.executable, "-m", "tasks", "chat", "--base-url", f"{gateway}/v1", "--model",
                           "chat-gpt:1", "--max-tokens", "8", "--session", "cli-test"],
                          input="Hello there\nAnd my order?\n", capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode == 0, out.stderr
@@ -643,11 +645,11 @@ def test_tiers_route_each_kind_of_request_with_headers_logs_and_metrics(small_ti
 
 
 def test_canary_and_shadow_apply_per_tier(root, small_tier, gateway):
-    """`tasks.rollout` pointed at the small tier by configuration moves only the small tier's traffic,
+    """`tasks.loop.rollout` pointed at the small tier by configuration moves only the small tier's traffic,
     mirrors to the small tier's challenger, and judges only the small tier's requests."""
     import datetime as dt
 
-    from tasks import rollout
+    from tasks.loop import rollout
 
     s = small_tier
     small = make_settings(root, *FAST, f"serve.triton.model_name={SMALL}", f"tracking.registered_model={SMALL}")

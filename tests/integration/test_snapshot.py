@@ -5,9 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tasks.ingest import ingest
-from tasks.snapshot import corpus_partitions, load_snapshot, snapshot
-from tasks.synth import synth_day
+from tasks.data.ingest import ingest
+from tasks.data.snapshot import corpus_partitions, load_snapshot, snapshot
+from tasks.data.synth import synth_day
 
 
 def test_snapshot_versions_pushes_and_restores(settings):

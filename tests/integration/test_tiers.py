@@ -13,15 +13,16 @@ from pathlib import Path
 import pytest
 
 from tasks.atomic import sha256_file
-from tasks.distill import distill, distill_and_register, resolve_teacher
-from tasks.export import export
-from tasks.ingest import ingest
-from tasks.registry import evaluate_and_register
-from tasks.reproduce import reproduce
-from tasks.shard import shard
-from tasks.snapshot import remote_url, snapshot
-from tasks.synth import synth
-from tasks.train import mlflow_client, train
+from tasks.data.ingest import ingest
+from tasks.data.shard import shard
+from tasks.data.snapshot import remote_url, snapshot
+from tasks.data.synth import synth
+from tasks.judge.release import distill_and_register, evaluate_and_register
+from tasks.judge.reproduce import reproduce
+from tasks.serve.export import export
+from tasks.tracking import mlflow_client
+from tasks.train.distill import distill, resolve_teacher
+from tasks.train.launch import train
 from tests.conftest import make_settings
 
 pytestmark = pytest.mark.slow

@@ -17,11 +17,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tasks.ingest import ingest
-from tasks.shard import shard
-from tasks.snapshot import snapshot
-from tasks.synth import synth
-from tasks.train import train
+from tasks.data.ingest import ingest
+from tasks.data.shard import shard
+from tasks.data.snapshot import snapshot
+from tasks.data.synth import synth
+from tasks.train.launch import train
 from tests.conftest import REPO, make_settings
 
 pytestmark = pytest.mark.slow
@@ -85,8 +85,7 @@ def test_zero2_loss_goes_down_and_is_tracked(reference, root):
 def test_final_weights_load_without_pickle_and_generate(reference):
     from safetensors.torch import load_file
 
-    from tasks.model import GPT, GPTConfig
-    from tasks.train_worker import load_weights
+    from tasks.model.gpt import GPT, GPTConfig, load_weights
 
     cfg = json.loads(Path(reference["run_dir"], "final", "config.json").read_text())["model"]
     model = GPT(GPTConfig(**cfg))
@@ -114,7 +113,7 @@ def _rank_pids(run_dir: Path) -> list[int]:
 
 def test_kill_and_resume_matches_uninterrupted_run(reference, root):
     kill_after = random.Random(os.getpid()).randint(12, 27)  # a random step past the first checkpoint
-    args = [sys.executable, "-m", "tasks.train", "--no-resume", "--profile", "tiny",
+    args = [sys.executable, "-m", "tasks.train.launch", "--no-resume", "--profile", "tiny",
             "--set", f"paths.root={root}", *[x for t in TRAIN for x in ("--set", t)], "--set", "train.zero_stage=2"]
     metrics = Path(reference["run_dir"], "metrics.jsonl")
     metrics.unlink()  # so that only the new run's rows are seen below
@@ -138,7 +137,7 @@ def test_kill_and_resume_matches_uninterrupted_run(reference, root):
 
 def test_crash_during_checkpoint_write_keeps_previous(reference, root, monkeypatch):
     monkeypatch.setenv("LLMOPS_TEST_CRASH_IN_CHECKPOINT", "20")
-    from tasks.train import TrainError
+    from tasks.train.launch import TrainError
 
     with pytest.raises(TrainError, match="exited with status"):
         train(_settings(root, "train.zero_stage=2"), resume=False)
@@ -165,7 +164,7 @@ def test_resume_with_another_world_size_uses_consolidated_weights(reference, roo
     """2 ranks crash after step 10's checkpoint; 1 rank with grad_accum=2 (same global batch, same
     run) resumes from the consolidated fp32 weights. Optimizer moments restart (the documented
     limit), so the curve after resume is close to, not equal to, the uninterrupted one."""
-    from tasks.train import TrainError
+    from tasks.train.launch import TrainError
 
     monkeypatch.setenv("LLMOPS_TEST_CRASH_IN_CHECKPOINT", "20")
     with pytest.raises(TrainError):

@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from tasks import tune
-from tasks.export import export_dir
-from tasks.ingest import ingest
-from tasks.serve import triton
-from tasks.shard import shard
-from tasks.snapshot import snapshot
-from tasks.synth import synth
-from tasks.train import free_port
+from tasks.data.ingest import ingest
+from tasks.data.shard import shard
+from tasks.data.snapshot import snapshot
+from tasks.data.synth import synth
+from tasks.procs import free_port
+from tasks.serve import triton, tune
+from tasks.serve.export import export_dir
 from tests.conftest import make_settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
@@ -44,7 +43,7 @@ def server(tmp_path_factory):
     from safetensors.torch import save_file
     from tokenizers import Tokenizer
 
-    from tasks.model import GPT, GPTConfig
+    from tasks.model.gpt import GPT, GPTConfig
 
     root = tmp_path_factory.mktemp("tune")
     s = _settings(root)
@@ -119,7 +118,7 @@ def test_tuning_a_real_server_reports_a_choice_within_the_slo_and_puts_the_confi
 def test_the_config_is_put_back_when_tuning_fails_midway(server, monkeypatch):
     s, tp = server
     before = triton.model_config(tp.http_url, MODEL)
-    from tasks import loadgen
+    from tasks.serve import loadgen
 
     real, calls = loadgen.run, []
 
@@ -140,7 +139,7 @@ def test_the_config_is_put_back_when_tuning_fails_midway(server, monkeypatch):
 def test_cli_exits_1_when_no_setting_meets_the_slo_and_applies_nothing(server):
     from typer.testing import CliRunner
 
-    from tasks.cli import app
+    from tasks.ops.cli import app
 
     s, tp = server
     pbtxt = s.paths.triton_repository / MODEL / "config.pbtxt"

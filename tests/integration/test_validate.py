@@ -7,9 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.atomic import atomic_dir
-from tasks.ingest import SCHEMA, ingest
-from tasks.synth import synth_day
-from tasks.validate import ValidationFailed, validate
+from tasks.data.ingest import SCHEMA, ingest
+from tasks.data.synth import synth_day
+from tasks.data.validate import ValidationFailed, validate
 
 DAY = "2026-11-01"
 

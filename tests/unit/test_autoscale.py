@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from tasks.autoscale import (
+from tasks.config import AutoscaleConfig
+from tasks.loop.autoscale import (
     AutoscaleError,
     derive,
     last_change_at,
@@ -22,9 +23,8 @@ from tasks.autoscale import (
     simulate,
     summarize,
 )
-from tasks.cli import app
-from tasks.config import AutoscaleConfig
-from tasks.train import free_port
+from tasks.ops.cli import app
+from tasks.procs import free_port
 from tests.conftest import REPO, make_settings
 
 CFG = AutoscaleConfig()  # min 1, max 8, warm 1, target 0.7, queue 2/instance, scale-in below 0.3, cooldown 300 s

@@ -24,8 +24,20 @@ def test_tasks_never_import_airflow():
     assert offenders == []
 
 
+def task_modules() -> list[str]:
+    """Every module of the tasks package but the entry point (it runs the CLI) and the Triton model (it imports
+    Triton's backend utilities, which exist only inside tritonserver's Python stub)."""
+    mods = []
+    for path in sorted((REPO / "tasks").rglob("*.py")):
+        name = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        if name not in ("tasks.__main__", "tasks.serve.triton_model"):
+            mods.append(name)
+    return mods
+
+
 def test_importing_every_task_module_loads_no_airflow():
-    mods = [f"tasks.{p.stem}" for p in sorted((REPO / "tasks").glob("*.py")) if p.stem != "__init__"]
+    mods = task_modules()
+    assert len(mods) > 50 and "tasks.judge.release" in mods
     code = f"import importlib, sys\nfor m in {mods!r}: importlib.import_module(m)\nprint(sorted(k for k in sys.modules if k.split('.')[0] == 'airflow'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "[]"

@@ -5,7 +5,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from tasks.cli import app
+from tasks.ops.cli import app
 from tests.conftest import REPO
 
 runner = CliRunner()
@@ -20,10 +20,10 @@ def test_help_on_every_command(cmd):
     assert r.exit_code == 0 and "Usage" in r.output
 
 
-@pytest.mark.parametrize("stage", ["ingest", "validate", "snapshot", "shard"])
-def test_python_dash_m_stage(stage):
-    r = subprocess.run([sys.executable, "-m", f"tasks.{stage}", "--help"], capture_output=True, text=True, cwd=REPO)
-    assert r.returncode == 0 and f"python -m tasks.{stage}" in r.stdout
+@pytest.mark.parametrize("stage", ["ingest", "validate", "snapshot", "shard", "train", "evaluate", "export", "serve"])
+def test_python_dash_m_tasks_stage(stage):
+    r = subprocess.run([sys.executable, "-m", "tasks", stage, "--help"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0 and f"python -m tasks {stage}" in r.stdout
 
 
 def test_bad_config_exits_2_naming_the_key(tmp_path):
@@ -47,7 +47,7 @@ def test_the_first_snapshot_prints_only_its_json_on_stdout(tmp_path):
     root = ["--set", f"paths.root={tmp_path}"]
     assert runner.invoke(app, ["synth", "--days", "1", "--records", "30", *root]).exit_code == 0
     assert runner.invoke(app, ["ingest", "--day", "2026-11-01", *root]).exit_code == 0
-    r = subprocess.run([sys.executable, "-m", "tasks.cli", "snapshot", *root], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "tasks", "snapshot", *root], capture_output=True, text=True,
                        cwd=REPO, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout)["snapshot_hash"], r.stdout
@@ -70,7 +70,7 @@ def test_synth_traffic_writes_request_logs(tmp_path):
 
 def test_readme_cli_reference_is_the_commands_own_help():
     """The README's CLI section is generated (`llmops cli-reference`); it must not drift from the code."""
-    from tasks.cli import reference
+    from tasks.ops.cli import reference
 
     readme = (REPO / "README.md").read_text()
     start, end = "<!-- cli-reference:start -->\n```\n", "```\n<!-- cli-reference:end -->"

@@ -73,7 +73,7 @@ def test_multi_node_launch_from_a_deepspeed_hostfile(tmp_path):
     from pathlib import Path
 
     from tasks.config import TrainConfig
-    from tasks.train import launch_command
+    from tasks.train.launch import launch_command
 
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# the training nodes\nnode-a slots=8\nnode-b slots=8  # second\n")
@@ -93,7 +93,7 @@ def test_multi_node_launch_from_a_deepspeed_hostfile(tmp_path):
 
 
 def test_stack_urls_come_from_the_config_with_secrets_from_the_environment(tmp_path, monkeypatch):
-    from tasks.stack import StackError, airflow_env
+    from tasks.ops.stack import StackError, airflow_env
 
     # an Airflow variable left in the caller's environment (a test harness, a shell) changes nothing
     monkeypatch.setenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "sqlite:////elsewhere/airflow.db")

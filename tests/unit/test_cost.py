@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from tasks.cli import app
-from tasks.cost import cost_report, serving_costs
-from tasks.train import mlflow_client
+from tasks.loop.cost import cost_report, serving_costs
+from tasks.ops.cli import app
+from tasks.tracking import mlflow_client
 from tests.conftest import make_settings
 
 UTC = dt.UTC
@@ -26,7 +26,7 @@ def _ms(t: dt.datetime) -> int:
 
 def _train_run(client, exp: str, name: str, start: dt.datetime, minutes: float, params: dict[str, int], steps: int,
                device: str | None, tokens_per_s: float) -> str:
-    """A finished training run as tasks/train.py leaves it: flattened params, per-step loss, summary metrics."""
+    """A finished training run as tasks/train/launch.py leaves it: flattened params, per-step loss, summary metrics."""
     from mlflow.entities import Metric, Param, RunTag
 
     tags = [RunTag("llmops.stage", "train")] + ([RunTag("llmops.device", device)] if device else [])

@@ -32,7 +32,7 @@ def test_every_dag_has_tags_retries_docs_and_typed_params(dagbag):
         assert dag.tags, f"{dag_id} has no tags"
         assert dag.doc_md, f"{dag_id} has no doc_md"
         for t in dag.tasks:
-            if (dag_id, t.task_id) in (("chat_train", "gate"), ("chat_deploy", "shadow"), ("chat_deploy", "canary")):
+            if (dag_id, t.task_id) in (("chat_deploy", "shadow"), ("chat_deploy", "canary")):
                 assert t.retries == 0  # a verdict, deliberately not retried
                 continue
             assert t.retries >= 1, f"{dag_id}.{t.task_id} has no retries"
@@ -85,3 +85,38 @@ def test_chat_monitor_shape(dagbag):
     assert dag.max_active_runs == 1
     assert type(dag.timetable).__name__ == "DeltaTriggerTimetable", type(dag.timetable)
     assert dag.timetable.delta == timedelta(hours=1)
+
+
+def test_a_verdict_fails_on_its_first_try_and_a_service_error_is_retried(dagbag):
+    """fails_fast (under @task in every stage task): a stage error whose `retryable` is False (bad input, a
+    failed gate) becomes AirflowFailException, which Airflow does not retry; a retryable one and any other
+    exception pass through to the task's retries."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from chat_assets import fails_fast
+    from tasks.data.ingest import IngestError
+    from tasks.judge.registry import GateFailed
+    from tasks.train.launch import TrainError
+
+    def raising(exc):
+        @fails_fast
+        def body(x: int) -> int:
+            raise exc
+        return body
+
+    for verdict in (GateFailed("gate failed: perplexity 9.1 > 8.0"), IngestError("no raw input for dt=2026-11-05")):
+        with pytest.raises(AirflowFailException, match=str(verdict)):
+            raising(verdict)(1)
+    with pytest.raises(TrainError):
+        raising(TrainError("ranks exited with status 1"))(1)
+    with pytest.raises(KeyError):  # a bug is not a verdict: it keeps its traceback and its retries
+        raising(KeyError("weights"))(1)
+
+    @fails_fast
+    def fine(x: int) -> int:
+        return x + 1
+    assert fine(1) == 2 and fine.__wrapped__.__name__ == "fine"
+    # chat_train's gate and chat_ingest's ingest are wrapped: the task's python_callable is fails_fast's wrapper
+    for dag_id, task_id in (("chat_train", "gate"), ("chat_train", "register"), ("chat_ingest", "ingest")):
+        callable_ = dagbag.get_dag(dag_id).get_task(task_id).python_callable
+        assert getattr(callable_, "__wrapped__", None) is not None, f"{dag_id}.{task_id} is not under fails_fast"

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from tasks.config import ConfigError
-from tasks.distill import DistillError, resolve_teacher, student_settings
-from tasks.train_worker import distill_loss
+from tasks.train.distill import DistillError, resolve_teacher, student_settings
+from tasks.train.rank import distill_loss
 from tests.conftest import make_settings
 
 

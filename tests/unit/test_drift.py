@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 
 from tasks.config import MonitorConfig, RetrainGuard
-from tasks.drift import auc_bound, charset, drift_report, guard, kl_divergence
+from tasks.loop.drift import auc_bound, charset, drift_report, guard, kl_divergence
 from tests.conftest import make_settings
 from tests.unit.test_serving_parts import _tokenizer
 

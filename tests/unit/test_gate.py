@@ -1,5 +1,5 @@
 from tasks.config import GateRule, load_settings
-from tasks.gate import evaluate_gate
+from tasks.judge.gate import evaluate_gate
 
 RULES = [
     GateRule(metric="perplexity", better="lower", max=100, max_regression=0.10),

@@ -3,8 +3,9 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.ingest import IngestError, RejectRateExceeded, ingest, read_partition
-from tasks.synth import FAULT_KINDS, copy_chatterbot, synth_day
+from tasks.data.ingest import IngestError, RejectRateExceeded, ingest
+from tasks.data.partition import PartitionError, read_partition
+from tasks.data.synth import FAULT_KINDS, copy_chatterbot, synth_day
 from tests.conftest import make_settings, write_raw
 
 DAY = "2026-11-01"
@@ -136,7 +137,7 @@ def test_chatterbot_yaml_faults(settings):
 
 @pytest.mark.parametrize("day", ["2026-13-01", "../../etc", "2026-11-01/../x", ""])
 def test_bad_day_rejected_before_any_work(settings, day):
-    with pytest.raises(IngestError, match="expected a date"):
+    with pytest.raises(PartitionError, match="expected a date"):
         ingest(day, settings)
 
 
@@ -146,7 +147,7 @@ def test_no_input_is_a_clear_error(settings):
 
 
 def test_unchanged_input_is_skipped_and_any_change_runs_again(settings):
-    from tasks.ingest import is_current
+    from tasks.data.ingest import is_current
 
     synth_day(settings, DAY, records=40, faults=True)
     assert not is_current(settings, DAY)

@@ -8,7 +8,7 @@ import re
 
 import yaml
 
-from tasks.k8s import as_dict, pod_name, train_pod
+from tasks.train.k8s import as_dict, pod_name, train_pod
 from tests.conftest import make_settings
 
 

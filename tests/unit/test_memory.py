@@ -10,8 +10,8 @@ import asyncio
 import numpy as np
 import pytest
 
-from tasks.chat_template import MEMORY_HEADER, encode_chat, with_memories
 from tasks.config import MemoryConfig
+from tasks.model.chat_template import MEMORY_HEADER, encode_chat, with_memories
 from tasks.serve.memory import LocalIndex, Memory, SessionMemory, condense, exchange_hash, history_hashes
 from tests.unit.test_serving_parts import _tokenizer
 

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from tasks import metrics as m
+from tasks.judge import metrics as m
 
 
 def test_perplexity():

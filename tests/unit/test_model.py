@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tasks.model import GPT, GPTConfig
+from tasks.model.gpt import GPT, GPTConfig
 
 
 @pytest.mark.parametrize("pos", ["rotary", "learned"])
@@ -22,7 +22,7 @@ def test_cached_logits_match_full_forward():
     m = GPT(GPTConfig(vocab_size=50, n_layer=2, n_head=4, d_model=32, block_size=32)).eval()
     idx = torch.randint(0, 50, (1, 12))
     full, _ = m(idx, targets=idx)  # all positions
-    from tasks.model import KVCache
+    from tasks.model.gpt import KVCache
 
     cache = KVCache(2)
     m(idx[:, :7], cache=cache)
@@ -70,7 +70,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 
 def test_generate_batch_matches_one_by_one():
-    from tasks.model import generate_batch
+    from tasks.model.gpt import generate_batch
 
     torch.manual_seed(0)
     m = GPT(GPTConfig(vocab_size=60, n_layer=2, n_head=2, d_model=32, block_size=32))
@@ -82,7 +82,7 @@ def test_generate_batch_matches_one_by_one():
 
 
 def test_int8_variant_is_smaller_and_close():
-    from tasks.quantize import model_bytes, quantize_int8
+    from tasks.judge.quantize import model_bytes, quantize_int8
 
     torch.manual_seed(0)
     m = GPT(GPTConfig(vocab_size=512, n_layer=2, n_head=4, d_model=128, block_size=64)).eval()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tasks.config import ConfigError, load_settings
-from tasks.export import ExportError, check_name, check_version
-from tasks.ingest import IngestError, check_day
+from tasks.data.partition import PartitionError, check_day
+from tasks.names import BadName, check_name, check_version
 from tasks.serve.sessions import SESSION_ID
 from tests.conftest import make_settings
 
@@ -15,27 +15,27 @@ EVIL = ["../etc", "..", "a/../../b", "/abs/path", "x/y", ".hidden", "ok\x00", "a
 
 @pytest.mark.parametrize("name", EVIL)
 def test_model_alias_and_session_names(name):
-    with pytest.raises(ExportError):
+    with pytest.raises(BadName):
         check_name(name)
-    with pytest.raises(ExportError):
+    with pytest.raises(BadName):
         check_name(name, "alias")
     if any(c in name for c in "/\\\x00") or not name:  # session ids are keys, never paths; still no separators
         assert not SESSION_ID.fullmatch(name)
-    with pytest.raises(ExportError):
+    with pytest.raises(BadName):
         check_version(name)
 
 
 @pytest.mark.parametrize("ref", ["../chat-gpt@1", "chat-gpt@../1", "chat-gpt@..", "a/b@1", "chat-gpt@0", "@1",
                                  "chat-gpt@/etc"])
 def test_reproduce_refs(ref):
-    from tasks.reproduce import parse_ref
+    from tasks.judge.reproduce import parse_ref
 
-    with pytest.raises(ExportError):
+    with pytest.raises(BadName):
         parse_ref(ref)
 
 
 def test_reproduce_refs_that_are_fine():
-    from tasks.reproduce import parse_ref
+    from tasks.judge.reproduce import parse_ref
 
     assert parse_ref("chat-gpt@3") == ("chat-gpt", "3")
     assert parse_ref("chat-gpt-small@challenger") == ("chat-gpt-small", "challenger")
@@ -63,15 +63,15 @@ def test_configured_names_that_become_paths(tmp_path, key):
 
 @pytest.mark.parametrize("day", ["../2026-11-01", "2026-11-01/..", "2026-13-01", "2026-11-1", "dt=2026-11-01"])
 def test_partition_days(day):
-    with pytest.raises(IngestError):
+    with pytest.raises(PartitionError):
         check_day(day)
 
 
 def test_gateway_refuses_traversal_in_session_ids_and_model_ids(tmp_path):
     from fastapi.testclient import TestClient
 
+    from tasks.procs import free_port
     from tasks.serve.gateway import create_app
-    from tasks.train import free_port
 
     s = make_settings(tmp_path, f"serve.triton.grpc_port={free_port()}")
     with TestClient(create_app(s)) as http:

@@ -1,4 +1,4 @@
-"""The model server's prefix cache (tasks/prefix_cache.py): tokenized system messages equal to
+"""The model server's prefix cache (tasks/model/prefix_cache.py): tokenized system messages equal to
 encode_chat token for token, and a cached prefix K/V that changes no logit or token, for a batch of
 one and for rows of different lengths sharing the prefix; LRU by bytes, off at 0; and the Triton
 model's `cached_tokens` output, run against a stand-in for the Python backend's utilities."""
@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.chat_template import BOS, encode_chat, render_chat
-from tasks.export import CODE, config_pbtxt
-from tasks.model import GPT, GPTConfig, generate_stream, prefill
-from tasks.prefix_cache import PrefixKV, PromptEncoder, kv_bytes, prefix_key
+from tasks.model.chat_template import BOS, encode_chat, render_chat
+from tasks.model.gpt import GPT, GPTConfig, generate_stream, prefill
+from tasks.model.prefix_cache import PrefixKV, PromptEncoder, kv_bytes, prefix_key
+from tasks.serve.export import CODE, config_pbtxt
 from tests.conftest import REPO, make_settings
 from tests.unit.test_serving_parts import _tokenizer
 
@@ -175,7 +175,7 @@ def test_export_declares_cached_tokens_and_the_cache_settings(tmp_path):
         assert '{ name: "cached_tokens" data_type: TYPE_INT32 dims: [ 1 ] }' in text
         assert 'key: "prefix_cache_mb" value: { string_value: "8.0" }' in text
         assert 'key: "prefix_cache_min_tokens" value: { string_value: "24" }' in text
-    assert CODE["prefix_cache.py"] == "tasks/prefix_cache.py"
+    assert CODE["prefix_cache.py"] == "tasks/model/prefix_cache.py"
 
 
 # ---------------------------------------------------------------- the Triton model, without Triton

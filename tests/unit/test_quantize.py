@@ -6,8 +6,7 @@ import torch
 import torch.nn as nn
 
 from tasks.config import ConfigError
-from tasks.model import GPT, GPTConfig
-from tasks.quantize import (
+from tasks.judge.quantize import (
     Int4Linear,
     QuantizeError,
     _kernel_works,
@@ -20,6 +19,7 @@ from tasks.quantize import (
     unpack_int4,
     variant_recipe,
 )
+from tasks.model.gpt import GPT, GPTConfig
 from tests.conftest import make_settings
 
 

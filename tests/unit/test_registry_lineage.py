@@ -1,6 +1,6 @@
 import pytest
 
-from tasks.registry import REQUIRED, RegistrationRefused, lineage_tags
+from tasks.judge.registry import REQUIRED, RegistrationRefused, lineage_tags
 
 LINEAGE = {"id": "model@tiny-x", "seed": 1337, "snapshot_hash": "abc", "tokenizer": {"version": "bpe2048-x", "sha256": "def"},
            "config_hash": "123", "code_version": "git:deadbeef", "parent": "shards@xyz"}

@@ -4,7 +4,7 @@ import os
 import re
 import time
 
-from tasks.reports import collect, last_drift, last_drift_at, latest, write_index
+from tasks.ops.reports import collect, last_drift, last_drift_at, latest, write_index
 
 
 def _touch(path, text="x", age_s=0.0):

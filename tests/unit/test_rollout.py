@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tasks.config import RolloutConfig
-from tasks.rollout import Sample, compare, read_requests, samples
+from tasks.loop.rollout import Sample, compare, read_requests, samples
 from tests.conftest import make_settings
 
 CFG = RolloutConfig(min_samples=50, max_p99_regression_ms=50, max_safety_regression=0.05, max_error_rate=0.02)
@@ -95,7 +95,7 @@ UNRELATED = ["The mitochondria is the powerhouse of the cell.", "Volcanic basalt
 
 
 def _pairs(s, t, n, chal_ms=100.0, chal_replies=REPLIES, chal_status=200, seed=0):
-    from tasks.export import write_aliases
+    from tasks.serve.repository import write_aliases
 
     write_aliases(s.paths.triton_repository, "chat-gpt", {"champion": 1, "challenger": 2})
     rng = np.random.default_rng(seed)
@@ -113,7 +113,7 @@ def _pairs(s, t, n, chal_ms=100.0, chal_replies=REPLIES, chal_status=200, seed=0
 
 
 def test_shadow_report_passes_a_comparable_challenger_and_writes_its_reports(tmp_path):
-    from tasks.rollout import shadow_report
+    from tasks.loop.rollout import shadow_report
 
     s = make_settings(tmp_path, "rollout.shadow_min_pairs=30")
     t = dt.datetime(2026, 11, 28, 10, tzinfo=dt.UTC)
@@ -128,7 +128,7 @@ def test_shadow_report_passes_a_comparable_challenger_and_writes_its_reports(tmp
 
 
 def test_shadow_report_fails_unrelated_replies_slow_or_failing_challengers_and_waits_for_pairs(tmp_path):
-    from tasks.rollout import shadow_report
+    from tasks.loop.rollout import shadow_report
 
     s = make_settings(tmp_path, "rollout.shadow_min_pairs=30", "rollout.min_reply_similarity=0.3")
     t = dt.datetime(2026, 11, 28, 10, tzinfo=dt.UTC)
@@ -147,9 +147,9 @@ def test_shadow_report_fails_unrelated_replies_slow_or_failing_challengers_and_w
 
 
 def test_the_gateway_mirrors_only_champion_routed_requests_by_the_shadow_share(tmp_path):
-    from tasks.export import write_aliases
-    from tasks.rollout import set_traffic
+    from tasks.loop.rollout import set_traffic
     from tasks.serve.gateway import Router
+    from tasks.serve.repository import write_aliases
 
     s = make_settings(tmp_path)
     write_aliases(s.paths.triton_repository, "chat-gpt", {"champion": 1, "challenger": 2})
@@ -169,8 +169,8 @@ def test_the_gateway_mirrors_only_champion_routed_requests_by_the_shadow_share(t
 def test_rollback_and_drill_refuse_what_is_not_there_and_touch_nothing(settings):
     """No challenger: a clear error and the traffic file untouched; a drill of an unserved version: an error,
     and no half version directory for tritonserver to choke on."""
-    from tasks import rollout
-    from tasks.export import write_aliases
+    from tasks.loop import rollout
+    from tasks.serve.repository import write_aliases
 
     repo = settings.paths.triton_repository
     (repo / "chat-gpt" / "1").mkdir(parents=True)

@@ -8,12 +8,14 @@ import json
 import pytest
 import torch
 
-from tasks.chat_template import PromptTooLong, encode_chat, fit_turns
 from tasks.config import SafetyConfig
-from tasks.export import ExportError, check_name, check_version, config_pbtxt, served_versions
-from tasks.model import GPT, GPTConfig, KVCache, generate_stream
+from tasks.model.chat_template import PromptTooLong, encode_chat, fit_turns
+from tasks.model.gpt import GPT, GPTConfig, KVCache, generate_stream
+from tasks.names import check_name, check_version
 from tasks.serve.admission import BATCH, INTERACTIVE, Admission, Overloaded
+from tasks.serve.export import ExportError, config_pbtxt
 from tasks.serve.gateway import ApiError, Router
+from tasks.serve.repository import served_versions
 from tasks.serve.safety import SafetyFilter
 from tests.conftest import make_settings
 
@@ -65,7 +67,7 @@ def _tokenizer(corpus: tuple[str, ...] = ("hello there, how can I help you today
     """A small byte-level BPE with the chat template's special tokens, trained on `corpus`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from tasks.chat_template import SPECIAL_TOKENS
+    from tasks.model.chat_template import SPECIAL_TOKENS
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -195,8 +197,8 @@ def test_preferred_batch_sizes_must_fit_max_batch_size(tmp_path):
 def test_gateway_api_keys_from_the_environment_401_without_them(tmp_path, monkeypatch):
     from fastapi.testclient import TestClient
 
+    from tasks.procs import free_port
     from tasks.serve.gateway import create_app
-    from tasks.train import free_port
 
     key = "sk-test-" + "x" * 24
     monkeypatch.setenv("LLMOPS_GATEWAY_API_KEYS", f"{key}, sk-other-{'y' * 16}")

@@ -4,11 +4,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.chat_template import BOS, EOS, SPECIAL_TOKENS, encode_chat, render_chat
-from tasks.ingest import ingest, read_partition
-from tasks.shard import ShardError, is_val, load_tokenizer, open_shard, shard, verify_shards, write_shard
-from tasks.snapshot import corpus_partitions
-from tasks.synth import synth_day
+from tasks.data.ingest import ingest
+from tasks.data.partition import read_partition
+from tasks.data.shard import ShardError, is_val, load_tokenizer, open_shard, shard, verify_shards, write_shard
+from tasks.data.snapshot import corpus_partitions
+from tasks.data.synth import synth_day
+from tasks.model.chat_template import BOS, EOS, SPECIAL_TOKENS, encode_chat, render_chat
 
 DAY = "2026-11-01"
 
@@ -120,7 +121,7 @@ def test_shard_refuses_a_snapshot_whose_partitions_changed_but_not_one_a_later_d
     # the snapshot's own day re-ingested with other content: refused
     synth_day(settings, DAY, records=60, faults=False)
     ingest(DAY, settings)
-    from tasks.snapshot import SnapshotError
+    from tasks.data.snapshot import SnapshotError
 
     with pytest.raises(SnapshotError, match=r"no longer matches snapshot .*2026-11-01"):
         shard(settings)

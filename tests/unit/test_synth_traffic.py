@@ -5,9 +5,10 @@ from __future__ import annotations
 import datetime as dt
 import random
 
-from tasks.drift import drift_report
-from tasks.rollout import read_requests, samples
-from tasks.synth import conversation, traffic
+from tasks.data.synth import conversation
+from tasks.loop.drift import drift_report
+from tasks.loop.rollout import read_requests, samples
+from tasks.loop.traffic import traffic
 from tests.conftest import make_settings
 from tests.unit.test_serving_parts import _tokenizer
 

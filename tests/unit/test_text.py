@@ -1,6 +1,6 @@
 from collections import Counter
 
-from tasks.text import normalize, scrub_pii
+from tasks.data.text import normalize, scrub_pii
 
 KINDS = ("email", "phone", "card", "ip")
 

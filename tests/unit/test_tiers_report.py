@@ -1,12 +1,12 @@
-"""The tier comparison report from two evaluation results shaped like tasks.evaluate.evaluate()'s."""
+"""The tier comparison report from two evaluation results shaped like tasks.judge.evaluate.evaluate()'s."""
 
 import json
 from pathlib import Path
 
 import pytest
 
-from tasks.reports import latest
-from tasks.tiers import TiersError, tiers_report
+from tasks.judge.tiers import TiersError, tiers_report
+from tasks.ops.reports import latest
 
 
 def _evaluation(run_id, **metrics):

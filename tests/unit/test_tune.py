@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from tasks.cli import app
 from tasks.config import ConfigError
-from tasks.train import free_port
-from tasks.tune import (
+from tasks.ops.cli import app
+from tasks.procs import free_port
+from tasks.serve.tune import (
     TuneError,
     choose,
     compare,
@@ -181,7 +181,7 @@ def test_bad_grid_values_name_the_key(tmp_path, override, key):
 
 
 def test_the_slo_and_load_shape_default_to_the_serving_config(tmp_path):
-    from tasks.tune import load_shape, slo_p99_ms
+    from tasks.serve.tune import load_shape, slo_p99_ms
 
     s = make_settings(tmp_path, "monitor.slo_p99_ms=1500", "serve.gateway.max_inflight=12")
     assert slo_p99_ms(s) == 1500 and load_shape(s)["concurrency"] == 12

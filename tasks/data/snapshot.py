@@ -1,0 +1,147 @@
+"""Version the clean corpus with DVC and push it to the DVC remote.
+
+    llmops snapshot
+
+data/ is a DVC project (initialised on first use, without git so that the stage also runs
+in a bare worker); data/clean is tracked as one directory output. The snapshot id is our
+sha256 over the partitions' content hashes; the DVC revision is the `.dir` md5 DVC gives the
+tree. Each version's `.dvc` file is kept in data/snapshots/, so any snapshot can be brought
+back by copying data/snapshots/<id>.dvcmeta to data/clean.dvc and running `dvc pull`
+(or `dvc checkout`) in data/. Unchanged data makes no new version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tasks.errors import InputError
+from tasks.atomic import atomic_file, is_complete, tree_hash, write_json
+from tasks.config import Settings
+from tasks.lineage import LINEAGE_FILE, make_lineage
+
+log = logging.getLogger(__name__)
+
+DVCIGNORE = """# in-flight and backup directories of atomic writes (tasks/atomic.py)
+.*.tmp-*
+.*.old
+snapshots/
+"""
+
+
+class SnapshotError(InputError):
+    """No clean partitions or no such snapshot."""
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Serialise snapshot runs (parallel backfill days) on one machine; DVC's own lock fails instead of waiting."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def corpus_partitions(settings: Settings) -> dict[str, str]:
+    """{dt: content_hash} of every complete clean partition."""
+    out = {}
+    for part in sorted(settings.paths.clean.glob("dt=*")):
+        if not is_complete(part):
+            log.warning("skipping %s: incomplete partition", part)
+            continue
+        out[part.name.removeprefix("dt=")] = json.loads((part / LINEAGE_FILE).read_text())["content_hash"]
+    return out
+
+
+def remote_url(settings: Settings) -> str:
+    return settings.snapshot.remote_url or str(settings.paths.var_dir / "dvcstore")
+
+
+def dvc_repo(data_dir: Path, settings: Settings):
+    from dvc.repo import Repo
+
+    if not (data_dir / ".dvc").is_dir():
+        # DVC's loggers write INFO to stdout, where the CLI's JSON goes: its one line here is ours, on stderr
+        dvc_init = logging.getLogger("dvc.repo.init")
+        level = dvc_init.level
+        dvc_init.setLevel(logging.WARNING)  # setLevel, not .level =: it clears the loggers' isEnabledFor cache
+        try:
+            Repo.init(str(data_dir), no_scm=True)
+        finally:
+            dvc_init.setLevel(level)
+        log.info("initialised a DVC project (no git) in %s", data_dir)
+    (data_dir / ".dvcignore").write_text(DVCIGNORE)
+    repo = Repo(str(data_dir))
+    url = remote_url(settings)
+    with repo.config.edit() as conf:
+        conf["remote"][settings.snapshot.remote_name] = {"url": url}
+        conf["core"]["remote"] = settings.snapshot.remote_name
+        conf["core"]["analytics"] = False
+        conf["core"]["autostage"] = False
+    return repo
+
+
+def snapshot(settings: Settings) -> dict[str, Any]:
+    data_dir = settings.paths.data_dir
+    with _locked(data_dir / ".snapshot.lock"):
+        parts = corpus_partitions(settings)
+        if not parts:
+            raise SnapshotError(f"no complete clean partitions under {settings.paths.clean}; run ingest first")
+        content_hash = tree_hash(parts)
+        record_path = settings.paths.snapshots / f"{content_hash}.json"
+        new_version = not record_path.is_file()
+
+        repo = dvc_repo(data_dir, settings)
+        try:
+            repo.add(str(data_dir / "clean"))
+            dvc_file = data_dir / "clean.dvc"
+            dvc_meta = yaml.safe_load(dvc_file.read_text())
+            rev = dvc_meta["outs"][0]["md5"]
+            pushed = repo.push(remote=settings.snapshot.remote_name) if settings.snapshot.push else 0
+        finally:
+            repo.close()
+
+        settings.paths.snapshots.mkdir(parents=True, exist_ok=True)
+        # not named *.dvc: DVC would read every copy as a second stage tracking data/clean
+        with atomic_file(settings.paths.snapshots / f"{content_hash}.dvcmeta") as tmp:
+            shutil.copyfile(dvc_file, tmp)
+        if new_version:
+            record = make_lineage(
+                "snapshot", f"snapshot@{content_hash[:12]}", config_hash=settings.hash("snapshot"),
+                seed=settings.seed, snapshot_hash=content_hash,
+                extra={"dvc_rev": rev, "partitions": parts, "remote": remote_url(settings),
+                       "files": dvc_meta["outs"][0].get("nfiles"), "bytes": dvc_meta["outs"][0].get("size")},
+            )
+            write_json(record_path, record)
+        write_json(settings.paths.snapshots / "latest.json", {"snapshot_hash": content_hash, "dvc_rev": rev})
+    log.info("snapshot %s (dvc %s): %d partitions, new_version=%s, pushed %s files", content_hash[:12], rev,
+             len(parts), new_version, pushed)
+    return {"snapshot_hash": content_hash, "dvc_rev": rev, "new_version": new_version, "partitions": len(parts),
+            "pushed_files": int(pushed or 0), "record": str(record_path), "remote": remote_url(settings)}
+
+
+def load_snapshot(settings: Settings, snapshot_hash: str | None = None) -> dict[str, Any]:
+    """The snapshot record (the latest when no hash is given)."""
+    snaps = settings.paths.snapshots
+    if snapshot_hash is None:
+        latest = snaps / "latest.json"
+        if not latest.is_file():
+            raise SnapshotError(f"no snapshot yet ({latest} missing); run `llmops snapshot` first")
+        snapshot_hash = json.loads(latest.read_text())["snapshot_hash"]
+    if not snapshot_hash.isalnum():
+        raise SnapshotError(f"snapshot id {snapshot_hash!r} is not a hash")
+    path = snaps / f"{snapshot_hash}.json"
+    if not path.is_file():
+        raise SnapshotError(f"unknown snapshot {snapshot_hash}: {path} missing")
+    return json.loads(path.read_text())

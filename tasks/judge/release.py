@@ -1,0 +1,142 @@
+"""The release of a trained model: what chat_train runs around the ranks, one function per DAG task.
+`llmops register`, `llmops distill --register`, `make run` and the tests compose the same functions,
+so the DAG and the CLI cannot drift apart.
+
+    check_inputs         the shards to train on (every sha256 verified), the run id they give with this
+                         config, seed and code, and the version already registered from that run, if any
+    evaluate_trained     the evaluation suite against the champion, attached to the training's MLflow run
+    require_gate         a failed gate stops the release here (GateFailed, a verdict: no retry)
+    register_evaluated   an MLflow model version, alias challenger, every lineage tag
+    quantize_and_report  the int8 and int4 variants, each gated against its fp32 parent, and the tiers report
+    distill_and_report   a smaller student distilled from the champion, gated and registered as its own
+                         model, and the tiers report again with it
+
+    evaluate_and_register  evaluate -> gate -> register (-> quantize + tiers report) in one call
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from tasks.config import Settings
+from tasks.judge.registry import (
+    GateFailed,
+    champion_metrics,
+    log_evaluation,
+    quantize_and_register,
+    register,
+    registered_run,
+)
+
+log = logging.getLogger(__name__)
+
+TRAINED_KEYS = ("run_id", "weights", "mlflow_run_id", "final_loss", "val_loss", "tokens_per_s", "mfu")
+
+
+def check_inputs(settings: Settings, manifest: Path | str | None = None) -> dict[str, Any]:
+    """The shards to train on (default: the latest snapshot's), verified shard by shard, the training run id
+    they give, and `registered`: the version already registered from that run (None: training would be new)."""
+    from tasks.data.shard import latest_manifest, verify_shards
+    from tasks.train.launch import run_identity
+
+    manifest = str(manifest or latest_manifest(settings))
+    m = verify_shards(Path(manifest).parent)
+    run_id = run_identity(settings, manifest)
+    return {"manifest": manifest, "snapshot_hash": m["snapshot_hash"], "tokens": m["tokens"], "run_id": run_id,
+            "registered": registered_run(settings, run_id)}
+
+
+def evaluate_trained(settings: Settings, weights_dir: Path | str) -> dict[str, Any]:
+    """The full suite against the champion's metrics (absolute bounds when there is none), logged to the
+    training's MLflow run. Returns the paths the next steps read, and the gate's verdict."""
+    from tasks.judge.evaluate import evaluate
+
+    ev = evaluate(settings, weights_dir, champion_metrics(settings))
+    log_evaluation(settings, weights_dir, ev)
+    return {"weights_dir": str(weights_dir), "run_id": ev["run_id"], "metrics": ev["metrics"],
+            "metrics_path": ev["metrics_path"], "report": ev["report"],
+            "gate": {"passed": ev["gate"]["passed"], "reason": ev["gate"]["reason"]}}
+
+
+def require_gate(evaluated: dict[str, Any], what: str = "gate") -> dict[str, Any]:
+    """`evaluated` when its gate passed; GateFailed with the reason and the report otherwise."""
+    if not evaluated["gate"]["passed"]:
+        raise GateFailed(f"{what} failed, not registered: {evaluated['gate']['reason']} (report {evaluated['report']})")
+    return evaluated
+
+
+def register_evaluated(settings: Settings, evaluated: dict[str, Any]) -> dict[str, Any]:
+    """Register the gated fp32 weights as `challenger` with the evaluation's metrics."""
+    ev = json.loads(Path(evaluated["metrics_path"]).read_text())
+    return register(settings, evaluated["weights_dir"], ev, ev["gate"])
+
+
+def quantize_and_report(settings: Settings, evaluated: dict[str, Any], registered: dict[str, Any]) -> dict[str, Any]:
+    """The int8 and int4 variants of the registered version, each evaluated, gated against its fp32 parent
+    and registered when it passes; then the tiers report (fp32, int8, int4 side by side)."""
+    from tasks.judge.tiers import tiers_report
+
+    ev = json.loads(Path(evaluated["metrics_path"]).read_text())
+    r = quantize_and_register(settings, evaluated["weights_dir"], ev, registered["version"])
+    # the comparison from the evaluations' own files (each quantized one records its bytes); distill adds the student
+    paths = {"fp32": evaluated["metrics_path"], "int8": r["int8"]["metrics_path"], "int4": r["int4"]["metrics_path"]}
+    tiers = tiers_report(settings, {t: json.loads(Path(p).read_text()) for t, p in paths.items()})
+    return {"registered": r["registered"], "gate": r["gate"], "report": r["report"],
+            "memory_ratio": r["int8"]["memory_ratio"], "speedup_b1": r["int8"]["speedup_b1"],
+            "int4": {k: r["int4"][k] for k in ("registered", "memory_ratio", "speedup_b1", "report")},
+            "tiers_report": tiers["report"], "tier_metrics": paths, "variants": r}
+
+
+def distill_and_register(settings: Settings, teacher: dict[str, Any] | None = None,
+                         manifest: Path | str | None = None, resume: bool = True) -> dict[str, Any]:
+    """distill -> the same evaluation suite -> the same gate (vs the small tier's champion, or absolute
+    bounds) -> registered as `distill.registered_model`, alias challenger. GateFailed otherwise."""
+    from tasks.train.distill import distill, resolve_teacher, student_settings
+
+    teacher = teacher or resolve_teacher(settings)
+    trained = distill(settings, teacher, manifest, resume)
+    student = student_settings(settings, teacher["weights_dir"])
+    evaluated = evaluate_trained(student, Path(trained["weights"]).parent)
+    out = {"trained": {k: trained.get(k) for k in ("run_id", "weights", "mlflow_run_id", "final_loss", "val_loss",
+                                                    "teacher_val_loss", "kd_loss", "tokens_per_s")},
+           "teacher": {k: v for k, v in teacher.items() if k != "weights_dir"},
+           "evaluation": {k: evaluated[k] for k in ("run_id", "metrics", "report", "gate", "metrics_path")}}
+    require_gate(evaluated, "student gate")
+    return {**out, "registered": register_evaluated(student, evaluated)}
+
+
+def distill_and_report(settings: Settings, fallback_version: int | None = None,
+                       tier_metrics: dict[str, str] | None = None) -> dict[str, Any]:
+    """chat_train's `distill`: the teacher is `distill.teacher_alias` (the champion), else `fallback_version`
+    (the version this run registered, when there is no champion yet); the tiers report again with the student."""
+    from tasks.judge.tiers import tiers_report
+    from tasks.train.distill import DistillError, resolve_teacher
+
+    try:
+        teacher = resolve_teacher(settings)
+    except DistillError:
+        if fallback_version is None:
+            raise
+        teacher = resolve_teacher(settings, version=fallback_version)
+    r = distill_and_register(settings, teacher)
+    paths = {**(tier_metrics or {}), "distilled": r["evaluation"]["metrics_path"]}
+    tiers = tiers_report(settings, {t: json.loads(Path(p).read_text()) for t, p in paths.items()})
+    return {"registered": r["registered"], "teacher": r["teacher"], "report": r["evaluation"]["report"],
+            "val_loss": r["trained"]["val_loss"], "teacher_val_loss": r["trained"]["teacher_val_loss"],
+            "tiers_report": tiers["report"]}
+
+
+def evaluate_and_register(settings: Settings, weights_dir: Path | str, int8: bool = True) -> dict[str, Any]:
+    """evaluate -> gate (vs the champion, or absolute bounds) -> register as challenger; GateFailed otherwise.
+    Then (int8=True) the int8 and int4 variants, each gated against this fp32 parent, and the tiers report."""
+    evaluated = require_gate(evaluate_trained(settings, weights_dir))
+    registered = register_evaluated(settings, evaluated)
+    out = {"evaluation": {k: evaluated[k] for k in ("run_id", "metrics", "report", "gate")}, "registered": registered}
+    if int8:
+        q = quantize_and_report(settings, evaluated, registered)
+        out["int8"] = q["variants"]
+        out["tiers_report"] = q["tiers_report"]
+    return out

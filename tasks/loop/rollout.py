@@ -1,0 +1,437 @@
+"""Canary analysis and the promote / roll-back decisions, judged on the gateway's request logs.
+
+    llmops rollout analyze --since 10m        # champion vs challenger over a window: the verdict and why
+    llmops rollout shadow --since 10m         # the shadow report of the mirrored pairs (HTML + JSON)
+    llmops rollout canary                     # shadow, then 5 % -> 25 % -> 50 % -> 100 %; promote or roll back
+
+The canary starts with a shadow phase (`rollout.shadow_percent` > 0): the gateway mirrors that
+share of the champion's requests to the challenger, users see only the champion's replies, and
+`shadow_report()` scores each pair (embedding similarity of the two replies, toxicity, safety
+verdicts, length, latency). A shadow that fails stops the rollout before any user is served by
+the challenger.
+
+`compare()` is the judge. With fewer than `rollout.min_samples` challenger requests it waits;
+otherwise a check fails only when the difference is both larger than its threshold and
+statistically real (one-sided Mann-Whitney U on latencies, as Kayenta does; Fisher's exact test
+on safety hits), so a noisy window cannot roll a good model back. The error rate has an absolute
+bound. Every decision is written as JSON under reports/rollout/ and as tags on the MLflow version.
+Traffic moves by rewriting models/triton/<model>/traffic.json atomically; the gateway re-reads it
+on the next request, and both versions stay loaded, so no request fails during a switch.
+
+Per tier: the gateway's small tier (serve.routing) is its own Triton model with its own aliases.json
+and traffic.json, and request-log lines name the model that served them, so all of this runs on it
+with `--set serve.triton.model_name=chat-gpt-small --set tracking.registered_model=chat-gpt-small`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from tasks.atomic import write_json
+from tasks.config import RolloutConfig, Settings
+from tasks.errors import InputError
+from tasks.serve.repository import read_aliases, write_aliases
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Sample:
+    """One version's requests in a window."""
+
+    latencies_ms: list[float] = field(default_factory=list)
+    requests: int = 0
+    errors: int = 0        # 5xx answers
+    safety_hits: int = 0   # prompts or replies the safety filter blocked
+
+    @property
+    def p99_ms(self) -> float:
+        import numpy as np
+
+        return float(np.percentile(self.latencies_ms, 99)) if self.latencies_ms else float("nan")
+
+    def rate(self, n: int) -> float:
+        return n / self.requests if self.requests else 0.0
+
+
+def read_requests(settings: Settings, since: dt.datetime, until: dt.datetime | None = None,
+                  kind: str = "") -> list[dict[str, Any]]:
+    """The gateway's request log lines with since <= ts < until (the day partitions that can hold them);
+    kind "shadow": the mirrored pairs of the shadow phase instead."""
+    until = until or dt.datetime.now(dt.UTC)
+    root = settings.paths.requests / kind if kind else settings.paths.requests
+    out = []
+    day = since.date()
+    while day <= until.date():
+        for f in sorted((root / f"dt={day.isoformat()}").glob("*.jsonl")):
+            for line in f.read_text(errors="replace").splitlines():
+                try:
+                    rec = json.loads(line)
+                    ts = dt.datetime.fromisoformat(rec["ts"])
+                except (json.JSONDecodeError, KeyError, ValueError):
+                    continue  # a line cut by a crash mid-write
+                if since <= ts < until:
+                    out.append(rec)
+        day += dt.timedelta(days=1)
+    return out
+
+
+def _of_model(rec: dict[str, Any], model: str | None) -> bool:
+    """Whether a log line is about `model`: the gateway serves two tiers (chat-gpt, chat-gpt-small) whose
+    version numbers overlap, and each tier has its own canary. A line without a model is counted."""
+    served = rec.get("model")
+    return model is None or not isinstance(served, str) or served.partition(":")[0] == model
+
+
+def samples(records: Iterable[dict[str, Any]], versions: Iterable[int], model: str | None = None) -> dict[int, Sample]:
+    """Per-version samples of the request log lines, those of Triton model `model` only when given."""
+    out = {int(v): Sample() for v in versions}
+    for r in records:
+        if not _of_model(r, model):
+            continue
+        s = out.get(r.get("version"))
+        if s is None:
+            continue
+        s.requests += 1
+        status = int(r.get("status", 200))
+        if status >= 500:
+            s.errors += 1
+        elif status == 200 and r.get("latency_ms") is not None:
+            s.latencies_ms.append(float(r["latency_ms"]))
+        if (r.get("safety_input") or {}).get("blocked") or (r.get("safety_output") or {}).get("blocked"):
+            s.safety_hits += 1
+    return out
+
+
+def compare(champion: Sample, challenger: Sample, cfg: RolloutConfig) -> dict[str, Any]:
+    """{"verdict": "pass" | "fail" | "wait", "checks": [...], "reason": str}."""
+    from scipy.stats import fisher_exact, mannwhitneyu
+
+    if challenger.requests < cfg.min_samples or champion.requests < cfg.min_samples:
+        return {"verdict": "wait", "checks": [], "reason": f"not enough requests yet (challenger "
+                f"{challenger.requests}, champion {champion.requests}; {cfg.min_samples} needed each)"}
+    checks = []
+    d_p99 = challenger.p99_ms - champion.p99_ms
+    p_lat = float(mannwhitneyu(challenger.latencies_ms, champion.latencies_ms, alternative="greater").pvalue) \
+        if challenger.latencies_ms and champion.latencies_ms else 1.0
+    checks.append({"check": "p99_latency", "challenger_ms": round(challenger.p99_ms, 2), "champion_ms": round(champion.p99_ms, 2),
+                   "delta_ms": round(d_p99, 2), "limit_ms": cfg.max_p99_regression_ms, "p_value": p_lat,
+                   "failed": bool(d_p99 > cfg.max_p99_regression_ms and p_lat < cfg.alpha)})
+    r_ch, r_cp = challenger.rate(challenger.safety_hits), champion.rate(champion.safety_hits)
+    p_saf = float(fisher_exact([[challenger.safety_hits, challenger.requests - challenger.safety_hits],
+                                [champion.safety_hits, champion.requests - champion.safety_hits]],
+                               alternative="greater").pvalue)
+    checks.append({"check": "safety_hit_rate", "challenger": round(r_ch, 4), "champion": round(r_cp, 4),
+                   "delta": round(r_ch - r_cp, 4), "limit": cfg.max_safety_regression, "p_value": p_saf,
+                   "failed": bool(r_ch - r_cp > cfg.max_safety_regression and p_saf < cfg.alpha)})
+    err = challenger.rate(challenger.errors)
+    checks.append({"check": "error_rate", "challenger": round(err, 4), "limit": cfg.max_error_rate,
+                   "failed": bool(err > cfg.max_error_rate)})
+    failed = [c for c in checks if c["failed"]]
+    reason = "; ".join(_why(c) for c in failed) or "challenger within every bound"
+    return {"verdict": "fail" if failed else "pass", "checks": checks, "reason": reason}
+
+
+def _why(c: dict[str, Any]) -> str:
+    if c["check"] == "p99_latency":
+        return (f"p99 latency {c['challenger_ms']} ms vs champion {c['champion_ms']} ms (+{c['delta_ms']} ms > "
+                f"{c['limit_ms']} ms, Mann-Whitney p={c['p_value']:.2g})")
+    if c["check"] == "safety_hit_rate":
+        return (f"safety-hit rate {c['challenger']:.1%} vs champion {c['champion']:.1%} (+{c['delta']:.1%} > "
+                f"{c['limit']:.0%}, Fisher p={c['p_value']:.2g})")
+    return f"error rate {c['challenger']:.1%} above {c['limit']:.1%}"
+
+
+def set_traffic(settings: Settings, challenger_percent: float, shadow_percent: float = 0.0) -> None:
+    """Share of sessions the gateway sends to the challenger, and share of the champion's requests it
+    mirrors to the challenger (shadow); takes effect on its next request."""
+    body = {"challenger": float(challenger_percent)}
+    if shadow_percent:
+        body["shadow"] = float(shadow_percent)
+    write_json(settings.paths.triton_repository / settings.serve.triton.model_name / "traffic.json", body)
+
+
+def _pair_sample(pairs: list[dict[str, Any]], side: str) -> Sample:
+    """One side (champion or challenger) of the mirrored pairs as a canary sample."""
+    recs = [p[side] for p in pairs if isinstance(p.get(side), dict)]
+    return samples(recs, [recs[0]["version"]])[recs[0]["version"]] if recs else Sample()
+
+
+def shadow_report(settings: Settings, since: dt.datetime, until: dt.datetime | None = None,
+                  out_dir: Path | None = None) -> dict[str, Any]:
+    """Score the mirrored pairs of a window: the canary's checks (p99 latency, safety hits, errors) on
+    the paired replies, plus the replies' embedding similarity, toxicity and length. Writes
+    reports/shadow/<time>/shadow.json and an Evidently report (shadow.html) of the challenger's
+    reply features against the champion's on the same prompts."""
+    import numpy as np
+
+    from tasks.judge import metrics as M
+
+    cfg = settings.rollout
+    name = settings.serve.triton.model_name
+    aliases = read_aliases(settings.paths.triton_repository, name)
+    pairs = [p for p in read_requests(settings, since, until, kind="shadow") if _of_model(p, name)
+             and p.get("champion", {}).get("version") == aliases.get("champion")
+             and p.get("challenger", {}).get("version") == aliases.get("challenger")]
+    champ, chal = _pair_sample(pairs, "champion"), _pair_sample(pairs, "challenger")
+    result: dict[str, Any] = {"phase": "shadow", "champion": aliases.get("champion"),
+                              "challenger": aliases.get("challenger"), "pairs": len(pairs),
+                              "window": [since.isoformat(), (until or dt.datetime.now(dt.UTC)).isoformat()],
+                              "requests": {"champion": champ.requests, "challenger": chal.requests}}
+    if len(pairs) < cfg.shadow_min_pairs:
+        return {**result, "verdict": "wait", "checks": [],
+                "reason": f"{len(pairs)} mirrored pairs so far; {cfg.shadow_min_pairs} needed"}
+    verdict = compare(champ, chal, cfg.model_copy(update={"min_samples": 1}))
+    ok = [p for p in pairs if p["challenger"].get("status") == 200]
+    a = [p["champion"].get("response", "") for p in ok]
+    b = [p["challenger"].get("response", "") for p in ok]
+    sims = _similarities(a, b, cfg.embedding_model) if ok else np.zeros(0)
+    tox_a, tox_b = (np.asarray(M.toxicity_scores(x)) for x in (a, b))
+    len_a = np.array([p["champion"].get("completion_tokens", 0) for p in ok], dtype=float)
+    len_b = np.array([p["challenger"].get("completion_tokens", 0) for p in ok], dtype=float)
+    mean_sim = float(sims.mean()) if len(sims) else float("nan")
+    sim_check = {"check": "reply_similarity", "mean": round(mean_sim, 4), "p10": round(float(np.percentile(sims, 10)), 4)
+                 if len(sims) else None, "limit": cfg.min_reply_similarity,
+                 "failed": bool(not len(sims) or mean_sim < cfg.min_reply_similarity)}
+    checks = [*verdict["checks"], sim_check]
+    failed = [c for c in checks if c["failed"]]
+    reasons = [_why(c) for c in failed if c["check"] != "reply_similarity"]
+    if sim_check["failed"]:
+        reasons.append(f"replies differ from the champion's: mean embedding similarity {mean_sim:.3f} < "
+                       f"{cfg.min_reply_similarity}")
+    result |= {"verdict": "fail" if failed else "pass", "checks": checks,
+               "reason": "; ".join(reasons) or "challenger within every bound on the mirrored requests",
+               "replies": {"similarity_mean": mean_sim,
+                           "toxicity_mean": {"champion": float(tox_a.mean()) if len(tox_a) else None,
+                                             "challenger": float(tox_b.mean()) if len(tox_b) else None},
+                           "completion_tokens_mean": {"champion": float(len_a.mean()) if len(len_a) else None,
+                                                      "challenger": float(len_b.mean()) if len(len_b) else None},
+                           "identical_share": float(np.mean([x == y for x, y in zip(a, b, strict=True)])) if ok else None}}
+    out_dir = out_dir or settings.paths.reports_dir / "shadow" / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if ok:
+        result["report"] = str(_shadow_html(out_dir / "shadow.html", ok, sims, tox_a, tox_b))
+    write_json(out_dir / "shadow.json", result)
+    return result
+
+
+def _similarities(a: list[str], b: list[str], model: str):
+    """Cosine similarity of each pair of replies' sentence embeddings (the packaged MiniLM by default)."""
+    import numpy as np
+
+    from tasks.judge import metrics as M
+
+    return np.sum(M.embed(a, model) * M.embed(b, model), axis=1)
+
+
+def _shadow_html(path: Path, pairs: list[dict[str, Any]], sims, tox_a, tox_b) -> Path:
+    """Evidently's drift report of the challenger's reply features (current) against the champion's
+    on the same prompts (reference): latency, length, toxicity; with the pair similarity alongside."""
+    import pandas as pd
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.presets import DataDriftPreset, DataSummaryPreset
+
+    def frame(side: str, tox) -> pd.DataFrame:
+        return pd.DataFrame({"latency_ms": [float(p[side].get("latency_ms", 0.0)) for p in pairs],
+                             "completion_tokens": [int(p[side].get("completion_tokens", 0)) for p in pairs],
+                             "toxicity": [float(x) for x in tox],
+                             "similarity_to_champion": [float(x) for x in sims]})
+
+    cols = ["latency_ms", "completion_tokens", "toxicity", "similarity_to_champion"]
+    definition = DataDefinition(numerical_columns=cols)
+    snap = Report([DataDriftPreset(columns=cols[:3]), DataSummaryPreset(columns=cols)]).run(
+        current_data=Dataset.from_pandas(frame("challenger", tox_b), data_definition=definition),
+        reference_data=Dataset.from_pandas(frame("champion", tox_a), data_definition=definition))
+    snap.save_html(str(path))
+    return path
+
+
+def record(settings: Settings, decision: dict[str, Any]) -> Path:
+    """The auditable record: reports/rollout/<time>-v<version>-<action>.json, and tags on the MLflow version."""
+    from tasks.tracking import mlflow_client
+
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+    path = settings.paths.reports_dir / "rollout" / f"{stamp}-v{decision['challenger']}-{decision['action']}.json"
+    write_json(path, decision)
+    client = mlflow_client(settings)
+    name = settings.tracking.registered_model
+    for k, v in {"rollout.action": decision["action"], "rollout.reason": decision["reason"][:4000],
+                 "rollout.record": str(path), "rollout.at": decision["at"]}.items():
+        client.set_model_version_tag(name, str(decision["challenger"]), k, v)
+    log.info("rollout decision: %s v%s: %s (%s)", decision["action"], decision["challenger"], decision["reason"], path)
+    return path
+
+
+def _decision(action: str, champion: int | None, challenger: int, reason: str, **evidence: Any) -> dict[str, Any]:
+    return {"action": action, "champion": champion, "challenger": challenger, "reason": reason,
+            "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), **evidence}
+
+
+def promote(settings: Settings, evidence: dict[str, Any]) -> dict[str, Any]:
+    """The challenger becomes champion (MLflow alias and aliases.json); the old champion stays loaded
+    as `previous` (blue-green), traffic goes to the new champion."""
+    from tasks.judge.registry import promote as registry_promote
+
+    repo, name = settings.paths.triton_repository, settings.serve.triton.model_name
+    aliases = read_aliases(repo, name)
+    challenger, previous = aliases["challenger"], aliases.get("champion")
+    registry_promote(settings, challenger, reason=f"canary passed: {evidence.get('reason', '')}"[:500], who="rollout")
+    _drop_alias(settings, "challenger")  # it is the champion now
+    new = {"champion": challenger, **({"previous": previous} if previous and previous != challenger else {})}
+    write_aliases(repo, name, new)  # the gateway's route for `chat-gpt` now goes to the new champion
+    set_traffic(settings, 0.0)
+    decision = _decision("promote", previous, challenger, evidence.get("reason", "canary passed"), evidence=evidence)
+    decision["record"] = str(record(settings, decision))
+    return decision
+
+
+def rollback(settings: Settings, reason: str, evidence: dict[str, Any]) -> dict[str, Any]:
+    """Traffic back to the champion at once; the challenger alias is moved to `rejected` with the reason."""
+    from tasks.tracking import mlflow_client
+
+    repo, name = settings.paths.triton_repository, settings.serve.triton.model_name
+    if "challenger" not in read_aliases(repo, name):
+        raise InputError(f"no challenger to roll back (aliases.json: {read_aliases(repo, name)})")
+    set_traffic(settings, 0.0)  # first: from the gateway's next request on, nobody is sent to the challenger
+    aliases = read_aliases(repo, name)
+    challenger = aliases.pop("challenger")
+    write_aliases(repo, name, {**aliases, "rejected": challenger})
+    _drop_alias(settings, "challenger")
+    mlflow_client(settings).set_registered_model_alias(settings.tracking.registered_model, "rejected", str(challenger))
+    decision = _decision("rollback", aliases.get("champion"), challenger, reason, evidence=evidence)
+    decision["record"] = str(record(settings, decision))
+    return decision
+
+
+def _drop_alias(settings: Settings, alias: str) -> None:
+    from tasks.tracking import mlflow_client
+
+    try:
+        mlflow_client(settings).delete_registered_model_alias(settings.tracking.registered_model, alias)
+    except Exception as e:  # noqa: BLE001 - already gone or moved by a newer registration: nothing to undo
+        log.warning("alias %s not removed: %s", alias, e)
+
+
+def analyze(settings: Settings, since: dt.datetime, until: dt.datetime | None = None,
+            baseline: Sample | None = None) -> dict[str, Any]:
+    """Judge the window. When the champion has too few requests in it (the 100 % step), the
+    champion's requests from the canary's earlier windows (`baseline`) stand in for them."""
+    aliases = read_aliases(settings.paths.triton_repository, settings.serve.triton.model_name)
+    if "champion" not in aliases or "challenger" not in aliases:
+        raise InputError(f"a canary needs a champion and a challenger in aliases.json, got {aliases}")
+    s = samples(read_requests(settings, since, until), (aliases["champion"], aliases["challenger"]),
+                settings.serve.triton.model_name)
+    champ, source = s[aliases["champion"]], "same window"
+    if champ.requests < settings.rollout.min_samples and baseline is not None and baseline.requests:
+        champ, source = baseline, "earlier canary windows"
+    verdict = compare(champ, s[aliases["challenger"]], settings.rollout)
+    return {**verdict, "champion": aliases["champion"], "challenger": aliases["challenger"],
+            "window": [since.isoformat(), (until or dt.datetime.now(dt.UTC)).isoformat()], "champion_sample": source,
+            "requests": {"champion": champ.requests, "challenger": s[aliases["challenger"]].requests},
+            "_champion": s[aliases["champion"]]}
+
+
+def _judge_windows(sleep: Callable[[float], None], window_s: float, judge: Callable[[], dict[str, Any]],
+                   windows: int = 4) -> dict[str, Any]:
+    """Wait a window and judge; while the verdict is "wait" (too few samples), up to windows-1 more."""
+    for _ in range(windows):
+        sleep(window_s)
+        result = judge()
+        if result["verdict"] != "wait":
+            break
+    return result
+
+
+def shadow(settings: Settings, sleep: Callable[[float], None] = time.sleep,
+           on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """The shadow phase: mirror `rollout.shadow_percent` of the champion's requests to the challenger
+    for a window (up to 3 more while too few pairs came in), then judge the pairs. A failing shadow
+    rolls the challenger back; too few pairs ends the rollout without a decision. Returns the shadow
+    step with "action": "continue" when the canary may go on."""
+    cfg = settings.rollout
+    aliases = read_aliases(settings.paths.triton_repository, settings.serve.triton.model_name)
+    if "challenger" not in aliases:
+        raise InputError(f"no challenger to roll out (aliases.json: {aliases}); export one first")
+    if "champion" not in aliases or cfg.shadow_percent <= 0:
+        return {"action": "continue", "phase": "shadow", "verdict": "skipped",
+                "reason": "no champion to mirror" if "champion" not in aliases else "rollout.shadow_percent is 0"}
+    set_traffic(settings, 0.0, shadow_percent=cfg.shadow_percent)
+    start = dt.datetime.now(dt.UTC)
+    result = _judge_windows(sleep, cfg.shadow_window_s, lambda: shadow_report(settings, start))
+    step = {"share": 0.0, **result}
+    log.info("shadow at %s%% mirrored: %s (%s)", cfg.shadow_percent, result["verdict"], result["reason"])
+    if on_step:
+        on_step(step)
+    set_traffic(settings, 0.0)  # mirroring ends with the phase
+    if result["verdict"] == "fail":
+        return rollback(settings, f"shadow: {result['reason']}", {"steps": [step]})
+    if result["verdict"] == "wait":
+        return _decision("inconclusive", result["champion"], result["challenger"], result["reason"], steps=[step])
+    return {"action": "continue", **step}
+
+
+def canary(settings: Settings, sleep: Callable[[float], None] = time.sleep,
+           on_step: Callable[[dict[str, Any]], None] | None = None, with_shadow: bool = True) -> dict[str, Any]:
+    """The shadow phase (unless with_shadow is False: chat_deploy runs it as its own task), then the
+    traffic steps; after each window judge; roll back on the first failure, promote at the end.
+    A step that keeps answering "wait" (too few requests) is judged again for up to 3 more windows,
+    then the canary stops without a decision (traffic back to the champion) rather than guess."""
+    cfg = settings.rollout
+    aliases = read_aliases(settings.paths.triton_repository, settings.serve.triton.model_name)
+    if "challenger" not in aliases:
+        raise InputError(f"no challenger to roll out (aliases.json: {aliases}); export one first")
+    if "champion" not in aliases:  # the first model: nothing to compare with
+        return promote(settings, {"reason": "first champion: no model was serving"})
+    steps = []
+    if with_shadow:
+        first = shadow(settings, sleep, on_step)
+        if first["action"] != "continue":
+            return first
+        if first["verdict"] != "skipped":
+            steps.append({k: v for k, v in first.items() if k != "action"})
+    baseline = Sample()  # the champion's requests over the canary so far
+    for share in cfg.steps:
+        set_traffic(settings, share)
+        start = dt.datetime.now(dt.UTC)
+        result = _judge_windows(sleep, cfg.window_s, partial(analyze, settings, start, baseline=baseline))
+        champ = result.pop("_champion")
+        baseline = Sample(baseline.latencies_ms + champ.latencies_ms, baseline.requests + champ.requests,
+                          baseline.errors + champ.errors, baseline.safety_hits + champ.safety_hits)
+        step = {"share": share, **result}
+        steps.append(step)
+        log.info("canary step %s%%: %s (%s)", share, result["verdict"], result["reason"])
+        if on_step:
+            on_step(step)
+        if result["verdict"] == "fail":
+            return rollback(settings, f"canary at {share}%: {result['reason']}", {"steps": steps})
+        if result["verdict"] == "wait":
+            set_traffic(settings, 0.0)
+            return _decision("inconclusive", result["champion"], result["challenger"], result["reason"], steps=steps)
+    return promote(settings, {"reason": "every canary step passed", "steps": steps})
+
+
+def drill(settings: Settings, version: int, delay_ms_per_token: float) -> dict[str, Any]:
+    """Make a served version slower on purpose (drill.json in its directory, then reload), to rehearse
+    the automatic roll-back; delay 0 removes the drill."""
+    from tasks.serve import server
+    from tasks.serve.repository import STREAM_SUFFIX, served_versions
+
+    name = settings.serve.triton.model_name
+    if version not in (served := served_versions(settings.paths.triton_repository, name)):
+        raise InputError(f"version {version} is not in the Triton repository (served: {served})")
+    paths = [settings.paths.triton_repository / m / str(version) / "drill.json" for m in (name, name + STREAM_SUFFIX)]
+    for p in paths:
+        if delay_ms_per_token > 0:
+            write_json(p, {"delay_ms_per_token": delay_ms_per_token})
+        else:
+            p.unlink(missing_ok=True)
+    server.reload(settings, (name, name + STREAM_SUFFIX))
+    return {"version": version, "delay_ms_per_token": delay_ms_per_token}

@@ -1,0 +1,250 @@
+"""The embedded stack: Airflow (api-server, scheduler, dag-processor, triggerer) and MLflow.
+
+    llmops stack up        # start what is not running, wait until healthy, print URLs
+    llmops stack status
+    llmops stack down
+
+Airflow's components are started one by one rather than through `airflow standalone`, because
+standalone's scheduler and triggerer start log servers bound to every interface; with the
+LocalExecutor on one machine the api-server reads task logs from disk, so they are skipped
+(`--skip-serve-logs`) and every port this stack opens is bound to `stack.host` (127.0.0.1).
+Each process runs in its own session; its process-group id is kept in var/run/<name>.pid and
+`down` sends SIGTERM to the group (then SIGKILL after a grace period).
+
+The production topology is the same code with other settings (the `prod-local` profile): the
+metadata DB on PostgreSQL, the CeleryExecutor with a Redis broker and one more process, a Celery
+worker; MLflow's tracking server on PostgreSQL with its basic-auth app. The Postgres databases and
+their roles are created idempotently on `up` through `stack.postgres_admin_url`. Secrets come only
+from the environment: $LLMOPS_MLFLOW_ADMIN_PASSWORD, and in the stack's URLs `${NAME}` stands for
+the environment variable NAME (postgresql+psycopg://airflow:${AIRFLOW_DB_PASSWORD}@db/airflow), read
+when the processes start. An AIRFLOW__* variable already in the caller's environment never changes
+which database the stack uses: the URLs come from the config alone.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tasks.config import PROJECT_DIR, Settings
+from tasks.errors import ServiceError
+from tasks.procs import alive, pidfile, stop_groups, venv_bin, wait_http
+
+SQLITE_CONNECT_ARGS = {"timeout": 60}  # sqlite3.connect(timeout=...): seconds to wait for a lock
+
+
+class StackError(ServiceError):
+    """The stack could not start, stop or be reached."""
+
+
+def airflow_home(settings: Settings) -> Path:
+    return settings.paths.var_dir / "airflow"
+
+
+def airflow_env(settings: Settings) -> dict[str, str]:
+    """Environment for every Airflow process (and for `airflow` CLI calls against this stack)."""
+    home = airflow_home(settings)
+    home.mkdir(parents=True, exist_ok=True)
+    st = settings.stack
+    base = f"http://{st.host}:{st.airflow_port}"
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT_DIR / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__EXECUTOR": st.executor,
+        "AIRFLOW__CORE__PARALLELISM": str(st.airflow_parallelism),
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{base}/execution/",
+        "AIRFLOW__API__HOST": st.host,
+        "AIRFLOW__API__PORT": str(st.airflow_port),
+        "AIRFLOW__API__BASE_URL": base,
+        "AIRFLOW__API_AUTH__JWT_SECRET": _secret(home / "jwt_secret"),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": expand_env(st.airflow_db_url, "stack.airflow_db_url")
+        or f"sqlite:///{home / 'airflow.db'}",
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
+        "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+        "LLMOPS_ROOT": str(settings.paths.root),
+        "LLMOPS_PROFILE": settings.profile,
+        "GX_ANALYTICS_ENABLED": "false",
+        "MLFLOW_TRACKING_URI": f"http://{st.host}:{st.mlflow_port}",
+        "NO_PROXY": "127.0.0.1,localhost",
+    }
+    if env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("sqlite"):
+        # every process waits up to a minute for SQLite's write lock instead of 5 s: an `airflow backfill create`
+        # from a shell otherwise fails with "database is locked" while the scheduler writes
+        env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS"] = "tasks.ops.stack.SQLITE_CONNECT_ARGS"
+    if st.executor == "CeleryExecutor":
+        if not st.celery_broker_url:
+            raise StackError("stack.executor is CeleryExecutor but stack.celery_broker_url is empty (redis://host:6379/N)")
+        env["AIRFLOW__CELERY__BROKER_URL"] = expand_env(st.celery_broker_url, "stack.celery_broker_url")
+        env["AIRFLOW__CELERY__RESULT_BACKEND"] = (expand_env(st.celery_result_backend, "stack.celery_result_backend")
+                                                  or "db+" + env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])
+        env["AIRFLOW__CELERY__WORKER_CONCURRENCY"] = str(st.celery_concurrency)
+    if st.mlflow_auth:
+        env |= mlflow_credentials()
+    return env
+
+
+def expand_env(url: str, key: str) -> str:
+    """`${NAME}` in a configured URL -> the environment variable NAME (a secret stays out of configs/)."""
+    def value(m: re.Match) -> str:
+        if m.group(1) not in os.environ:
+            raise StackError(f"{key} refers to ${{{m.group(1)}}}, which is not set in the environment")
+        return os.environ[m.group(1)]
+
+    return re.sub(r"\$\{([A-Z_][A-Z0-9_]*)\}", value, url)
+
+
+def mlflow_credentials() -> dict[str, str]:
+    """The MLflow client's basic-auth credentials: the admin, password from $LLMOPS_MLFLOW_ADMIN_PASSWORD."""
+    password = os.environ.get("LLMOPS_MLFLOW_ADMIN_PASSWORD", "")
+    if len(password) < 12 or password == "password1234":
+        raise StackError("stack.mlflow_auth is on: set LLMOPS_MLFLOW_ADMIN_PASSWORD to the MLflow admin password "
+                         "(12 characters or more, not MLflow's default)")
+    return {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}
+
+
+def _mlflow_auth_config(settings: Settings) -> Path:
+    """MLflow's basic-auth ini (var/mlflow/basic_auth.ini, mode 0600): the admin and its password
+    from the environment, new users read-only, users in their own SQLite DB beside it."""
+    d = settings.paths.var_dir / "mlflow"
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / "basic_auth.ini"
+    body = ("[mlflow]\ndefault_permission = READ\n"
+            f"database_uri = sqlite:///{d / 'basic_auth.db'}\n"
+            "admin_username = admin\n"
+            f"admin_password = {mlflow_credentials()['MLFLOW_TRACKING_PASSWORD']}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(body)
+    path.chmod(0o600)
+    return path
+
+
+def _secret(path: Path) -> str:
+    """A random secret generated once per install, kept in `path` with mode 0600, never committed."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(48))
+    return path.read_text().strip()
+
+
+def provision_postgres(settings: Settings) -> list[str]:
+    """Create the roles and databases the Postgres URLs of `stack` name, if missing (idempotent)."""
+    from urllib.parse import urlsplit
+
+    import psycopg
+    from psycopg import sql
+
+    st = settings.stack
+    wanted = {}
+    for key in ("airflow_db_url", "mlflow_backend_uri"):
+        url = getattr(st, key)
+        if not url.startswith("postgresql"):
+            continue
+        u = urlsplit(url)
+        role, db = u.username, u.path.lstrip("/")
+        for what, name in (("role", role), ("database", db)):
+            if not name or not name.replace("_", "").isalnum():
+                raise StackError(f"stack.{key}: {what} {name!r} must be letters, digits and _ only")
+        wanted[db] = role
+    created = []
+    if not wanted:
+        return created
+    admin = expand_env(st.postgres_admin_url, "stack.postgres_admin_url").replace("postgresql+psycopg://", "postgresql://")
+    try:
+        conn = psycopg.connect(admin, autocommit=True, connect_timeout=10)
+    except psycopg.OperationalError as e:
+        raise StackError(f"cannot reach PostgreSQL at stack.postgres_admin_url={admin}: {e}") from None
+    with conn:
+        for db, role in wanted.items():
+            if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+                conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+                created.append(f"role {role}")
+            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,)).fetchone():
+                conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(db), sql.Identifier(role)))
+                created.append(f"database {db}")
+    return created
+
+
+def _components(settings: Settings) -> dict[str, list[str]]:
+    st = settings.stack
+    af = venv_bin("airflow")
+    mlflow_dir = settings.paths.var_dir / "mlflow"
+    out = {
+        "airflow-api-server": [af, "api-server", "--host", st.host, "--port", str(st.airflow_port)],
+        "airflow-scheduler": [af, "scheduler", "--skip-serve-logs"],
+        "airflow-dag-processor": [af, "dag-processor"],
+        "airflow-triggerer": [af, "triggerer", "--skip-serve-logs"],
+        "mlflow": [venv_bin("mlflow"), "server", "--host", st.host, "--port", str(st.mlflow_port), "--workers", "1",
+                   "--backend-store-uri", expand_env(st.mlflow_backend_uri, "stack.mlflow_backend_uri")
+                   or f"sqlite:///{mlflow_dir / 'mlflow.db'}",
+                   "--artifacts-destination", str(mlflow_dir / "artifacts"),
+                   *(["--app-name", "basic-auth"] if st.mlflow_auth else [])],
+    }
+    if st.executor == "CeleryExecutor":  # task logs are read from disk on this machine: no log server
+        out["airflow-celery-worker"] = [af, "celery", "worker", "--concurrency", str(st.celery_concurrency),
+                                        "--skip-serve-logs", "--without-gossip", "--without-mingle"]
+    return out
+
+
+def urls(settings: Settings) -> dict[str, str]:
+    st = settings.stack
+    return {"airflow": f"http://{st.host}:{st.airflow_port}", "mlflow": f"http://{st.host}:{st.mlflow_port}",
+            "airflow_password_file": str(airflow_home(settings) / "simple_auth_manager_passwords.json.generated")}
+
+
+def up(settings: Settings, timeout: float = 180.0) -> dict[str, Any]:
+    env = airflow_env(settings)
+    logs = settings.paths.var_dir / "log"
+    logs.mkdir(parents=True, exist_ok=True)
+    (settings.paths.var_dir / "run").mkdir(parents=True, exist_ok=True)
+    (settings.paths.var_dir / "mlflow" / "artifacts").mkdir(parents=True, exist_ok=True)
+    if settings.stack.mlflow_auth:
+        env["MLFLOW_AUTH_CONFIG_PATH"] = str(_mlflow_auth_config(settings))
+        env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = _secret(settings.paths.var_dir / "mlflow" / "flask_secret")  # CSRF
+    provision_postgres(settings)
+    if not any(alive(settings, n) for n in _components(settings) if n.startswith("airflow")):
+        r = subprocess.run([venv_bin("airflow"), "db", "migrate"], env=env, capture_output=True, text=True, timeout=300)
+        if r.returncode:
+            where = re.sub(r"//[^@/]*@", "//***@", env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])  # no password in logs
+            raise StackError(f"airflow db migrate failed ({where}):\n{r.stderr[-2000:]}")
+        # one training at a time on this machine (chat_train's `train` task runs in this pool)
+        subprocess.run([venv_bin("airflow"), "pools", "set", "training", "1", "DeepSpeed training runs"], env=env,
+                       check=True, capture_output=True, timeout=120)
+    started = []
+    for name, cmd in _components(settings).items():
+        if alive(settings, name):
+            continue
+        with open(logs / f"{name}.log", "ab") as out:
+            # umask 077: what the servers write (the generated admin password above all) is the owner's alone
+            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, cwd=settings.paths.root, umask=0o077)
+        pidfile(settings, name).write_text(str(proc.pid))
+        started.append(name)
+    u = urls(settings)
+    wait_http(f"{u['airflow']}/api/v2/monitor/health", timeout, "Airflow api-server", logs / "airflow-api-server.log")
+    pw = Path(u["airflow_password_file"])
+    if pw.exists():  # written by an api-server started before the umask above
+        pw.chmod(0o600)
+    wait_http(f"{u['mlflow']}/health", timeout, "MLflow", logs / "mlflow.log")
+    return {"started": started, **u}
+
+
+def down(settings: Settings, grace: float = 20.0) -> dict[str, Any]:
+    return {"stopped": stop_groups(settings, list(_components(settings)), grace)}
+
+
+def status(settings: Settings) -> dict[str, Any]:
+    return {"running": {n: bool(alive(settings, n)) for n in _components(settings)}, **urls(settings)}

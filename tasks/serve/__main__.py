@@ -1,3 +1,0 @@
-from tasks.cli import run_stage
-
-run_stage("serve")
