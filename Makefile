@@ -20,7 +20,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make run      install, start Airflow + MLflow + Triton + gateway on 127.0.0.1, run the lifecycle on the $(PROFILE) profile, print URLs"
 	@echo "make status   what is up, the last DAG runs, champion and challenger, the last drift decision, the reports"
-	@echo "make test     install, then ruff + pytest (unit, integration, e2e)"
+	@echo "make test     install, then make lint (ruff, import-linter, mypy) + pytest (unit, integration, e2e)"
 	@echo "make stop     stop the stack;   make clean  stop and remove generated state"
 	@echo "make bench    print the benchmark JSON lines"
 
@@ -49,8 +49,12 @@ $(SERVE_STAMP): requirements/serve.txt $(STAMP)
 	@$(SERVE_ENV)/bin/python -c 'import numpy, torch, tokenizers, safetensors; assert numpy.__version__ < "2", numpy.__version__'
 	@touch $(SERVE_STAMP)
 
+# ruff (style, Airflow's AIR rules, line length), import-linter (the layers of tasks/: pyproject.toml's
+# [tool.importlinter] contracts) and mypy (the base modules, model/ and data/)
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 # The browser test drives Debian's chromium through Playwright (Playwright's own browser download needs
 # the internet): installed here when missing and this user may.

@@ -28,22 +28,15 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from chat_assets import CHAT_CHALLENGER, DEFAULT_PROFILE, PROFILES
+from chat_assets import CHAT_CHALLENGER, DEFAULT_PROFILE, PROFILES, fails_fast
 
 
 def _settings():
-    """The profile's settings, pointed at the small tier's registered and Triton model when `tier` is small."""
-    from tasks.config import load_settings
+    """The profile's settings for the tier this run deploys (the small tier has its own model and aliases)."""
+    from tasks.serve.tiers import tier_settings
 
     p = get_current_context()["params"]
-    settings = load_settings(p["profile"])
-    if p.get("tier", "large") == "large":
-        return settings
-    small = settings.serve.routing.small_model
-    if settings.distill.registered_model != small:
-        raise ValueError(f"distill.registered_model={settings.distill.registered_model!r} differs from "
-                         f"serve.routing.small_model={small!r}: the small tier is one model, set both alike")
-    return load_settings(p["profile"], [f"tracking.registered_model={small}", f"serve.triton.model_name={small}"])
+    return tier_settings(p["profile"], p.get("tier", "large"))
 
 
 @dag(
@@ -70,6 +63,7 @@ def _settings():
 )
 def chat_deploy():
     @task
+    @fails_fast
     def export() -> dict:
         from tasks.serve.export import export as run
 
@@ -77,74 +71,32 @@ def chat_deploy():
         return {k: r[k] for k in ("model", "version", "path", "versions", "aliases", "weights_sha256", "lineage_id")}
 
     @task
+    @fails_fast
     def load(exported: dict) -> dict:
-        from tasks.procs import alive
-        from tasks.serve import server
+        from tasks.loop.rollout import load_exported
 
-        settings = _settings()
-        if not alive(settings, "tritonserver"):
-            print("tritonserver is not running here; `llmops serve` starts it with every exported version loaded")
-            return {**exported, "loaded": False}
-        drill = float(get_current_context()["params"]["drill_delay_ms"])
-        if drill > 0:  # writes drill.json beside the version, then reloads
-            from tasks.loop.rollout import drill as slow_down
-
-            print(f"roll-back drill: version {exported['version']} is {drill} ms slower per token",
-                  slow_down(settings, exported["version"], drill))
-        else:
-            server.reload(settings, (exported["model"], exported["model"] + "-stream"))
-        return {**exported, "loaded": True}
+        return load_exported(_settings(), exported, float(get_current_context()["params"]["drill_delay_ms"]))
 
     @task
+    @fails_fast
     def smoke(loaded: dict) -> dict:
-        import time
-
-        import httpx
-
         from tasks.serve import server
 
         if not loaded["loaded"]:
             return {"skipped": "no server running"}
-        settings = _settings()
-        body = {"model": f"{loaded['model']}:{loaded['version']}", "max_tokens": 16, "temperature": 0,
-                "messages": [{"role": "user", "content": "Hello, can you help me?"}]}
-        t0 = time.perf_counter()
-        from tasks.serve.gateway import auth_headers
-
-        r = httpx.post(f"{server.urls(settings)['gateway']}/chat/completions", json=body, timeout=120,
-                       headers=auth_headers(settings))
-        r.raise_for_status()
-        out = r.json()
-        result = {"reply": out["choices"][0]["message"]["content"], "usage": out["usage"],
-                  "latency_ms": round((time.perf_counter() - t0) * 1e3, 1), "version": r.headers["x-model-version"]}
-        print(f"smoke test: {result}")
-        return result
+        return server.smoke(_settings(), loaded["model"], loaded["version"])
 
     @task(retries=0, execution_timeout=timedelta(hours=2))  # a roll-back is a verdict, not a flake
     def shadow(smoked: dict) -> dict:
-        import json
+        from tasks.loop.rollout import shadow_step
 
-        from tasks.loop import rollout
-
-        if smoked.get("skipped"):
-            return {"action": "none", "reason": "no server running"}
-        out = rollout.shadow(_settings(), on_step=lambda step: print("shadow:", json.dumps(step, default=str)))
-        print("shadow verdict:", json.dumps({k: v for k, v in out.items() if k not in ("evidence", "checks")}, default=str))
-        return {k: out.get(k) for k in ("action", "verdict", "champion", "challenger", "reason", "report", "record")}
+        return shadow_step(_settings(), smoked)
 
     @task(retries=0, execution_timeout=timedelta(hours=6))
     def canary(shadowed: dict) -> dict:
-        import json
+        from tasks.loop.rollout import canary_step
 
-        from tasks.loop import rollout
-
-        if shadowed["action"] != "continue":  # no server, or the shadow already rolled back / was inconclusive
-            print(f"no canary: {shadowed['action']}: {shadowed['reason']}")
-            return {k: shadowed.get(k) for k in ("action", "champion", "challenger", "reason")}
-        decision = rollout.canary(_settings(), with_shadow=False,
-                                  on_step=lambda step: print("canary step:", json.dumps(step)))
-        print("rollout decision:", json.dumps({k: v for k, v in decision.items() if k != "evidence"}))
-        return {k: decision[k] for k in ("action", "champion", "challenger", "reason")}
+        return canary_step(_settings(), shadowed)
 
     canary(shadow(smoke(load(export()))))
 

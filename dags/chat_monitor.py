@@ -26,7 +26,7 @@ import pendulum
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import Param, dag, get_current_context, task
 
-from chat_assets import DEFAULT_PROFILE, PROFILES
+from chat_assets import DEFAULT_PROFILE, PROFILES, fails_fast
 
 
 def _settings():
@@ -52,59 +52,37 @@ def _settings():
 )
 def chat_monitor():
     @task
+    @fails_fast
     def drift() -> dict:
         from tasks.loop.drift import check
 
         result = check(_settings())
-        print(f"drift verdict: {result['verdict']}: {result['reason']} (report {result.get('report')})")
         return {k: result.get(k) for k in ("verdict", "fire", "reason", "report", "rows", "slo", "token_kl")}
 
     @task.short_circuit
     def decide(verdict: dict):
-        import datetime as dt
+        from tasks.loop.drift import retrain_conf
 
-        from tasks.loop.drift import guard, load_state, note_trigger
-        from tasks.loop.rollout import read_requests
-
-        if not verdict["fire"]:
-            print(f"no retrain: {verdict['reason']}")
-            return False
-        s = _settings()
-        now = dt.datetime.now(dt.UTC)
-        state = load_state(s)
-        last = max((dt.datetime.fromisoformat(t) for t in state.get("triggers", [])),
-                   default=now - dt.timedelta(days=7))
-        active = get_current_context()["ti"].get_dr_count(dag_id="chat_train", states=["running", "queued"])
-        allowed, why = guard(state, now, s.monitor, active, len(read_requests(s, last, now)))
-        print(f"monitor fired ({verdict['reason']}); guards: {why}")
-        if not allowed:
-            return False
-        note_trigger(s, now, verdict["reason"])
-        return {"profile": get_current_context()["params"]["profile"], "reason": f"chat_monitor: {verdict['reason']}",
-                "drift_report": verdict.get("report"), "resume": False, "force": True}
+        ctx = get_current_context()
+        active = ctx["ti"].get_dr_count(dag_id="chat_train", states=["running", "queued"])
+        return retrain_conf(_settings(), verdict, active, ctx["params"]["profile"]) or False
 
     TriggerDagRunOperator(task_id="retrain", trigger_dag_id="chat_train", conf=decide(drift()),
                           wait_for_completion=False)
 
     @task
+    @fails_fast
     def autoscale() -> dict:
-        from tasks.loop.autoscale import AutoscaleError
-        from tasks.loop.autoscale import autoscale as run
+        from tasks.loop.autoscale import advise
 
-        try:
-            out = run(_settings())
-        except AutoscaleError as e:  # nothing is serving: no signals, nothing to recommend
-            print(f"no autoscaling signals: {e}")
-            return {"skipped": str(e)}
-        print(f"autoscale recommendation: {out['decision']}")
-        return out["decision"]
+        return advise(_settings())
 
     @task
+    @fails_fast
     def cost() -> dict:
         from tasks.loop.cost import cost_report
 
         out = cost_report(_settings())
-        print(f"cost report {out.get('report')}: {out.get('totals')}")
         return {"report": out.get("report"), "totals": out.get("totals")}
 
     autoscale()

@@ -325,7 +325,7 @@ class TritonConfig(_Section):
 
 
 class GatewayConfig(_Section):
-    """The OpenAI-compatible gateway in front of Triton (tasks/serve/gateway.py)."""
+    """The OpenAI-compatible gateway in front of Triton (tasks/serve/gateway/)."""
 
     port: int = Field(9000, ge=1, le=65535)
     max_inflight: int = Field(16, ge=1, description="requests sent to Triton at once")
@@ -372,7 +372,7 @@ class RoutingConfig(_Section):
 
 
 class MemoryConfig(_Section):
-    """Long-term session memory in the gateway (tasks/serve/memory.py): each finished exchange is
+    """Long-term session memory in the gateway (tasks/serve/memory/): each finished exchange is
     condensed, PII-scrubbed and embedded off the request path (a queue and a worker), kept in a
     vector index, and the top_k most similar memories (cosine >= min_similarity) that are no longer
     in the short-term turns go into the prompt, within max_prompt_share of its token budget."""

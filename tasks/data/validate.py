@@ -49,7 +49,8 @@ def run_suite(frames: dict[str, Any], settings: Settings, docs_dir: Path | None,
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)  # per-metric bars flood task logs
     source = context.data_sources.add_pandas("chat")
-    validations, actions = [], []
+    validations: list[Any] = []
+    actions: list[Any] = []  # gx.checkpoint actions
     for table in ("records", "turns"):
         specs = [s for s in cfg.expectations if s.table == table]
         if not specs:
@@ -64,7 +65,7 @@ def run_suite(frames: dict[str, Any], settings: Settings, docs_dir: Path | None,
         validations.append(context.validation_definitions.add(
             gx.ValidationDefinition(name=f"{name}.{table}", data=batch, suite=suite)))
     if docs_dir is not None:
-        site = {
+        site: Any = {
             "class_name": "SiteBuilder",
             "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
             "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
@@ -91,9 +92,10 @@ def run_suite(frames: dict[str, Any], settings: Settings, docs_dir: Path | None,
             if not er.success:
                 cfg_ = er.expectation_config
                 res = er.result or {}
+                kwargs = cfg_.kwargs if cfg_ is not None else {}
                 failed.append({
-                    "table": table, "expectation": cfg_.type, "kwargs": {k: v for k, v in cfg_.kwargs.items()
-                                                                          if k not in ("batch_id",)},
+                    "table": table, "expectation": cfg_.type if cfg_ is not None else "unknown",
+                    "kwargs": {k: v for k, v in kwargs.items() if k not in ("batch_id",)},
                     "unexpected_count": res.get("unexpected_count"), "observed_value": res.get("observed_value"),
                     "examples": res.get("partial_unexpected_list", [])[:3],
                 })

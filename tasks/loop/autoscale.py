@@ -407,6 +407,15 @@ def autoscale(settings: Settings, interval_s: float = 5.0) -> dict[str, Any]:
     return {"signals": sig, "decision": asdict(d), "log": str(path), "metrics": str(export_metrics(settings, sig, d))}
 
 
+def advise(settings: Settings) -> dict[str, Any]:
+    """chat_monitor's `autoscale`: the recommendation, or {"skipped": why} when nothing is serving here to read."""
+    try:
+        return autoscale(settings)["decision"]
+    except AutoscaleError as e:  # nothing is serving: no signals, nothing to recommend
+        log.info("no autoscaling signals: %s", e)
+        return {"skipped": str(e)}
+
+
 def export_metrics(settings: Settings, sig: dict[str, Any], d: Decision) -> Path:
     """The signals and the recommendation as Prometheus gauges in reports/autoscale/autoscale.prom
     (the textfile-collector format node_exporter scrapes; written atomically), so dashboards and an

@@ -207,7 +207,9 @@ def check(settings: Settings, hours: float | None = None) -> dict[str, Any]:
     now = dt.datetime.now(dt.UTC)
     records = read_requests(settings, now - dt.timedelta(hours=hours or settings.monitor.window_hours), now)
     manifest = json.loads(latest_manifest(settings).read_text())
-    return drift_report(settings, reference_prompts(settings), records, load_tokenizer(manifest["tokenizer"]["path"]))
+    result = drift_report(settings, reference_prompts(settings), records, load_tokenizer(manifest["tokenizer"]["path"]))
+    log.info("drift verdict: %s: %s (report %s)", result["verdict"], result["reason"], result.get("report"))
+    return result
 
 
 def guard(state: dict[str, Any], now: dt.datetime, cfg: MonitorConfig, running_or_queued: int,
@@ -241,3 +243,24 @@ def note_trigger(settings: Settings, now: dt.datetime, reason: str) -> None:
     state["triggers"] = [*state.get("triggers", []), now.isoformat()][-50:]
     state["last_reason"] = reason
     write_json(state_path(settings), state)
+
+
+def retrain_conf(settings: Settings, verdict: dict[str, Any], running_or_queued: int, profile: str) -> dict[str, Any] | None:
+    """chat_monitor's `decide`: the conf of the chat_train run a firing verdict asks for, or None when the verdict
+    does not fire or a guard holds it back (a run already going, cooldown, weekly cap, too little new traffic).
+    A trigger that goes ahead is noted in the monitor's state, for the next guard."""
+    from tasks.loop.rollout import read_requests
+
+    if not verdict["fire"]:
+        log.info("no retrain: %s", verdict["reason"])
+        return None
+    now = dt.datetime.now(dt.UTC)
+    state = load_state(settings)
+    last = max((dt.datetime.fromisoformat(t) for t in state.get("triggers", [])), default=now - dt.timedelta(days=7))
+    allowed, why = guard(state, now, settings.monitor, running_or_queued, len(read_requests(settings, last, now)))
+    log.info("monitor fired (%s); guards: %s", verdict["reason"], why)
+    if not allowed:
+        return None
+    note_trigger(settings, now, verdict["reason"])
+    return {"profile": profile, "reason": f"chat_monitor: {verdict['reason']}", "drift_report": verdict.get("report"),
+            "resume": False, "force": True}

@@ -38,7 +38,7 @@ from typing import Any
 from tasks.atomic import write_json
 from tasks.config import RolloutConfig, Settings
 from tasks.errors import InputError
-from tasks.serve.repository import read_aliases, write_aliases
+from tasks.serve.repository import STREAM_SUFFIX, read_aliases, write_aliases
 
 log = logging.getLogger(__name__)
 
@@ -422,7 +422,7 @@ def drill(settings: Settings, version: int, delay_ms_per_token: float) -> dict[s
     """Make a served version slower on purpose (drill.json in its directory, then reload), to rehearse
     the automatic roll-back; delay 0 removes the drill."""
     from tasks.serve import server
-    from tasks.serve.repository import STREAM_SUFFIX, served_versions
+    from tasks.serve.repository import served_versions
 
     name = settings.serve.triton.model_name
     if version not in (served := served_versions(settings.paths.triton_repository, name)):
@@ -435,3 +435,41 @@ def drill(settings: Settings, version: int, delay_ms_per_token: float) -> dict[s
             p.unlink(missing_ok=True)
     server.reload(settings, (name, name + STREAM_SUFFIX))
     return {"version": version, "delay_ms_per_token": delay_ms_per_token}
+
+
+def load_exported(settings: Settings, exported: dict[str, Any], drill_delay_ms: float = 0.0) -> dict[str, Any]:
+    """chat_deploy's `load`: (re)load an exported version (and its streaming twin) in the running tritonserver;
+    with `drill_delay_ms` > 0, slowed down on purpose so the rollout must roll it back. Without a server
+    here, nothing is loaded (`llmops serve` loads every exported version when it starts)."""
+    from tasks.procs import alive
+    from tasks.serve import server
+
+    if not alive(settings, "tritonserver"):
+        log.info("tritonserver is not running here; `llmops serve` starts it with every exported version loaded")
+        return {**exported, "loaded": False}
+    if drill_delay_ms > 0:  # writes drill.json beside the version, then reloads
+        log.info("roll-back drill: version %s is %s ms slower per token: %s", exported["version"], drill_delay_ms,
+                 drill(settings, exported["version"], drill_delay_ms))
+    else:
+        server.reload(settings, (exported["model"], exported["model"] + STREAM_SUFFIX))
+    return {**exported, "loaded": True}
+
+
+def shadow_step(settings: Settings, smoked: dict[str, Any]) -> dict[str, Any]:
+    """chat_deploy's `shadow`: the shadow phase unless nothing is served here; its verdict, small enough for XCom."""
+    if smoked.get("skipped"):
+        return {"action": "none", "reason": "no server running"}
+    out = shadow(settings, on_step=lambda step: log.info("shadow: %s", json.dumps(step, default=str)))
+    log.info("shadow verdict: %s", json.dumps({k: v for k, v in out.items() if k not in ("evidence", "checks")},
+                                              default=str))
+    return {k: out.get(k) for k in ("action", "verdict", "champion", "challenger", "reason", "report", "record")}
+
+
+def canary_step(settings: Settings, shadowed: dict[str, Any]) -> dict[str, Any]:
+    """chat_deploy's `canary`: the traffic steps after a shadow that let the rollout go on; the decision."""
+    if shadowed["action"] != "continue":  # no server, or the shadow already rolled back / was inconclusive
+        log.info("no canary: %s: %s", shadowed["action"], shadowed["reason"])
+        return {k: shadowed.get(k) for k in ("action", "champion", "challenger", "reason")}
+    decision = canary(settings, with_shadow=False, on_step=lambda step: log.info("canary step: %s", json.dumps(step)))
+    log.info("rollout decision: %s", json.dumps({k: v for k, v in decision.items() if k != "evidence"}))
+    return {k: decision[k] for k in ("action", "champion", "challenger", "reason")}

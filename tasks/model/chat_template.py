@@ -75,7 +75,7 @@ MEMORY_HEADER = "Earlier:"  # short: on a small model's window every token of th
 
 
 def memory_message(memories: Sequence[str]) -> dict[str, str]:
-    """The system message recalled memories go into (tasks/serve/memory.py)."""
+    """The system message recalled memories go into (tasks/serve/memory/)."""
     return {"role": "system", "content": MEMORY_HEADER + "\n" + "\n".join(f"- {m}" for m in memories)}
 
 

@@ -73,6 +73,12 @@ def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     return out.flatten(-2).type_as(x)
 
 
+def _filled(t: torch.Tensor | None) -> torch.Tensor:
+    if t is None:
+        raise ValueError("this KV cache holds no keys/values for a layer yet")
+    return t
+
+
 class KVCache:
     """Per-layer keys/values of the tokens seen so far: (B, nh, T_past, hd) each."""
 
@@ -87,8 +93,8 @@ class KVCache:
     def head(self, n: int) -> KVCache:
         """The first n positions, in tensors of their own (contiguous: views would keep all of these alive)."""
         out = KVCache(len(self.k))
-        out.k = [t[:, :, :n].clone(memory_format=torch.contiguous_format) for t in self.k]
-        out.v = [t[:, :, :n].clone(memory_format=torch.contiguous_format) for t in self.v]
+        out.k = [_filled(t)[:, :, :n].clone(memory_format=torch.contiguous_format) for t in self.k]
+        out.v = [_filled(t)[:, :, :n].clone(memory_format=torch.contiguous_format) for t in self.v]
         return out
 
 
@@ -106,9 +112,10 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             q, k = _apply_rotary(q, *rope), _apply_rotary(k, *rope)
         if cache is not None:
-            if cache.k[layer] is not None:
-                k = torch.cat((cache.k[layer], k), dim=2)
-                v = torch.cat((cache.v[layer], v), dim=2)
+            past_k = cache.k[layer]
+            if past_k is not None:
+                k = torch.cat((past_k, k), dim=2)
+                v = torch.cat((_filled(cache.v[layer]), v), dim=2)
             cache.k[layer], cache.v[layer] = k, v
         # With a cache the T new queries see all past keys; causal masking applies among the new ones.
         if mask is not None:  # (B, 1, T, K): left-padded batch (generate_stream)
@@ -138,6 +145,9 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    rope_cos: torch.Tensor  # (block_size, hd/2) buffers, with rotary positions only
+    rope_sin: torch.Tensor
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg
@@ -302,8 +312,8 @@ def generate_stream(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens
     pad_arg = pad if bool(pad.any()) else None  # equal lengths: the plain causal path, bit for bit generate()'s
     cache = KVCache(model.cfg.n_layer)
     if prefix is not None:  # (1, nh, P, hd) -> (B, nh, P, hd) views; the first step's torch.cat copies them
-        cache.k = [k.expand(B, -1, -1, -1) for k in prefix.k]
-        cache.v = [v.expand(B, -1, -1, -1) for v in prefix.v]
+        cache.k = [_filled(k).expand(B, -1, -1, -1) for k in prefix.k]
+        cache.v = [_filled(v).expand(B, -1, -1, -1) for v in prefix.v]
     done = [n == 0 for n in limits]
     counts = [0] * B
     step_in = ids

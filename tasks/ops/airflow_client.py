@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ class AirflowClient:
             raise StackError(f"Airflow login failed: {r.status_code} {r.text[:300]}")
         self.http.headers["Authorization"] = f"Bearer {r.json()['access_token']}"
 
-    def _ok(self, r: httpx.Response) -> Any:
+    def ok(self, r: httpx.Response) -> Any:
         if r.status_code >= 300:
             raise StackError(f"{r.request.method} {r.request.url.path}: {r.status_code} {r.text[:500]}")
         return r.json() if r.content else None
@@ -44,17 +45,17 @@ class AirflowClient:
         raise StackError(f"DAG {dag_id} not parsed within {timeout:.0f}s; import errors: {errors}")
 
     def unpause(self, dag_id: str) -> None:
-        self._ok(self.http.patch(f"/api/v2/dags/{dag_id}", json={"is_paused": False}))
+        self.ok(self.http.patch(f"/api/v2/dags/{dag_id}", json={"is_paused": False}))
 
     def pause(self, dag_id: str) -> None:
-        self._ok(self.http.patch(f"/api/v2/dags/{dag_id}", json={"is_paused": True}))
+        self.ok(self.http.patch(f"/api/v2/dags/{dag_id}", json={"is_paused": True}))
 
     def trigger(self, dag_id: str, conf: dict[str, Any] | None = None) -> str:
-        run = self._ok(self.http.post(f"/api/v2/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": conf or {}}))
+        run = self.ok(self.http.post(f"/api/v2/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": conf or {}}))
         return run["dag_run_id"]
 
     def run_state(self, dag_id: str, run_id: str) -> str:
-        return self._ok(self.http.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}"))["state"]
+        return self.ok(self.http.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}"))["state"]
 
     def wait_run(self, dag_id: str, run_id: str, timeout: float = 900.0) -> str:
         deadline = time.monotonic() + timeout
@@ -67,16 +68,16 @@ class AirflowClient:
 
     def runs(self, dag_id: str, **params: Any) -> list[dict[str, Any]]:
         """The DAG's runs, newest first (filters as the REST API takes them, e.g. run_type="asset_triggered")."""
-        return self._ok(self.http.get(f"/api/v2/dags/{dag_id}/dagRuns",
+        return self.ok(self.http.get(f"/api/v2/dags/{dag_id}/dagRuns",
                                       params={"order_by": "-run_after", "limit": 100, **params}))["dag_runs"]
 
     def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
         """What a task returned (its XCom), as JSON."""
-        return self._ok(self.http.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key}",
+        return self.ok(self.http.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key}",
                                       params={"deserialize": True, "stringify": False}))["value"]
 
     def task_states(self, dag_id: str, run_id: str) -> dict[str, str]:
-        tis = self._ok(self.http.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances"))["task_instances"]
+        tis = self.ok(self.http.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances"))["task_instances"]
         return {t["task_id"]: t["state"] for t in tis}
 
     def backfill(self, dag_id: str, start: str, end: str, reprocess: str = "completed") -> int:
@@ -90,17 +91,24 @@ class AirflowClient:
             if r.status_code != 503 or "locked" not in r.text:
                 break
             time.sleep(2.0)
-        return self._ok(r)["id"]
+        return self.ok(r)["id"]
 
-    def wait_backfill(self, dag_id: str, backfill_id: int, timeout: float = 1800.0) -> dict[str, str]:
-        """Wait until the backfill completes; return {logical_date: state} of its runs."""
+    def wait_backfill(self, dag_id: str, backfill_id: int, timeout: float = 1800.0, expect: int | None = None,
+                      on_progress: Callable[[dict[str, str]], None] | None = None) -> dict[str, str]:
+        """Wait until the backfill completes; return {logical_date: state} of its runs. A reprocessed day re-runs
+        its existing DagRun, so this backfill's runs are those queued since it was created. `expect`: the number
+        of runs it must have (days); `on_progress` sees the states at every poll. Stops early on a failed run."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            bf = self._ok(self.http.get(f"/api/v2/backfills/{backfill_id}"))
-            runs = self._ok(self.http.get(f"/api/v2/dags/{dag_id}/dagRuns",
-                                          params={"run_type": "backfill", "limit": 100}))["dag_runs"]
-            states = {r["logical_date"][:10]: r["state"] for r in runs}
-            if bf.get("completed_at") and all(s in ("success", "failed") for s in states.values()):
+            bf = self.ok(self.http.get(f"/api/v2/backfills/{backfill_id}"))
+            runs = self.runs(dag_id, run_type="backfill")
+            states = {r["logical_date"][:10]: r["state"] for r in runs if (r["queued_at"] or "") >= bf["created_at"]}
+            if on_progress:
+                on_progress(states)
+            if any(v == "failed" for v in states.values()):
+                return states
+            if (bf.get("completed_at") and all(v in ("success", "failed") for v in states.values())
+                    and (expect is None or len(states) >= expect)):
                 return states
             time.sleep(2.0)
         raise StackError(f"backfill {backfill_id} of {dag_id} not done after {timeout:.0f}s")

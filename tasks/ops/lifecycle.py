@@ -294,21 +294,10 @@ def _ingest(lc: Lifecycle, st: Stage) -> tuple[bool, str]:
         lc.follow(st, "chat_ingest", known, appear_s=3)  # yesterday's scheduled run, if it just started
         return False, f"unchanged: {days[0]}..{days[-1]} ingested from the same raw bytes, config and code"
     bf = c.backfill("chat_ingest", days[0], days[-1], "completed")
-    deadline = time.monotonic() + 3600
-    while time.monotonic() < deadline:
-        info = c._ok(c.http.get(f"/api/v2/backfills/{bf}"))
-        # a reprocessed day re-runs its existing DagRun: this backfill's runs are those queued since it began
-        runs = [r for r in c.runs("chat_ingest", run_type="backfill")
-                if r["logical_date"][:10] in days and (r["queued_at"] or "") >= info["created_at"]]
-        states = {r["logical_date"][:10]: r["state"] for r in runs}
-        lc.note(st, f"backfill {bf}: " + ", ".join(f"{d} {states.get(d, 'waiting')}" for d in days))
-        if any(v == "failed" for v in states.values()):
-            raise LifecycleError(f"chat_ingest backfill {bf}: {states}; see the failed run's task logs in the Airflow UI")
-        if info["completed_at"] and len(states) == len(days) and all(v == "success" for v in states.values()):
-            break
-        time.sleep(2.0)
-    else:
-        raise LifecycleError(f"chat_ingest backfill {bf} not done after an hour")
+    states = c.wait_backfill("chat_ingest", bf, timeout=3600, expect=len(days), on_progress=lambda states: lc.note(
+        st, f"backfill {bf}: " + ", ".join(f"{d} {states.get(d, 'waiting')}" for d in days)))
+    if any(v != "success" for v in states.values()):
+        raise LifecycleError(f"chat_ingest backfill {bf}: {states}; see the failed run's task logs in the Airflow UI")
     lc.follow(st, "chat_ingest", known | {r["dag_run_id"] for r in c.runs("chat_ingest", run_type="backfill")},
               appear_s=0)  # yesterday's scheduled run, if it still runs
     from tasks.data.snapshot import load_snapshot
@@ -318,14 +307,12 @@ def _ingest(lc: Lifecycle, st: Stage) -> tuple[bool, str]:
 
 
 def _latest_registered(settings: Settings) -> tuple[str, int | None]:
-    """(run identity of the latest snapshot's shards, the version registered from it or None): what
-    chat_train's check_inputs asks before training."""
-    from tasks.data.shard import latest_manifest
-    from tasks.judge.registry import registered_run
-    from tasks.train.launch import run_identity
+    """(run identity of the latest snapshot's shards, the version registered from it or None): chat_train's
+    own check_inputs."""
+    from tasks.judge.release import check_inputs
 
-    run_id = run_identity(settings, latest_manifest(settings))
-    return run_id, registered_run(settings, run_id)
+    inputs = check_inputs(settings)
+    return inputs["run_id"], inputs["registered"]
 
 
 def _train_result(lc: Lifecycle, runs: dict[str, dict[str, Any]]) -> tuple[bool, str]:

@@ -10,6 +10,7 @@ var/log/. `deploy` exports a registered version and (re)loads it in the running 
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -24,6 +25,8 @@ from tasks.procs import alive, pidfile, stop_groups
 from tasks.serve import triton
 from tasks.serve.export import export
 from tasks.serve.repository import STREAM_SUFFIX, served_versions
+
+log = logging.getLogger(__name__)
 
 COMPONENTS = ("tritonserver", "gateway")
 
@@ -119,3 +122,21 @@ def deploy(settings: Settings, alias: str = "challenger") -> dict[str, Any]:
     else:
         out["loaded"] = False
     return out
+
+
+def smoke(settings: Settings, model: str, version: int) -> dict[str, Any]:
+    """One greedy chat completion through the gateway, pinned to `model:version`: the exported version
+    answers through the whole serving path. Raises on any non-2xx answer."""
+    from tasks.serve.gateway import auth_headers
+
+    body = {"model": f"{model}:{version}", "max_tokens": 16, "temperature": 0,
+            "messages": [{"role": "user", "content": "Hello, can you help me?"}]}
+    t0 = time.perf_counter()
+    r = httpx.post(f"{urls(settings)['gateway']}/chat/completions", json=body, timeout=120,
+                   headers=auth_headers(settings))
+    r.raise_for_status()
+    out = r.json()
+    result = {"reply": out["choices"][0]["message"]["content"], "usage": out["usage"],
+              "latency_ms": round((time.perf_counter() - t0) * 1e3, 1), "version": r.headers["x-model-version"]}
+    log.info("smoke test: %s", result)
+    return result

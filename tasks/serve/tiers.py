@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tasks.config import RoutingConfig
+from tasks.config import ConfigError, RoutingConfig, Settings, load_settings
 from tasks.errors import InputError
 
 SMALL, LARGE = "small", "large"
@@ -97,3 +97,16 @@ def decide(cfg: RoutingConfig, *, asked: str | None, header: str | None, max_tok
     over = ([] if p_ok else [f"prompt={n}>{cfg.max_prompt_tokens}"]) + \
         ([] if m_ok else [f"max_tokens={max_tokens}>{cfg.max_tokens}"])
     return Decision(LARGE, f"heavy({','.join(over)})")
+
+
+def tier_settings(profile: str, tier: str = LARGE) -> Settings:
+    """The profile's settings for one serving tier: the small tier's registered and Triton model is
+    `serve.routing.small_model` (what chat_deploy's `tier: small` exports, shadows and canaries)."""
+    settings = load_settings(profile)
+    if tier == LARGE:
+        return settings
+    small = settings.serve.routing.small_model
+    if settings.distill.registered_model != small:
+        raise ConfigError(f"distill.registered_model={settings.distill.registered_model!r} differs from "
+                          f"serve.routing.small_model={small!r}: the small tier is one model, set both alike")
+    return load_settings(profile, [f"tracking.registered_model={small}", f"serve.triton.model_name={small}"])

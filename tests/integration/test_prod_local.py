@@ -111,7 +111,7 @@ def prod(tmp_path_factory):
 
 def _latencies(client: AirflowClient, dag_id: str, run_id: str) -> list[float]:
     """Seconds from a task instance being queued to its start on the worker."""
-    tis = client._ok(client.http.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances"))["task_instances"]
+    tis = client.ok(client.http.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances"))["task_instances"]
     return [(dt.datetime.fromisoformat(t["start_date"]) - dt.datetime.fromisoformat(t["queued_when"])).total_seconds()
             for t in tis if t.get("queued_when") and t.get("start_date")]
 
@@ -199,7 +199,7 @@ def test_days_backfilled_with_the_airflow_cli_then_reprocessed_give_identical_ha
                             "--reprocess-behavior", "completed"], env=stack.airflow_env(s), capture_output=True,
                            text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
-        bf = client._ok(client.http.get("/api/v2/backfills", params={"dag_id": "chat_ingest"}))["backfills"]
+        bf = client.ok(client.http.get("/api/v2/backfills", params={"dag_id": "chat_ingest"}))["backfills"]
         states = client.wait_backfill("chat_ingest", max(b["id"] for b in bf), timeout=900)
         assert states == {f"2026-11-{d:02d}": "success" for d in range(2, 5)}, states
         runs = [r for r in client.runs("chat_ingest", run_type="backfill")]
