@@ -1,0 +1,94 @@
+"""What the gateway records: its Prometheus metrics (served at GET /metrics) and the request log
+(one JSON line per request, PII scrubbed)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import time
+from collections import Counter, deque
+from pathlib import Path
+from typing import Any
+
+
+class Metrics:
+    """The gateway's Prometheus metrics, in a registry of its own (what GET /metrics serves)."""
+
+    def __init__(self, window_s: float, cost_per_hour: float):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = r = CollectorRegistry()
+        lat = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+        self.requests = Counter("gateway_requests", "Chat completion requests by model and HTTP status",
+                                ["model", "status"], registry=r)
+        self.latency = Histogram("gateway_request_latency_seconds", "Request latency", ["model"], buckets=lat,
+                                 registry=r)
+        self.ttft = Histogram("gateway_ttft_seconds", "Time to first token", ["model"], buckets=lat,
+                              registry=r)
+        self.tokens = Counter("gateway_tokens", "Tokens by kind", ["model", "kind"], registry=r)
+        self.batch = Histogram("gateway_triton_batch_size", "Size of the Triton batch a request ran in",
+                               buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.queue = Gauge("gateway_queue_depth", "Requests waiting for a slot", registry=r)
+        self.inflight = Gauge("gateway_inflight", "Requests at the model server", registry=r)
+        self.tps = Gauge("gateway_tokens_per_second",
+                         f"Completion tokens per second over the last {window_s:.0f}s", registry=r)
+        self.cost = Gauge("gateway_cost_per_million_tokens_usd",
+                          "Serving cost per 1M completion tokens at the measured throughput", registry=r)
+        self.safety = Counter("gateway_safety_blocked", "Requests the safety filter blocked",
+                              ["stage", "rule"], registry=r)
+        self.rejected = Counter("gateway_rejected", "Requests refused before inference", ["reason"],
+                                registry=r)
+        self.shadow = Counter("gateway_shadow_requests", "Requests mirrored to the challenger, by outcome",
+                              ["outcome"], registry=r)
+        self.coalesced = Counter("gateway_coalesced_requests", "Requests answered by an identical request's "
+                                 "inference already in flight (no inference of their own)", registry=r)
+        self.routes = Counter("gateway_route", "Requests by the tier they were routed to and the kind of "
+                              "reason (header, model, light, heavy, small-tier-not-served, routing-disabled)",
+                              ["tier", "reason_kind"], registry=r)
+        self.window_s, self.cost_per_hour = window_s, cost_per_hour
+        self._recent: deque[tuple[float, int]] = deque()
+
+    def completed(self, tokens: int) -> None:
+        now = time.monotonic()
+        self._recent.append((now, tokens))
+        while self._recent and now - self._recent[0][0] > self.window_s:
+            self._recent.popleft()
+        span = max(now - self._recent[0][0], 1.0)
+        tps = sum(n for _, n in self._recent) / span
+        self.tps.set(tps)
+        if tps > 0:
+            self.cost.set(self.cost_per_hour / (tps * 3600) * 1e6)
+
+
+class RequestLog:
+    """One JSON line per request under data/requests/dt=YYYY-MM-DD/, PII scrubbed as in ingest."""
+
+    def __init__(self, root: Path, enabled: bool, pii_kinds: tuple[str, ...]):
+        self.root, self.enabled, self.pii_kinds = root, enabled, pii_kinds
+        self._file = None
+        self._day = None
+
+    def scrub(self, text: str) -> str:
+        from tasks.data.text import scrub_pii
+
+        return scrub_pii(text, self.pii_kinds, Counter())
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        now = dt.datetime.now(dt.UTC)
+        day = now.strftime("%Y-%m-%d")
+        if day != self._day:
+            if self._file:
+                self._file.close()
+            d = self.root / f"dt={day}"
+            d.mkdir(parents=True, exist_ok=True)
+            self._file = open(d / f"gateway-{os.getpid()}.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+            self._day = day
+        self._file.write(json.dumps({"ts": now.isoformat(), **record}, ensure_ascii=False) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
