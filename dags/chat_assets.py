@@ -10,8 +10,10 @@ from airflow.sdk import Asset
 from tasks.profiles import profile_names
 
 PROFILES = profile_names()
-# the profile the stack was started with (`llmops stack up --profile ...` sets it for every Airflow process)
-DEFAULT_PROFILE = os.environ.get("LLMOPS_PROFILE", "tiny") if os.environ.get("LLMOPS_PROFILE") in PROFILES else "tiny"
+# the profile the stack was started with (`llmops stack up --profile ...` sets it for every
+# Airflow process)
+DEFAULT_PROFILE = (os.environ.get("LLMOPS_PROFILE", "tiny") if os.environ.get("LLMOPS_PROFILE") in PROFILES
+                   else "tiny")
 
 CLEAN_CORPUS = Asset(name="chat_clean_corpus", uri="file:///llmops/data/clean", group="llmops")
 CHAT_SHARDS = Asset(name="chat_shards", uri="file:///llmops/data/shards", group="llmops")

@@ -17,8 +17,9 @@ the task log.
 
 Runs when `chat_train` registers a new challenger (the `chat_challenger` Asset) and from the
 Trigger form. With `tier` small it rolls out the distilled `chat-gpt-small` the same way: the
-gateway's small tier has its own aliases, traffic split, shadow and canary. `drill_delay_ms` > 0 rehearses the automatic roll-back: the exported version is made
-that much slower per generated token, so shadow or canary must catch it.
+gateway's small tier has its own aliases, traffic split, shadow and canary. `drill_delay_ms` > 0
+rehearses the automatic roll-back: the exported version is made that much slower per generated
+token, so shadow or canary must catch it.
 """
 
 from __future__ import annotations
@@ -50,15 +51,19 @@ def _settings():
     default_args={"retries": 1, "retry_delay": timedelta(seconds=20)},
     params={
         "profile": Param(DEFAULT_PROFILE, type="string", enum=PROFILES, title="Profile",
-                         description="Config profile (configs/profiles/) whose paths and serving settings apply."),
+                         description="Config profile (configs/profiles/) whose paths and serving "
+                                     "settings apply."),
         "alias": Param("challenger", type="string", enum=["challenger", "champion"], title="Alias",
                        description="Which registered version of the tier's model to export and load."),
         "tier": Param("large", type="string", enum=["large", "small"], title="Tier",
-                      description="large: the main model (chat-gpt). small: the distilled chat-gpt-small that the "
-                                  "gateway's light requests go to; its aliases, traffic split, shadow and canary are its own."),
-        "drill_delay_ms": Param(0, type="number", minimum=0, maximum=10_000, title="Roll-back drill (ms per token)",
-                                description="Rehearsal: slow the exported version down by this much per generated "
-                                            "token, so the rollout must roll it back. 0: no drill."),
+                      description="large: the main model (chat-gpt). small: the distilled chat-gpt-small "
+                                  "that the gateway's light requests go to; its aliases, traffic split, "
+                                  "shadow and canary are its own."),
+        "drill_delay_ms": Param(0, type="number", minimum=0, maximum=10_000,
+                                title="Roll-back drill (ms per token)",
+                                description="Rehearsal: slow the exported version down by this much per "
+                                            "generated token, so the rollout must roll it back. 0: "
+                                            "no drill."),
     },
 )
 def chat_deploy():
@@ -68,7 +73,8 @@ def chat_deploy():
         from tasks.serve.export import export as run
 
         r = run(_settings(), alias=get_current_context()["params"]["alias"])
-        return {k: r[k] for k in ("model", "version", "path", "versions", "aliases", "weights_sha256", "lineage_id")}
+        return {k: r[k] for k in ("model", "version", "path", "versions", "aliases", "weights_sha256",
+                                  "lineage_id")}
 
     @task
     @fails_fast

@@ -47,7 +47,8 @@ def _day() -> str:
     max_active_runs=1,  # snapshot/shard version the whole corpus: one day at a time keeps versions ordered
     tags=["llmops", "data"],
     doc_md=__doc__,
-    default_args={"retries": 2, "retry_delay": timedelta(seconds=20), "execution_timeout": timedelta(hours=2)},
+    default_args={"retries": 2, "retry_delay": timedelta(seconds=20),
+                  "execution_timeout": timedelta(hours=2)},
     params={
         "day": Param("", type="string", pattern=r"^(\d{4}-\d{2}-\d{2})?$", title="Day",
                      description="Partition to ingest, YYYY-MM-DD. Empty: the run's data interval start."),
@@ -63,7 +64,8 @@ def chat_ingest():
         from tasks.data.ingest import ingest as run
 
         r = run(_day(), _settings())
-        return {k: r[k] for k in ("dt", "partition", "content_hash", "clean", "rejected", "reasons", "quarantine")}
+        return {k: r[k] for k in ("dt", "partition", "content_hash", "clean", "rejected", "reasons",
+                                  "quarantine")}
 
     @task
     @fails_fast
@@ -90,7 +92,8 @@ def chat_ingest():
 
         r = run(_settings(), snap["snapshot_hash"])
         get_current_context()["outlet_events"][CHAT_SHARDS].extra = {
-            "manifest": r["manifest"], "snapshot_hash": r["snapshot_hash"], "tokenizer_sha256": r["tokenizer_sha256"]}
+            "manifest": r["manifest"], "snapshot_hash": r["snapshot_hash"],
+            "tokenizer_sha256": r["tokenizer_sha256"]}
         return r
 
     shard(snapshot(validate(ingest())))

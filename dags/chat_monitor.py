@@ -3,10 +3,11 @@
 
 `drift` (the gateway's request logs of the last `monitor.window_hours` against the training
 corpus: Evidently drift of prompt features, Evidently embedding drift of the prompts' MiniLM
-embeddings, token unigram KL, p99 latency and error rate; HTML reports under reports/drift/) → `decide` (if it fired: the guards of configs/monitor.yaml, i.e. no
-chat_train run running or queued, outside the cooldown, under the weekly cap, enough new request
-rows; skips the rest when any says no, with the reason in the log) → `retrain` (triggers
-`chat_train` with a conf that says why).
+embeddings, token unigram KL, p99 latency and error rate; HTML reports under reports/drift/) →
+`decide` (if it fired: the guards of configs/monitor.yaml, i.e. no chat_train run running or
+queued, outside the cooldown, under the weekly cap, enough new request rows; skips the rest when
+any says no, with the reason in the log) → `retrain` (triggers `chat_train` with a conf that says
+why).
 
 Beside it: `autoscale` (queue depth, batch fill, tokens/s per instance and utilisation from
 Triton's and the gateway's metrics; the scale-out / scale-in recommendation of configs/serve.yaml

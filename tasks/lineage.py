@@ -31,7 +31,8 @@ def code_version() -> str:
             capture_output=True, text=True, timeout=5, check=True,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "-C", str(PROJECT_DIR), "status", "--porcelain", "--untracked-files=no", "--", "tasks", "dags", "configs"],
+            ["git", "-C", str(PROJECT_DIR), "status", "--porcelain", "--untracked-files=no", "--", "tasks",
+             "dags", "configs"],
             capture_output=True, text=True, timeout=5, check=True,
         ).stdout.strip()
         return f"git:{sha}{'-dirty' if dirty else ''}"
@@ -53,7 +54,8 @@ SCOPES: dict[str, tuple[str, ...]] = {
     "model": ("data", "model", "train"),     # a training run's id and its weights
 }
 # the scope each lineage kind is hashed with
-KIND_SCOPE = {"clean_partition": "data", "snapshot": "data", "tokenizer": "shards", "shards": "shards", "model": "model"}
+KIND_SCOPE = {"clean_partition": "data", "snapshot": "data", "tokenizer": "shards", "shards": "shards",
+              "model": "model"}
 
 
 def code_hash(scope: str = "model", root: Path | None = None) -> str:

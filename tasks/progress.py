@@ -27,5 +27,5 @@ class Progress:
         rate = self.done / secs
         pct = 100.0 * self.done / self.total if self.total else 100.0
         eta = (self.total - self.done) / rate if rate > 0 and self.total else 0.0
-        self.log.info("%s: %5.1f%% %s %s in %.1fs (%.3g %s/s, ETA %.0fs)", self.what, pct, f"{self.done:,.0f}",
-                      self.unit, secs, rate, self.unit, eta)
+        self.log.info("%s: %5.1f%% %s %s in %.1fs (%.3g %s/s, ETA %.0fs)", self.what, pct,
+                      f"{self.done:,.0f}", self.unit, secs, rate, self.unit, eta)

@@ -51,7 +51,8 @@ class AirflowClient:
         self.ok(self.http.patch(f"/api/v2/dags/{dag_id}", json={"is_paused": True}))
 
     def trigger(self, dag_id: str, conf: dict[str, Any] | None = None) -> str:
-        run = self.ok(self.http.post(f"/api/v2/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": conf or {}}))
+        run = self.ok(self.http.post(f"/api/v2/dags/{dag_id}/dagRuns",
+                                     json={"logical_date": None, "conf": conf or {}}))
         return run["dag_run_id"]
 
     def run_state(self, dag_id: str, run_id: str) -> str:
@@ -67,25 +68,30 @@ class AirflowClient:
         raise StackError(f"{dag_id} run {run_id} still running after {timeout:.0f}s")
 
     def runs(self, dag_id: str, **params: Any) -> list[dict[str, Any]]:
-        """The DAG's runs, newest first (filters as the REST API takes them, e.g. run_type="asset_triggered")."""
+        """The DAG's runs, newest first (filters as the REST API takes them, e.g.
+        run_type="asset_triggered")."""
         return self.ok(self.http.get(f"/api/v2/dags/{dag_id}/dagRuns",
                                       params={"order_by": "-run_after", "limit": 100, **params}))["dag_runs"]
 
     def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
         """What a task returned (its XCom), as JSON."""
-        return self.ok(self.http.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key}",
-                                      params={"deserialize": True, "stringify": False}))["value"]
+        return self.ok(self.http.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}"
+                                     f"/xcomEntries/{key}",
+                                     params={"deserialize": True, "stringify": False}))["value"]
 
     def task_states(self, dag_id: str, run_id: str) -> dict[str, str]:
-        tis = self.ok(self.http.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances"))["task_instances"]
+        tis = self.ok(self.http.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}"
+                                    "/taskInstances"))["task_instances"]
         return {t["task_id"]: t["state"] for t in tis}
 
     def backfill(self, dag_id: str, start: str, end: str, reprocess: str = "completed") -> int:
         """Create a backfill over [start, end] (dates); returns its id. `reprocess`: none|failed|completed."""
         body = {"dag_id": dag_id, "from_date": f"{start}T00:00:00Z", "to_date": f"{end}T00:00:00Z",
-                "run_backwards": False, "dag_run_conf": {}, "reprocess_behavior": reprocess, "max_active_runs": 1}
-        # On SQLite, creating a backfill while the scheduler writes can meet a lock that SQLite reports at once
-        # (a read transaction upgrading to write); the API answers 503 and nothing was created: try again.
+                "run_backwards": False, "dag_run_conf": {}, "reprocess_behavior": reprocess,
+                "max_active_runs": 1}
+        # On SQLite, creating a backfill while the scheduler writes can meet a lock that SQLite reports at
+        # once (a read transaction upgrading to write); the API answers 503 and nothing was created: try
+        # again.
         for _ in range(30):
             r = self.http.post("/api/v2/backfills", json=body)
             if r.status_code != 503 or "locked" not in r.text:
@@ -95,14 +101,16 @@ class AirflowClient:
 
     def wait_backfill(self, dag_id: str, backfill_id: int, timeout: float = 1800.0, expect: int | None = None,
                       on_progress: Callable[[dict[str, str]], None] | None = None) -> dict[str, str]:
-        """Wait until the backfill completes; return {logical_date: state} of its runs. A reprocessed day re-runs
-        its existing DagRun, so this backfill's runs are those queued since it was created. `expect`: the number
-        of runs it must have (days); `on_progress` sees the states at every poll. Stops early on a failed run."""
+        """Wait until the backfill completes; return {logical_date: state} of its runs. A reprocessed day
+        re-runs its existing DagRun, so this backfill's runs are those queued since it was created.
+        `expect`: the number of runs it must have (days); `on_progress` sees the states at every poll.
+        Stops early on a failed run."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             bf = self.ok(self.http.get(f"/api/v2/backfills/{backfill_id}"))
             runs = self.runs(dag_id, run_type="backfill")
-            states = {r["logical_date"][:10]: r["state"] for r in runs if (r["queued_at"] or "") >= bf["created_at"]}
+            states = {r["logical_date"][:10]: r["state"] for r in runs
+                      if (r["queued_at"] or "") >= bf["created_at"]}
             if on_progress:
                 on_progress(states)
             if any(v == "failed" for v in states.values()):

@@ -28,8 +28,10 @@ from tasks.errors import ConfigError, InputError, LlmopsError
 app = typer.Typer(help="Run the stages of the chat-model lifecycle.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
 
-ProfileOpt = Annotated[str | None, typer.Option("--profile", "-p", help="configs/profiles/<name>.yaml (default tiny)")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="override a config key: --set ingest.max_reject_rate=0.3")]
+ProfileOpt = Annotated[str | None, typer.Option("--profile", "-p", help="configs/profiles/<name>.yaml "
+                                                "(default tiny)")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="override a config key: "
+                                                  "--set ingest.max_reject_rate=0.3")]
 DayOpt = Annotated[str, typer.Option("--day", "-d", help="partition date, YYYY-MM-DD")]
 
 
@@ -74,10 +76,14 @@ def synth(
     start: Annotated[str, typer.Option(help="first day, YYYY-MM-DD")] = "2026-11-01",
     records: Annotated[int, typer.Option(min=2, help="clean conversations per day")] = 200,
     faults: Annotated[bool, typer.Option(help="add one line of every reject kind per day")] = False,
-    chatterbot: Annotated[bool, typer.Option(help="also copy the packaged chatterbot-corpus to the first day")] = False,
-    traffic: Annotated[int, typer.Option(min=0, help="instead: N gateway request-log lines of the last --hours")] = 0,
-    drifted: Annotated[bool, typer.Option(help="with --traffic: a shifted prompt mix the monitor must notice")] = False,
-    hours: Annotated[float, typer.Option(min=0.01, help="with --traffic: the span the lines are spread over")] = 1.0,
+    chatterbot: Annotated[bool, typer.Option(help="also copy the packaged chatterbot-corpus to the "
+                                             "first day")] = False,
+    traffic: Annotated[int, typer.Option(min=0, help="instead: N gateway request-log lines of the "
+                                         "last --hours")] = 0,
+    drifted: Annotated[bool, typer.Option(help="with --traffic: a shifted prompt mix the monitor "
+                                          "must notice")] = False,
+    hours: Annotated[float, typer.Option(min=0.01, help="with --traffic: the span the lines are "
+                                         "spread over")] = 1.0,
     profile: ProfileOpt = None, set_: SetOpt = None,
 ) -> None:
     """Write synthetic raw chat logs (and the packaged chatterbot corpus) under data/raw/, or with
@@ -121,7 +127,8 @@ def snapshot(profile: ProfileOpt = None, set_: SetOpt = None) -> None:
 
 @app.command()
 def shard(
-    snapshot_hash: Annotated[str | None, typer.Option("--snapshot", help="snapshot hash (default: latest)")] = None,
+    snapshot_hash: Annotated[str | None, typer.Option("--snapshot", help="snapshot hash "
+                                                      "(default: latest)")] = None,
     profile: ProfileOpt = None, set_: SetOpt = None,
 ) -> None:
     """Train or reuse the BPE tokenizer and write train/val token shards with a manifest."""
@@ -133,8 +140,10 @@ def shard(
 
 @app.command()
 def train(
-    manifest: Annotated[str | None, typer.Option(help="shards manifest.json (default: the latest snapshot's)")] = None,
-    resume: Annotated[bool, typer.Option(help="resume from the newest complete checkpoint of the same run")] = True,
+    manifest: Annotated[str | None, typer.Option(help="shards manifest.json (default: the "
+                                                 "latest snapshot's)")] = None,
+    resume: Annotated[bool, typer.Option(help="resume from the newest complete checkpoint of the "
+                                         "same run")] = True,
     profile: ProfileOpt = None, set_: SetOpt = None,
 ) -> None:
     """Train the GPT with DeepSpeed ZeRO as real ranks; MLflow run + safetensors weights."""
@@ -146,7 +155,8 @@ def train(
 
 @app.command("train-pod")
 def train_pod(
-    manifest: Annotated[str | None, typer.Option(help="shards manifest.json the pod trains on (default: the latest snapshot's)")] = None,
+    manifest: Annotated[str | None, typer.Option(help="shards manifest.json the pod trains on (default: the "
+                                                 "latest snapshot's)")] = None,
     run_id: Annotated[str, typer.Option(help="names the pod")] = "manual",
     profile: ProfileOpt = None, set_: SetOpt = None,
 ) -> None:
@@ -168,7 +178,8 @@ def train_pod(
 
 @app.command()
 def evaluate(
-    weights: Annotated[str | None, typer.Option(help="a trained model directory (default: the latest run's final/)")] = None,
+    weights: Annotated[str | None, typer.Option(help="a trained model directory (default: the latest "
+                                                "run's final/)")] = None,
     profile: ProfileOpt = None, set_: SetOpt = None,
 ) -> None:
     """Run the evaluation suites on trained weights; writes metrics.json and an HTML report."""
@@ -176,15 +187,18 @@ def evaluate(
     from tasks.judge.registry import latest_weights
 
     s = _settings(profile, set_)
-    _run(lambda: {k: v for k, v in run(s, weights or latest_weights(s)).items() if k in ("run_id", "metrics", "slices", "report")})
+    _run(lambda: {k: v for k, v in run(s, weights or latest_weights(s)).items()
+                  if k in ("run_id", "metrics", "slices", "report")})
 
 
 @app.command()
 def register(
-    weights: Annotated[str | None, typer.Option(help="a trained model directory (default: the latest run's final/)")] = None,
+    weights: Annotated[str | None, typer.Option(help="a trained model directory (default: the latest "
+                                                "run's final/)")] = None,
     profile: ProfileOpt = None, set_: SetOpt = None,
 ) -> None:
-    """Evaluate, gate against the champion, register as `challenger`; then the int8 and int4 variants (`challenger-int8`, `-int4`)."""
+    """Evaluate, gate against the champion, register as `challenger`; then the int8 and int4 variants
+    (`challenger-int8`, `-int4`)."""
     from tasks.judge.registry import latest_weights
     from tasks.judge.release import evaluate_and_register
 
@@ -194,12 +208,18 @@ def register(
 
 @app.command()
 def distill(
-    teacher: Annotated[str | None, typer.Option(help="teacher weights directory (default: a registered version)")] = None,
-    teacher_version: Annotated[int | None, typer.Option(help="teacher: this version of tracking.registered_model")] = None,
-    teacher_alias: Annotated[str | None, typer.Option(help="teacher: this alias (default distill.teacher_alias)")] = None,
-    manifest: Annotated[str | None, typer.Option(help="shards manifest.json (default: the teacher's shards)")] = None,
-    register: Annotated[bool, typer.Option(help="evaluate, gate and register the student as distill.registered_model")] = True,
-    resume: Annotated[bool, typer.Option(help="resume from the newest complete checkpoint of the same run")] = True,
+    teacher: Annotated[str | None, typer.Option(help="teacher weights directory (default: a "
+                                                "registered version)")] = None,
+    teacher_version: Annotated[int | None, typer.Option(help="teacher: this version "
+                                                        "of tracking.registered_model")] = None,
+    teacher_alias: Annotated[str | None, typer.Option(help="teacher: this alias "
+                                                      "(default distill.teacher_alias)")] = None,
+    manifest: Annotated[str | None, typer.Option(help="shards manifest.json (default: the "
+                                                 "teacher's shards)")] = None,
+    register: Annotated[bool, typer.Option(help="evaluate, gate and register the student "
+                                           "as distill.registered_model")] = True,
+    resume: Annotated[bool, typer.Option(help="resume from the newest complete checkpoint of the "
+                                         "same run")] = True,
     profile: ProfileOpt = None, set_: SetOpt = None,
 ) -> None:
     """Distill a smaller student from a teacher's logits with DeepSpeed; register it as chat-gpt-small."""
@@ -218,9 +238,12 @@ def distill(
 
 @app.command()
 def reproduce(
-    ref: Annotated[str, typer.Argument(help="MODEL@VERSION or MODEL@ALIAS, e.g. chat-gpt@3 or chat-gpt@champion")],
-    workdir: Annotated[str | None, typer.Option(help="an empty directory to rebuild in (default var/reproduce/<model>-v<N>-<time>)")] = None,
-    force: Annotated[bool, typer.Option(help="retrain even when the checked-out data is not the recorded snapshot")] = False,
+    ref: Annotated[str, typer.Argument(help="MODEL@VERSION or MODEL@ALIAS, e.g. chat-gpt@3 "
+                                       "or chat-gpt@champion")],
+    workdir: Annotated[str | None, typer.Option(help="an empty directory to rebuild in (default "
+                                                "var/reproduce/<model>-v<N>-<time>)")] = None,
+    force: Annotated[bool, typer.Option(help="retrain even when the checked-out data is not the "
+                                        "recorded snapshot")] = False,
     profile: ProfileOpt = None, set_: SetOpt = None,
 ) -> None:
     """Rebuild a registered version from its lineage (DVC snapshot, config, seed) and compare the weights."""
@@ -235,7 +258,8 @@ def reproduce(
 
     _run(go)
     if not report.get("identical"):
-        typer.echo(f"not identical: differs in {', '.join(report.get('differs') or []) or 'no recorded input'}", err=True)
+        typer.echo("not identical: differs in "
+                   f"{', '.join(report.get('differs') or []) or 'no recorded input'}", err=True)
         raise typer.Exit(1)
 
 
@@ -318,7 +342,8 @@ def export(
     alias: Annotated[str | None, typer.Option(help="registered alias to export, e.g. challenger")] = None,
     version: Annotated[int | None, typer.Option(help="registered version number to export")] = None,
     load: Annotated[bool, typer.Option(help="(re)load it in the running tritonserver")] = True,
-    model: Annotated[str | None, typer.Option(help="registered and Triton model name, e.g. chat-gpt-small (the small tier)")] = None,
+    model: Annotated[str | None, typer.Option(help="registered and Triton model name, e.g. chat-gpt-small "
+                                              "(the small tier)")] = None,
     profile: ProfileOpt = None, set_: SetOpt = None,
 ) -> None:
     """Write a registered version into the Triton model repository (models/triton/), and load it."""
@@ -338,7 +363,8 @@ def export(
     _run(go)
 
 
-serve_app = typer.Typer(help="The model server (tritonserver) and the OpenAI-compatible gateway on 127.0.0.1.")
+serve_app = typer.Typer(help="The model server (tritonserver) and the OpenAI-compatible gateway on "
+                        "127.0.0.1.")
 app.add_typer(serve_app, name="serve")
 
 
@@ -381,8 +407,9 @@ def serve_status(profile: ProfileOpt = None, set_: SetOpt = None) -> None:
 
 @app.command("memory-worker")
 def memory_worker(profile: ProfileOpt = None, set_: SetOpt = None) -> None:
-    """Embed the exchanges queued for long-term session memory and store them, until stopped (production:
-    serve.memory.queue a redis:// stream, serve.memory.index a postgresql:// table, worker_in_gateway false)."""
+    """Embed the exchanges queued for long-term session memory and store them, until stopped
+    (production: serve.memory.queue a redis:// stream, serve.memory.index a postgresql:// table,
+    worker_in_gateway false)."""
     import asyncio
     import logging
 
@@ -390,8 +417,8 @@ def memory_worker(profile: ProfileOpt = None, set_: SetOpt = None) -> None:
 
     s = _settings(profile, set_)
     if not s.serve.memory.queue:
-        typer.echo("error: serve.memory.queue is empty: the in-process queue lives in the gateway, which embeds "
-                   "itself; set serve.memory.queue=redis://... for worker processes", err=True)
+        typer.echo("error: serve.memory.queue is empty: the in-process queue lives in the gateway, which "
+                   "embeds itself; set serve.memory.queue=redis://... for worker processes", err=True)
         raise typer.Exit(2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -410,7 +437,8 @@ def memory_worker(profile: ProfileOpt = None, set_: SetOpt = None) -> None:
 
 @app.command()
 def drift(
-    hours: Annotated[float | None, typer.Option(help="window of request logs (default monitor.window_hours)")] = None,
+    hours: Annotated[float | None, typer.Option(help="window of request logs "
+                                                "(default monitor.window_hours)")] = None,
     profile: ProfileOpt = None, set_: SetOpt = None,
 ) -> None:
     """Drift and SLO report of the served model: request logs vs the training corpus (Evidently)."""
@@ -422,13 +450,17 @@ def drift(
 
 @app.command()
 def autoscale(
-    interval: Annotated[float, typer.Option(min=0.1, help="seconds between the two scrapes that rates are taken over")] = 5.0,
-    replay: Annotated[str | None, typer.Option(help="instead: replay a load curve CSV (t_s,arrival_rps) through the policy")] = None,
+    interval: Annotated[float, typer.Option(min=0.1, help="seconds between the two scrapes that rates are "
+                                            "taken over")] = 5.0,
+    replay: Annotated[str | None, typer.Option(help="instead: replay a load curve CSV (t_s,arrival_rps) "
+                                               "through the policy")] = None,
     capacity: Annotated[float, typer.Option(help="with --replay: requests/s one instance serves")] = 4.0,
-    cold_start: Annotated[float, typer.Option(help="with --replay: seconds a cold instance takes to load")] = 60.0,
+    cold_start: Annotated[float, typer.Option(help="with --replay: seconds a cold instance takes "
+                                              "to load")] = 60.0,
     profile: ProfileOpt = None, set_: SetOpt = None,
 ) -> None:
-    """Serving signals (Triton + gateway metrics) and the scale-out/in recommendation; logged to reports/autoscale/."""
+    """Serving signals (Triton + gateway metrics) and the scale-out/in recommendation; logged to
+    reports/autoscale/."""
     from tasks.loop import autoscale as scaler
 
     s = _settings(profile, set_)
@@ -440,10 +472,12 @@ def autoscale(
 
 @app.command()
 def cost(
-    since_hours: Annotated[float, typer.Option(min=0.01, help="window of request logs for the serving cost")] = 168.0,
+    since_hours: Annotated[float, typer.Option(min=0.01, help="window of request logs for the "
+                                               "serving cost")] = 168.0,
     profile: ProfileOpt = None, set_: SetOpt = None,
 ) -> None:
-    """$ per 1M tokens, training and serving, per registered version: reports/cost/<time>/cost.json + cost.html."""
+    """$ per 1M tokens, training and serving, per registered version: reports/cost/<time>/cost.json +
+    cost.html."""
     from tasks.loop.cost import cost_report
 
     s = _settings(profile, set_)
@@ -452,20 +486,30 @@ def cost(
 
 @app.command("tune-serving")
 def tune_serving(
-    model: Annotated[str | None, typer.Option(help="Triton model to tune (default serve.triton.model_name)")] = None,
-    version: Annotated[int | None, typer.Option(help="version the load goes to (default: the champion, else the newest)")] = None,
-    slo_p99_ms: Annotated[float | None, typer.Option(help="p99 SLO in ms (default serve.tune.slo_p99_ms, else monitor.slo_p99_ms)")] = None,
-    requests: Annotated[int | None, typer.Option(min=1, help="measured requests per setting (default serve.tune.requests)")] = None,
-    duration: Annotated[float | None, typer.Option(min=0.1, help="instead: seconds of load per setting")] = None,
-    concurrency: Annotated[int | None, typer.Option(min=1, help="concurrent clients (default serve.gateway.max_inflight)")] = None,
-    max_tokens: Annotated[int | None, typer.Option(min=1, help="tokens per request (default serve.gateway.default_max_tokens)")] = None,
-    own_server: Annotated[bool, typer.Option(help="start a private tritonserver (free loopback ports, only this model) "
-                                             "instead of using the one `llmops serve` runs")] = False,
-    apply: Annotated[bool, typer.Option(help="write the chosen values into the repository's config.pbtxt (and the "
-                                        "-stream twin's) and reload them; the printed overrides keep them past `llmops export`")] = False,
+    model: Annotated[str | None, typer.Option(help="Triton model to tune "
+                                              "(default serve.triton.model_name)")] = None,
+    version: Annotated[int | None, typer.Option(help="version the load goes to (default: the champion, else "
+                                                "the newest)")] = None,
+    slo_p99_ms: Annotated[float | None, typer.Option(help="p99 SLO in ms (default serve.tune.slo_p99_ms, "
+                                                     "else monitor.slo_p99_ms)")] = None,
+    requests: Annotated[int | None, typer.Option(min=1, help="measured requests per setting "
+                                                 "(default serve.tune.requests)")] = None,
+    duration: Annotated[float | None, typer.Option(min=0.1, help="instead: seconds of load "
+                                                   "per setting")] = None,
+    concurrency: Annotated[int | None, typer.Option(min=1, help="concurrent clients "
+                                                    "(default serve.gateway.max_inflight)")] = None,
+    max_tokens: Annotated[int | None, typer.Option(min=1, help="tokens per request (default "
+                                                   "serve.gateway.default_max_tokens)")] = None,
+    own_server: Annotated[bool, typer.Option(help="start a private tritonserver (free loopback ports, only "
+                                             "this model) instead of using the one "
+                                             "`llmops serve` runs")] = False,
+    apply: Annotated[bool, typer.Option(help="write the chosen values into the repository's config.pbtxt "
+                                        "(and the -stream twin's) and reload them; the printed overrides "
+                                        "keep them past `llmops export`")] = False,
     profile: ProfileOpt = None, set_: SetOpt = None,
 ) -> None:
-    """Measure Triton batch settings (serve.tune's grid) under load; choose the highest throughput within the p99 SLO.
+    """Measure Triton batch settings (serve.tune's grid) under load; choose the highest throughput within
+    the p99 SLO.
 
     Needs the tritonserver `llmops serve` runs, with the model loaded, or --own-server.
 
@@ -474,7 +518,8 @@ def tune_serving(
     Writes reports/tune/<time>/ (tune.json, tune.png, chosen.pbtxt); exits 1 when no setting meets the SLO."""
     from tasks.serve import tune as mod
 
-    given = {"slo_p99_ms": slo_p99_ms, "concurrency": concurrency, "max_tokens": max_tokens, "requests": requests}
+    given = {"slo_p99_ms": slo_p99_ms, "concurrency": concurrency, "max_tokens": max_tokens,
+             "requests": requests}
     extra = [f"serve.tune.{k}={v}" for k, v in given.items() if v is not None]
     if duration is not None:
         extra += [f"serve.tune.duration_s={duration}", "serve.tune.requests=0"]
@@ -485,18 +530,20 @@ def tune_serving(
         try:
             report.update(mod.tune_serving(s, model, version, own_server, apply))
         except KeyboardInterrupt:
-            raise mod.TuneError("interrupted; the model's configuration from before was loaded back") from None
+            raise mod.TuneError("interrupted; the model's configuration from before was loaded "
+                                "back") from None
         return mod.summary(report)
 
     _run(go)
     if not report["choice"]["slo_met"]:
         typer.echo(f"error: {report['choice']['reason']} (report {report['files']['json']})", err=True)
         raise typer.Exit(1)
-    typer.echo("to keep it: " + " ".join(f"--set {o}" for o in report["overrides"]) + " (or put them in configs/serve.yaml)",
-               err=True)
+    typer.echo("to keep it: " + " ".join(f"--set {o}" for o in report["overrides"])
+               + " (or put them in configs/serve.yaml)", err=True)
 
 
-rollout_app = typer.Typer(help="Canary analysis, promotion and roll-back of the served challenger.", no_args_is_help=True)
+rollout_app = typer.Typer(help="Canary analysis, promotion and roll-back of the served challenger.",
+                          no_args_is_help=True)
 app.add_typer(rollout_app, name="rollout")
 
 
@@ -550,7 +597,8 @@ def rollout_rollback(reason: Annotated[str, typer.Option(help="why, for the reco
 
 @rollout_app.command("drill")
 def rollout_drill(version: Annotated[int, typer.Option(help="served version to slow down")],
-                  delay_ms: Annotated[float, typer.Option(help="added per generated token; 0 ends the drill")] = 50.0,
+                  delay_ms: Annotated[float, typer.Option(help="added per generated token; 0 ends "
+                                                          "the drill")] = 50.0,
                   profile: ProfileOpt = None, set_: SetOpt = None) -> None:
     """Make a served version slower on purpose, to rehearse an automatic roll-back."""
     from tasks.loop import rollout
@@ -561,11 +609,14 @@ def rollout_drill(version: Annotated[int, typer.Option(help="served version to s
 
 @app.command()
 def chat(
-    model: Annotated[str, typer.Option(help="model id: chat-gpt, chat-gpt:champion, chat-gpt:<version>")] = "chat-gpt",
-    session: Annotated[str | None, typer.Option(help="session id; the gateway keeps the turns (default: a new one)")] = None,
+    model: Annotated[str, typer.Option(help="model id: chat-gpt, "
+                                       "chat-gpt:champion, chat-gpt:<version>")] = "chat-gpt",
+    session: Annotated[str | None, typer.Option(help="session id; the gateway keeps the turns (default: a "
+                                                "new one)")] = None,
     max_tokens: Annotated[int, typer.Option(min=1)] = 64,
     temperature: Annotated[float, typer.Option(min=0.0, max=2.0)] = 0.7,
-    base_url: Annotated[str | None, typer.Option(help="gateway URL (default from configs/serve.yaml)")] = None,
+    base_url: Annotated[str | None, typer.Option(help="gateway URL (default "
+                                                 "from configs/serve.yaml)")] = None,
     profile: ProfileOpt = None, set_: SetOpt = None,
 ) -> None:
     """Chat with the served model in the terminal, tokens streamed as they come (Ctrl-D to end)."""
@@ -604,7 +655,8 @@ def chat(
         except APIStatusError as e:
             typer.echo(f"error {e.status_code}: {e.message}", err=True)
         except APIConnectionError as e:
-            typer.echo(f"error: cannot reach the gateway at {url} ({e}); is `llmops serve` running?", err=True)
+            typer.echo(f"error: cannot reach the gateway at {url} ({e}); is `llmops serve` running?",
+                       err=True)
             raise typer.Exit(1) from None
 
 
@@ -632,9 +684,11 @@ def trigger(
         client.unpause(dag_id)
         run_id = client.trigger(dag_id, params)
         state = client.wait_run(dag_id, run_id) if wait else "queued"
-        out = {"dag_id": dag_id, "run_id": run_id, "state": state, "tasks": client.task_states(dag_id, run_id)}
+        out = {"dag_id": dag_id, "run_id": run_id, "state": state,
+               "tasks": client.task_states(dag_id, run_id)}
         if state == "failed":
-            raise StackError(f"{dag_id} run {run_id} failed: {out['tasks']}; see the task logs in the Airflow UI")
+            raise StackError(f"{dag_id} run {run_id} failed: {out['tasks']}; see the task logs in the "
+                             "Airflow UI")
         return out
 
     _run(go)
@@ -642,7 +696,8 @@ def trigger(
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def airflow(ctx: typer.Context, profile: ProfileOpt = None) -> None:
-    """Run the `airflow` CLI against this project's stack: llmops airflow backfill create --dag-id chat_ingest ..."""
+    """Run the `airflow` CLI against this project's stack: llmops airflow backfill create --dag-id
+    chat_ingest ..."""
     import subprocess
 
     from tasks.ops.stack import airflow_env
@@ -657,7 +712,8 @@ def backfill(
     start: Annotated[str, typer.Option("--from", help="first logical date, YYYY-MM-DD")],
     end: Annotated[str, typer.Option("--to", help="last logical date, YYYY-MM-DD (inclusive)")],
     dag_id: Annotated[str, typer.Option("--dag", help="DAG to backfill")] = "chat_ingest",
-    reprocess: Annotated[str, typer.Option(help="re-run days that already ran: none, failed or completed")] = "completed",
+    reprocess: Annotated[str, typer.Option(help="re-run days that already ran: none, failed "
+                                           "or completed")] = "completed",
     profile: ProfileOpt = None, set_: SetOpt = None,
 ) -> None:
     """Backfill a DAG over past days through Airflow's backfill API and wait for it."""
@@ -712,7 +768,8 @@ def reports(profile: ProfileOpt = None, set_: SetOpt = None) -> None:
 @app.command()
 def lifecycle(
     start: Annotated[str, typer.Option("--from", help="first sample day, YYYY-MM-DD")] = "2026-11-01",
-    end: Annotated[str, typer.Option("--to", help="last sample day: ingested as the new day after the first training")] = "2026-11-03",
+    end: Annotated[str, typer.Option("--to", help="last sample day: ingested as the new day after the "
+                                     "first training")] = "2026-11-03",
     profile: ProfileOpt = None, set_: SetOpt = None,
 ) -> None:
     """What `make run` runs: start the stack and drive ingest -> train -> deploy -> new day -> retrain ->
@@ -731,8 +788,8 @@ def lifecycle(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
-        typer.echo("interrupted; the stack and any started DAG runs go on. `make run` again picks up from there, "
-                   "`make stop` ends it all", err=True)
+        typer.echo("interrupted; the stack and any started DAG runs go on. `make run` again picks up from "
+                   "there, `make stop` ends it all", err=True)
         raise typer.Exit(130) from None
     lc.console.print(f"\nlifecycle done in {result['seconds'] / 60:.1f} min "
                      f"(history: {lc.history_path}; `make run` again skips what is unchanged)\n")
@@ -760,7 +817,8 @@ def reference() -> str:
         opts = [p.opts[0] for p in cmd.params if p.param_type_name == "option" and p.opts[0] not in
                 ("--profile", "--set", "--help")]
         first = (cmd.help or "").strip().split("\n\n")[0].replace("\n", " ")
-        lines.append(f"llmops {' '.join(path)}" + "".join(f" {a}" for a in args) + (f" [{' '.join(opts)}]" if opts else ""))
+        lines.append(f"llmops {' '.join(path)}" + "".join(f" {a}" for a in args)
+                     + (f" [{' '.join(opts)}]" if opts else ""))
         lines.append(f"    {first}")
 
     walk(root, [])

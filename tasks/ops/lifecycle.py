@@ -98,10 +98,12 @@ class Lifecycle:
         ran = (self.history().get("stages") or {}).get(st.name, {}).get("ran")
         if ran is None:
             return None
-        return max(ran - st.elapsed(), 0.0) if st.status == "running" else (ran if st.status == "pending" else None)
+        return (max(ran - st.elapsed(), 0.0) if st.status == "running"
+                else (ran if st.status == "pending" else None))
 
     def __rich__(self) -> Group:
-        t = Table(title=f"llmops lifecycle ({self.settings.profile} profile)", title_justify="left", expand=True)
+        t = Table(title=f"llmops lifecycle ({self.settings.profile} profile)", title_justify="left",
+                  expand=True)
         # one line a stage, so the view fits any terminal: the last column takes what is left, cut with …
         t.add_column("", width=1, no_wrap=True)
         t.add_column("stage", min_width=7, no_wrap=True)
@@ -111,7 +113,8 @@ class Lifecycle:
         for st in self.stages:
             sym, style = STYLE[st.status]
             eta = self.eta(st)
-            t.add_row(Text(sym, style=style), Text(st.name, style=style), _fmt(st.elapsed() if st.t0 else None),
+            t.add_row(Text(sym, style=style), Text(st.name, style=style),
+                      _fmt(st.elapsed() if st.t0 else None),
                       _fmt(eta) if eta is not None else ("?" if st.status in ("pending", "running") else ""),
                       st.detail or st.what)
         total = sum(st.elapsed() for st in self.stages)
@@ -150,18 +153,21 @@ class Lifecycle:
             for r in active[-1:]:
                 tasks = self.client.task_states(dag_id, r["dag_run_id"])
                 done = sum(1 for s in tasks.values() if s in ("success", "skipped"))
-                running = [t for t, s in tasks.items() if s in ("running", "queued", "scheduled", "up_for_retry")]
+                running = [t for t, s in tasks.items()
+                           if s in ("running", "queued", "scheduled", "up_for_retry")]
                 self.note(st, f"{dag_id} {r['run_type']} run: {', '.join(running) or r['state']} "
-                              f"({done}/{len(tasks) or '?'} tasks done)" + (f"; {len(active) - 1} more queued" if len(active) > 1 else ""))
+                              f"({done}/{len(tasks) or '?'} tasks done)"
+                              + (f"; {len(active) - 1} more queued" if len(active) > 1 else ""))
             if not active:
                 out = {}
                 for r in runs:
                     tasks = self.client.task_states(dag_id, r["dag_run_id"])
                     if r["state"] == "failed":
                         bad = {t: s for t, s in tasks.items() if s not in ("success", "skipped")}
-                        raise LifecycleError(f"{dag_id} run {r['dag_run_id']} failed: {bad}; its task logs are in the "
-                                             f"Airflow UI ({self.settings.stack.host}:{self.settings.stack.airflow_port}"
-                                             f"/dags/{dag_id}) and under var/airflow/logs/")
+                        raise LifecycleError(f"{dag_id} run {r['dag_run_id']} failed: {bad}; its task logs "
+                                             f"are in the Airflow UI ({self.settings.stack.host}:"
+                                             f"{self.settings.stack.airflow_port}/dags/{dag_id}) and "
+                                             "under var/airflow/logs/")
                     out[r["dag_run_id"]] = {"run_type": r["run_type"], "tasks": tasks}
                 return out
             time.sleep(2.0)
@@ -181,7 +187,8 @@ class Lifecycle:
             self._live = None
             self._save_history(time.monotonic() - t_start)
         return {"seconds": round(time.monotonic() - t_start, 1),
-                "stages": {st.name: {"status": st.status, "seconds": round(st.elapsed(), 1), "detail": st.detail}
+                "stages": {st.name: {"status": st.status, "seconds": round(st.elapsed(), 1),
+                                     "detail": st.detail}
                            for st in self.stages}, **self.facts}
 
     def _run_stages(self) -> None:
@@ -205,7 +212,8 @@ class Lifecycle:
         stages = h.get("stages") or {}
         for st in self.stages:
             if st.status in ("done", "skipped"):
-                stages.setdefault(st.name, {})["ran" if st.status == "done" else "skipped"] = round(st.secs or 0.0, 1)
+                stages.setdefault(st.name, {})["ran" if st.status == "done" else "skipped"] = round(
+                    st.secs or 0.0, 1)
         h.update(stages=stages, last={"finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                                       "seconds": round(total, 1),
                                       "statuses": {st.name: st.status for st in self.stages}})
@@ -228,7 +236,8 @@ def _stack(lc: Lifecycle, st: Stage) -> tuple[bool, str]:
         lc.note(st, f"waiting for the dag-processor to parse {dag_id}")
         lc.client.wait_for_dag(dag_id, timeout=300)
     where = f"Airflow {r['airflow']}, MLflow {r['mlflow']}"
-    return (True, f"started {', '.join(r['started'])}: {where}") if r["started"] else (False, f"already running: {where}")
+    return ((True, f"started {', '.join(r['started'])}: {where}") if r["started"]
+            else (False, f"already running: {where}"))
 
 
 def _serve(lc: Lifecycle, st: Stage) -> tuple[bool, str]:
@@ -236,14 +245,16 @@ def _serve(lc: Lifecycle, st: Stage) -> tuple[bool, str]:
 
     r = server.up(lc.settings)
     where = f"gateway {r['gateway']}, Triton {r['triton_http']}"
-    return (True, f"started {', '.join(r['started'])}: {where}") if r["started"] else (False, f"already running: {where}")
+    return ((True, f"started {', '.join(r['started'])}: {where}") if r["started"]
+            else (False, f"already running: {where}"))
 
 
 def _raw_hash(settings: Settings) -> str:
     from tasks.atomic import sha256_file, tree_hash
 
     raw = settings.paths.raw
-    return tree_hash({p.relative_to(raw).as_posix(): sha256_file(p) for p in sorted(raw.rglob("*")) if p.is_file()}
+    return tree_hash({p.relative_to(raw).as_posix(): sha256_file(p) for p in sorted(raw.rglob("*"))
+                      if p.is_file()}
                      if raw.is_dir() else {})
 
 
@@ -258,7 +269,8 @@ def _data(lc: Lifecycle, st: Stage) -> tuple[bool, str]:
         synth_day(s, d, records=200, faults=True)
     copy_chatterbot(s, lc.first)
     what = f"{len(days)} synthetic days {lc.first}..{lc.last} + yesterday ({yesterday}), chatterbot corpus"
-    return (False, f"unchanged: {what}") if _raw_hash(s) == before else (True, f"wrote {what} under {s.paths.raw}")
+    return ((False, f"unchanged: {what}") if _raw_hash(s) == before
+            else (True, f"wrote {what} under {s.paths.raw}"))
 
 
 def _snapshot_days(settings: Settings) -> set[str]:
@@ -294,21 +306,25 @@ def _ingest(lc: Lifecycle, st: Stage) -> tuple[bool, str]:
         lc.follow(st, "chat_ingest", known, appear_s=3)  # yesterday's scheduled run, if it just started
         return False, f"unchanged: {days[0]}..{days[-1]} ingested from the same raw bytes, config and code"
     bf = c.backfill("chat_ingest", days[0], days[-1], "completed")
-    states = c.wait_backfill("chat_ingest", bf, timeout=3600, expect=len(days), on_progress=lambda states: lc.note(
-        st, f"backfill {bf}: " + ", ".join(f"{d} {states.get(d, 'waiting')}" for d in days)))
+    states = c.wait_backfill(
+        "chat_ingest", bf, timeout=3600, expect=len(days), on_progress=lambda states: lc.note(
+            st, f"backfill {bf}: " + ", ".join(f"{d} {states.get(d, 'waiting')}" for d in days)))
     if any(v != "success" for v in states.values()):
-        raise LifecycleError(f"chat_ingest backfill {bf}: {states}; see the failed run's task logs in the Airflow UI")
-    lc.follow(st, "chat_ingest", known | {r["dag_run_id"] for r in c.runs("chat_ingest", run_type="backfill")},
+        raise LifecycleError(f"chat_ingest backfill {bf}: {states}; see the failed run's task logs in the "
+                             "Airflow UI")
+    lc.follow(st, "chat_ingest",
+              known | {r["dag_run_id"] for r in c.runs("chat_ingest", run_type="backfill")},
               appear_s=0)  # yesterday's scheduled run, if it still runs
     from tasks.data.snapshot import load_snapshot
 
     snap = load_snapshot(s)
-    return True, f"{len(days)} days backfilled; snapshot {snap['snapshot_hash'][:12]} ({len(snap['partitions'])} partitions)"
+    return True, (f"{len(days)} days backfilled; snapshot {snap['snapshot_hash'][:12]} "
+                  f"({len(snap['partitions'])} partitions)")
 
 
 def _latest_registered(settings: Settings) -> tuple[str, int | None]:
-    """(run identity of the latest snapshot's shards, the version registered from it or None): chat_train's
-    own check_inputs."""
+    """(run identity of the latest snapshot's shards, the version registered from it or None):
+    chat_train's own check_inputs."""
     from tasks.judge.release import check_inputs
 
     inputs = check_inputs(settings)
@@ -334,7 +350,8 @@ def _train(lc: Lifecycle, st: Stage) -> tuple[bool, str]:
     known = lc.run_ids("chat_train")
     lc.facts["deploys_before_train"] = lc.run_ids("chat_deploy")
     c.unpause("chat_deploy")  # register's chat_challenger Asset starts the deploy
-    c.unpause("chat_train")  # the first unpause also runs the latest weekly tick: it skips, as unchanged, or trains
+    # the first unpause also runs the latest weekly tick: it skips, as unchanged, or trains
+    c.unpause("chat_train")
     run_id, version = _latest_registered(s)
     if version is not None:  # what check_inputs would find: no run needed
         return False, f"unchanged: run {run_id} (these shards, config, seed and code) is version {version}"
@@ -356,17 +373,20 @@ def _deploy(lc: Lifecycle, st: Stage, known: set[str], expect: bool) -> tuple[bo
     name = s.serve.triton.model_name
     aliases = read_aliases(s.paths.triton_repository, name)
     try:
-        challenger = int(mlflow_client(s).get_model_version_by_alias(s.tracking.registered_model, "challenger").version)
+        challenger = int(mlflow_client(s).get_model_version_by_alias(s.tracking.registered_model,
+                                                                     "challenger").version)
     except Exception:  # noqa: BLE001 - no challenger alias: the last one was promoted or rolled back
         challenger = None
     runs_now = lc.run_ids("chat_deploy") - known
-    if not expect and not runs_now and (challenger is None or challenger in (aliases.get("champion"), aliases.get("rejected"))):
+    if not expect and not runs_now and (challenger is None
+                                        or challenger in (aliases.get("champion"), aliases.get("rejected"))):
         return False, f"unchanged: champion is version {aliases.get('champion')}, no new challenger"
     started = []
     if not expect and not runs_now:
         started = [lc.client.trigger("chat_deploy", {"profile": s.profile, "alias": "challenger"})]
     load = None
-    if "champion" in aliases:  # users asking what the corpus asks: the canary judges, the monitor sees no drift
+    # users asking what the corpus asks: the canary judges, the monitor sees no drift
+    if "champion" in aliases:
         from tasks.loop.drift import reference_prompts
 
         load = Load(server.urls(s)["gateway"], clients=2, prompt=None, max_tokens=8, headers=auth_headers(s),
@@ -381,7 +401,8 @@ def _deploy(lc: Lifecycle, st: Stage, known: set[str], expect: bool) -> tuple[bo
     shadow = lc.client.xcom("chat_deploy", run_id, "shadow")
     lc.facts.setdefault("deploys", []).append({"run": run_id, "shadow": shadow, "canary": canary,
                                                "requests": len(load.statuses) if load else 0,
-                                               "failed_requests": sum(1 for x in load.statuses if x != 200) if load else 0})
+                                               "failed_requests": (sum(1 for x in load.statuses if x != 200)
+                                                                   if load else 0)})
     after = read_aliases(s.paths.triton_repository, name)
     detail = f"{canary['action']}: {canary['reason']}; serving {after}"
     if load is not None:
@@ -405,7 +426,8 @@ def _new_day(lc: Lifecycle, st: Stage) -> tuple[bool, str]:
     lc.follow(st, "chat_ingest", known, started=[run_id])
     shard = lc.client.xcom("chat_ingest", run_id, "shard")
     tokens = sum(shard["tokens"].values()) if isinstance(shard["tokens"], dict) else shard["tokens"]
-    return True, f"dt={lc.last} ingested; new shards {Path(shard['manifest']).parent.name} ({tokens:,} tokens)"
+    return True, (f"dt={lc.last} ingested; new shards {Path(shard['manifest']).parent.name} "
+                  f"({tokens:,} tokens)")
 
 
 def _retrain(lc: Lifecycle, st: Stage) -> tuple[bool, str]:
@@ -414,7 +436,8 @@ def _retrain(lc: Lifecycle, st: Stage) -> tuple[bool, str]:
     pending = _latest_registered(s)[1] is None
     if not pending and not (lc.run_ids("chat_train") - known):
         return _train_result(lc, {})
-    runs = lc.follow(st, "chat_train", known, appear_s=60 if pending else 3)  # started by the chat_shards Asset
+    # started by the chat_shards Asset
+    runs = lc.follow(st, "chat_train", known, appear_s=60 if pending else 3)
     if _latest_registered(s)[1] is None:  # no run came, or it trained other shards
         runs |= lc.follow(st, "chat_train", known | set(runs),
                           started=[lc.client.trigger("chat_train", {"profile": s.profile})])
@@ -434,11 +457,14 @@ def _monitor(lc: Lifecycle, st: Stage) -> tuple[bool, str]:
     c.unpause("chat_monitor")  # hourly from now on
     last = last_drift_at(lc.settings)
     if last is not None and not read_requests(lc.settings, last[0], dt.datetime.now(dt.UTC)):
-        return False, f"unchanged: no requests since the last check ({last[0]:%H:%M} UTC): {last[1]['verdict']}"
-    # unpausing runs the latest hourly tick when it has not run yet: that run is the check; else trigger one
+        return False, (f"unchanged: no requests since the last check ({last[0]:%H:%M} UTC): "
+                       f"{last[1]['verdict']}")
+    # unpausing runs the latest hourly tick when it has not run yet: that run is the check; else
+    # trigger one
     runs = lc.follow(st, "chat_monitor", known, appear_s=10)
     if not runs:
-        runs = lc.follow(st, "chat_monitor", known, started=[c.trigger("chat_monitor", {"profile": lc.settings.profile})])
+        runs = lc.follow(st, "chat_monitor", known,
+                         started=[c.trigger("chat_monitor", {"profile": lc.settings.profile})])
     run_id = next(iter(runs))
     drift = c.xcom("chat_monitor", run_id, "drift")
     scale = c.xcom("chat_monitor", run_id, "autoscale")

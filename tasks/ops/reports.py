@@ -24,21 +24,31 @@ from tasks.config import Settings
 
 # (section, title, glob under the root, what it is); each glob's newest files first
 KINDS: tuple[tuple[str, str, str, str], ...] = (
-    ("data", "Data Docs", "reports/data_docs/dt=*/index.html", "Great Expectations validation of a day's clean partition"),
-    ("data", "Quarantine", "data/quarantine/dt=*/rejects.jsonl", "rejected raw records of a day, verbatim, with file, line and reason"),
+    ("data", "Data Docs", "reports/data_docs/dt=*/index.html", "Great Expectations validation of a day's "
+     "clean partition"),
+    ("data", "Quarantine", "data/quarantine/dt=*/rejects.jsonl", "rejected raw records of a day, verbatim, "
+     "with file, line and reason"),
     ("data", "Validation results", "reports/validation/dt=*.json", "the suite's verdict per day (JSON)"),
-    ("model", "Evaluation", "reports/eval/*/report.html", "perplexity, ROUGE-L, BLEU, embedding similarity, toxicity, factuality, latency; the gate"),
-    ("model", "Evaluation (int8)", "reports/eval/*-int8/report.html", "the int8 tier against its fp32 parent"),
-    ("model", "Evaluation (int4)", "reports/eval/*-int4/report.html", "the weight-only int4 tier against its fp32 parent"),
-    ("model", "Model tiers", "reports/eval/*-tiers/report.html", "fp32, int8, int4, distilled side by side: quality, speed, memory, $ per 1M tokens"),
-    ("rollout", "Shadow", "reports/shadow/*/shadow.html", "mirrored champion/challenger pairs: reply similarity, safety, latency"),
-    ("rollout", "Rollout decisions", "reports/rollout/*.json", "promote / roll back / inconclusive, with the evidence of every window"),
-    ("monitoring", "Drift", "reports/drift/*/report.html", "Evidently: served prompts vs the training corpus, SLOs"),
+    ("model", "Evaluation", "reports/eval/*/report.html", "perplexity, ROUGE-L, BLEU, embedding similarity, "
+     "toxicity, factuality, latency; the gate"),
+    ("model", "Evaluation (int8)", "reports/eval/*-int8/report.html", "the int8 tier against its "
+     "fp32 parent"),
+    ("model", "Evaluation (int4)", "reports/eval/*-int4/report.html", "the weight-only int4 tier against its "
+     "fp32 parent"),
+    ("model", "Model tiers", "reports/eval/*-tiers/report.html", "fp32, int8, int4, distilled side by side: "
+     "quality, speed, memory, $ per 1M tokens"),
+    ("rollout", "Shadow", "reports/shadow/*/shadow.html", "mirrored champion/challenger pairs: reply "
+     "similarity, safety, latency"),
+    ("rollout", "Rollout decisions", "reports/rollout/*.json", "promote / roll back / inconclusive, with the "
+     "evidence of every window"),
+    ("monitoring", "Drift", "reports/drift/*/report.html", "Evidently: served prompts vs the training "
+     "corpus, SLOs"),
     ("monitoring", "Drift (embeddings)", "reports/drift/*/embeddings.html", "embedding drift of the prompts"),
     ("monitoring", "Cost", "reports/cost/*/cost.html", "$ per 1M tokens, training and serving, per version"),
-    ("monitoring", "Autoscale", "reports/autoscale/recommendations.jsonl", "scale-out / scale-in recommendations with their signals"),
-    ("monitoring", "Serving tune", "reports/tune/*/tune.png", "Triton batch settings under load: throughput vs p99 per "
-     "setting, the SLO, the chosen one and the default (tune.json, chosen.pbtxt beside it)"),
+    ("monitoring", "Autoscale", "reports/autoscale/recommendations.jsonl", "scale-out / scale-in "
+     "recommendations with their signals"),
+    ("monitoring", "Serving tune", "reports/tune/*/tune.png", "Triton batch settings under load: throughput "
+     "vs p99 per setting, the SLO, the chosen one and the default (tune.json, chosen.pbtxt beside it)"),
 )
 # the fp32 evaluation's glob also matches the quantized tiers' and the tier comparison's directories
 SKIP = {"Evaluation": lambda p: p.parent.name.endswith(("-int8", "-int4", "-tiers"))}
@@ -79,8 +89,8 @@ def write_index(settings: Settings, links: dict[str, str] | None = None) -> Path
              "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}td,th{padding:.2em .8em;"
              "text-align:left}tr:nth-child(even){background:#f4f4f4}.what{color:#555}</style></head><body>",
              "<h1>llmops reports</h1>",
-             f"<p>Written {e(dt.datetime.now(dt.UTC).isoformat(timespec='seconds'))} from {e(str(settings.paths.root))}; "
-             "newest first.</p>"]
+             f"<p>Written {e(dt.datetime.now(dt.UTC).isoformat(timespec='seconds'))} from "
+             f"{e(str(settings.paths.root))}; newest first.</p>"]
     if links:
         parts.append("<p>" + " · ".join(f"<a href='{e(u)}'>{e(n)}</a>" for n, u in links.items()) + "</p>")
     for section, heading in SECTIONS.items():
@@ -92,7 +102,8 @@ def write_index(settings: Settings, links: dict[str, str] | None = None) -> Path
         parts.append("<table><tr><th>report</th><th>file</th><th>written (UTC)</th></tr>")
         for r in mine:
             rel = Path(os.path.relpath(r["path"], index.parent)).as_posix()
-            parts.append(f"<tr><td title='{e(r['what'])}'>{e(r['title'])}</td><td><a href='{e(rel)}'>{e(rel)}</a></td>"
+            parts.append(f"<tr><td title='{e(r['what'])}'>{e(r['title'])}</td>"
+                         f"<td><a href='{e(rel)}'>{e(rel)}</a></td>"
                          f"<td>{r['mtime']:%Y-%m-%d %H:%M:%S}</td></tr>")
         parts.append("</table>")
     parts.append("</body></html>\n")

@@ -78,14 +78,15 @@ def airflow_env(settings: Settings) -> dict[str, str]:
         "NO_PROXY": "127.0.0.1,localhost",
     }
     if env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("sqlite"):
-        # every process waits up to a minute for SQLite's write lock instead of 5 s: an `airflow backfill create`
-        # from a shell otherwise fails with "database is locked" while the scheduler writes
+        # every process waits up to a minute for SQLite's write lock instead of 5 s: an `airflow backfill
+        # create` from a shell otherwise fails with "database is locked" while the scheduler writes
         env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS"] = "tasks.ops.stack.SQLITE_CONNECT_ARGS"
     if st.executor == "CeleryExecutor":
         if not st.celery_broker_url:
             raise StackError("stack.executor is CeleryExecutor but stack.celery_broker_url is empty (redis://host:6379/N)")
         env["AIRFLOW__CELERY__BROKER_URL"] = expand_env(st.celery_broker_url, "stack.celery_broker_url")
-        env["AIRFLOW__CELERY__RESULT_BACKEND"] = (expand_env(st.celery_result_backend, "stack.celery_result_backend")
+        env["AIRFLOW__CELERY__RESULT_BACKEND"] = (expand_env(st.celery_result_backend,
+                                                             "stack.celery_result_backend")
                                                   or "db+" + env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])
         env["AIRFLOW__CELERY__WORKER_CONCURRENCY"] = str(st.celery_concurrency)
     if st.mlflow_auth:
@@ -107,8 +108,8 @@ def mlflow_credentials() -> dict[str, str]:
     """The MLflow client's basic-auth credentials: the admin, password from $LLMOPS_MLFLOW_ADMIN_PASSWORD."""
     password = os.environ.get("LLMOPS_MLFLOW_ADMIN_PASSWORD", "")
     if len(password) < 12 or password == "password1234":
-        raise StackError("stack.mlflow_auth is on: set LLMOPS_MLFLOW_ADMIN_PASSWORD to the MLflow admin password "
-                         "(12 characters or more, not MLflow's default)")
+        raise StackError("stack.mlflow_auth is on: set LLMOPS_MLFLOW_ADMIN_PASSWORD to the MLflow admin "
+                         "password (12 characters or more, not MLflow's default)")
     return {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}
 
 
@@ -173,7 +174,8 @@ def provision_postgres(settings: Settings) -> list[str]:
                 conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
                 created.append(f"role {role}")
             if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,)).fetchone():
-                conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(db), sql.Identifier(role)))
+                conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(db),
+                                                                           sql.Identifier(role)))
                 created.append(f"database {db}")
     return created
 
@@ -187,7 +189,8 @@ def _components(settings: Settings) -> dict[str, list[str]]:
         "airflow-scheduler": [af, "scheduler", "--skip-serve-logs"],
         "airflow-dag-processor": [af, "dag-processor"],
         "airflow-triggerer": [af, "triggerer", "--skip-serve-logs"],
-        "mlflow": [venv_bin("mlflow"), "server", "--host", st.host, "--port", str(st.mlflow_port), "--workers", "1",
+        "mlflow": [venv_bin("mlflow"), "server", "--host", st.host, "--port", str(st.mlflow_port),
+                   "--workers", "1",
                    "--backend-store-uri", expand_env(st.mlflow_backend_uri, "stack.mlflow_backend_uri")
                    or f"sqlite:///{mlflow_dir / 'mlflow.db'}",
                    "--artifacts-destination", str(mlflow_dir / "artifacts"),
@@ -202,7 +205,8 @@ def _components(settings: Settings) -> dict[str, list[str]]:
 def urls(settings: Settings) -> dict[str, str]:
     st = settings.stack
     return {"airflow": f"http://{st.host}:{st.airflow_port}", "mlflow": f"http://{st.host}:{st.mlflow_port}",
-            "airflow_password_file": str(airflow_home(settings) / "simple_auth_manager_passwords.json.generated")}
+            "airflow_password_file": str(airflow_home(settings)
+                                         / "simple_auth_manager_passwords.json.generated")}
 
 
 def up(settings: Settings, timeout: float = 180.0) -> dict[str, Any]:
@@ -213,28 +217,34 @@ def up(settings: Settings, timeout: float = 180.0) -> dict[str, Any]:
     (settings.paths.var_dir / "mlflow" / "artifacts").mkdir(parents=True, exist_ok=True)
     if settings.stack.mlflow_auth:
         env["MLFLOW_AUTH_CONFIG_PATH"] = str(_mlflow_auth_config(settings))
-        env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = _secret(settings.paths.var_dir / "mlflow" / "flask_secret")  # CSRF
+        # CSRF
+        env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = _secret(settings.paths.var_dir / "mlflow" / "flask_secret")
     provision_postgres(settings)
     if not any(alive(settings, n) for n in _components(settings) if n.startswith("airflow")):
-        r = subprocess.run([venv_bin("airflow"), "db", "migrate"], env=env, capture_output=True, text=True, timeout=300)
+        r = subprocess.run([venv_bin("airflow"), "db", "migrate"], env=env, capture_output=True, text=True,
+                           timeout=300)
         if r.returncode:
-            where = re.sub(r"//[^@/]*@", "//***@", env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])  # no password in logs
+            # no password in logs
+            where = re.sub(r"//[^@/]*@", "//***@", env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])
             raise StackError(f"airflow db migrate failed ({where}):\n{r.stderr[-2000:]}")
         # one training at a time on this machine (chat_train's `train` task runs in this pool)
-        subprocess.run([venv_bin("airflow"), "pools", "set", "training", "1", "DeepSpeed training runs"], env=env,
-                       check=True, capture_output=True, timeout=120)
+        subprocess.run([venv_bin("airflow"), "pools", "set", "training", "1", "DeepSpeed training runs"],
+                       env=env, check=True, capture_output=True, timeout=120)
     started = []
     for name, cmd in _components(settings).items():
         if alive(settings, name):
             continue
         with open(logs / f"{name}.log", "ab") as out:
-            # umask 077: what the servers write (the generated admin password above all) is the owner's alone
-            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, cwd=settings.paths.root, umask=0o077)
+            # umask 077: what the servers write (the generated admin password above all) is the
+            # owner's alone
+            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=settings.paths.root,
+                                    umask=0o077)
         pidfile(settings, name).write_text(str(proc.pid))
         started.append(name)
     u = urls(settings)
-    wait_http(f"{u['airflow']}/api/v2/monitor/health", timeout, "Airflow api-server", logs / "airflow-api-server.log")
+    wait_http(f"{u['airflow']}/api/v2/monitor/health", timeout, "Airflow api-server",
+              logs / "airflow-api-server.log")
     pw = Path(u["airflow_password_file"])
     if pw.exists():  # written by an api-server started before the umask above
         pw.chmod(0o600)

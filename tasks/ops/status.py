@@ -33,8 +33,8 @@ def _dag_runs(settings: Settings, per_dag: int) -> dict[str, Any]:
         paused = r.json().get("is_paused") if r.status_code == 200 else None
         runs = client.runs(dag_id)[:per_dag] if r.status_code == 200 else []
         out[dag_id] = {"paused": paused, "runs": [
-            {"run_id": x["dag_run_id"], "type": x["run_type"], "state": x["state"], "start": x.get("start_date"),
-             "end": x.get("end_date")} for x in runs]}
+            {"run_id": x["dag_run_id"], "type": x["run_type"], "state": x["state"],
+             "start": x.get("start_date"), "end": x.get("end_date")} for x in runs]}
     return out
 
 
@@ -51,10 +51,12 @@ def _models(settings: Settings, name: str | None = None) -> dict[str, Any]:
             continue
         t = v.tags
         out[alias] = {
-            "version": int(v.version), "created": dt.datetime.fromtimestamp(v.creation_timestamp / 1000, dt.UTC).isoformat(timespec="seconds"),
+            "version": int(v.version),
+            "created": dt.datetime.fromtimestamp(v.creation_timestamp / 1000,
+                                                 dt.UTC).isoformat(timespec="seconds"),
             "metrics": {m: float(t[f"eval.{m}"]) for m in METRICS if f"eval.{m}" in t},
-            "lineage": {k: t.get(k) for k in ("snapshot_hash", "tokenizer.version", "config_hash", "code_version",
-                                               "seed", "mlflow_run_id", "model_id")},
+            "lineage": {k: t.get(k) for k in ("snapshot_hash", "tokenizer.version", "config_hash",
+                                              "code_version", "seed", "mlflow_run_id", "model_id")},
             "rollout": t.get("rollout.reason"), "promoted_by": t.get("promoted_by")}
     return out
 
@@ -68,14 +70,16 @@ def collect(settings: Settings, per_dag: int = 3) -> dict[str, Any]:
     info: dict[str, Any] = {
         "services": {**{n: {"up": up} for n, up in st["running"].items()},
                      **{n: {"up": up} for n, up in sv["running"].items()}},
-        "urls": {"airflow": st["airflow"], "airflow_password_file": st["airflow_password_file"], "mlflow": st["mlflow"],
-                 "gateway": sv["gateway"], "triton_http": sv["triton_http"], "triton_grpc": sv["triton_grpc"],
-                 "triton_metrics": sv["triton_metrics"]},
+        "urls": {"airflow": st["airflow"], "airflow_password_file": st["airflow_password_file"],
+                 "mlflow": st["mlflow"], "gateway": sv["gateway"], "triton_http": sv["triton_http"],
+                 "triton_grpc": sv["triton_grpc"], "triton_metrics": sv["triton_metrics"]},
         "served": {"versions": sv["versions"],
-                   "aliases": read_aliases(settings.paths.triton_repository, settings.serve.triton.model_name)},
+                   "aliases": read_aliases(settings.paths.triton_repository,
+                                           settings.serve.triton.model_name)},
     }
     try:
-        info["dags"] = _dag_runs(settings, per_dag) if st["running"].get("airflow-api-server") else "Airflow is not running"
+        info["dags"] = (_dag_runs(settings, per_dag) if st["running"].get("airflow-api-server")
+                        else "Airflow is not running")
     except Exception as e:  # noqa: BLE001 - shown, not fatal
         info["dags"] = f"unavailable: {e}"
     try:
@@ -89,7 +93,8 @@ def collect(settings: Settings, per_dag: int = 3) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001
         info["small_tier"] = {"name": small, "models": f"unavailable: {e}", "served": {}}
     drift = reports.last_drift(settings)
-    info["drift"] = None if drift is None else {k: drift.get(k) for k in ("verdict", "fire", "reason", "rows", "report")}
+    info["drift"] = None if drift is None else {k: drift.get(k)
+                                                for k in ("verdict", "fire", "reason", "rows", "report")}
     from tasks.loop.drift import load_state
 
     info["drift_triggers"] = load_state(settings).get("triggers", [])[-3:]
@@ -147,28 +152,34 @@ def render(info: dict[str, Any], console: Console | None = None) -> None:
         console.print(f"DAG runs: {info['dags']}")
 
     if isinstance(info["models"], dict) and info["models"]:
-        t = Table(title=f"registered model (MLflow); Triton serves {info['served']['aliases'] or 'nothing yet'}",
+        t = Table(title="registered model (MLflow); Triton serves "
+                        f"{info['served']['aliases'] or 'nothing yet'}",
                   title_justify="left")
         for c in ("alias", "version", *SHORT.values()):
             t.add_column(c, no_wrap=True)
         for alias, m in info["models"].items():
-            t.add_row(alias, str(m["version"]), *(f"{m['metrics'][k]:.3g}" if k in m["metrics"] else "" for k in SHORT))
+            t.add_row(alias, str(m["version"]),
+                      *(f"{m['metrics'][k]:.3g}" if k in m["metrics"] else "" for k in SHORT))
         console.print(t)
         for alias, m in info["models"].items():
             lin = m["lineage"]
             console.print(f"  {alias} v{m['version']}: snapshot {str(lin['snapshot_hash'])[:12]}, tokenizer "
-                          f"{lin['tokenizer.version']}, code {lin['code_version']}, seed {lin['seed']}, MLflow run "
-                          f"{lin['mlflow_run_id']}" + (f"; {m['rollout'][:120]}" if m.get("rollout") else ""))
+                          f"{lin['tokenizer.version']}, code {lin['code_version']}, seed {lin['seed']}, "
+                          f"MLflow run {lin['mlflow_run_id']}"
+                          + (f"; {m['rollout'][:120]}" if m.get("rollout") else ""))
     else:
         console.print(f"registered model: {info['models'] or 'nothing registered yet'}")
     small = info.get("small_tier") or {}
     if isinstance(small.get("models"), dict) and small["models"]:
-        versions = ", ".join(f"{a} v{m['version']} (perplexity {m['metrics'].get('perplexity', float('nan')):.3g})"
+        versions = ", ".join(f"{a} v{m['version']} "
+                             f"(perplexity {m['metrics'].get('perplexity', float('nan')):.3g})"
                              for a, m in small["models"].items())
-        console.print(f"small tier {small['name']:<11}: {versions}; Triton serves {small['served'] or 'nothing yet'}")
+        console.print(f"small tier {small['name']:<11}: {versions}; Triton serves "
+                      f"{small['served'] or 'nothing yet'}")
 
     d = info["drift"]
-    console.print(f"last drift check      : {d['verdict']} ({_cut(d['reason'], 200)}), {d['rows']} requests; {d['report']}"
+    console.print(f"last drift check      : {d['verdict']} ({_cut(d['reason'], 200)}), {d['rows']} requests; "
+                  f"{d['report']}"
                   if d else "last drift check      : none yet (chat_monitor runs hourly once unpaused)")
     if info["drift_triggers"]:
         console.print(f"retrains by drift     : {', '.join(info['drift_triggers'])}")
@@ -176,6 +187,8 @@ def render(info: dict[str, Any], console: Console | None = None) -> None:
     for title, path in info["reports"]["latest"].items():
         console.print(f"  {title:<20}: {path}")
     if up.get("gateway"):
-        console.print(f"try it                : curl -s {u['gateway']}/chat/completions -H 'content-type: application/json' "
-                      """-d '{"model": "chat-gpt", "messages": [{"role": "user", "content": "Hi, my order is late"}]}'""")
+        console.print(f"try it                : curl -s {u['gateway']}/chat/completions "
+                      "-H 'content-type: application/json' "
+                      """-d '{"model": "chat-gpt", "messages": """
+                      """[{"role": "user", "content": "Hi, my order is late"}]}'""")
         console.print("                        llmops chat")
