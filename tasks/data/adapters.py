@@ -67,7 +67,8 @@ def read_chatterbot_yaml(path: Path, rel: str) -> Iterator[RawUnit]:
         raw = "\n".join(lines[start:end]).encode()
         utterances = yaml.safe_load(yaml.serialize(node))
         if not isinstance(utterances, list):
-            yield RawUnit(rel, start + 1, raw, error="not_object: a conversation must be a list of utterances")
+            yield RawUnit(rel, start + 1, raw,
+                          error="not_object: a conversation must be a list of utterances")
             continue
         messages: list[dict[str, Any]] = [
             {"role": "user" if i % 2 == 0 else "assistant", "content": u if isinstance(u, str) else u}

@@ -12,11 +12,9 @@ is asserted. Outputs are byte-identical on re-runs, so retries and backfills are
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import hashlib
 import json
 import logging
-import re
 import time
 import zlib
 from collections import Counter
@@ -24,19 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tasks.data.adapters import SUFFIXES, RawUnit, iter_units
-from tasks.atomic import atomic_dir, is_complete, sha256_file, tree_hash
+from tasks.atomic import atomic_dir, sha256_file, tree_hash
 from tasks.config import Settings
-from tasks.data.partition import PartitionError, check_day
+from tasks.data.adapters import SUFFIXES, RawUnit, iter_units
+from tasks.data.partition import check_day
+from tasks.data.text import normalize, scrub_pii
 from tasks.errors import InputError
 from tasks.lineage import LINEAGE_FILE, code_hash, make_lineage, read_lineage
 from tasks.progress import Progress
-from tasks.data.text import normalize, scrub_pii
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +134,9 @@ class NearDupIndex:
         if len(words) < max(self.cfg.min_words, n):
             return None
         shingles = {" ".join(words[i:i + n]).encode() for i in range(len(words) - n + 1)}
-        mh = self._MinHash(num_perm=self.cfg.num_perm, seed=self.seed, permutations=self.perms, scheme=self.scheme,
-                           hashfunc=zlib.crc32)  # C speed, deterministic; sha1 (the default) dominated ingest
+        # C speed, deterministic; sha1 (the default) dominated ingest
+        mh = self._MinHash(num_perm=self.cfg.num_perm, seed=self.seed, permutations=self.perms,
+                           scheme=self.scheme, hashfunc=zlib.crc32)
         mh.update_batch(list(shingles))
         hits = self.lsh.query(mh)
         if hits:
@@ -163,21 +160,24 @@ def _done_before(settings: Settings, day: str, raw_hash: str) -> dict[str, Any] 
     """The published result for dt=<day> if it was made from these very raw bytes with this ingest config,
     seed and code (the partition's lineage says so), else None: an unchanged stage is not run again."""
     part_dir = settings.paths.clean / f"dt={day}"
-    if not (part_dir / LINEAGE_FILE).is_file() or not (settings.paths.quarantine / f"dt={day}" / "rejects.jsonl").is_file():
+    if (not (part_dir / LINEAGE_FILE).is_file()
+            or not (settings.paths.quarantine / f"dt={day}" / "rejects.jsonl").is_file()):
         return None
     prev = read_lineage(part_dir)
     stats = prev.get("stats") or {}
     if (stats.get("raw_hash"), prev.get("config_hash"), prev.get("seed"), prev.get("code_hash")) != (
             raw_hash, settings.hash("ingest"), settings.seed, code_hash("data")):
         return None
-    return {**stats, "partition": str(part_dir), "content_hash": prev["content_hash"], "parts": sorted(prev["files"]),
-            "seconds": 0.0, "skipped": f"unchanged raw input {raw_hash[:12]}, config and code"}
+    return {**stats, "partition": str(part_dir), "content_hash": prev["content_hash"],
+            "parts": sorted(prev["files"]), "seconds": 0.0,
+            "skipped": f"unchanged raw input {raw_hash[:12]}, config and code"}
 
 
 def is_current(settings: Settings, day: str) -> bool:
     """Whether dt=<day>'s clean partition is up to date with its raw input (what `ingest` would skip)."""
     files = _input_files(settings, check_day(day))
-    return bool(files) and _done_before(settings, day, tree_hash({rel: sha256_file(p) for p, rel in files})) is not None
+    return bool(files) and _done_before(
+        settings, day, tree_hash({rel: sha256_file(p) for p, rel in files})) is not None
 
 
 def ingest(day: str, settings: Settings) -> dict[str, Any]:
@@ -227,7 +227,8 @@ def ingest(day: str, settings: Settings) -> dict[str, Any]:
             seen[key] = where
         except _Reject as r:
             reasons[r.reason] += 1
-            rec: dict[str, Any] = {"reason": r.reason, "detail": r.detail, "file": unit.file, "line": unit.line}
+            rec: dict[str, Any] = {"reason": r.reason, "detail": r.detail, "file": unit.file,
+                                   "line": unit.line}
             try:
                 rec["raw"] = unit.raw.decode("utf-8")
             except UnicodeDecodeError:
@@ -261,8 +262,9 @@ def ingest(day: str, settings: Settings) -> dict[str, Any]:
                 f.write(json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n")
     summary = {
         "dt": day, "input_files": len(files), "input_bytes": input_bytes, "input_records": n_units,
-        "blank_lines": blank, "clean": n_clean, "rejected": n_rejected, "reasons": dict(sorted(reasons.items())),
-        "pii_scrubbed": dict(sorted(pii.items())), "reject_rate": round(rate, 6), "raw_hash": raw_hash,
+        "blank_lines": blank, "clean": n_clean, "rejected": n_rejected,
+        "reasons": dict(sorted(reasons.items())), "pii_scrubbed": dict(sorted(pii.items())),
+        "reject_rate": round(rate, 6), "raw_hash": raw_hash,
         "quarantine": str(qdir / "rejects.jsonl"),
     }
     if rate > cfg.max_reject_rate or n_clean == 0:
@@ -293,7 +295,7 @@ def ingest(day: str, settings: Settings) -> dict[str, Any]:
         (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, sort_keys=True) + "\n")
 
     secs = time.perf_counter() - t0
-    log.info("ingest dt=%s: %d records -> %d clean, %d rejected %s, pii %s (%.1f MB/s)", day, n_units, n_clean,
-             n_rejected, dict(reasons), dict(pii), input_bytes / 1e6 / max(secs, 1e-9))
+    log.info("ingest dt=%s: %d records -> %d clean, %d rejected %s, pii %s (%.1f MB/s)", day, n_units,
+             n_clean, n_rejected, dict(reasons), dict(pii), input_bytes / 1e6 / max(secs, 1e-9))
     return {**summary, "partition": str(part_dir), "content_hash": content_hash, "parts": sorted(hashes),
             "seconds": round(secs, 3)}

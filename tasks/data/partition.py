@@ -23,7 +23,8 @@ class PartitionError(InputError):
 def check_day(day: str) -> str:
     """A partition key must be a real YYYY-MM-DD date (it becomes a path)."""
     try:
-        return dt.date.fromisoformat(day).isoformat() if re.fullmatch(r"\d{4}-\d{2}-\d{2}", day) else _bad(day)
+        return (dt.date.fromisoformat(day).isoformat() if re.fullmatch(r"\d{4}-\d{2}-\d{2}", day)
+                else _bad(day))
     except ValueError:
         return _bad(day)
 

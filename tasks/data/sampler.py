@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks.errors import InputError
 from tasks.data.shard import open_shard
+from tasks.errors import InputError
 
 
 class TokenSampler:
@@ -23,7 +23,8 @@ class TokenSampler:
         self.block = block
         self.starts = np.array([max(0, len(s) - block - 1) for s in self.shards], dtype=np.int64)
         if self.starts.sum() == 0:
-            raise InputError(f"shards hold fewer than block_size+1={block + 1} tokens; lower model.block_size")
+            raise InputError(f"shards hold fewer than block_size+1={block + 1} tokens; "
+                             f"lower model.block_size")
         self.cum = np.cumsum(self.starts)
         self.seed, self.salt = seed, salt
 
@@ -36,6 +37,7 @@ class TokenSampler:
         mine = starts[(micro * world + rank) * micro_batch:(micro * world + rank + 1) * micro_batch]
         shard_idx = np.searchsorted(self.cum, mine, side="right")
         offsets = mine - np.concatenate(([0], self.cum[:-1]))[shard_idx]
-        rows = np.stack([self.shards[s][o:o + self.block + 1].astype(np.int64) for s, o in zip(shard_idx, offsets, strict=True)])
+        rows = np.stack([self.shards[s][o:o + self.block + 1].astype(np.int64)
+                         for s, o in zip(shard_idx, offsets, strict=True)])
         t = torch.from_numpy(rows)
         return t[:, :-1].contiguous(), t[:, 1:].contiguous()  # (B, T), (B, T)

@@ -27,14 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from tasks.errors import InputError
 from tasks.atomic import atomic_dir, is_complete, sha256_file, write_json
-from tasks.model.chat_template import SPECIAL_TOKENS, render_chat
 from tasks.config import Settings
 from tasks.data.partition import read_partition
-from tasks.lineage import LINEAGE_FILE, make_lineage
-from tasks.progress import Progress
 from tasks.data.snapshot import SnapshotError, corpus_partitions, load_snapshot
+from tasks.errors import InputError
+from tasks.lineage import LINEAGE_FILE, make_lineage
+from tasks.model.chat_template import SPECIAL_TOKENS, render_chat
+from tasks.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,8 @@ def open_shard(path: Path | str) -> np.memmap:
         raise ShardError(f"{path}: shorter than its {HEADER_BYTES}-byte header")
     magic, version, itemsize, n, _vocab = _HEADER.unpack_from(head)
     if magic != MAGIC or version != FORMAT_VERSION or itemsize not in (2, 4):
-        raise ShardError(f"{path}: not a token shard (magic {magic!r}, version {version}, itemsize {itemsize})")
+        raise ShardError(f"{path}: not a token shard (magic {magic!r}, version {version}, "
+                         f"itemsize {itemsize})")
     expected = HEADER_BYTES + n * itemsize
     if path.stat().st_size != expected:
         raise ShardError(f"{path}: {path.stat().st_size} bytes on disk, header says {expected}; truncated?")
@@ -108,7 +109,8 @@ def load_tokenizer(path: Path | str):
 def _iter_conversations(settings: Settings, partitions: dict[str, str]) -> Iterator[tuple[str, list[dict]]]:
     for day in sorted(partitions):
         table = read_partition(settings.paths.clean / f"dt={day}")
-        yield from zip(table.column("content_hash").to_pylist(), table.column("messages").to_pylist(), strict=True)
+        yield from zip(table.column("content_hash").to_pylist(), table.column("messages").to_pylist(),
+                       strict=True)
 
 
 def _train_tokenizer(settings: Settings, partitions: dict[str, str], key: str) -> Path:
@@ -138,9 +140,11 @@ def _train_tokenizer(settings: Settings, partitions: dict[str, str], key: str) -
         digest = sha256_file(tmp / "tokenizer.json")
         write_json(tmp / LINEAGE_FILE, make_lineage(
             "tokenizer", f"bpe{tok.get_vocab_size()}-{digest[:12]}", config_hash=settings.hash("shard"),
-            seed=settings.seed, snapshot_hash=key, extra={"sha256": digest, "vocab_size": tok.get_vocab_size()},
+            seed=settings.seed, snapshot_hash=key,
+            extra={"sha256": digest, "vocab_size": tok.get_vocab_size()},
         ))
-    log.info("trained tokenizer %s (vocab %d) in %.1fs", out_dir.name, tok.get_vocab_size(), time.perf_counter() - t0)
+    log.info("trained tokenizer %s (vocab %d) in %.1fs", out_dir.name, tok.get_vocab_size(),
+             time.perf_counter() - t0)
     return out_dir
 
 
@@ -164,7 +168,8 @@ def shard(settings: Settings, snapshot_hash: str | None = None) -> dict[str, Any
         raise SnapshotError(f"data/clean no longer matches snapshot {snapshot_hash[:12]} (differs at "
                             f"{changed}); run `llmops snapshot` first")
     if newer := sorted(set(current) - set(snap["partitions"])):
-        log.info("partitions %s came after snapshot %s; the next snapshot takes them", newer, snapshot_hash[:12])
+        log.info("partitions %s came after snapshot %s; the next snapshot takes them", newer,
+                 snapshot_hash[:12])
     cfg = settings.shard
     tok_key = hashlib.sha256(json.dumps(
         [snapshot_hash, cfg.vocab_size, cfg.min_frequency, tokenizers.__version__]).encode()).hexdigest()[:16]
@@ -175,7 +180,8 @@ def shard(settings: Settings, snapshot_hash: str | None = None) -> dict[str, Any
     tok_meta = tokenizer_info(tok_dir)
 
     shard_key = hashlib.sha256(json.dumps(
-        [snapshot_hash, tok_meta["sha256"], cfg.val_fraction, cfg.shard_tokens, FORMAT_VERSION]).encode()).hexdigest()[:16]
+        [snapshot_hash, tok_meta["sha256"], cfg.val_fraction, cfg.shard_tokens, FORMAT_VERSION],
+    ).encode()).hexdigest()[:16]
     out_dir = settings.paths.shards / shard_key
     if is_complete(out_dir):
         manifest = json.loads((out_dir / "manifest.json").read_text())
@@ -260,7 +266,8 @@ def shard(settings: Settings, snapshot_hash: str | None = None) -> dict[str, Any
             "tokens": {s: sum(x["tokens"] for x in shards if x["split"] == s) for s in ("train", "val")},
             "docs": total_docs, "seconds": round(secs, 3), "write_seconds": round(write_s, 3),
             # the held-out split, so evaluation can find the same conversations in data/clean
-            "split": {"by": "int(content_hash[:8], 16) % 10000 < cut", "cut": val_cut, "val_fraction": cfg.val_fraction},
+            "split": {"by": "int(content_hash[:8], 16) % 10000 < cut", "cut": val_cut,
+                      "val_fraction": cfg.val_fraction},
             "lineage": make_lineage(
                 "shards", f"shards@{shard_key}", config_hash=settings.hash("shard"), seed=settings.seed,
                 parent=f"snapshot@{snapshot_hash[:12]}", snapshot_hash=snapshot_hash,
@@ -268,17 +275,20 @@ def shard(settings: Settings, snapshot_hash: str | None = None) -> dict[str, Any
         }
         write_json(tmp / "manifest.json", manifest)
     log.info("sharded %d conversations -> %s tokens in %.1fs (%.0f tok/s, %.1f%% writing)", total_docs,
-             manifest["tokens"], secs, sum(manifest["tokens"].values()) / max(secs, 1e-9), 100 * write_s / max(secs, 1e-9))
+             manifest["tokens"], secs, sum(manifest["tokens"].values()) / max(secs, 1e-9),
+             100 * write_s / max(secs, 1e-9))
     return _result(out_dir, manifest, reused=False, reused_tokenizer=reused_tokenizer)
 
 
 def _count_rows(settings: Settings, day: str) -> int:
     import pyarrow.parquet as pq
 
-    return sum(pq.ParquetFile(p).metadata.num_rows for p in (settings.paths.clean / f"dt={day}").glob("part-*.parquet"))
+    return sum(pq.ParquetFile(p).metadata.num_rows
+               for p in (settings.paths.clean / f"dt={day}").glob("part-*.parquet"))
 
 
-def _result(out_dir: Path, manifest: dict[str, Any], reused: bool, reused_tokenizer: bool = True) -> dict[str, Any]:
+def _result(out_dir: Path, manifest: dict[str, Any], reused: bool,
+            reused_tokenizer: bool = True) -> dict[str, Any]:
     return {"shards_dir": str(out_dir), "manifest": str(out_dir / "manifest.json"),
             "snapshot_hash": manifest["snapshot_hash"], "tokenizer_version": manifest["tokenizer"]["version"],
             "tokenizer_sha256": manifest["tokenizer"]["sha256"], "tokens": manifest["tokens"],

@@ -23,9 +23,9 @@ from typing import Any
 
 import yaml
 
-from tasks.errors import InputError
 from tasks.atomic import atomic_file, is_complete, tree_hash, write_json
 from tasks.config import Settings
+from tasks.errors import InputError
 from tasks.lineage import LINEAGE_FILE, make_lineage
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,8 @@ class SnapshotError(InputError):
 
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    """Serialise snapshot runs (parallel backfill days) on one machine; DVC's own lock fails instead of waiting."""
+    """Serialise snapshot runs (parallel backfill days) on one machine; DVC's own lock fails instead of
+    waiting."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -75,7 +76,8 @@ def dvc_repo(data_dir: Path, settings: Settings):
         # DVC's loggers write INFO to stdout, where the CLI's JSON goes: its one line here is ours, on stderr
         dvc_init = logging.getLogger("dvc.repo.init")
         level = dvc_init.level
-        dvc_init.setLevel(logging.WARNING)  # setLevel, not .level =: it clears the loggers' isEnabledFor cache
+        # setLevel, not .level =: it clears the loggers' isEnabledFor cache
+        dvc_init.setLevel(logging.WARNING)
         try:
             Repo.init(str(data_dir), no_scm=True)
         finally:
@@ -97,7 +99,8 @@ def snapshot(settings: Settings) -> dict[str, Any]:
     with _locked(data_dir / ".snapshot.lock"):
         parts = corpus_partitions(settings)
         if not parts:
-            raise SnapshotError(f"no complete clean partitions under {settings.paths.clean}; run ingest first")
+            raise SnapshotError(f"no complete clean partitions under {settings.paths.clean}; "
+                                f"run ingest first")
         content_hash = tree_hash(parts)
         record_path = settings.paths.snapshots / f"{content_hash}.json"
         new_version = not record_path.is_file()
@@ -127,8 +130,9 @@ def snapshot(settings: Settings) -> dict[str, Any]:
         write_json(settings.paths.snapshots / "latest.json", {"snapshot_hash": content_hash, "dvc_rev": rev})
     log.info("snapshot %s (dvc %s): %d partitions, new_version=%s, pushed %s files", content_hash[:12], rev,
              len(parts), new_version, pushed)
-    return {"snapshot_hash": content_hash, "dvc_rev": rev, "new_version": new_version, "partitions": len(parts),
-            "pushed_files": int(pushed or 0), "record": str(record_path), "remote": remote_url(settings)}
+    return {"snapshot_hash": content_hash, "dvc_rev": rev, "new_version": new_version,
+            "partitions": len(parts), "pushed_files": int(pushed or 0), "record": str(record_path),
+            "remote": remote_url(settings)}
 
 
 def load_snapshot(settings: Settings, snapshot_hash: str | None = None) -> dict[str, Any]:

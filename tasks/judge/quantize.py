@@ -1,6 +1,7 @@
 """The int8 and int4 tiers: quantized variants of a trained GPT, evaluated by the same suite.
 
-    llmops register [--weights DIR]       # fp32 -> challenger, then int8 -> challenger-int8, int4 -> challenger-int4
+    llmops register [--weights DIR]       # fp32 -> challenger, then int8 -> challenger-int8,
+                                          # int4 -> challenger-int4
     python bench/tiers.py                 # fp32 / int8 / int4 / distilled side by side, one JSON line
 
 - int8: torch.ao dynamic quantization of every nn.Linear (weights int8, activations quantized per call).
@@ -55,7 +56,8 @@ class QuantizeError(InputError):
 
 
 def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of the model with every nn.Linear dynamically quantized to int8 (weights int8, activations fp32)."""
+    """A copy of the model with every nn.Linear dynamically quantized to int8 (weights int8, activations
+    fp32)."""
     from torch.ao.quantization import quantize_dynamic
 
     return quantize_dynamic(copy.deepcopy(model).eval(), {torch.nn.Linear}, dtype=torch.qint8)
@@ -76,7 +78,8 @@ def quantize_int4_weight(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor
     scale = ((hi - lo) / 15).clamp(min=1e-10)
     zero = (lo + 8 * scale).to(torch.bfloat16).float()
     # 1 + 2^-7 outgrows bf16's relative rounding error (2^-8), so the rounded scale still covers the range
-    scale = (torch.maximum((hi - zero) / 7, (zero - lo) / 8).clamp(min=1e-10) * (1 + 2 ** -7)).to(torch.bfloat16).float()
+    scale = ((torch.maximum((hi - zero) / 7, (zero - lo) / 8).clamp(min=1e-10) * (1 + 2 ** -7))
+             .to(torch.bfloat16).float())
     codes = (torch.round((wg - zero[..., None]) / scale[..., None]) + 8).clamp(0, 15).to(torch.uint8)
     sz = torch.stack((scale, zero), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # (G, N, 2)
     return codes.reshape(N, K), sz
@@ -103,7 +106,8 @@ def dequantize_int4(codes: torch.Tensor, scales_and_zeros: torch.Tensor, group_s
 
 @functools.cache
 def _kernel_works() -> bool:
-    """Whether torch's CPU int4 kernel exists here and agrees with the dequantize reference (once per process)."""
+    """Whether torch's CPU int4 kernel exists here and agrees with the dequantize reference (once per
+    process)."""
     try:
         g = torch.Generator().manual_seed(0)
         w, x = torch.randn(32, 64, generator=g), torch.randn(3, 64, generator=g)
@@ -112,11 +116,13 @@ def _kernel_works() -> bool:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, 32, sz).float()
         ref = x.to(torch.bfloat16).float() @ dequantize_int4(codes, sz, 32).T
         ok = bool(torch.allclose(y, ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max())))
-    except (RuntimeError, AttributeError, NotImplementedError) as e:  # an older torch, or no kernel for this CPU
+    # an older torch, or no kernel for this CPU
+    except (RuntimeError, AttributeError, NotImplementedError) as e:
         log.info("int4: torch's CPU int4 kernel is unavailable (%s); dequantize + F.linear instead", e)
         return False
     if not ok:
-        log.warning("int4: torch's CPU int4 kernel disagrees with the reference on this CPU; dequantize + F.linear instead")
+        log.warning("int4: torch's CPU int4 kernel disagrees with the reference on this CPU; "
+                    "dequantize + F.linear instead")
     return ok
 
 
@@ -126,11 +132,14 @@ class Int4Linear(nn.Module):
     Buffers (all that is kept, and what model_bytes counts): `weight_packed` uint8 (N, K / 2) — the
     kernel's own layout when `kernel`, else pack_int4's — and `scales_and_zeros` bf16 (K / g, N, 2)."""
 
-    def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False, kernel: bool = False):
+    def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False,
+                 kernel: bool = False):
         super().__init__()
-        self.in_features, self.out_features, self.group_size, self.kernel = in_features, out_features, group_size, kernel
+        self.in_features, self.out_features, self.group_size, self.kernel = (
+            in_features, out_features, group_size, kernel)
         self.register_buffer("weight_packed", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
-        self.register_buffer("scales_and_zeros", torch.zeros(in_features // group_size, out_features, 2, dtype=torch.bfloat16))
+        self.register_buffer("scales_and_zeros",
+                             torch.zeros(in_features // group_size, out_features, 2, dtype=torch.bfloat16))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
     @classmethod
@@ -156,25 +165,29 @@ class Int4Linear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """The fp32 (N, K) weight (reference path only: the kernel's packed layout is its own)."""
         if self.kernel:
-            raise QuantizeError("dequantized_weight() reads pack_int4's layout; this layer holds the kernel's")
+            raise QuantizeError("dequantized_weight() reads pack_int4's layout; "
+                                "this layer holds the kernel's")
         return dequantize_int4(unpack_int4(self.weight_packed), self.scales_and_zeros, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.kernel:
-            return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)  # transient, freed after the matmul
+            # transient, freed after the matmul
+            return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
         lead = x.shape[:-1]
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous(), self.weight_packed, self.group_size,
-            self.scales_and_zeros)  # (B*T, N) bf16
+            x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous(), self.weight_packed,
+            self.group_size, self.scales_and_zeros)  # (B*T, N) bf16
         y = y.to(x.dtype).view(*lead, self.out_features)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"group_size={self.group_size}, "
                 f"matmul={'aten int4 kernel' if self.kernel else 'dequantize + F.linear'}")
 
 
-def quantize_int4(model: torch.nn.Module, group_size: int = 32, kernel: bool | None = None) -> torch.nn.Module:
+def quantize_int4(model: torch.nn.Module, group_size: int = 32,
+                  kernel: bool | None = None) -> torch.nn.Module:
     """A copy of the model with every nn.Linear replaced by an Int4Linear, except a Linear whose weight
     is an nn.Embedding's too (the tied lm_head stays fp32). Raises QuantizeError naming
     `eval.int4_group_size` when the group size does not divide a layer's in_features."""
@@ -186,8 +199,9 @@ def quantize_int4(model: torch.nn.Module, group_size: int = 32, kernel: bool | N
     for parent, name, child in targets:  # check all before changing any: the error names the first bad layer
         if group_size < 2 or group_size % 2 or child.in_features % group_size:
             where = f"{full[id(parent)]}.{name}".lstrip(".")
-            raise QuantizeError(f"eval.int4_group_size={group_size} must be even and divide the input size of every "
-                                f"linear layer: {where} has in_features={child.in_features} (try a divisor such as 32)")
+            raise QuantizeError(f"eval.int4_group_size={group_size} must be even and divide the input size "
+                                f"of every linear layer: {where} has in_features={child.in_features} "
+                                f"(try a divisor such as 32)")
     for parent, name, child in targets:
         setattr(parent, name, Int4Linear.from_linear(child, group_size, kernel))
     return q
@@ -213,7 +227,8 @@ def variant_recipe(settings: Settings, variant: str) -> dict[str, Any]:
 
 
 def apply_recipe(model: torch.nn.Module, recipe: dict[str, Any]) -> torch.nn.Module:
-    """The variant of `model` that `recipe` (variant_recipe's dict, or a variant.json) describes; fp32: itself."""
+    """The variant of `model` that `recipe` (variant_recipe's dict, or a variant.json) describes; fp32:
+    itself."""
     variant = recipe.get("variant", "fp32")
     if variant == "fp32":
         return model
@@ -226,9 +241,11 @@ def apply_recipe(model: torch.nn.Module, recipe: dict[str, Any]) -> torch.nn.Mod
     raise QuantizeError(f"variant.json: unknown variant {variant!r}; expected fp32 or one of {VARIANTS}")
 
 
-def evaluate_variant(settings: Settings, weights_dir: Path | str, fp32_eval: dict[str, Any], variant: str) -> dict[str, Any]:
+def evaluate_variant(settings: Settings, weights_dir: Path | str, fp32_eval: dict[str, Any],
+                     variant: str) -> dict[str, Any]:
     """Evaluate a quantized variant with the same suite; its gate compares it with its fp32 parent.
-    The result is evaluate()'s plus `<variant>` (bytes, memory ratio, speedups, metric deltas) and `recipe`."""
+    The result is evaluate()'s plus `<variant>` (bytes, memory ratio, speedups, metric deltas) and
+    `recipe`."""
     from tasks.judge.evaluate import evaluate, load_chat_model
     from tasks.judge.gate import evaluate_gate
 
@@ -264,7 +281,8 @@ def evaluate_int8(settings: Settings, weights_dir: Path | str, fp32_eval: dict[s
 
 
 def evaluate_int4(settings: Settings, weights_dir: Path | str, fp32_eval: dict[str, Any]) -> dict[str, Any]:
-    """Evaluate the int4 variant (group size `eval.int4_group_size`); its gate compares it with its fp32 parent."""
+    """Evaluate the int4 variant (group size `eval.int4_group_size`); its gate compares it with its fp32
+    parent."""
     return evaluate_variant(settings, weights_dir, fp32_eval, "int4")
 
 
@@ -277,9 +295,10 @@ def _rewrite_report(ev: dict[str, Any], weights_dir: Path | str, cmp: dict[str, 
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:+.4g}</td></tr>" for k, v in cmp["deltas"].items())
     recipe = ""
     if variant == "int4":
-        recipe = (f"<p>groups of {cmp['group_size']} weights along the input dim, asymmetric, bf16 scales and zeros; "
-                  f"{cmp['kernel_layers']} of {cmp['layers']} linear layers use torch's CPU int4 kernel, the rest "
-                  "dequantize + F.linear; the tied embedding / lm_head stays fp32</p>")
+        recipe = (f"<p>groups of {cmp['group_size']} weights along the input dim, asymmetric, "
+                  f"bf16 scales and zeros; {cmp['kernel_layers']} of {cmp['layers']} linear layers use "
+                  "torch's CPU int4 kernel, the rest dequantize + F.linear; the tied embedding / lm_head "
+                  "stays fp32</p>")
     body = (f"{recipe}<p>memory {cmp['fp32_bytes'] / 1e6:.2f} MB → {cmp[f'{variant}_bytes'] / 1e6:.2f} MB "
             f"(×{cmp['memory_ratio']:.2f}); tokens/s ×{cmp['speedup_b1']:.2f} at batch 1, "
             f"×{cmp['speedup_b8']:.2f} at batch 8 (measured in this evaluation)</p>"

@@ -1,6 +1,7 @@
 """The MLflow model registry: register a gated challenger with full lineage, promote, load by alias.
 
-    llmops register [--weights DIR]      # evaluate + gate + register as `challenger` (refused if lineage is incomplete)
+    llmops register [--weights DIR]      # evaluate + gate + register as `challenger` (refused if lineage
+                                         # is incomplete)
     llmops promote --version 3 --reason "canary clean for 24h"
 
 Versions of the registered model `chat-gpt` carry every lineage field as tags (seed, snapshot,
@@ -43,12 +44,13 @@ def latest_weights(settings: Settings) -> Path:
     finals = sorted(settings.paths.models_dir.glob(f"checkpoints/{settings.profile}-*/final/_SUCCESS"),
                     key=lambda p: p.stat().st_mtime)
     if not finals:
-        raise RegistryError(f"no trained {settings.profile} model under {settings.paths.models_dir / 'checkpoints'}; "
-                            "run `llmops train` first")
+        raise RegistryError(f"no trained {settings.profile} model under "
+                            f"{settings.paths.models_dir / 'checkpoints'}; run `llmops train` first")
     return finals[-1].parent
 
 
-def lineage_tags(lineage: dict[str, Any], mlflow_run_id: str | None, eval_report: str | None) -> dict[str, str]:
+def lineage_tags(lineage: dict[str, Any], mlflow_run_id: str | None,
+                 eval_report: str | None) -> dict[str, str]:
     """The version's tags; raises RegistrationRefused naming the first missing lineage field."""
     flat = {
         "seed": lineage.get("seed"), "snapshot_hash": lineage.get("snapshot_hash"),
@@ -67,7 +69,8 @@ def lineage_tags(lineage: dict[str, Any], mlflow_run_id: str | None, eval_report
 
 
 def quantize_and_register(settings: Settings, weights_dir: Path | str, fp32_eval: dict[str, Any],
-                          parent_version: int, variants: tuple[str, ...] = ("int8", "int4")) -> dict[str, Any]:
+                          parent_version: int,
+                          variants: tuple[str, ...] = ("int8", "int4")) -> dict[str, Any]:
     """Evaluate each quantized variant (int8, int4) against its fp32 parent; register each as
     `challenger-<variant>` only if it passes its own gate. r["<variant>"] holds its comparison (bytes,
     memory_ratio, speedups, deltas) plus its metrics, gate, report and registered version (or None);
@@ -81,7 +84,8 @@ def quantize_and_register(settings: Settings, weights_dir: Path | str, fp32_eval
         gate = {"passed": q["gate"]["passed"], "reason": q["gate"]["reason"]}
         registered = None
         if gate["passed"]:
-            registered = register(settings, weights_dir, q, q["gate"], variant, parent_version, recipe=q["recipe"])
+            registered = register(settings, weights_dir, q, q["gate"], variant, parent_version,
+                                  recipe=q["recipe"])
         else:
             log.warning("%s variant not registered: %s", variant, q["gate"]["reason"])
         out[variant] = {**q[variant], "metrics": q["metrics"], "gate": gate, "report": q["report"],
@@ -108,7 +112,8 @@ def champion_metrics(settings: Settings, alias: str = "champion") -> dict[str, f
     return {k.removeprefix("eval."): float(val) for k, val in v.tags.items() if k.startswith("eval.")} or None
 
 
-def log_evaluation(settings: Settings, weights_dir: Path | str, evaluation: dict[str, Any], variant: str = "fp32") -> str:
+def log_evaluation(settings: Settings, weights_dir: Path | str, evaluation: dict[str, Any],
+                   variant: str = "fp32") -> str:
     """Attach the evaluation (metrics, HTML report, metrics JSON) to the training's MLflow run."""
     result = json.loads((Path(weights_dir) / "result.json").read_text())
     client = mlflow_client(settings)
@@ -132,7 +137,8 @@ def register(settings: Settings, weights_dir: Path | str, evaluation: dict[str, 
     if not gate["passed"]:
         raise RegistrationRefused(f"registration refused: the gate failed: {gate['reason']}")
     lineage = json.loads((weights_dir / "_lineage.json").read_text())
-    result = json.loads((weights_dir / "result.json").read_text()) if (weights_dir / "result.json").is_file() else {}
+    result = (json.loads((weights_dir / "result.json").read_text()) if (weights_dir / "result.json").is_file()
+              else {})
     tags = lineage_tags(lineage, result.get("mlflow_run_id"), evaluation.get("report"))
     client = mlflow_client(settings)
     name = settings.tracking.registered_model
@@ -149,7 +155,8 @@ def register(settings: Settings, weights_dir: Path | str, evaluation: dict[str, 
     try:
         client.get_registered_model(name)
     except Exception:
-        client.create_registered_model(name, description="Chat GPT trained by llmops-chat", tags={"project": "llmops-chat"})
+        client.create_registered_model(name, description="Chat GPT trained by llmops-chat",
+                                       tags={"project": "llmops-chat"})
     source = f"{client.get_run(run_id).info.artifact_uri}/registered/{variant}"
     extra = {"parent_version": str(parent_version)} if parent_version is not None else {}
     version = client.create_model_version(name, source, run_id=run_id, tags={
@@ -159,7 +166,8 @@ def register(settings: Settings, weights_dir: Path | str, evaluation: dict[str, 
     alias = "challenger" if variant == "fp32" else f"challenger-{variant}"
     client.set_registered_model_alias(name, alias, version.version)
     log.info("registered %s version %s (%s) as %s", name, version.version, variant, alias)
-    return {"name": name, "version": int(version.version), "alias": alias, "variant": variant, "source": source}
+    return {"name": name, "version": int(version.version), "alias": alias, "variant": variant,
+            "source": source}
 
 
 class GateFailed(RegistryError, VerdictError):

@@ -38,15 +38,16 @@ TRAINED_KEYS = ("run_id", "weights", "mlflow_run_id", "final_loss", "val_loss", 
 
 def check_inputs(settings: Settings, manifest: Path | str | None = None) -> dict[str, Any]:
     """The shards to train on (default: the latest snapshot's), verified shard by shard, the training run id
-    they give, and `registered`: the version already registered from that run (None: training would be new)."""
+    they give, and `registered`: the version already registered from that run (None: training would be
+    new)."""
     from tasks.data.shard import latest_manifest, verify_shards
     from tasks.train.launch import run_identity
 
     manifest = str(manifest or latest_manifest(settings))
     m = verify_shards(Path(manifest).parent)
     run_id = run_identity(settings, manifest)
-    return {"manifest": manifest, "snapshot_hash": m["snapshot_hash"], "tokens": m["tokens"], "run_id": run_id,
-            "registered": registered_run(settings, run_id)}
+    return {"manifest": manifest, "snapshot_hash": m["snapshot_hash"], "tokens": m["tokens"],
+            "run_id": run_id, "registered": registered_run(settings, run_id)}
 
 
 def evaluate_trained(settings: Settings, weights_dir: Path | str) -> dict[str, Any]:
@@ -64,7 +65,8 @@ def evaluate_trained(settings: Settings, weights_dir: Path | str) -> dict[str, A
 def require_gate(evaluated: dict[str, Any], what: str = "gate") -> dict[str, Any]:
     """`evaluated` when its gate passed; GateFailed with the reason and the report otherwise."""
     if not evaluated["gate"]["passed"]:
-        raise GateFailed(f"{what} failed, not registered: {evaluated['gate']['reason']} (report {evaluated['report']})")
+        raise GateFailed(f"{what} failed, not registered: {evaluated['gate']['reason']} "
+                         f"(report {evaluated['report']})")
     return evaluated
 
 
@@ -74,15 +76,18 @@ def register_evaluated(settings: Settings, evaluated: dict[str, Any]) -> dict[st
     return register(settings, evaluated["weights_dir"], ev, ev["gate"])
 
 
-def quantize_and_report(settings: Settings, evaluated: dict[str, Any], registered: dict[str, Any]) -> dict[str, Any]:
+def quantize_and_report(settings: Settings, evaluated: dict[str, Any],
+                        registered: dict[str, Any]) -> dict[str, Any]:
     """The int8 and int4 variants of the registered version, each evaluated, gated against its fp32 parent
     and registered when it passes; then the tiers report (fp32, int8, int4 side by side)."""
     from tasks.judge.tiers import tiers_report
 
     ev = json.loads(Path(evaluated["metrics_path"]).read_text())
     r = quantize_and_register(settings, evaluated["weights_dir"], ev, registered["version"])
-    # the comparison from the evaluations' own files (each quantized one records its bytes); distill adds the student
-    paths = {"fp32": evaluated["metrics_path"], "int8": r["int8"]["metrics_path"], "int4": r["int4"]["metrics_path"]}
+    # the comparison from the evaluations' own files (each quantized one records its bytes); distill adds
+    # the student
+    paths = {"fp32": evaluated["metrics_path"], "int8": r["int8"]["metrics_path"],
+             "int4": r["int4"]["metrics_path"]}
     tiers = tiers_report(settings, {t: json.loads(Path(p).read_text()) for t, p in paths.items()})
     return {"registered": r["registered"], "gate": r["gate"], "report": r["report"],
             "memory_ratio": r["int8"]["memory_ratio"], "speedup_b1": r["int8"]["speedup_b1"],
@@ -100,8 +105,9 @@ def distill_and_register(settings: Settings, teacher: dict[str, Any] | None = No
     trained = distill(settings, teacher, manifest, resume)
     student = student_settings(settings, teacher["weights_dir"])
     evaluated = evaluate_trained(student, Path(trained["weights"]).parent)
-    out = {"trained": {k: trained.get(k) for k in ("run_id", "weights", "mlflow_run_id", "final_loss", "val_loss",
-                                                    "teacher_val_loss", "kd_loss", "tokens_per_s")},
+    out = {"trained": {k: trained.get(k) for k in ("run_id", "weights", "mlflow_run_id", "final_loss",
+                                                    "val_loss", "teacher_val_loss", "kd_loss",
+                                                    "tokens_per_s")},
            "teacher": {k: v for k, v in teacher.items() if k != "weights_dir"},
            "evaluation": {k: evaluated[k] for k in ("run_id", "metrics", "report", "gate", "metrics_path")}}
     require_gate(evaluated, "student gate")
@@ -111,7 +117,8 @@ def distill_and_register(settings: Settings, teacher: dict[str, Any] | None = No
 def distill_and_report(settings: Settings, fallback_version: int | None = None,
                        tier_metrics: dict[str, str] | None = None) -> dict[str, Any]:
     """chat_train's `distill`: the teacher is `distill.teacher_alias` (the champion), else `fallback_version`
-    (the version this run registered, when there is no champion yet); the tiers report again with the student."""
+    (the version this run registered, when there is no champion yet); the tiers report again with the
+    student."""
     from tasks.judge.tiers import tiers_report
     from tasks.train.distill import DistillError, resolve_teacher
 
@@ -134,7 +141,8 @@ def evaluate_and_register(settings: Settings, weights_dir: Path | str, int8: boo
     Then (int8=True) the int8 and int4 variants, each gated against this fp32 parent, and the tiers report."""
     evaluated = require_gate(evaluate_trained(settings, weights_dir))
     registered = register_evaluated(settings, evaluated)
-    out = {"evaluation": {k: evaluated[k] for k in ("run_id", "metrics", "report", "gate")}, "registered": registered}
+    out = {"evaluation": {k: evaluated[k] for k in ("run_id", "metrics", "report", "gate")},
+           "registered": registered}
     if int8:
         q = quantize_and_report(settings, evaluated, registered)
         out["int8"] = q["variants"]

@@ -2,9 +2,10 @@
 
     llmops reproduce chat-gpt@3
     llmops reproduce chat-gpt@champion
-    llmops reproduce chat-gpt-small@challenger        # a distilled student: its teacher version is fetched too
+    llmops reproduce chat-gpt-small@challenger  # a distilled student: its teacher version is fetched too
 
-What it does, in a fresh work directory (var/reproduce/<model>-v<N>-<time>/ unless --workdir names an empty one):
+What it does, in a fresh work directory (var/reproduce/<model>-v<N>-<time>/ unless --workdir names an
+empty one):
 1. reads the version's lineage: its tags and `_lineage.json` (seed, snapshot, tokenizer, config and code
    hashes, the teacher of a student) and its training run's resolved config (`config/resolved.json`);
 2. checks the data snapshot out of the DVC remote: the snapshot's `.dvc` file (kept as
@@ -63,24 +64,27 @@ def _machine() -> dict[str, Any]:
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"device": "gpu" if gpu else "cpu", "gpu": gpu, "cpus": os.cpu_count(), "machine": platform.machine(),
-            "torch": torch.__version__}
+    return {"device": "gpu" if gpu else "cpu", "gpu": gpu, "cpus": os.cpu_count(),
+            "machine": platform.machine(), "torch": torch.__version__}
 
 
 def restore_snapshot(settings: Settings, work: Settings, record: dict[str, Any]) -> dict[str, Any]:
-    """Check the snapshot `record` (load_snapshot's) out of its DVC remote into `work`'s data/, then hash what came back."""
+    """Check the snapshot `record` (load_snapshot's) out of its DVC remote into `work`'s data/, then hash
+    what came back."""
     from tasks.data.snapshot import dvc_repo
 
     snapshot_hash = record["snapshot_hash"]
     dvcmeta = settings.paths.snapshots / f"{snapshot_hash}.dvcmeta"
     if not dvcmeta.is_file():
-        raise ReproduceError(f"snapshot {snapshot_hash[:12]}: {dvcmeta} missing; its .dvc file is how DVC finds the data")
+        raise ReproduceError(f"snapshot {snapshot_hash[:12]}: {dvcmeta} missing; "
+                             "its .dvc file is how DVC finds the data")
     data = work.paths.data_dir
     data.mkdir(parents=True, exist_ok=True)
     work.paths.snapshots.mkdir(parents=True, exist_ok=True)
     for f in (f"{snapshot_hash}.json", f"{snapshot_hash}.dvcmeta"):
         shutil.copyfile(settings.paths.snapshots / f, work.paths.snapshots / f)
-    write_json(work.paths.snapshots / "latest.json", {"snapshot_hash": snapshot_hash, "dvc_rev": record["dvc_rev"]})
+    write_json(work.paths.snapshots / "latest.json",
+               {"snapshot_hash": snapshot_hash, "dvc_rev": record["dvc_rev"]})
     shutil.copyfile(dvcmeta, data / "clean.dvc")
     repo = dvc_repo(data, work)
     try:
@@ -91,14 +95,16 @@ def restore_snapshot(settings: Settings, work: Settings, record: dict[str, Any])
     found = {}
     for day in sorted(record["partitions"]):
         part = work.paths.clean / f"dt={day}"
-        found[day] = tree_hash({f.name: sha256_file(f) for f in sorted(part.glob("*.parquet"))}) if part.is_dir() else ""
+        found[day] = (tree_hash({f.name: sha256_file(f) for f in sorted(part.glob("*.parquet"))})
+                      if part.is_dir() else "")
     changed = sorted(d for d, h in record["partitions"].items() if found[d] != h)
     return {"snapshot_hash": tree_hash(found), "dvc_rev": record["dvc_rev"], "remote": record["remote"],
             "partitions_changed": changed}
 
 
 def _work_settings(resolved: dict[str, Any], workdir: Path, remote: str) -> Settings:
-    """The recorded config, re-rooted: state under the work directory, the snapshot's remote, its own MLflow."""
+    """The recorded config, re-rooted: state under the work directory, the snapshot's remote, its own
+    MLflow."""
     cfg = json.loads(json.dumps(resolved))
     cfg["paths"] = {"root": str(workdir)}
     cfg["snapshot"] = {**cfg["snapshot"], "remote_url": remote, "push": False}
@@ -109,10 +115,12 @@ def _work_settings(resolved: dict[str, Any], workdir: Path, remote: str) -> Sett
 
 
 def _row(name: str, registered: Any, rebuilt: Any, note: str = "") -> dict[str, Any]:
-    return {"input": name, "registered": registered, "rebuilt": rebuilt, "same": registered == rebuilt, "note": note}
+    return {"input": name, "registered": registered, "rebuilt": rebuilt, "same": registered == rebuilt,
+            "note": note}
 
 
-def reproduce(settings: Settings, ref: str, workdir: Path | str | None = None, force: bool = False) -> dict[str, Any]:
+def reproduce(settings: Settings, ref: str, workdir: Path | str | None = None,
+              force: bool = False) -> dict[str, Any]:
     """Retrain `name@version|alias` from its lineage and compare; returns (and writes) the report. When the
     data checked out of the remote is not the recorded snapshot the weights cannot match, so it stops there
     and says so, unless `force` (train anyway, e.g. to see how far apart the weights end up)."""
@@ -126,7 +134,8 @@ def reproduce(settings: Settings, ref: str, workdir: Path | str | None = None, f
     name, which = parse_ref(ref)
     client = mlflow_client(settings)
     try:
-        v = client.get_model_version(name, which) if which.isdigit() else client.get_model_version_by_alias(name, which)
+        v = (client.get_model_version(name, which) if which.isdigit()
+             else client.get_model_version_by_alias(name, which))
     except Exception as e:  # MLflow's RestException: no such model, version or alias
         raise ReproduceError(f"{ref}: not in the registry ({e})") from None
     version = int(v.version)
@@ -143,12 +152,14 @@ def reproduce(settings: Settings, ref: str, workdir: Path | str | None = None, f
         raise ReproduceError(f"--workdir {workdir} is not empty; a rebuild starts from an empty directory")
     workdir.mkdir(parents=True, exist_ok=True)
     uri = client._tracking_client.tracking_uri
-    reg_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=v.source, dst_path=str(workdir / "registered"),
+    reg_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=v.source,
+                                                       dst_path=str(workdir / "registered"),
                                                        tracking_uri=uri))
     lineage = json.loads((reg_dir / "_lineage.json").read_text())
     with tempfile.TemporaryDirectory() as tmp:
         resolved = json.loads(Path(mlflow.artifacts.download_artifacts(
-            run_id=v.run_id, artifact_path="config/resolved.json", dst_path=tmp, tracking_uri=uri)).read_text())
+            run_id=v.run_id, artifact_path="config/resolved.json", dst_path=tmp,
+            tracking_uri=uri)).read_text())
     run_tags = client.get_run(v.run_id).data.tags
     snapshot_hash = v.tags.get("snapshot_hash") or lineage["snapshot_hash"]
     try:
@@ -157,15 +168,18 @@ def reproduce(settings: Settings, ref: str, workdir: Path | str | None = None, f
         raise ReproduceError(f"{ref}: {e}") from None
     work = _work_settings(resolved, workdir, record["remote"])
 
-    log.info("reproducing %s version %d: snapshot %s from %s", name, version, snapshot_hash[:12], record["remote"])
+    log.info("reproducing %s version %d: snapshot %s from %s", name, version, snapshot_hash[:12],
+             record["remote"])
     data = restore_snapshot(settings, work, record)
     data_row = _row("data snapshot", snapshot_hash, data["snapshot_hash"],
-                    f"partitions whose bytes differ: {data['partitions_changed']}" if data["partitions_changed"] else "")
+                    f"partitions whose bytes differ: {data['partitions_changed']}"
+                    if data["partitions_changed"] else "")
     if not data_row["same"] and not force:
-        log.warning("%s version %d: the data checked out of %s is not snapshot %s (%s); not retrained", name, version,
-                    record["remote"], snapshot_hash[:12], data_row["note"])
-        return _report(settings, name, version, ref, workdir, [data_row], sha256_file(reg_dir / "model.safetensors"),
-                       None, v.tags.get("weights_sha256") or lineage.get("weights_sha256"), None)
+        log.warning("%s version %d: the data checked out of %s is not snapshot %s (%s); not retrained", name,
+                    version, record["remote"], snapshot_hash[:12], data_row["note"])
+        return _report(settings, name, version, ref, workdir, [data_row],
+                       sha256_file(reg_dir / "model.safetensors"), None,
+                       v.tags.get("weights_sha256") or lineage.get("weights_sha256"), None)
     manifest = Path(shard(work, snapshot_hash)["manifest"])
 
     teacher = None
@@ -177,7 +191,8 @@ def reproduce(settings: Settings, ref: str, workdir: Path | str | None = None, f
             update={"registered_model": t["registered_model"]})})
         found = resolve_teacher(teacher_settings, version=int(t["version"])) if t.get("version") else None
         if found is None:
-            raise ReproduceError(f"{ref}: its teacher {t.get('model_id')} was not a registered version; cannot fetch it")
+            raise ReproduceError(f"{ref}: its teacher {t.get('model_id')} was not a registered version; "
+                                 "cannot fetch it")
         teacher = {**found, "temperature": t["temperature"], "alpha": t["alpha"]}
     result = train(work, manifest, resume=False, teacher=teacher)
     rebuilt = json.loads((Path(result["weights"]).parent / "_lineage.json").read_text())
@@ -196,13 +211,15 @@ def reproduce(settings: Settings, ref: str, workdir: Path | str | None = None, f
         _row("device", run_tags.get("llmops.device"), _machine()["device"]),
     ]
     if teacher is not None:
-        inputs.append(_row("teacher weights sha256", lineage["teacher"]["weights_sha256"], teacher["weights_sha256"]))
+        inputs.append(_row("teacher weights sha256", lineage["teacher"]["weights_sha256"],
+                           teacher["weights_sha256"]))
     return _report(settings, name, version, ref, workdir, inputs, registered_sha, rebuilt_sha,
                    v.tags.get("weights_sha256") or lineage.get("weights_sha256"), result["run_id"])
 
 
-def _report(settings: Settings, name: str, version: int, ref: str, workdir: Path, inputs: list[dict[str, Any]],
-            registered_sha: str, rebuilt_sha: str | None, tag_sha: str | None, rebuilt_run: str | None) -> dict[str, Any]:
+def _report(settings: Settings, name: str, version: int, ref: str, workdir: Path,
+            inputs: list[dict[str, Any]], registered_sha: str, rebuilt_sha: str | None, tag_sha: str | None,
+            rebuilt_run: str | None) -> dict[str, Any]:
     report = {
         "model": name, "version": version, "ref": ref, "identical": registered_sha == rebuilt_sha,
         "retrained": rebuilt_sha is not None,
@@ -217,7 +234,7 @@ def _report(settings: Settings, name: str, version: int, ref: str, workdir: Path
     if report["identical"]:
         log.info("%s version %d rebuilt bit for bit (weights sha256 %s)", name, version, registered_sha[:12])
     else:
-        log.warning("%s version %d not rebuilt to the same weights (%s vs registered %s); inputs that differ: %s", name,
-                    version, (rebuilt_sha or "not retrained")[:14], registered_sha[:12],
-                    ", ".join(report["differs"]) or "none recorded")
+        log.warning("%s version %d not rebuilt to the same weights (%s vs registered %s); "
+                    "inputs that differ: %s", name, version, (rebuilt_sha or "not retrained")[:14],
+                    registered_sha[:12], ", ".join(report["differs"]) or "none recorded")
     return report

@@ -48,9 +48,10 @@ class TiersError(InputError):
     """The tiers report has nothing to compare."""
 
 
-def _bytes_of(tier: str, ev: dict[str, Any], given: dict[str, int], evaluations: dict[str, dict[str, Any]]) -> int | None:
-    """A tier's model bytes: given, else what its evaluation recorded (evaluate_variant records its own and its
-    parent's), else measured from its weights directory and recipe, else unknown."""
+def _bytes_of(tier: str, ev: dict[str, Any], given: dict[str, int],
+              evaluations: dict[str, dict[str, Any]]) -> int | None:
+    """A tier's model bytes: given, else what its evaluation recorded (evaluate_variant records its own
+    and its parent's), else measured from its weights directory and recipe, else unknown."""
     if tier in given:
         return int(given[tier])
     if ev.get("model_bytes") is not None:
@@ -58,7 +59,8 @@ def _bytes_of(tier: str, ev: dict[str, Any], given: dict[str, int], evaluations:
     if tier == "fp32":
         for other in evaluations.values():
             for cmp in (other.get(v) for v in ("int8", "int4")):
-                if isinstance(cmp, dict) and "fp32_bytes" in cmp and other.get("weights") == ev.get("weights"):
+                if (isinstance(cmp, dict) and "fp32_bytes" in cmp
+                        and other.get("weights") == ev.get("weights")):
                     return int(cmp["fp32_bytes"])
     weights = Path(str(ev.get("weights", "")))
     if (weights / "model.safetensors").is_file():
@@ -71,7 +73,8 @@ def _bytes_of(tier: str, ev: dict[str, Any], given: dict[str, int], evaluations:
 
 
 def tier_rows(settings: Settings, evaluations: dict[str, dict[str, Any]],
-              model_bytes: dict[str, int] | None = None) -> tuple[dict[str, dict[str, float | None]], dict[str, dict[str, float | None]]]:
+              model_bytes: dict[str, int] | None = None) -> tuple[dict[str, dict[str, float | None]],
+                                                                   dict[str, dict[str, float | None]]]:
     """({tier: {column: value}}, {tier: {column: value / fp32's}}); a ratio is None without an fp32 tier or
     where fp32's value is 0 (e.g. a toxicity rate of 0)."""
     cost_h = settings.serve.gateway.cost_per_hour_usd
@@ -79,10 +82,12 @@ def tier_rows(settings: Settings, evaluations: dict[str, dict[str, Any]],
     for tier, ev in evaluations.items():
         m = ev.get("metrics")
         if not isinstance(m, dict):
-            raise TiersError(f"evaluation of tier {tier!r} has no 'metrics': pass tasks.judge.evaluate.evaluate()'s result")
+            raise TiersError(f"evaluation of tier {tier!r} has no 'metrics': "
+                             "pass tasks.judge.evaluate.evaluate()'s result")
         b = _bytes_of(tier, ev, model_bytes or {}, evaluations)
         tps8 = m.get("tokens_per_s_b8")
-        row: dict[str, float | None] = {k: (float(m[k]) if m.get(k) is not None else None) for k, _, _ in COLUMNS}
+        row: dict[str, float | None] = {k: (float(m[k]) if m.get(k) is not None else None)
+                                        for k, _, _ in COLUMNS}
         row["memory_mb"] = None if b is None else b / 1e6
         row["cost_per_1m_tokens_usd"] = cost_h / 3600 / tps8 * 1e6 if tps8 else None
         values[tier] = row
@@ -143,7 +148,8 @@ def _render(result: dict[str, Any], plot: str | None) -> str:
     img = f"<h2>Quality vs speed</h2><img src='{plot}'>" if plot else ""
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>Model tiers {e(result['run'])}</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}.r{{color:#666;font-size:90%}}</style></head><body>
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}.r{{color:#666;font-size:90%}}\
+</style></head><body>
 <h1>Model tiers of {e(result['run'])}</h1>
 <p>Each value with its ratio to fp32 (×). $ per 1M generated tokens = serve.gateway.cost_per_hour_usd
 (${result['cost_per_hour_usd']:g}/h) / 3600 / tokens/s at batch 8 × 10⁶. Speed ratios compare evaluations
@@ -154,7 +160,8 @@ run on the same machine in the same run.</p>
 </body></html>"""
 
 
-def tiers_report(settings: Settings, evaluations: dict[str, dict[str, Any]], out_dir: Path | str | None = None,
+def tiers_report(settings: Settings, evaluations: dict[str, dict[str, Any]],
+                 out_dir: Path | str | None = None,
                  model_bytes: dict[str, int] | None = None) -> dict[str, Any]:
     """Write the tier comparison (default reports/eval/<fp32 run>-tiers/) and return what tiers.json holds."""
     if not evaluations:
@@ -175,6 +182,7 @@ def tiers_report(settings: Settings, evaluations: dict[str, dict[str, Any]], out
     with atomic_file(out / "report.html") as tmp:
         tmp.write_text(_render(result, _plot(values)), encoding="utf-8")
     log.info("tiers %s: %s", ", ".join(tiers), json.dumps(
-        {t: {k: round(v, 3) for k, v in ratios[t].items() if v is not None and k in ("perplexity", "tokens_per_s_b8", "memory_mb")}
+        {t: {k: round(v, 3) for k, v in ratios[t].items()
+             if v is not None and k in ("perplexity", "tokens_per_s_b8", "memory_mb")}
          for t in tiers if t != "fp32"}))
     return result

@@ -73,7 +73,8 @@ def scrape(url: str, timeout_s: float = 5.0) -> Scrape:
         r = httpx.get(url, timeout=timeout_s)
         r.raise_for_status()
     except httpx.HTTPError as e:
-        raise AutoscaleError(f"cannot read metrics from {url} ({e}); is the server up? (`llmops serve status`)") from None
+        raise AutoscaleError(f"cannot read metrics from {url} ({e}); "
+                             "is the server up? (`llmops serve status`)") from None
     return parse(r.text, url)
 
 
@@ -95,7 +96,8 @@ def parse(text: str, source: str = "metrics") -> Scrape:
 
 
 def _by_pool(s: Scrape, name: str, models: set[str]) -> dict[tuple[str, str], float]:
-    return {(lab.get("model", ""), lab.get("version", "")): v for lab, v in s.get(name, []) if lab.get("model") in models}
+    return {(lab.get("model", ""), lab.get("version", "")): v
+            for lab, v in s.get(name, []) if lab.get("model") in models}
 
 
 def _delta(a: float, b: float) -> float:
@@ -130,7 +132,8 @@ def derive(triton_a: Scrape, triton_b: Scrape, gateway_a: Scrape, gateway_b: Scr
 
     models = {t.model_name, t.model_name + STREAM_SUFFIX}
     names = {"requests": "nv_inference_request_success", "inferences": "nv_inference_count",
-             "executions": "nv_inference_exec_count", "compute_infer_us": "nv_inference_compute_infer_duration_us",
+             "executions": "nv_inference_exec_count",
+             "compute_infer_us": "nv_inference_compute_infer_duration_us",
              "request_us": "nv_inference_request_duration_us", "queue_us": "nv_inference_queue_duration_us"}
     before = {k: _by_pool(triton_a, n, models) for k, n in names.items()}
     after = {k: _by_pool(triton_b, n, models) for k, n in names.items()}
@@ -139,12 +142,15 @@ def derive(triton_a: Scrape, triton_b: Scrape, gateway_a: Scrape, gateway_b: Scr
         d = {k: _delta(before[k].get(key, 0.0), after[k].get(key, 0.0)) for k in names}
         busy_s = d["compute_infer_us"] / 1e6 * (d["executions"] / d["requests"]) if d["requests"] else 0.0
         mean_batch = d["inferences"] / d["executions"] if d["executions"] else 0.0
-        pools.append({"model": key[0], "version": key[1], "requests": d["requests"], "executions": d["executions"],
-                      "inferences": d["inferences"], "busy_s": round(busy_s, 6),
-                      "utilization": round(busy_s / (elapsed_s * t.instances), 4),
-                      "mean_batch": round(mean_batch, 3), "batch_fill": round(mean_batch / t.max_batch_size, 4),
-                      "mean_request_ms": round(d["request_us"] / d["requests"] / 1e3, 3) if d["requests"] else None,
-                      "mean_queue_ms": round(d["queue_us"] / d["requests"] / 1e3, 3) if d["requests"] else None})
+        pools.append({"model": key[0], "version": key[1], "requests": d["requests"],
+                      "executions": d["executions"], "inferences": d["inferences"],
+                      "busy_s": round(busy_s, 6), "utilization": round(busy_s / (elapsed_s * t.instances), 4),
+                      "mean_batch": round(mean_batch, 3),
+                      "batch_fill": round(mean_batch / t.max_batch_size, 4),
+                      "mean_request_ms": (round(d["request_us"] / d["requests"] / 1e3, 3) if d["requests"]
+                                          else None),
+                      "mean_queue_ms": (round(d["queue_us"] / d["requests"] / 1e3, 3) if d["requests"]
+                                        else None)})
     busiest = max(pools, key=lambda p: p["utilization"], default=None)
     pending = sum(_by_pool(triton_b, "nv_inference_pending_request_count", models).values())
     gw_queue = _sum(gateway_b, "gateway_queue_depth")
@@ -234,7 +240,8 @@ def recommend(signal: dict[str, Any], current: int, cfg: AutoscaleConfig, last_c
         if queue_hot:
             want = max(want, math.ceil(q / cfg.scale_out_queue_per_instance - 1e-9))
         target = min(want, cfg.max_instances)
-        why = (f"queue/instance {q / current:.2f} > scale_out_queue_per_instance={cfg.scale_out_queue_per_instance:g}"
+        why = (f"queue/instance {q / current:.2f} > "
+               f"scale_out_queue_per_instance={cfg.scale_out_queue_per_instance:g}"
                if queue_hot else f"utilization {u:.3f} > target_utilization={cfg.target_utilization:g}")
         if target <= current:
             return decision("hold", current, "", f"{why} but already at max_instances={cfg.max_instances}")
@@ -286,7 +293,8 @@ def load_curve(path: Path | str) -> list[tuple[float, float]]:
 
 
 def simulate(curve: list[tuple[float, float]], cfg: AutoscaleConfig, capacity_rps_per_instance: float,
-             step_s: float = 10.0, cold_start_s: float = 60.0, initial_instances: int | None = None) -> list[dict[str, Any]]:
+             step_s: float = 10.0, cold_start_s: float = 60.0,
+             initial_instances: int | None = None) -> list[dict[str, Any]]:
     """Replay `curve` ([(t_s, arrival requests/s)], held constant until the next point) through a
     fluid queue, calling `recommend` every `step_s`; returns one dict per step.
 
@@ -317,10 +325,12 @@ def simulate(curve: list[tuple[float, float]], cfg: AutoscaleConfig, capacity_rp
         rps = curve[bisect.bisect_right(times, t) - 1][1]
         arrivals, cap = rps * step_s, active * capacity_rps_per_instance * step_s
         served = min(queue + arrivals, cap)
-        queue = 0.0 if served == queue + arrivals else queue + arrivals - served  # exactly 0: scale-in needs it
+        # exactly 0: scale-in needs it
+        queue = 0.0 if served == queue + arrivals else queue + arrivals - served
         pending = sum(s[1] for s in starting if s[2] == "active")
         current = active + pending
-        d = recommend({"queue_depth": queue, "utilization": served / (current * capacity_rps_per_instance * step_s)},
+        d = recommend({"queue_depth": queue,
+                       "utilization": served / (current * capacity_rps_per_instance * step_s)},
                       current, cfg, last_change, t)
         if d.action == "scale_out":
             need = d.target - current
@@ -342,8 +352,10 @@ def simulate(curve: list[tuple[float, float]], cfg: AutoscaleConfig, capacity_rp
             starting.append([t + cold_start_s, d.warm - warm - warm_starting, "warm"])
         elif warm > d.warm:
             warm = d.warm  # unload the extra
-        out.append({"t": t, "arrival_rps": rps, "instances": active, "starting": sum(s[1] for s in starting if s[2] == "active"),
-                    "warm": warm, "queue": round(queue, 3), "utilization": round(served / cap, 4) if cap else 1.0,
+        out.append({"t": t, "arrival_rps": rps, "instances": active,
+                    "starting": sum(s[1] for s in starting if s[2] == "active"),
+                    "warm": warm, "queue": round(queue, 3),
+                    "utilization": round(served / cap, 4) if cap else 1.0,
                     "wait_s": round(queue / (active * capacity_rps_per_instance), 3), "action": d.action,
                     "target": d.target, "trigger": d.trigger, "reason": d.reason})
         t += step_s
@@ -356,11 +368,13 @@ def summarize(timeline: list[dict[str, Any]], step_s: float) -> dict[str, Any]:
     return {
         "steps": len(timeline), "peak_queue": max(r["queue"] for r in timeline),
         "max_wait_s": max(r["wait_s"] for r in timeline),
-        "min_instances": min(r["instances"] for r in timeline), "max_instances": max(r["instances"] for r in timeline),
+        "min_instances": min(r["instances"] for r in timeline),
+        "max_instances": max(r["instances"] for r in timeline),
         "scale_outs": sum(r["action"] == "scale_out" for r in changes),
         "scale_ins": sum(r["action"] == "scale_in" for r in changes),
         "cooldown_bypasses": sum("bypassing cooldown" in r["reason"] for r in changes),
-        "instance_hours": round(sum(r["instances"] + r["starting"] + r["warm"] for r in timeline) * step_s / 3600, 2),
+        "instance_hours": round(sum(r["instances"] + r["starting"] + r["warm"] for r in timeline)
+                                * step_s / 3600, 2),
         "warm_instance_hours": round(sum(r["warm"] for r in timeline) * step_s / 3600, 2),
     }
 
@@ -404,11 +418,13 @@ def autoscale(settings: Settings, interval_s: float = 5.0) -> dict[str, Any]:
         f.flush()
         os.fsync(f.fileno())
     log.info("autoscale: %s %d -> %d (+%d warm): %s", d.action, d.instances, d.target, d.warm, d.reason)
-    return {"signals": sig, "decision": asdict(d), "log": str(path), "metrics": str(export_metrics(settings, sig, d))}
+    return {"signals": sig, "decision": asdict(d), "log": str(path),
+            "metrics": str(export_metrics(settings, sig, d))}
 
 
 def advise(settings: Settings) -> dict[str, Any]:
-    """chat_monitor's `autoscale`: the recommendation, or {"skipped": why} when nothing is serving here to read."""
+    """chat_monitor's `autoscale`: the recommendation, or {"skipped": why} when nothing is serving here to
+    read."""
     try:
         return autoscale(settings)["decision"]
     except AutoscaleError as e:  # nothing is serving: no signals, nothing to recommend
@@ -429,8 +445,10 @@ def export_metrics(settings: Settings, sig: dict[str, Any], d: Decision) -> Path
                        ("utilization", "busy share of the busiest instance pool"),
                        ("instances", "model instances now")):
         Gauge(f"llmops_autoscale_{key}", help_, registry=reg).set(float(sig.get(key) or 0.0))
-    Gauge("llmops_autoscale_recommended_instances", "instances the policy recommends", registry=reg).set(d.target)
-    Gauge("llmops_autoscale_recommended_warm", "idle warm instances the policy recommends", registry=reg).set(d.warm)
+    Gauge("llmops_autoscale_recommended_instances", "instances the policy recommends",
+          registry=reg).set(d.target)
+    Gauge("llmops_autoscale_recommended_warm", "idle warm instances the policy recommends",
+          registry=reg).set(d.warm)
     path = recommendations_log(settings).with_name("autoscale.prom")
     path.parent.mkdir(parents=True, exist_ok=True)
     write_to_textfile(str(path), reg)  # writes a temporary file and renames it
@@ -442,9 +460,9 @@ def replay(settings: Settings, curve_path: Path | str, capacity_rps_per_instance
     """`simulate` over a recorded curve with this config's policy: the summary and the changes made."""
     cfg = settings.serve.autoscale
     timeline = simulate(load_curve(curve_path), cfg, capacity_rps_per_instance, step_s, cold_start_s)
-    changes = [{"hour": round(r["t"] / 3600, 3), **{k: r[k] for k in ("action", "target", "instances", "starting", "warm",
-                                                                       "queue", "reason")}}
+    changes = [{"hour": round(r["t"] / 3600, 3),
+                **{k: r[k] for k in ("action", "target", "instances", "starting", "warm", "queue", "reason")}}
                for r in timeline if r["action"] != "hold"]
-    return {"curve": str(curve_path), "capacity_rps_per_instance": capacity_rps_per_instance, "step_s": step_s,
-            "cold_start_s": cold_start_s, "policy": cfg.model_dump(), "summary": summarize(timeline, step_s),
-            "changes": changes}
+    return {"curve": str(curve_path), "capacity_rps_per_instance": capacity_rps_per_instance,
+            "step_s": step_s, "cold_start_s": cold_start_s, "policy": cfg.model_dump(),
+            "summary": summarize(timeline, step_s), "changes": changes}

@@ -1,6 +1,7 @@
 """$ per 1M tokens, training and serving, per registered model version, as a report.
 
-    llmops cost                       # reports/cost/<UTC time>/cost.json + cost.html; tags on each MLflow version
+    llmops cost                       # reports/cost/<UTC time>/cost.json + cost.html; tags on each MLflow
+                                      # version
     llmops cost --since-hours 24      # serving window: the last 24 h of request logs
 
 Training, per version of `tracking.registered_model`, from the MLflow run that trained it:
@@ -71,7 +72,8 @@ def run_cost(client: Any, run_id: str, price_per_hour: float) -> dict[str, Any]:
         return {**out, "note": f"run {run_id} is {run.info.status}, not finished: no cost yet"}
     try:
         world = int(p["train.world_size"])
-        per_step = int(p["train.micro_batch"]) * int(p["train.grad_accum"]) * world * int(p["model.block_size"])
+        per_step = (int(p["train.micro_batch"]) * int(p["train.grad_accum"]) * world
+                    * int(p["model.block_size"]))
     except KeyError as e:
         return {**out, "note": f"run {run_id} did not log param {e.args[0]}: tokens unknown"}
     history = client.get_metric_history(run_id, "loss")
@@ -81,8 +83,9 @@ def run_cost(client: Any, run_id: str, price_per_hour: float) -> dict[str, Any]:
     usd = wall_h * price_per_hour
     tokens = steps * per_step
     step_tps = run.data.metrics.get("summary.tokens_per_s")
-    return {**out, "device": device or "unknown", "world_size": world, "steps": steps, "tokens_per_step": per_step,
-            "tokens": tokens, "wall_h": round(wall_h, 6), "device_hours": round(wall_h * world, 6),
+    return {**out, "device": device or "unknown", "world_size": world, "steps": steps,
+            "tokens_per_step": per_step, "tokens": tokens, "wall_h": round(wall_h, 6),
+            "device_hours": round(wall_h * world, 6),
             "device_hours_unit": UNITS.get(device, "rank-hours"), "usd": round(usd, 6),
             "usd_per_1m_tokens": _round(_per_1m(usd, tokens)),
             # the steps alone at their logged throughput: the gap to usd_per_1m_tokens is the overhead
@@ -129,8 +132,8 @@ def serving_costs(settings: Settings, since: dt.datetime, until: dt.datetime) ->
         end = dt.datetime.fromisoformat(r["ts"]).timestamp()
         latency_s = float(r.get("latency_ms") or 0.0) / 1e3
         a = acc.setdefault(str(r["version"]), {"requests": 0, "ok": 0, "errors": 0, "prompt_tokens": 0,
-                                               "completion_tokens": 0, "busy_s": 0.0, "first": end - latency_s,
-                                               "last": end})
+                                               "completion_tokens": 0, "busy_s": 0.0,
+                                               "first": end - latency_s, "last": end})
         status = int(r.get("status", 200))
         a["requests"] += 1
         a["ok"] += status == 200
@@ -151,8 +154,10 @@ def serving_costs(settings: Settings, since: dt.datetime, until: dt.datetime) ->
         wall_s = a["last"] - a["first"]
         share = a["busy_s"] / busy_total if busy_total else 1 / len(acc)
         usd = machine_usd * share
-        versions[v] = {k: a[k] for k in ("requests", "ok", "errors", "prompt_tokens", "completion_tokens")} | {
-            "busy_s": round(a["busy_s"], 3), "wall_s": round(wall_s, 3), "first": _iso(a["first"]), "last": _iso(a["last"]),
+        versions[v] = {k: a[k] for k in ("requests", "ok", "errors", "prompt_tokens",
+                                         "completion_tokens")} | {
+            "busy_s": round(a["busy_s"], 3), "wall_s": round(wall_s, 3), "first": _iso(a["first"]),
+            "last": _iso(a["last"]),
             "tokens_per_s": _round(a["completion_tokens"] / wall_s if wall_s > 0 else None),
             "busy_share": round(share, 6), "usd": round(usd, 6),
             "usd_per_1m_tokens": _round(_per_1m(usd, a["completion_tokens"]))}
@@ -165,7 +170,8 @@ def serving_costs(settings: Settings, since: dt.datetime, until: dt.datetime) ->
 # ---------------------------------------------------------------- the report
 
 
-def cost_report(settings: Settings, since_hours: float = 168.0, now: dt.datetime | None = None) -> dict[str, Any]:
+def cost_report(settings: Settings, since_hours: float = 168.0,
+                now: dt.datetime | None = None) -> dict[str, Any]:
     """Training and serving $/1M tokens per version -> reports/cost/<UTC time>/{cost.json, cost.html},
     and `cost.*` tags on each MLflow model version."""
     if since_hours <= 0:
@@ -173,7 +179,8 @@ def cost_report(settings: Settings, since_hours: float = 168.0, now: dt.datetime
     now = now or dt.datetime.now(dt.UTC)
     train = training_costs(settings)
     serve = serving_costs(settings, now - dt.timedelta(hours=since_hours), now)
-    report = {"generated": now.isoformat(timespec="seconds"), "registered_model": settings.tracking.registered_model,
+    report = {"generated": now.isoformat(timespec="seconds"),
+              "registered_model": settings.tracking.registered_model,
               "prices": {"train_machine_usd_per_hour": settings.monitor.train_cost_per_hour_usd,
                          "serve_machine_usd_per_hour": settings.serve.gateway.cost_per_hour_usd},
               "train": train, "serve": serve, "totals": _totals(train, serve)}
@@ -185,8 +192,8 @@ def cost_report(settings: Settings, since_hours: float = 168.0, now: dt.datetime
     report["html"] = str(out_dir / "cost.html")
     _tag_versions(settings, train, serve, report["report"])
     for v, t in train.items():
-        log.info("version %s: training %s $/1M tokens (%s %s), serving %s $/1M tokens", v, t.get("usd_per_1m_tokens"),
-                 t.get("device_hours"), t.get("device_hours_unit"),
+        log.info("version %s: training %s $/1M tokens (%s %s), serving %s $/1M tokens", v,
+                 t.get("usd_per_1m_tokens"), t.get("device_hours"), t.get("device_hours_unit"),
                  serve["versions"].get(v, {}).get("usd_per_1m_tokens"))
     return report
 
@@ -201,7 +208,8 @@ def _totals(train: dict[str, dict[str, Any]], serve: dict[str, Any]) -> dict[str
             "serve_usd_per_1m_tokens": serve.get("usd_per_1m_tokens")}
 
 
-def _tag_versions(settings: Settings, train: dict[str, dict[str, Any]], serve: dict[str, Any], report: str) -> None:
+def _tag_versions(settings: Settings, train: dict[str, dict[str, Any]], serve: dict[str, Any],
+                  report: str) -> None:
     """The headline figures as tags on each model version, beside its eval.* and gate tags."""
     if not train:
         return
@@ -212,7 +220,8 @@ def _tag_versions(settings: Settings, train: dict[str, dict[str, Any]], serve: d
     for v, t in train.items():
         tags = {"cost.report": report}
         if t.get("usd_per_1m_tokens") is not None:
-            tags |= {"cost.train_usd": f"{t['usd']:.6g}", "cost.train_usd_per_1m_tokens": f"{t['usd_per_1m_tokens']:.6g}",
+            tags |= {"cost.train_usd": f"{t['usd']:.6g}",
+                     "cost.train_usd_per_1m_tokens": f"{t['usd_per_1m_tokens']:.6g}",
                      "cost.train_device_hours": f"{t['device_hours']:.6g} {t['device_hours_unit']}"}
         s = serve["versions"].get(v, {})
         if s.get("usd_per_1m_tokens") is not None:
@@ -233,25 +242,30 @@ def _html(report: dict[str, Any]) -> str:
     def table(title: str, rows: dict[str, dict[str, Any]], cols: list[str]) -> str:
         head = "".join(f"<th>{html.escape(c)}</th>" for c in ["version", *cols])
         body = "".join(f"<tr>{cell(v)}{''.join(cell(r.get(c)) for c in cols)}</tr>" for v, r in rows.items())
-        return f"<h2>{html.escape(title)}</h2><table><tr>{head}</tr>{body or '<tr><td>none</td></tr>'}</table>"
+        return (f"<h2>{html.escape(title)}</h2><table><tr>{head}</tr>"
+                f"{body or '<tr><td>none</td></tr>'}</table>")
 
     p, s = report["prices"], report["serve"]
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>llmops cost report</title><style>"
         "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#eee}</style></head><body>"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#eee}"
+        "</style></head><body>"
         f"<h1>Cost per 1M tokens: {html.escape(report['registered_model'])}</h1>"
-        f"<p>Generated {html.escape(report['generated'])}. Training machine ${p['train_machine_usd_per_hour']:g}/h, "
-        f"serving machine ${p['serve_machine_usd_per_hour']:g}/h (whole machines; see tasks/loop/cost.py for how each "
-        "figure is measured).</p>"
-        + table("Training", report["train"], ["variant", "aliases", "run_name", "device", "world_size", "steps", "tokens",
-                                              "wall_h", "device_hours", "device_hours_unit", "usd", "usd_per_1m_tokens",
+        f"<p>Generated {html.escape(report['generated'])}. "
+        f"Training machine ${p['train_machine_usd_per_hour']:g}/h, "
+        f"serving machine ${p['serve_machine_usd_per_hour']:g}/h (whole machines; see tasks/loop/cost.py for "
+        "how each figure is measured).</p>"
+        + table("Training", report["train"], ["variant", "aliases", "run_name", "device", "world_size",
+                                              "steps", "tokens", "wall_h", "device_hours",
+                                              "device_hours_unit", "usd", "usd_per_1m_tokens",
                                               "usd_per_1m_tokens_steps_only", "shares_run_with", "note"])
         + table(f"Serving ({s['window']['since']} to {s['window']['until']})", s["versions"],
-                ["requests", "ok", "errors", "completion_tokens", "busy_s", "wall_s", "tokens_per_s", "busy_share",
-                 "usd", "usd_per_1m_tokens"])
-        + f"<h2>Totals</h2><table>{''.join(f'<tr><th>{html.escape(k)}</th>{cell(v)}</tr>' for k, v in report['totals'].items())}"
-        "</table></body></html>\n")
+                ["requests", "ok", "errors", "completion_tokens", "busy_s", "wall_s", "tokens_per_s",
+                 "busy_share", "usd", "usd_per_1m_tokens"])
+        + "<h2>Totals</h2><table>"
+        + "".join(f"<tr><th>{html.escape(k)}</th>{cell(v)}</tr>" for k, v in report["totals"].items())
+        + "</table></body></html>\n")
 
 
 def _round(x: float | None, digits: int = 6) -> float | None:

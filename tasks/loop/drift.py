@@ -35,7 +35,8 @@ from tasks.config import MonitorConfig, Settings
 log = logging.getLogger(__name__)
 FEATURES_NUM = ("prompt_chars", "prompt_words", "prompt_tokens")
 FEATURES_CAT = ("charset", "empty")
-EMBEDDING_AUC = 0.55  # Evidently's default bound for its "model" method (ROC AUC of a reference-vs-current classifier)
+# Evidently's default bound for its "model" method (ROC AUC of a reference-vs-current classifier)
+EMBEDDING_AUC = 0.55
 
 
 def charset(text: str) -> str:
@@ -65,8 +66,9 @@ def features(prompts: list[str], tokenizer) -> tuple[Any, Counter]:
     encoded = tokenizer.encode_batch(prompts, add_special_tokens=False) if prompts else []
     for text, enc in zip(prompts, encoded, strict=True):
         unigrams.update(enc.ids)
-        rows.append({"prompt_chars": len(text), "prompt_words": len(text.split()), "prompt_tokens": len(enc.ids),
-                     "charset": charset(text), "empty": "yes" if not text.strip() else "no"})
+        rows.append({"prompt_chars": len(text), "prompt_words": len(text.split()),
+                     "prompt_tokens": len(enc.ids), "charset": charset(text),
+                     "empty": "yes" if not text.strip() else "no"})
     return pd.DataFrame(rows, columns=[*FEATURES_NUM, *FEATURES_CAT]), unigrams
 
 
@@ -92,7 +94,8 @@ def auc_bound(n_reference: int, n_current: int, z: float = 3.09) -> float:
 
 
 def embedding_drift(reference: list[str], current: list[str], model: str) -> tuple[dict[str, Any], Any]:
-    """({"method", "score", "threshold", "drifted", "rows"}, Evidently snapshot) of the prompts' sentence embeddings.
+    """({"method", "score", "threshold", "drifted", "rows"}, Evidently snapshot) of the prompts' sentence
+    embeddings.
 
     Evidently's EmbeddingsDrift with its "model" method: a linear classifier is trained to tell
     reference from current embeddings on half the rows; the score is its ROC AUC on the other half
@@ -110,7 +113,8 @@ def embedding_drift(reference: list[str], current: list[str], model: str) -> tup
     cols = [f"e{i}" for i in range(ref.shape[1])]
     definition = DataDefinition(embeddings={"prompt": cols})
     bound = auc_bound(len(reference), len(current))
-    metric = EmbeddingsDrift(embeddings_name="prompt", drift_method=ModelDriftMethod(threshold=bound), tests=[lte(bound)])
+    metric = EmbeddingsDrift(embeddings_name="prompt", drift_method=ModelDriftMethod(threshold=bound),
+                             tests=[lte(bound)])
     snapshot = Report([metric], include_tests=True).run(
         current_data=Dataset.from_pandas(pd.DataFrame(cur, columns=cols), data_definition=definition),
         reference_data=Dataset.from_pandas(pd.DataFrame(ref, columns=cols), data_definition=definition))
@@ -175,24 +179,28 @@ def drift_report(settings: Settings, reference: list[str], records: list[dict[st
         n, t0 = cfg.embedding_sample_rows, time.perf_counter()
         emb, emb_snapshot = embedding_drift(rng.sample(reference, min(n, len(reference))),
                                             rng.sample(current, min(n, len(current))), cfg.embedding_model)
-        log.info("embedding drift of prompts: %s score %.3f (threshold %.3f), %d + %d prompts in %.1f s", emb["method"],
-                 emb["score"], emb["threshold"], emb["rows"]["reference"], emb["rows"]["current"], time.perf_counter() - t0)
+        log.info("embedding drift of prompts: %s score %.3f (threshold %.3f), %d + %d prompts in %.1f s",
+                 emb["method"], emb["score"], emb["threshold"], emb["rows"]["reference"],
+                 emb["rows"]["current"], time.perf_counter() - t0)
     reasons = [f"Evidently: {n}" for n in failed_tests]
     if kl > cfg.kl_threshold:
         reasons.append(f"token unigram KL {kl:.3f} > {cfg.kl_threshold}")
     if emb and emb["drifted"]:
-        reasons.append(f"embedding drift of prompts: {emb['method']} score {emb['score']:.3f} > threshold {emb['threshold']:.3f}")
+        reasons.append(f"embedding drift of prompts: {emb['method']} score {emb['score']:.3f} > "
+                       f"threshold {emb['threshold']:.3f}")
     if slo["p99_ms"] is not None and slo["p99_ms"] > cfg.slo_p99_ms:
         reasons.append(f"SLO: p99 {slo['p99_ms']:.0f} ms > {cfg.slo_p99_ms:.0f} ms")
     if slo["error_rate"] > cfg.slo_error_rate:
         reasons.append(f"SLO: error rate {slo['error_rate']:.1%} > {cfg.slo_error_rate:.1%}")
-    out_dir = out_dir or settings.paths.reports_dir / "drift" / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+    out_dir = out_dir or (settings.paths.reports_dir / "drift"
+                          / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S"))
     out_dir.mkdir(parents=True, exist_ok=True)
     snapshot.save_html(str(out_dir / "report.html"))
     if emb is not None:
         emb_snapshot.save_html(str(out_dir / "embeddings.html"))
         emb["report"] = str(out_dir / "embeddings.html")
-    result |= {"verdict": "drift" if reasons else "ok", "fire": bool(reasons), "reason": "; ".join(reasons) or "no drift",
+    result |= {"verdict": "drift" if reasons else "ok", "fire": bool(reasons),
+               "reason": "; ".join(reasons) or "no drift",
                "token_kl": kl, "embedding_drift": emb, "evidently_failed_tests": failed_tests,
                "report": str(out_dir / "report.html")}
     write_json(out_dir / "verdict.json", result)
@@ -207,7 +215,8 @@ def check(settings: Settings, hours: float | None = None) -> dict[str, Any]:
     now = dt.datetime.now(dt.UTC)
     records = read_requests(settings, now - dt.timedelta(hours=hours or settings.monitor.window_hours), now)
     manifest = json.loads(latest_manifest(settings).read_text())
-    result = drift_report(settings, reference_prompts(settings), records, load_tokenizer(manifest["tokenizer"]["path"]))
+    result = drift_report(settings, reference_prompts(settings), records,
+                          load_tokenizer(manifest["tokenizer"]["path"]))
     log.info("drift verdict: %s: %s (report %s)", result["verdict"], result["reason"], result.get("report"))
     return result
 
@@ -245,10 +254,11 @@ def note_trigger(settings: Settings, now: dt.datetime, reason: str) -> None:
     write_json(state_path(settings), state)
 
 
-def retrain_conf(settings: Settings, verdict: dict[str, Any], running_or_queued: int, profile: str) -> dict[str, Any] | None:
-    """chat_monitor's `decide`: the conf of the chat_train run a firing verdict asks for, or None when the verdict
-    does not fire or a guard holds it back (a run already going, cooldown, weekly cap, too little new traffic).
-    A trigger that goes ahead is noted in the monitor's state, for the next guard."""
+def retrain_conf(settings: Settings, verdict: dict[str, Any], running_or_queued: int,
+                 profile: str) -> dict[str, Any] | None:
+    """chat_monitor's `decide`: the conf of the chat_train run a firing verdict asks for, or None when the
+    verdict does not fire or a guard holds it back (a run already going, cooldown, weekly cap, too little
+    new traffic). A trigger that goes ahead is noted in the monitor's state, for the next guard."""
     from tasks.loop.rollout import read_requests
 
     if not verdict["fire"]:
@@ -256,11 +266,13 @@ def retrain_conf(settings: Settings, verdict: dict[str, Any], running_or_queued:
         return None
     now = dt.datetime.now(dt.UTC)
     state = load_state(settings)
-    last = max((dt.datetime.fromisoformat(t) for t in state.get("triggers", [])), default=now - dt.timedelta(days=7))
-    allowed, why = guard(state, now, settings.monitor, running_or_queued, len(read_requests(settings, last, now)))
+    last = max((dt.datetime.fromisoformat(t) for t in state.get("triggers", [])),
+               default=now - dt.timedelta(days=7))
+    allowed, why = guard(state, now, settings.monitor, running_or_queued,
+                         len(read_requests(settings, last, now)))
     log.info("monitor fired (%s); guards: %s", verdict["reason"], why)
     if not allowed:
         return None
     note_trigger(settings, now, verdict["reason"])
-    return {"profile": profile, "reason": f"chat_monitor: {verdict['reason']}", "drift_report": verdict.get("report"),
-            "resume": False, "force": True}
+    return {"profile": profile, "reason": f"chat_monitor: {verdict['reason']}",
+            "drift_report": verdict.get("report"), "resume": False, "force": True}

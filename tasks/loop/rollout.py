@@ -2,7 +2,8 @@
 
     llmops rollout analyze --since 10m        # champion vs challenger over a window: the verdict and why
     llmops rollout shadow --since 10m         # the shadow report of the mirrored pairs (HTML + JSON)
-    llmops rollout canary                     # shadow, then 5 % -> 25 % -> 50 % -> 100 %; promote or roll back
+    llmops rollout canary                     # shadow, then 5 % -> 25 % -> 50 % -> 100 %; promote or
+                                              # roll back
 
 The canary starts with a shadow phase (`rollout.shadow_percent` > 0): the gateway mirrors that
 share of the champion's requests to the challenger, users see only the champion's replies, and
@@ -91,7 +92,8 @@ def _of_model(rec: dict[str, Any], model: str | None) -> bool:
     return model is None or not isinstance(served, str) or served.partition(":")[0] == model
 
 
-def samples(records: Iterable[dict[str, Any]], versions: Iterable[int], model: str | None = None) -> dict[int, Sample]:
+def samples(records: Iterable[dict[str, Any]], versions: Iterable[int],
+            model: str | None = None) -> dict[int, Sample]:
     """Per-version samples of the request log lines, those of Triton model `model` only when given."""
     out = {int(v): Sample() for v in versions}
     for r in records:
@@ -120,9 +122,11 @@ def compare(champion: Sample, challenger: Sample, cfg: RolloutConfig) -> dict[st
                 f"{challenger.requests}, champion {champion.requests}; {cfg.min_samples} needed each)"}
     checks = []
     d_p99 = challenger.p99_ms - champion.p99_ms
-    p_lat = float(mannwhitneyu(challenger.latencies_ms, champion.latencies_ms, alternative="greater").pvalue) \
+    p_lat = float(mannwhitneyu(challenger.latencies_ms, champion.latencies_ms,
+                               alternative="greater").pvalue) \
         if challenger.latencies_ms and champion.latencies_ms else 1.0
-    checks.append({"check": "p99_latency", "challenger_ms": round(challenger.p99_ms, 2), "champion_ms": round(champion.p99_ms, 2),
+    checks.append({"check": "p99_latency", "challenger_ms": round(challenger.p99_ms, 2),
+                   "champion_ms": round(champion.p99_ms, 2),
                    "delta_ms": round(d_p99, 2), "limit_ms": cfg.max_p99_regression_ms, "p_value": p_lat,
                    "failed": bool(d_p99 > cfg.max_p99_regression_ms and p_lat < cfg.alpha)})
     r_ch, r_cp = challenger.rate(challenger.safety_hits), champion.rate(champion.safety_hits)
@@ -142,8 +146,8 @@ def compare(champion: Sample, challenger: Sample, cfg: RolloutConfig) -> dict[st
 
 def _why(c: dict[str, Any]) -> str:
     if c["check"] == "p99_latency":
-        return (f"p99 latency {c['challenger_ms']} ms vs champion {c['champion_ms']} ms (+{c['delta_ms']} ms > "
-                f"{c['limit_ms']} ms, Mann-Whitney p={c['p_value']:.2g})")
+        return (f"p99 latency {c['challenger_ms']} ms vs champion {c['champion_ms']} ms "
+                f"(+{c['delta_ms']} ms > {c['limit_ms']} ms, Mann-Whitney p={c['p_value']:.2g})")
     if c["check"] == "safety_hit_rate":
         return (f"safety-hit rate {c['challenger']:.1%} vs champion {c['champion']:.1%} (+{c['delta']:.1%} > "
                 f"{c['limit']:.0%}, Fisher p={c['p_value']:.2g})")
@@ -198,8 +202,9 @@ def shadow_report(settings: Settings, since: dt.datetime, until: dt.datetime | N
     len_a = np.array([p["champion"].get("completion_tokens", 0) for p in ok], dtype=float)
     len_b = np.array([p["challenger"].get("completion_tokens", 0) for p in ok], dtype=float)
     mean_sim = float(sims.mean()) if len(sims) else float("nan")
-    sim_check = {"check": "reply_similarity", "mean": round(mean_sim, 4), "p10": round(float(np.percentile(sims, 10)), 4)
-                 if len(sims) else None, "limit": cfg.min_reply_similarity,
+    sim_check = {"check": "reply_similarity", "mean": round(mean_sim, 4),
+                 "p10": round(float(np.percentile(sims, 10)), 4) if len(sims) else None,
+                 "limit": cfg.min_reply_similarity,
                  "failed": bool(not len(sims) or mean_sim < cfg.min_reply_similarity)}
     checks = [*verdict["checks"], sim_check]
     failed = [c for c in checks if c["failed"]]
@@ -212,10 +217,13 @@ def shadow_report(settings: Settings, since: dt.datetime, until: dt.datetime | N
                "replies": {"similarity_mean": mean_sim,
                            "toxicity_mean": {"champion": float(tox_a.mean()) if len(tox_a) else None,
                                              "challenger": float(tox_b.mean()) if len(tox_b) else None},
-                           "completion_tokens_mean": {"champion": float(len_a.mean()) if len(len_a) else None,
-                                                      "challenger": float(len_b.mean()) if len(len_b) else None},
-                           "identical_share": float(np.mean([x == y for x, y in zip(a, b, strict=True)])) if ok else None}}
-    out_dir = out_dir or settings.paths.reports_dir / "shadow" / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+                           "completion_tokens_mean": {
+                               "champion": float(len_a.mean()) if len(len_a) else None,
+                               "challenger": float(len_b.mean()) if len(len_b) else None},
+                           "identical_share": (float(np.mean([x == y for x, y in zip(a, b, strict=True)]))
+                                               if ok else None)}}
+    out_dir = out_dir or (settings.paths.reports_dir / "shadow"
+                          / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S"))
     out_dir.mkdir(parents=True, exist_ok=True)
     if ok:
         result["report"] = str(_shadow_html(out_dir / "shadow.html", ok, sims, tox_a, tox_b))
@@ -255,22 +263,26 @@ def _shadow_html(path: Path, pairs: list[dict[str, Any]], sims, tox_a, tox_b) ->
 
 
 def record(settings: Settings, decision: dict[str, Any]) -> Path:
-    """The auditable record: reports/rollout/<time>-v<version>-<action>.json, and tags on the MLflow version."""
+    """The auditable record: reports/rollout/<time>-v<version>-<action>.json, and tags on the MLflow
+    version."""
     from tasks.tracking import mlflow_client
 
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
-    path = settings.paths.reports_dir / "rollout" / f"{stamp}-v{decision['challenger']}-{decision['action']}.json"
+    path = (settings.paths.reports_dir / "rollout"
+            / f"{stamp}-v{decision['challenger']}-{decision['action']}.json")
     write_json(path, decision)
     client = mlflow_client(settings)
     name = settings.tracking.registered_model
     for k, v in {"rollout.action": decision["action"], "rollout.reason": decision["reason"][:4000],
                  "rollout.record": str(path), "rollout.at": decision["at"]}.items():
         client.set_model_version_tag(name, str(decision["challenger"]), k, v)
-    log.info("rollout decision: %s v%s: %s (%s)", decision["action"], decision["challenger"], decision["reason"], path)
+    log.info("rollout decision: %s v%s: %s (%s)", decision["action"], decision["challenger"],
+             decision["reason"], path)
     return path
 
 
-def _decision(action: str, champion: int | None, challenger: int, reason: str, **evidence: Any) -> dict[str, Any]:
+def _decision(action: str, champion: int | None, challenger: int, reason: str,
+              **evidence: Any) -> dict[str, Any]:
     return {"action": action, "champion": champion, "challenger": challenger, "reason": reason,
             "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), **evidence}
 
@@ -283,12 +295,14 @@ def promote(settings: Settings, evidence: dict[str, Any]) -> dict[str, Any]:
     repo, name = settings.paths.triton_repository, settings.serve.triton.model_name
     aliases = read_aliases(repo, name)
     challenger, previous = aliases["challenger"], aliases.get("champion")
-    registry_promote(settings, challenger, reason=f"canary passed: {evidence.get('reason', '')}"[:500], who="rollout")
+    registry_promote(settings, challenger, reason=f"canary passed: {evidence.get('reason', '')}"[:500],
+                     who="rollout")
     _drop_alias(settings, "challenger")  # it is the champion now
     new = {"champion": challenger, **({"previous": previous} if previous and previous != challenger else {})}
     write_aliases(repo, name, new)  # the gateway's route for `chat-gpt` now goes to the new champion
     set_traffic(settings, 0.0)
-    decision = _decision("promote", previous, challenger, evidence.get("reason", "canary passed"), evidence=evidence)
+    decision = _decision("promote", previous, challenger, evidence.get("reason", "canary passed"),
+                         evidence=evidence)
     decision["record"] = str(record(settings, decision))
     return decision
 
@@ -305,7 +319,8 @@ def rollback(settings: Settings, reason: str, evidence: dict[str, Any]) -> dict[
     challenger = aliases.pop("challenger")
     write_aliases(repo, name, {**aliases, "rejected": challenger})
     _drop_alias(settings, "challenger")
-    mlflow_client(settings).set_registered_model_alias(settings.tracking.registered_model, "rejected", str(challenger))
+    mlflow_client(settings).set_registered_model_alias(settings.tracking.registered_model, "rejected",
+                                                       str(challenger))
     decision = _decision("rollback", aliases.get("champion"), challenger, reason, evidence=evidence)
     decision["record"] = str(record(settings, decision))
     return decision
@@ -334,7 +349,8 @@ def analyze(settings: Settings, since: dt.datetime, until: dt.datetime | None = 
         champ, source = baseline, "earlier canary windows"
     verdict = compare(champ, s[aliases["challenger"]], settings.rollout)
     return {**verdict, "champion": aliases["champion"], "challenger": aliases["challenger"],
-            "window": [since.isoformat(), (until or dt.datetime.now(dt.UTC)).isoformat()], "champion_sample": source,
+            "window": [since.isoformat(), (until or dt.datetime.now(dt.UTC)).isoformat()],
+            "champion_sample": source,
             "requests": {"champion": champ.requests, "challenger": s[aliases["challenger"]].requests},
             "_champion": s[aliases["champion"]]}
 
@@ -362,7 +378,8 @@ def shadow(settings: Settings, sleep: Callable[[float], None] = time.sleep,
         raise InputError(f"no challenger to roll out (aliases.json: {aliases}); export one first")
     if "champion" not in aliases or cfg.shadow_percent <= 0:
         return {"action": "continue", "phase": "shadow", "verdict": "skipped",
-                "reason": "no champion to mirror" if "champion" not in aliases else "rollout.shadow_percent is 0"}
+                "reason": ("no champion to mirror" if "champion" not in aliases
+                           else "rollout.shadow_percent is 0")}
     set_traffic(settings, 0.0, shadow_percent=cfg.shadow_percent)
     start = dt.datetime.now(dt.UTC)
     result = _judge_windows(sleep, cfg.shadow_window_s, lambda: shadow_report(settings, start))
@@ -374,12 +391,14 @@ def shadow(settings: Settings, sleep: Callable[[float], None] = time.sleep,
     if result["verdict"] == "fail":
         return rollback(settings, f"shadow: {result['reason']}", {"steps": [step]})
     if result["verdict"] == "wait":
-        return _decision("inconclusive", result["champion"], result["challenger"], result["reason"], steps=[step])
+        return _decision("inconclusive", result["champion"], result["challenger"], result["reason"],
+                         steps=[step])
     return {"action": "continue", **step}
 
 
 def canary(settings: Settings, sleep: Callable[[float], None] = time.sleep,
-           on_step: Callable[[dict[str, Any]], None] | None = None, with_shadow: bool = True) -> dict[str, Any]:
+           on_step: Callable[[dict[str, Any]], None] | None = None,
+           with_shadow: bool = True) -> dict[str, Any]:
     """The shadow phase (unless with_shadow is False: chat_deploy runs it as its own task), then the
     traffic steps; after each window judge; roll back on the first failure, promote at the end.
     A step that keeps answering "wait" (too few requests) is judged again for up to 3 more windows,
@@ -414,7 +433,8 @@ def canary(settings: Settings, sleep: Callable[[float], None] = time.sleep,
             return rollback(settings, f"canary at {share}%: {result['reason']}", {"steps": steps})
         if result["verdict"] == "wait":
             set_traffic(settings, 0.0)
-            return _decision("inconclusive", result["champion"], result["challenger"], result["reason"], steps=steps)
+            return _decision("inconclusive", result["champion"], result["challenger"], result["reason"],
+                             steps=steps)
     return promote(settings, {"reason": "every canary step passed", "steps": steps})
 
 
@@ -427,7 +447,8 @@ def drill(settings: Settings, version: int, delay_ms_per_token: float) -> dict[s
     name = settings.serve.triton.model_name
     if version not in (served := served_versions(settings.paths.triton_repository, name)):
         raise InputError(f"version {version} is not in the Triton repository (served: {served})")
-    paths = [settings.paths.triton_repository / m / str(version) / "drill.json" for m in (name, name + STREAM_SUFFIX)]
+    paths = [settings.paths.triton_repository / m / str(version) / "drill.json"
+             for m in (name, name + STREAM_SUFFIX)]
     for p in paths:
         if delay_ms_per_token > 0:
             write_json(p, {"delay_ms_per_token": delay_ms_per_token})
@@ -437,32 +458,37 @@ def drill(settings: Settings, version: int, delay_ms_per_token: float) -> dict[s
     return {"version": version, "delay_ms_per_token": delay_ms_per_token}
 
 
-def load_exported(settings: Settings, exported: dict[str, Any], drill_delay_ms: float = 0.0) -> dict[str, Any]:
-    """chat_deploy's `load`: (re)load an exported version (and its streaming twin) in the running tritonserver;
-    with `drill_delay_ms` > 0, slowed down on purpose so the rollout must roll it back. Without a server
-    here, nothing is loaded (`llmops serve` loads every exported version when it starts)."""
+def load_exported(settings: Settings, exported: dict[str, Any],
+                  drill_delay_ms: float = 0.0) -> dict[str, Any]:
+    """chat_deploy's `load`: (re)load an exported version (and its streaming twin) in the running
+    tritonserver; with `drill_delay_ms` > 0, slowed down on purpose so the rollout must roll it back.
+    Without a server here, nothing is loaded (`llmops serve` loads every exported version when it
+    starts)."""
     from tasks.procs import alive
     from tasks.serve import server
 
     if not alive(settings, "tritonserver"):
-        log.info("tritonserver is not running here; `llmops serve` starts it with every exported version loaded")
+        log.info("tritonserver is not running here; "
+                 "`llmops serve` starts it with every exported version loaded")
         return {**exported, "loaded": False}
     if drill_delay_ms > 0:  # writes drill.json beside the version, then reloads
-        log.info("roll-back drill: version %s is %s ms slower per token: %s", exported["version"], drill_delay_ms,
-                 drill(settings, exported["version"], drill_delay_ms))
+        log.info("roll-back drill: version %s is %s ms slower per token: %s", exported["version"],
+                 drill_delay_ms, drill(settings, exported["version"], drill_delay_ms))
     else:
         server.reload(settings, (exported["model"], exported["model"] + STREAM_SUFFIX))
     return {**exported, "loaded": True}
 
 
 def shadow_step(settings: Settings, smoked: dict[str, Any]) -> dict[str, Any]:
-    """chat_deploy's `shadow`: the shadow phase unless nothing is served here; its verdict, small enough for XCom."""
+    """chat_deploy's `shadow`: the shadow phase unless nothing is served here; its verdict, small enough for
+    XCom."""
     if smoked.get("skipped"):
         return {"action": "none", "reason": "no server running"}
     out = shadow(settings, on_step=lambda step: log.info("shadow: %s", json.dumps(step, default=str)))
-    log.info("shadow verdict: %s", json.dumps({k: v for k, v in out.items() if k not in ("evidence", "checks")},
-                                              default=str))
-    return {k: out.get(k) for k in ("action", "verdict", "champion", "challenger", "reason", "report", "record")}
+    log.info("shadow verdict: %s",
+             json.dumps({k: v for k, v in out.items() if k not in ("evidence", "checks")}, default=str))
+    return {k: out.get(k)
+            for k in ("action", "verdict", "champion", "challenger", "reason", "report", "record")}
 
 
 def canary_step(settings: Settings, shadowed: dict[str, Any]) -> dict[str, Any]:
@@ -470,6 +496,7 @@ def canary_step(settings: Settings, shadowed: dict[str, Any]) -> dict[str, Any]:
     if shadowed["action"] != "continue":  # no server, or the shadow already rolled back / was inconclusive
         log.info("no canary: %s: %s", shadowed["action"], shadowed["reason"])
         return {k: shadowed.get(k) for k in ("action", "champion", "challenger", "reason")}
-    decision = canary(settings, with_shadow=False, on_step=lambda step: log.info("canary step: %s", json.dumps(step)))
+    decision = canary(settings, with_shadow=False,
+                      on_step=lambda step: log.info("canary step: %s", json.dumps(step)))
     log.info("rollout decision: %s", json.dumps({k: v for k, v in decision.items() if k != "evidence"}))
     return {k: decision[k] for k in ("action", "champion", "challenger", "reason")}

@@ -35,11 +35,12 @@ from tasks.serve.repository import read_aliases
 class Load:
     """`clients` threads sending chat completions until stopped; every status and served version is kept."""
 
-    def __init__(self, base: str, clients: int = 2, prompt: str | None = "Where is my parcel?", max_tokens: int = 8,
-                 headers: dict[str, str] | None = None, pause_s: float = 0.0, seed: int = 0,
-                 prompts: list[str] | None = None):
+    def __init__(self, base: str, clients: int = 2, prompt: str | None = "Where is my parcel?",
+                 max_tokens: int = 8, headers: dict[str, str] | None = None, pause_s: float = 0.0,
+                 seed: int = 0, prompts: list[str] | None = None):
         self.base = base.removesuffix("/").removesuffix("/v1")
-        self.prompt, self.max_tokens, self.headers, self.pause_s, self.seed = prompt, max_tokens, headers or {}, pause_s, seed
+        self.prompt, self.max_tokens, self.headers, self.pause_s, self.seed = (
+            prompt, max_tokens, headers or {}, pause_s, seed)
         self.prompts = prompts
         self.statuses: list[int] = []
         self.versions: list[str | None] = []
@@ -53,7 +54,8 @@ class Load:
                 if self.prompts:
                     prompt = rng.choice(self.prompts)
                 else:
-                    prompt = self.prompt or next(m["content"] for m in conversation(rng)["messages"] if m["role"] == "user")
+                    prompt = self.prompt or next(m["content"] for m in conversation(rng)["messages"]
+                                                 if m["role"] == "user")
                 try:
                     r = http.post(f"{self.base}/v1/chat/completions",
                                   headers={**self.headers, "X-Session-Id": f"s{rng.getrandbits(48)}"},
@@ -86,14 +88,17 @@ class Load:
 
 DRIFTED = (  # what users start asking after a product change: none of it is in the training topics
     "How do I fix a segmentation fault in my C++ {thing} when the vector is resized inside the loop?",
-    "Write a Python function that parses {thing} logs with a regular expression and returns a dict of counts.",
+    "Write a Python function that parses {thing} logs with a regular expression "
+    "and returns a dict of counts.",
     "Why does my Kubernetes pod for the {thing} service keep restarting with exit code 137 after deploy?",
     "Сколько стоит доставка {thing} в Новосибирск и можно ли оплатить картой при получении?",
     "{thing}の設定をリセットする方法を教えてください。アプリが起動しません。",
     "¿Cuál es la mejor manera de configurar {thing} para que funcione sin conexión a internet?",
-    "Explain the difference between eventual and strong consistency for a distributed {thing} store, with examples.",
+    "Explain the difference between eventual and strong consistency for a distributed {thing} store, "
+    "with examples.",
 )
-THINGS = ("parser", "scheduler", "cache", "billing", "telemetry", "router", "index", "queue", "matrix", "renderer")
+THINGS = ("parser", "scheduler", "cache", "billing", "telemetry", "router", "index", "queue", "matrix",
+          "renderer")
 
 
 def traffic(settings: Settings, rows: int, drifted: bool = False, hours: float = 1.0,
@@ -119,7 +124,8 @@ def traffic(settings: Settings, rows: int, drifted: bool = False, hours: float =
                "session": f"synth-{rng.randrange(rows // 4 + 1)}", "stream": False, "priority": "interactive",
                "status": 200, "latency_ms": round(rng.lognormvariate(0, 0.25) * latency_ms, 3),
                "prompt_tokens": len(prompt.split()) * 2, "completion_tokens": len(reply.split()),
-               "finish_reason": "stop", "safety_input": {"blocked": False}, "safety_output": {"blocked": False},
+               "finish_reason": "stop", "safety_input": {"blocked": False},
+               "safety_output": {"blocked": False},
                "prompt": prompt, "response": reply}
         lines.setdefault(ts.date().isoformat(), []).append(json.dumps(rec, ensure_ascii=False))
     stamp = now.strftime("%Y%m%dT%H%M%S%f")

@@ -36,16 +36,18 @@ def render_chat(messages: Sequence[dict[str, Any]], add_generation_prompt: bool 
     return "".join(parts)
 
 
-def encode_chat(tokenizer, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False) -> list[int]:
+def encode_chat(tokenizer, messages: Sequence[dict[str, Any]],
+                add_generation_prompt: bool = False) -> list[int]:
     """Token ids of a conversation (HF `tokenizers.Tokenizer`), as training and serving see it."""
-    text = render_chat(messages, add_generation_prompt=add_generation_prompt, end_of_text=not add_generation_prompt)
+    text = render_chat(messages, add_generation_prompt=add_generation_prompt,
+                       end_of_text=not add_generation_prompt)
     return tokenizer.encode(text, add_special_tokens=False).ids
 
 
 class PromptTooLong(ValueError):
     def __init__(self, tokens: int, budget: int):
-        super().__init__(f"the messages take {tokens} tokens; this model's window leaves {budget} for the prompt "
-                         "after max_tokens")
+        super().__init__(f"the messages take {tokens} tokens; this model's window leaves {budget} "
+                         "for the prompt after max_tokens")
         self.tokens, self.budget = tokens, budget
 
 

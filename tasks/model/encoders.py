@@ -53,7 +53,8 @@ def toxicity_scores(texts: Sequence[str]) -> list[float]:
         return [float(x) for x in predict_prob(list(texts))]
     vectorizer, coef, intercept, a, b = fast
     df = np.asarray(vectorizer.transform(list(texts)) @ coef.T) + intercept  # (n, k): each fold's LinearSVC
-    return [float(x) for x in (1.0 / (1.0 + np.exp(a * df + b))).mean(axis=1)]  # sigmoid calibration, averaged
+    # sigmoid calibration, averaged
+    return [float(x) for x in (1.0 / (1.0 + np.exp(a * df + b))).mean(axis=1)]
 
 
 @functools.cache

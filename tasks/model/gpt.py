@@ -91,7 +91,8 @@ class KVCache:
         return 0 if self.k[0] is None else self.k[0].shape[2]
 
     def head(self, n: int) -> KVCache:
-        """The first n positions, in tensors of their own (contiguous: views would keep all of these alive)."""
+        """The first n positions, in tensors of their own (contiguous: views would keep all of these
+        alive)."""
         out = KVCache(len(self.k))
         out.k = [_filled(t)[:, :, :n].clone(memory_format=torch.contiguous_format) for t in self.k]
         out.v = [_filled(t)[:, :, :n].clone(memory_format=torch.contiguous_format) for t in self.v]
@@ -105,10 +106,12 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x, rope, cache: KVCache | None = None, layer: int = 0, mask: torch.Tensor | None = None):
+    def forward(self, x, rope, cache: KVCache | None = None, layer: int = 0,
+                mask: torch.Tensor | None = None):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
+        # (B, nh, T, hd)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if rope is not None:
             q, k = _apply_rotary(q, *rope), _apply_rotary(k, *rope)
         if cache is not None:
@@ -196,7 +199,8 @@ class GPT(nn.Module):
             if pad_at:
                 positions = torch.where(at < pad_at, at, positions)  # the shared prefix keeps its own
             if self.wpe is None:
-                rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))  # (B,1,T,hd/2)
+                # (B,1,T,hd/2)
+                rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))
             q_at = torch.arange(start, start + T, device=idx.device)[:, None]  # (T, 1) absolute query index
             k_at = torch.arange(start + T, device=idx.device)[None, :]  # (1, K)
             causal = k_at <= q_at
@@ -279,9 +283,9 @@ def prefill(model: GPT, ids: Sequence[int]) -> KVCache:
 
 @torch.no_grad()
 def generate_stream(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
-                    temperature: Sequence[float], top_p: Sequence[float | None] = (), top_k: Sequence[int | None] = (),
-                    stop_tokens: Sequence[int] = (), generators: Sequence[torch.Generator | None] = (),
-                    prefix: KVCache | None = None):
+                    temperature: Sequence[float], top_p: Sequence[float | None] = (),
+                    top_k: Sequence[int | None] = (), stop_tokens: Sequence[int] = (),
+                    generators: Sequence[torch.Generator | None] = (), prefix: KVCache | None = None):
     """Continue B prompts of different lengths together (left-padded, one KV cache), each with its
     own length limit and sampling settings. Yields, after every step, a list of B entries: the new
     token id of each row, or None once that row has finished (stop token or its limit).
@@ -309,7 +313,8 @@ def generate_stream(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens
     device = model.wte.weight.device
     pad = torch.tensor([longest - len(p) for p in prompts], dtype=torch.long, device=device)
     ids = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
-    pad_arg = pad if bool(pad.any()) else None  # equal lengths: the plain causal path, bit for bit generate()'s
+    # equal lengths: the plain causal path, bit for bit generate()'s
+    pad_arg = pad if bool(pad.any()) else None
     cache = KVCache(model.cfg.n_layer)
     if prefix is not None:  # (1, nh, P, hd) -> (B, nh, P, hd) views; the first step's torch.cat copies them
         cache.k = [_filled(k).expand(B, -1, -1, -1) for k in prefix.k]
@@ -324,7 +329,8 @@ def generate_stream(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens
             picked = last.argmax(dim=-1)  # greedy rows in one op; sampled rows below
             for b in range(B):
                 if not done[b] and float(temperature[b]) > 0:
-                    picked[b] = sample(last[b:b + 1], float(temperature[b]), top_k[b], top_p[b], generators[b])[0]
+                    picked[b] = sample(last[b:b + 1], float(temperature[b]), top_k[b], top_p[b],
+                                       generators[b])[0]
             toks = picked.tolist()  # one device sync per step
             out: list[int | None] = [None] * B
             for b in range(B):

@@ -6,7 +6,8 @@ Two bounded LRUs, one pair per model instance (tasks/serve/triton_model.py):
     ids, cuts = prompts.encode(messages)                   # ids == encode_chat(tokenizer, messages, True)
     kv = PrefixKV(max_bytes=64 << 20, min_tokens=16)        # max_bytes 0: off, computes nothing
     prefix, cached = kv.for_batch(batch_ids, batch_cuts, lambda ids: gpt.prefill(model, ids))
-    gpt.generate_stream(model, batch_ids, ..., prefix=prefix)   # cached[b]: row b's tokens whose K/V was reused
+    # cached[b]: row b's tokens whose K/V was reused
+    gpt.generate_stream(model, batch_ids, ..., prefix=prefix)
 
 `PromptEncoder` tokenizes each leading system message once per content hash (sha256 of its
 rendered text) and the rest of the conversation per request; `cuts` are the token counts after
@@ -97,7 +98,8 @@ class PrefixKV:
 
     def __init__(self, max_bytes: int, min_tokens: int = 16):
         if max_bytes < 0 or min_tokens < 1:
-            raise ValueError(f"prefix cache: max_bytes={max_bytes} must be >= 0 and min_tokens={min_tokens} >= 1")
+            raise ValueError(f"prefix cache: max_bytes={max_bytes} must be >= 0 and "
+                             f"min_tokens={min_tokens} >= 1")
         self.max_bytes, self.min_tokens = max_bytes, min_tokens
         self.entries: OrderedDict[str, Any] = OrderedDict()
         self.bytes = 0
@@ -134,7 +136,8 @@ class PrefixKV:
         first = prompts[0]
         common = set(cuts[0]).intersection(*map(set, cuts[1:]))
         return [c for c in sorted(common, reverse=True)
-                if c >= self.min_tokens and all(len(p) > c and list(p[:c]) == list(first[:c]) for p in prompts)]
+                if c >= self.min_tokens
+                and all(len(p) > c and list(p[:c]) == list(first[:c]) for p in prompts)]
 
     def for_batch(self, prompts: Sequence[Sequence[int]], cuts: Sequence[Sequence[int]],
                   compute: Callable[[list[int]], Any]) -> tuple[Any, list[int]]:

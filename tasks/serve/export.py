@@ -55,12 +55,14 @@ def config_pbtxt(settings: Settings, name: str, decoupled: bool) -> str:
     inputs = [("messages", "TYPE_STRING", (1,), False), ("max_tokens", "TYPE_INT32", (1,), True),
               ("temperature", "TYPE_FP32", (1,), True), ("top_p", "TYPE_FP32", (1,), True),
               ("seed", "TYPE_INT64", (1,), True)]
-    outputs = [("text", "TYPE_STRING", (1,)), ("token_ids", "TYPE_INT64", (-1,)), ("prompt_tokens", "TYPE_INT32", (1,)),
-               ("completion_tokens", "TYPE_INT32", (1,)), ("finish_reason", "TYPE_STRING", (1,)),
+    outputs = [("text", "TYPE_STRING", (1,)), ("token_ids", "TYPE_INT64", (-1,)),
+               ("prompt_tokens", "TYPE_INT32", (1,)), ("completion_tokens", "TYPE_INT32", (1,)),
+               ("finish_reason", "TYPE_STRING", (1,)),
                ("batch_size", "TYPE_INT32", (1,)), ("cached_tokens", "TYPE_INT32", (1,))]
     lines = [f'name: "{name}"', 'backend: "python"', f"max_batch_size: {t.max_batch_size}",
              "version_policy: { all { } }", "input ["]
-    lines.append(",\n".join(f'  {{ name: "{n}" data_type: {ty} dims: {_dims(d)}{" optional: true" if opt else ""} }}'
+    lines.append(",\n".join(f'  {{ name: "{n}" data_type: {ty} dims: {_dims(d)}'
+                            f'{" optional: true" if opt else ""} }}'
                             for n, ty, d, opt in inputs))
     lines += ["]", "output ["]
     lines.append(",\n".join(f'  {{ name: "{n}" data_type: {ty} dims: {_dims(d)} }}' for n, ty, d in outputs))
@@ -72,8 +74,9 @@ def config_pbtxt(settings: Settings, name: str, decoupled: bool) -> str:
     lines.append(f"instance_group [ {{ count: {t.instances} kind: {kind} }} ]")
     if decoupled:
         lines.append("model_transaction_policy { decoupled: true }")
-    for key, value in (("dtype", t.dtype), ("threads_per_instance", str(t.threads_per_instance)), ("device", t.device),
-                       ("prefix_cache_mb", str(t.prefix_cache_mb)), ("prefix_cache_min_tokens", str(t.prefix_cache_min_tokens))):
+    for key, value in (("dtype", t.dtype), ("threads_per_instance", str(t.threads_per_instance)),
+                       ("device", t.device), ("prefix_cache_mb", str(t.prefix_cache_mb)),
+                       ("prefix_cache_min_tokens", str(t.prefix_cache_min_tokens))):
         lines.append(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
     return "\n".join(lines) + "\n"
 
@@ -96,10 +99,12 @@ def export_dir(settings: Settings, weights_dir: Path, name: str, version: int,
     sources = {f: weights_dir / f for f in ARTIFACTS}
     if not sources["tokenizer.json"].is_file() and (weights_dir / "_lineage.json").is_file():
         # a training run's final/ names its tokenizer in the lineage; a registered version carries a copy
-        sources["tokenizer.json"] = Path(json.loads((weights_dir / "_lineage.json").read_text())["tokenizer"]["path"])
+        sources["tokenizer.json"] = Path(
+            json.loads((weights_dir / "_lineage.json").read_text())["tokenizer"]["path"])
     for f, src in sources.items():
         if not src.is_file():
-            raise ExportError(f"{weights_dir}: {f} missing ({src}); expected trained or registered model artifacts")
+            raise ExportError(f"{weights_dir}: {f} missing ({src}); "
+                              "expected trained or registered model artifacts")
     variant_file = weights_dir / "variant.json"
     if variant_file.is_file() and json.loads(variant_file.read_text()).get("variant", "fp32") != "fp32":
         raise ExportError(f"{weights_dir}: only fp32 versions are exported to Triton (this one is "
@@ -133,8 +138,9 @@ def export_dir(settings: Settings, weights_dir: Path, name: str, version: int,
                 for d in (name, stream):
                     shutil.rmtree(repo / d / str(old), ignore_errors=True)
                 log.info("removed version %s of %s from the repository (no alias names it)", old, name)
-    return {**record, "repository": str(repo), "models": [name, stream], "path": str(repo / name / str(version)),
-            "versions": served_versions(repo, name), "aliases": read_aliases(repo, name)}
+    return {**record, "repository": str(repo), "models": [name, stream],
+            "path": str(repo / name / str(version)), "versions": served_versions(repo, name),
+            "aliases": read_aliases(repo, name)}
 
 
 def export(settings: Settings, alias: str | None = None, version: int | None = None,
@@ -163,7 +169,8 @@ def export(settings: Settings, alias: str | None = None, version: int | None = N
         v = client.get_model_version(name, str(check_version(version)))
     registered = client.get_registered_model(name)
     aliases = {a: int(n) for a, n in (registered.aliases or {}).items() if a in ("champion", "challenger")}
-    previous = read_aliases(settings.paths.triton_repository, settings.serve.triton.model_name).get("previous")
+    previous = read_aliases(settings.paths.triton_repository,
+                            settings.serve.triton.model_name).get("previous")
     if previous and previous not in aliases.values():
         aliases["previous"] = previous  # the last champion stays served for a fast roll-back (blue-green)
     with tempfile.TemporaryDirectory(prefix="export-") as tmp:

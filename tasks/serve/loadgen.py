@@ -23,8 +23,9 @@ import numpy as np
 
 from tasks.errors import InputError
 
-PROMPTS = ["Hi, my order has not arrived yet.", "How do I reset my password?", "Can you help me with the app crashing?",
-           "What is your refund policy?", "The invoice shows the wrong address.", "Is there a student discount?",
+PROMPTS = ["Hi, my order has not arrived yet.", "How do I reset my password?",
+           "Can you help me with the app crashing?", "What is your refund policy?",
+           "The invoice shows the wrong address.", "Is there a student discount?",
            "My package arrived damaged, what now?", "How long does shipping take to Canada?"]
 
 
@@ -36,7 +37,8 @@ def infer_inputs(i: int, max_tokens: int) -> list:
     """The inputs of request `i` (greedy, one of PROMPTS in turn), as [1, 1] tensors."""
     from tritonclient.grpc import InferInput
 
-    vals = [("messages", "BYTES", json.dumps([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]).encode(), np.object_),
+    vals = [("messages", "BYTES",
+             json.dumps([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]).encode(), np.object_),
             ("max_tokens", "INT32", max_tokens, np.int32), ("temperature", "FP32", 0.0, np.float32),
             ("top_p", "FP32", 1.0, np.float32), ("seed", "INT64", -1, np.int64)]
     out = []
@@ -48,14 +50,15 @@ def infer_inputs(i: int, max_tokens: int) -> list:
 
 
 async def measure(grpc_url: str, model: str, concurrency: int, requests: int = 0, duration_s: float = 0.0,
-                  max_tokens: int = 32, warmup: int = 0, warmup_concurrency: int | None = None, version: str = "",
-                  timeout_s: float = 120.0) -> dict[str, Any]:
+                  max_tokens: int = 32, warmup: int = 0, warmup_concurrency: int | None = None,
+                  version: str = "", timeout_s: float = 120.0) -> dict[str, Any]:
     """Run the load; exactly one of `requests` or `duration_s` is > 0. A failed request (an error
     from Triton, a timeout) is counted in `errors` and left out of the latencies."""
     from tritonclient.grpc import aio as grpcaio
 
     if (requests > 0) == (duration_s > 0):
-        raise InputError(f"give requests > 0 or duration_s > 0, not both (got requests={requests}, duration_s={duration_s})")
+        raise InputError(f"give requests > 0 or duration_s > 0, not both "
+                         f"(got requests={requests}, duration_s={duration_s})")
     if concurrency < 1:
         raise InputError(f"concurrency must be >= 1, got {concurrency}")
     client = grpcaio.InferenceServerClient(grpc_url)
@@ -72,7 +75,8 @@ async def measure(grpc_url: str, model: str, concurrency: int, requests: int = 0
             state["next"] += 1
             t0 = time.perf_counter()
             try:
-                r = await client.infer(model, infer_inputs(i, max_tokens), model_version=version, client_timeout=timeout_s)
+                r = await client.infer(model, infer_inputs(i, max_tokens), model_version=version,
+                                       client_timeout=timeout_s)
             except Exception as e:  # InferenceServerException, a deadline: counted, the load goes on
                 state["errors"] += 1
                 if not first_error:
@@ -104,8 +108,8 @@ async def measure(grpc_url: str, model: str, concurrency: int, requests: int = 0
             "max_tokens": max_tokens}
 
 
-def run(grpc_url: str, model: str, concurrency: int, requests: int = 0, duration_s: float = 0.0, max_tokens: int = 32,
-        warmup: int = 0, version: str = "", timeout_s: float = 120.0) -> dict[str, Any]:
+def run(grpc_url: str, model: str, concurrency: int, requests: int = 0, duration_s: float = 0.0,
+        max_tokens: int = 32, warmup: int = 0, version: str = "", timeout_s: float = 120.0) -> dict[str, Any]:
     """`measure` from synchronous code."""
     return asyncio.run(measure(grpc_url, model, concurrency, requests, duration_s, max_tokens, warmup,
                                version=version, timeout_s=timeout_s))

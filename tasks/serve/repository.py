@@ -29,4 +29,5 @@ def write_aliases(repository: Path, name: str, aliases: dict[str, int]) -> None:
 
 def served_versions(repository: Path, name: str) -> list[int]:
     d = repository / check_name(name)
-    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and is_complete(p)) if d.is_dir() else []
+    return (sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and is_complete(p)) if d.is_dir()
+            else [])

@@ -33,8 +33,8 @@ COMPONENTS = ("tritonserver", "gateway")
 
 def urls(settings: Settings) -> dict[str, str]:
     h, t, g = settings.stack.host, settings.serve.triton, settings.serve.gateway
-    return {"gateway": f"http://{h}:{g.port}/v1", "triton_http": f"{h}:{t.http_port}", "triton_grpc": f"{h}:{t.grpc_port}",
-            "triton_metrics": f"http://{h}:{t.metrics_port}/metrics"}
+    return {"gateway": f"http://{h}:{g.port}/v1", "triton_http": f"{h}:{t.http_port}",
+            "triton_grpc": f"{h}:{t.grpc_port}", "triton_metrics": f"http://{h}:{t.metrics_port}/metrics"}
 
 
 def _tier_names(settings: Settings) -> list[str]:
@@ -69,7 +69,8 @@ def up(settings: Settings, timeout: float | None = None) -> dict[str, Any]:
         env = {**os.environ, "LLMOPS_ROOT": str(settings.paths.root), "LLMOPS_PROFILE": settings.profile,
                "NO_PROXY": "127.0.0.1,localhost"}
         with open(logs / "gateway.log", "ab") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "tasks.serve.gateway", "--profile", settings.profile],
+            proc = subprocess.Popen([sys.executable, "-m", "tasks.serve.gateway", "--profile",
+                                     settings.profile],
                                     env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True, cwd=PROJECT_DIR)
         pidfile(settings, "gateway").write_text(str(proc.pid))
@@ -91,7 +92,8 @@ def wait_gateway(base: str, timeout: float, log: Path, headers: dict[str, str] |
             pass
         time.sleep(0.5)
     tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-    raise triton.TritonError(f"the gateway did not answer {base}/models within {timeout:.0f}s; log {log}:\n{tail}")
+    raise triton.TritonError(f"the gateway did not answer {base}/models within {timeout:.0f}s; "
+                             f"log {log}:\n{tail}")
 
 
 def down(settings: Settings) -> dict[str, Any]:
@@ -137,6 +139,7 @@ def smoke(settings: Settings, model: str, version: int) -> dict[str, Any]:
     r.raise_for_status()
     out = r.json()
     result = {"reply": out["choices"][0]["message"]["content"], "usage": out["usage"],
-              "latency_ms": round((time.perf_counter() - t0) * 1e3, 1), "version": r.headers["x-model-version"]}
+              "latency_ms": round((time.perf_counter() - t0) * 1e3, 1),
+              "version": r.headers["x-model-version"]}
     log.info("smoke test: %s", result)
     return result

@@ -95,5 +95,6 @@ def open_store(cfg: GatewayConfig) -> ContextStore:
     if cfg.context_store.startswith(("redis://", "rediss://", "unix://")):
         return RedisStore(cfg.context_store, cfg.session_max_turns, cfg.session_ttl_s)
     if cfg.context_store:
-        raise ConfigError(f"serve.gateway.context_store: {cfg.context_store!r} is neither empty nor a redis:// URL")
+        raise ConfigError(f"serve.gateway.context_store: {cfg.context_store!r} "
+                          "is neither empty nor a redis:// URL")
     return MemoryStore(cfg.session_max_turns, cfg.session_ttl_s, cfg.max_sessions)

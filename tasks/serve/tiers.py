@@ -93,7 +93,8 @@ def decide(cfg: RoutingConfig, *, asked: str | None, header: str | None, max_tok
     n = prompt_tokens()
     p_ok, m_ok = n <= cfg.max_prompt_tokens, max_tokens <= cfg.max_tokens
     if p_ok and m_ok:
-        return Decision(SMALL, f"light(prompt={n}<={cfg.max_prompt_tokens},max_tokens={max_tokens}<={cfg.max_tokens})")
+        return Decision(SMALL, f"light(prompt={n}<={cfg.max_prompt_tokens},"
+                               f"max_tokens={max_tokens}<={cfg.max_tokens})")
     over = ([] if p_ok else [f"prompt={n}>{cfg.max_prompt_tokens}"]) + \
         ([] if m_ok else [f"max_tokens={max_tokens}>{cfg.max_tokens}"])
     return Decision(LARGE, f"heavy({','.join(over)})")

@@ -36,7 +36,8 @@ class TritonError(ServiceError):
 def _pytriton_dir() -> Path:
     spec = importlib.util.find_spec("pytriton")  # locates the package without importing it
     if spec is None or not spec.submodule_search_locations:
-        raise TritonError("the tritonserver binary is missing: `make install` installs nvidia-pytriton (--no-deps)")
+        raise TritonError("the tritonserver binary is missing: "
+                          "`make install` installs nvidia-pytriton (--no-deps)")
     return Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
 
 
@@ -80,7 +81,8 @@ def backend_dir(settings: Settings) -> Path:
 
 def server_env(settings: Settings) -> dict[str, str]:
     libs = server_dir(settings).parent.parent / "nvidia_pytriton.libs"
-    ld = [sysconfig.get_config_var("LIBDIR"), str(libs)]  # LIBDIR first, or the stub loads the system libpython
+    # LIBDIR first, or the stub loads the system libpython
+    ld = [sysconfig.get_config_var("LIBDIR"), str(libs)]
     if os.environ.get("LD_LIBRARY_PATH"):
         ld.append(os.environ["LD_LIBRARY_PATH"])
     return {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(ld),
@@ -93,10 +95,11 @@ def command(settings: Settings, repository: Path, http_port: int, grpc_port: int
     host = settings.stack.host
     cmd = [str(server_dir(settings) / "bin" / "tritonserver"), f"--model-repository={repository}",
            "--model-control-mode=explicit", f"--backend-directory={backend_dir(settings)}",
-           f"--http-address={host}", f"--http-port={http_port}", f"--grpc-address={host}", f"--grpc-port={grpc_port}",
-           f"--metrics-address={host}", f"--metrics-port={metrics_port}", "--allow-metrics=true",
-           "--allow-gpu-metrics=false", "--strict-readiness=false", "--exit-on-error=false",
-           "--log-verbose=0", "--log-info=true", f"--exit-timeout-secs={settings.serve.triton.exit_timeout_s}"]
+           f"--http-address={host}", f"--http-port={http_port}", f"--grpc-address={host}",
+           f"--grpc-port={grpc_port}", f"--metrics-address={host}", f"--metrics-port={metrics_port}",
+           "--allow-metrics=true", "--allow-gpu-metrics=false", "--strict-readiness=false",
+           "--exit-on-error=false", "--log-verbose=0", "--log-info=true",
+           f"--exit-timeout-secs={settings.serve.triton.exit_timeout_s}"]
     return cmd + [f"--load-model={m}" for m in models]
 
 
@@ -152,7 +155,8 @@ def wait_ready(http_url: str, timeout: float, models: tuple[str, ...] = (), log:
                 last = f"{type(e).__name__}: {e}"
             time.sleep(0.5)
     tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
-    state = f"exited with {proc.returncode}" if proc is not None and proc.poll() is not None else f"not ready ({last})"
+    state = (f"exited with {proc.returncode}" if proc is not None and proc.poll() is not None
+             else f"not ready ({last})")
     raise TritonError(f"tritonserver at {http_url} {state} within {timeout:.0f}s; log {log}:\n{tail}")
 
 
@@ -178,7 +182,8 @@ def model_config(http_url: str, name: str) -> dict:
 
     r = httpx.get(f"http://{http_url}/v2/models/{name}/config", timeout=30.0)
     if r.status_code != 200:
-        raise TritonError(f"model {name!r} has no configuration at {http_url} (not loaded?): {r.status_code} {r.text[:300]}")
+        raise TritonError(f"model {name!r} has no configuration at {http_url} (not loaded?): "
+                          f"{r.status_code} {r.text[:300]}")
     return r.json()
 
 
@@ -217,7 +222,8 @@ def start(settings: Settings, repository: Path | None = None, http_port: int | N
     t = settings.serve.triton
     repository = Path(repository or settings.paths.triton_repository)
     repository.mkdir(parents=True, exist_ok=True)
-    http_port, grpc_port, metrics_port = http_port or t.http_port, grpc_port or t.grpc_port, metrics_port or t.metrics_port
+    http_port, grpc_port, metrics_port = (http_port or t.http_port, grpc_port or t.grpc_port,
+                                          metrics_port or t.metrics_port)
     log = log or settings.paths.var_dir / "log" / "tritonserver.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     cmd = command(settings, repository, http_port, grpc_port, metrics_port, models)
@@ -225,8 +231,8 @@ def start(settings: Settings, repository: Path | None = None, http_port: int | N
         proc = subprocess.Popen(cmd, env=server_env(settings), stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True, cwd=repository)
     host = settings.stack.host
-    tp = TritonProcess(proc, f"{host}:{http_port}", f"{host}:{grpc_port}", f"http://{host}:{metrics_port}/metrics",
-                       log, repository)
+    tp = TritonProcess(proc, f"{host}:{http_port}", f"{host}:{grpc_port}",
+                       f"http://{host}:{metrics_port}/metrics", log, repository)
     if wait:
         try:
             tp.wait_ready(t.startup_timeout_s, models)

@@ -64,14 +64,16 @@ class TritonPythonModel:
             self.device = torch.device("cpu")
         cfg = json.load(open(os.path.join(HERE, "config.json")))["model"]
         self.model = gpt.GPT(gpt.GPTConfig(**cfg))
-        missing, unexpected = self.model.load_state_dict(load_file(os.path.join(HERE, "model.safetensors")), strict=False)
+        missing, unexpected = self.model.load_state_dict(load_file(os.path.join(HERE, "model.safetensors")),
+                                                         strict=False)
         if unexpected or set(missing) - {"lm_head.weight"}:
             raise ValueError(f"weights do not fit the model: missing {missing}, unexpected {unexpected}")
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
             params.get("dtype", "float32")]
         self.model.to(self.device, dtype=dtype).eval()
         self.tok = Tokenizer.from_file(os.path.join(HERE, "tokenizer.json"))
-        self.stop = tuple(i for i in (self.tok.token_to_id(chat_template.EOS), self.tok.token_to_id(chat_template.EOT))
+        self.stop = tuple(i for i in (self.tok.token_to_id(chat_template.EOS),
+                                      self.tok.token_to_id(chat_template.EOT))
                           if i is not None)
         self.block = self.model.cfg.block_size
         # absent parameters (a hand-written config.pbtxt): no K/V cache; the tokenized prefixes always
@@ -81,19 +83,23 @@ class TritonPythonModel:
         # a rollout drill: drill.json in a version directory makes that version slower on purpose, to
         # rehearse an automatic roll-back (`llmops rollout drill`); absent in normal exports
         drill = os.path.join(HERE, "drill.json")
-        self.drill_delay_s = json.load(open(drill)).get("delay_ms_per_token", 0) / 1000 if os.path.exists(drill) else 0.0
+        self.drill_delay_s = (json.load(open(drill)).get("delay_ms_per_token", 0) / 1000
+                              if os.path.exists(drill) else 0.0)
 
     def _parse(self, request):
         raw = pb_utils.get_input_tensor_by_name(request, "messages").as_numpy().reshape(-1)[0]
         messages = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
         if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ("system", "user", "assistant")
+                isinstance(m, dict) and isinstance(m.get("content"), str)
+                and m.get("role") in ("system", "user", "assistant")
                 for m in messages):
-            raise ValueError("messages must be a non-empty JSON list of {role: system|user|assistant, content: str}")
+            raise ValueError("messages must be a non-empty JSON list of "
+                             "{role: system|user|assistant, content: str}")
         max_tokens = int(_scalar(request, "max_tokens", 64))
         if max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
-        ids, cuts = self.prompts.encode(messages)  # == chat_template.encode_chat(..., add_generation_prompt=True)
+        # == chat_template.encode_chat(..., add_generation_prompt=True)
+        ids, cuts = self.prompts.encode(messages)
         keep = max(1, self.block - max_tokens)
         if len(ids) > keep:  # the gateway already fitted whole turns; this only guards the model's window
             ids, cuts = ids[-keep:], []  # (and the system messages no longer lead)
@@ -129,7 +135,8 @@ class TritonPythonModel:
         texts = [""] * n
         finish = ["length"] * n
         senders = [requests[i].get_response_sender() for i, _ in parsed] if self.decoupled else None
-        prefix, cached = self.prefix_kv.for_batch([p["ids"] for _, p in parsed], [p["cuts"] for _, p in parsed],
+        prefix, cached = self.prefix_kv.for_batch([p["ids"] for _, p in parsed],
+                                                  [p["cuts"] for _, p in parsed],
                                                   lambda ids: self.gpt.prefill(self.model, ids))
         for (_, p), c in zip(parsed, cached, strict=True):
             p["cached_tokens"] = c
@@ -180,7 +187,8 @@ class TritonPythonModel:
             pb_utils.Tensor("cached_tokens", np.array([[p["cached_tokens"]]], dtype=np.int32))])
 
     def _final(self, sender, p, out, finish, batch):
-        sender.send(self._response(p, out, finish, batch, ""), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        sender.send(self._response(p, out, finish, batch, ""),
+                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def finalize(self):
         self.model = None

@@ -15,7 +15,8 @@ before is loaded back at the end, on error too. Written to reports/tune/<UTC tim
 
     tune.json      every point, the SLO, the choice, the default, chosen/default throughput and p99
     tune.png       throughput vs p99 per setting, the SLO line, the chosen and default points marked
-    chosen.pbtxt   the config.pbtxt `llmops export` writes with the chosen values (--set overrides in tune.json)
+    chosen.pbtxt   the config.pbtxt `llmops export` writes with the chosen values (--set overrides in
+                   tune.json)
 
 A GPU server is tuned the same way: the grid runs wherever the server runs. The streaming twin
 (<model>-stream) shares serve.triton's settings; only the model itself is measured.
@@ -79,7 +80,8 @@ def grid(settings: Settings) -> list[dict[str, Any]]:
     out = [{**base, "default": True}]
     for b, d, i in itertools.product(g.max_batch_size, g.max_queue_delay_us, g.instances):
         # Triton fills in [max_batch_size] when none are given: "max" says so explicitly
-        preferred = [x for x in settings.serve.triton.preferred_batch_sizes if x <= b] if g.preferred_batch_sizes == "keep" else [b]
+        preferred = ([x for x in settings.serve.triton.preferred_batch_sizes if x <= b]
+                     if g.preferred_batch_sizes == "keep" else [b])
         s = {"max_batch_size": b, "dynamic_batching": True, "max_queue_delay_us": d,
              "preferred_batch_sizes": preferred, "instances": i, "default": False}
         if not any(_same(s, o) for o in out):
@@ -99,18 +101,21 @@ def overrides(setting: dict[str, Any]) -> list[str]:
            f"serve.triton.instances={setting['instances']}"]
     if setting["dynamic_batching"]:
         out += [f"serve.triton.max_queue_delay_us={setting['max_queue_delay_us']}",
-                f"serve.triton.preferred_batch_sizes=[{','.join(str(x) for x in setting['preferred_batch_sizes'])}]"]
+                f"serve.triton.preferred_batch_sizes="
+                f"[{','.join(str(x) for x in setting['preferred_batch_sizes'])}]"]
     return out
 
 
 def with_setting(settings: Settings, setting: dict[str, Any]) -> Settings:
     t = settings.serve.triton
-    update: dict[str, Any] = {"max_batch_size": setting["max_batch_size"], "dynamic_batching": setting["dynamic_batching"],
+    update: dict[str, Any] = {"max_batch_size": setting["max_batch_size"],
+                              "dynamic_batching": setting["dynamic_batching"],
                               "instances": setting["instances"]}
     if setting["dynamic_batching"]:
         update |= {"max_queue_delay_us": setting["max_queue_delay_us"],
                    "preferred_batch_sizes": tuple(setting["preferred_batch_sizes"])}
-    return settings.model_copy(update={"serve": settings.serve.model_copy(update={"triton": t.model_copy(update=update)})})
+    return settings.model_copy(update={"serve": settings.serve.model_copy(
+        update={"triton": t.model_copy(update=update)})})
 
 
 def model_config_for(original: dict[str, Any], setting: dict[str, Any]) -> dict[str, Any]:
@@ -126,7 +131,8 @@ def model_config_for(original: dict[str, Any], setting: dict[str, Any]) -> dict[
         cfg.pop("dynamic_batching", None)
     groups = cfg.get("instance_group") or [{"kind": "KIND_CPU"}]
     if len(groups) != 1:
-        raise TuneError(f"model {cfg.get('name')!r} has {len(groups)} instance groups; the tuner sets the count of one")
+        raise TuneError(f"model {cfg.get('name')!r} has {len(groups)} instance groups; "
+                        "the tuner sets the count of one")
     cfg["instance_group"] = [{**groups[0], "count": setting["instances"]}]
     return cfg
 
@@ -137,7 +143,8 @@ def setting_of(config: dict[str, Any]) -> dict[str, Any]:
     groups = config.get("instance_group") or [{}]
     return {"max_batch_size": int(config.get("max_batch_size", 0)), "dynamic_batching": db is not None,
             "max_queue_delay_us": int(db.get("max_queue_delay_microseconds", 0)) if db is not None else None,
-            "preferred_batch_sizes": [int(x) for x in db.get("preferred_batch_size", [])] if db is not None else [],
+            "preferred_batch_sizes": ([int(x) for x in db.get("preferred_batch_size", [])] if db is not None
+                                      else []),
             "instances": sum(int(g.get("count", 1)) for g in groups)}
 
 
@@ -148,7 +155,8 @@ def slo_p99_ms(settings: Settings) -> float:
 def load_shape(settings: Settings) -> dict[str, Any]:
     g = settings.serve.tune
     return {"concurrency": g.concurrency or settings.serve.gateway.max_inflight, "requests": g.requests,
-            "duration_s": g.duration_s, "max_tokens": g.max_tokens or settings.serve.gateway.default_max_tokens,
+            "duration_s": g.duration_s,
+            "max_tokens": g.max_tokens or settings.serve.gateway.default_max_tokens,
             "warmup_requests": g.warmup_requests, "request_timeout_s": g.request_timeout_s}
 
 
@@ -156,7 +164,8 @@ def load_shape(settings: Settings) -> dict[str, Any]:
 
 
 def _eligible(p: dict[str, Any]) -> bool:
-    return p.get("error") is None and not p.get("errors") and bool(p.get("requests")) and _num(p.get("p99_ms"))
+    return (p.get("error") is None and not p.get("errors") and bool(p.get("requests"))
+            and _num(p.get("p99_ms")))
 
 
 def _num(x: Any) -> bool:
@@ -172,12 +181,13 @@ def choose(points: list[dict[str, Any]], slo_ms: float, objective: str = "tokens
     ok = [p for p in points if _eligible(p)]
     failed = [p["label"] for p in points if not _eligible(p)]
     if not ok:
-        raise TuneError(f"none of the {len(points)} settings was measured without errors ({', '.join(failed)}); "
-                        "see each point's error in the report")
+        raise TuneError(f"none of the {len(points)} settings was measured without errors "
+                        f"({', '.join(failed)}); see each point's error in the report")
     within = [p for p in ok if p["p99_ms"] <= slo_ms]
     over = [p["label"] for p in ok if p["p99_ms"] > slo_ms]
     if within:
-        best = max(within, key=lambda p: (p[objective], -p["p99_ms"], -p.get("setting", {}).get("instances", 0)))
+        best = max(within,
+                   key=lambda p: (p[objective], -p["p99_ms"], -p.get("setting", {}).get("instances", 0)))
         reason = (f"the highest {objective} ({best[objective]:g}) of the {len(within)} settings with p99 <= "
                   f"{slo_ms:g} ms (its p99 {best['p99_ms']:g} ms)")
     else:
@@ -185,7 +195,8 @@ def choose(points: list[dict[str, Any]], slo_ms: float, objective: str = "tokens
         reason = (f"no setting met the SLO p99 <= {slo_ms:g} ms: the lowest p99 is {best['p99_ms']:g} ms "
                   f"({best['label']}); serve less load per server, a smaller max_tokens, or faster hardware")
     return {"slo_met": bool(within), "label": best["label"], "reason": reason, "objective": objective,
-            "slo_p99_ms": slo_ms, "within_slo": [p["label"] for p in within], "over_slo": over, "failed": failed}
+            "slo_p99_ms": slo_ms, "within_slo": [p["label"] for p in within], "over_slo": over,
+            "failed": failed}
 
 
 def _brief(p: dict[str, Any]) -> dict[str, Any]:
@@ -207,7 +218,8 @@ def compare(report: dict[str, Any] | str | Path) -> dict[str, Any]:
     obj = report["objective"]
     points = {p["label"]: p for p in report["points"]}
     chosen, default = points[report["choice"]["label"]], points[report["default"]]
-    out: dict[str, Any] = {"objective": obj, "slo_p99_ms": report["slo_p99_ms"], "slo_met": report["choice"]["slo_met"],
+    out: dict[str, Any] = {"objective": obj, "slo_p99_ms": report["slo_p99_ms"],
+                           "slo_met": report["choice"]["slo_met"],
                            "chosen": _brief(chosen), "default": _brief(default),
                            "throughput_ratio": _ratio(chosen.get(obj), default.get(obj)),
                            "p99_ratio": _ratio(chosen.get("p99_ms"), default.get("p99_ms")),
@@ -234,7 +246,8 @@ def _stats(http_url: str, model: str, version: str) -> dict[str, float]:
     path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/stats"
     r = httpx.get(f"http://{http_url}{path}", timeout=30.0)
     r.raise_for_status()
-    out = {"inferences": 0.0, "executions": 0.0, "queue_ns": 0.0, "queue_n": 0.0, "compute_ns": 0.0, "compute_n": 0.0}
+    out = {"inferences": 0.0, "executions": 0.0, "queue_ns": 0.0, "queue_n": 0.0, "compute_ns": 0.0,
+           "compute_n": 0.0}
     for m in r.json().get("model_stats", []):
         s = m.get("inference_stats", {})
         out["inferences"] += float(m.get("inference_count", 0))
@@ -253,7 +266,8 @@ def _stats_delta(a: dict[str, float], b: dict[str, float]) -> dict[str, float | 
         return round(d[x] / d[n] * scale, 3) if d[n] > 0 else None
 
     # triton_mean_batch is per execution; the load generator's mean_batch is per request
-    return {"triton_mean_batch": per("inferences", "executions"), "queue_ms_mean": per("queue_ns", "queue_n", 1e-6),
+    return {"triton_mean_batch": per("inferences", "executions"),
+            "queue_ms_mean": per("queue_ns", "queue_n", 1e-6),
             "compute_ms_mean": per("compute_ns", "compute_n", 1e-6)}
 
 
@@ -261,8 +275,8 @@ def _clean(r: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
 
 
-def _measure(settings: Settings, http_url: str, grpc_url: str, model: str, version: str, original: dict[str, Any],
-             setting: dict[str, Any]) -> dict[str, Any]:
+def _measure(settings: Settings, http_url: str, grpc_url: str, model: str, version: str,
+             original: dict[str, Any], setting: dict[str, Any]) -> dict[str, Any]:
     """Load `setting` into the server and measure it: one point of the report."""
     from tasks.serve import loadgen, triton
 
@@ -284,13 +298,14 @@ def _measure(settings: Settings, http_url: str, grpc_url: str, model: str, versi
         loadgen.run(grpc_url, model, shape["concurrency"], requests=shape["warmup_requests"],
                     max_tokens=shape["max_tokens"], version=version, timeout_s=shape["request_timeout_s"])
     before = _stats(http_url, model, version)
-    r = loadgen.run(grpc_url, model, shape["concurrency"], requests=shape["requests"], duration_s=shape["duration_s"],
-                    max_tokens=shape["max_tokens"], version=version, timeout_s=shape["request_timeout_s"])
+    r = loadgen.run(grpc_url, model, shape["concurrency"], requests=shape["requests"],
+                    duration_s=shape["duration_s"], max_tokens=shape["max_tokens"], version=version,
+                    timeout_s=shape["request_timeout_s"])
     return {**point, **_clean(r), **_stats_delta(before, _stats(http_url, model, version))}
 
 
-MEDIAN = ("req_per_s", "tokens_per_s", "p50_ms", "p99_ms", "mean_ms", "mean_batch", "triton_mean_batch", "queue_ms_mean",
-          "compute_ms_mean", "reload_s", "wall_s")
+MEDIAN = ("req_per_s", "tokens_per_s", "p50_ms", "p99_ms", "mean_ms", "mean_batch", "triton_mean_batch",
+          "queue_ms_mean", "compute_ms_mean", "reload_s", "wall_s")
 SUMMED = ("requests", "errors", "completion_tokens")
 DRIFT = 0.15  # the default's throughput may move this much between its first and last measurement
 
@@ -309,7 +324,8 @@ def _combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     for k in SUMMED:
         out[k] = sum(r.get(k) or 0 for r in rounds)
     out["error"] = next((r["error"] for r in rounds if r.get("error")), None)
-    out["rounds"] = [{k: r.get(k) for k in ("tokens_per_s", "req_per_s", "p50_ms", "p99_ms", "mean_batch", "errors")}
+    out["rounds"] = [{k: r.get(k)
+                      for k in ("tokens_per_s", "req_per_s", "p50_ms", "p99_ms", "mean_batch", "errors")}
                      for r in rounds]
     return out
 
@@ -337,8 +353,9 @@ def _version(settings: Settings, model: str, version: int | None) -> str:
     return str(champion) if champion else ""
 
 
-def tune(settings: Settings, http_url: str, grpc_url: str, model: str | None = None, version: int | None = None,
-         out_dir: Path | str | None = None, server: str = "running") -> dict[str, Any]:
+def tune(settings: Settings, http_url: str, grpc_url: str, model: str | None = None,
+         version: int | None = None, out_dir: Path | str | None = None,
+         server: str = "running") -> dict[str, Any]:
     """Measure every setting of the grid on the tritonserver at http_url/grpc_url (the model loaded
     there), choose, restore, and write the report. Returns tune.json's contents (+ file paths)."""
     import httpx
@@ -354,10 +371,11 @@ def tune(settings: Settings, http_url: str, grpc_url: str, model: str | None = N
         raise TuneError(f"no tritonserver answers at {http_url} (serve.triton.http_port): start it with "
                         "`llmops serve`, or pass --own-server to start a private one")
     ver = _version(settings, model, version)
-    ready = httpx.get(f"http://{http_url}/v2/models/{model}" + (f"/versions/{ver}" if ver else "") + "/ready", timeout=5.0)
+    ready = httpx.get(f"http://{http_url}/v2/models/{model}" + (f"/versions/{ver}" if ver else "") + "/ready",
+                      timeout=5.0)
     if ready.status_code != 200:
-        raise TuneError(f"model {model!r}{f' version {ver}' if ver else ''} is not ready in the tritonserver at "
-                        f"{http_url}: export it (`llmops export`) and load it (`llmops serve`)")
+        raise TuneError(f"model {model!r}{f' version {ver}' if ver else ''} is not ready in the tritonserver "
+                        f"at {http_url}: export it (`llmops export`) and load it (`llmops serve`)")
     original = triton.model_config(http_url, model)
     before = setting_of(original)
     points_to_run = grid(settings)
@@ -365,7 +383,8 @@ def tune(settings: Settings, http_url: str, grpc_url: str, model: str | None = N
         log.warning("%s is loaded with %s, not serve.triton's %s; it is loaded back as it was at the end",
                     model, label(before), label(points_to_run[0]))
     slo, shape, objective = slo_p99_ms(settings), load_shape(settings), settings.serve.tune.objective
-    log.info("tuning %s%s on %s: %d settings, concurrency %d, %s requests of %d tokens each, SLO p99 <= %g ms",
+    log.info("tuning %s%s on %s: %d settings, concurrency %d, %s requests of %d tokens each, "
+             "SLO p99 <= %g ms",
              model, f" version {ver}" if ver else "", http_url, len(points_to_run), shape["concurrency"],
              shape["requests"] or f"{shape['duration_s']:g} s of", shape["max_tokens"], slo)
     rounds = settings.serve.tune.rounds
@@ -392,16 +411,19 @@ def tune(settings: Settings, http_url: str, grpc_url: str, model: str | None = N
             log.error("could not load %s's configuration from before back: %s", model, problem)
     if problem:
         raise TuneError(f"tuning finished but {model}'s configuration from before could not be loaded back "
-                        f"({problem}); reload it with `llmops serve` or POST /v2/repository/models/{model}/load")
+                        f"({problem}); reload it with `llmops serve` or "
+                        f"POST /v2/repository/models/{model}/load")
     points = [_combine(m) for m in measured]
     choice = choose(points, slo, objective)
     chosen = next(p for p in points if p["label"] == choice["label"])
     now = dt.datetime.now(dt.UTC)
     report: dict[str, Any] = {
         "generated": now.isoformat(timespec="seconds"), "model": model, "version": ver or "newest",
-        "server": {"http": http_url, "grpc": grpc_url, "kind": server, "device": settings.serve.triton.device},
+        "server": {"http": http_url, "grpc": grpc_url, "kind": server,
+                   "device": settings.serve.triton.device},
         "slo_p99_ms": slo, "objective": objective, "load": shape, "rounds": rounds,
-        "grid": {k: list(getattr(settings.serve.tune, k)) for k in ("max_batch_size", "max_queue_delay_us", "instances")}
+        "grid": {k: list(getattr(settings.serve.tune, k))
+                 for k in ("max_batch_size", "max_queue_delay_us", "instances")}
         | {"preferred_batch_sizes": settings.serve.tune.preferred_batch_sizes},
         "loaded_before": before, "restored": True, "default": points[0]["label"], "points": points,
         "choice": choice, "chosen": chosen["setting"], "overrides": overrides(chosen["setting"])}
@@ -411,17 +433,20 @@ def tune(settings: Settings, http_url: str, grpc_url: str, model: str | None = N
         change = _ratio(repeat[objective] - first, first)
         report["default_repeat"] = {**_brief(repeat), "throughput_change": change}
         if change is not None and abs(change) > DRIFT:
-            warnings.append(f"the default's {objective} changed by {change:+.0%} between its first and its last "
-                            "measurement: the machine's load changed during the run (other work on it, or live "
-                            "traffic), and differences between settings smaller than that may be noise; rerun on a "
-                            "quiet server" + (" or with more serve.tune.rounds" if rounds < 3 else ""))
+            warnings.append(f"the default's {objective} changed by {change:+.0%} between its first and its "
+                            "last measurement: the machine's load changed during the run (other work on it, "
+                            "or live traffic), and differences between settings smaller than that may be "
+                            "noise; rerun on a quiet server"
+                            + (" or with more serve.tune.rounds" if rounds < 3 else ""))
     if shape["requests"] and shape["requests"] < 100:
-        warnings.append(f"p99 of {shape['requests']} requests is about the slowest one: use more requests for a stable p99")
+        warnings.append(f"p99 of {shape['requests']} requests is about the slowest one: "
+                        "use more requests for a stable p99")
     for w in warnings:
         log.warning("%s", w)
     report["warnings"] = warnings
     report["comparison"] = compare(report)
-    return write_report(settings, report, out_dir or settings.paths.reports_dir / "tune" / now.strftime("%Y%m%dT%H%M%SZ"))
+    return write_report(settings, report,
+                        out_dir or settings.paths.reports_dir / "tune" / now.strftime("%Y%m%dT%H%M%SZ"))
 
 
 # ---------------------------------------------------------------- the report
@@ -432,8 +457,8 @@ def write_report(settings: Settings, report: dict[str, Any], out_dir: Path | str
     report = {**report, "files": {"json": str(out_dir / "tune.json"), "png": str(out_dir / "tune.png"),
                                   "pbtxt": str(out_dir / "chosen.pbtxt")}}
     with atomic_dir(out_dir) as tmp:
-        (tmp / "chosen.pbtxt").write_text(config_pbtxt(with_setting(settings, report["chosen"]), report["model"],
-                                                       decoupled=False))
+        (tmp / "chosen.pbtxt").write_text(config_pbtxt(with_setting(settings, report["chosen"]),
+                                                       report["model"], decoupled=False))
         _plot(report, tmp / "tune.png")
         write_json(tmp / "tune.json", report)
     log.info("tune report: %s", out_dir)
@@ -455,7 +480,8 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     ax = fig.add_axes((0.07, 0.1, 0.55, 0.8))
     rows = []
     for n, p in enumerate(sorted(pts, key=lambda p: -p[obj]), 1):
-        ax.scatter(p["p99_ms"], p[obj], s=36, color="tab:blue" if p["p99_ms"] <= slo else "tab:gray", zorder=3)
+        ax.scatter(p["p99_ms"], p[obj], s=36, color="tab:blue" if p["p99_ms"] <= slo else "tab:gray",
+                   zorder=3)
         ax.annotate(str(n), (p["p99_ms"], p[obj]), textcoords="offset points", xytext=(4, 3), fontsize=7)
         mark = " *" if p["label"] == chosen else " d" if p["label"] == default else ""
         rows.append(f"{n:>2} {p['label']:<22} {p[obj]:>9.1f} {p['p99_ms']:>8.1f}{mark}")
@@ -467,8 +493,9 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     again = report.get("default_repeat")
     if again and _num(again.get("p99_ms")):
         change = again.get("throughput_change")
-        ax.scatter(again["p99_ms"], again[obj], s=120, facecolors="none", edgecolors="gray", linewidths=1.2, marker="s",
-                   zorder=4, label="default again, last" + (f" ({change:+.0%})" if _num(change) else ""))
+        ax.scatter(again["p99_ms"], again[obj], s=120, facecolors="none", edgecolors="gray", linewidths=1.2,
+                   marker="s", zorder=4,
+                   label="default again, last" + (f" ({change:+.0%})" if _num(change) else ""))
     if chosen in by:
         ax.scatter(by[chosen]["p99_ms"], by[chosen][obj], s=320, color="tab:red", marker="*", zorder=5,
                    label=f"chosen {chosen} (*)" + ("" if report["choice"]["slo_met"] else ", SLO not met"))
@@ -508,15 +535,16 @@ def apply(settings: Settings, report: dict[str, Any], http_url: str | None = Non
         with atomic_file(repo / name / "config.pbtxt") as tmp:
             tmp.write_text(config_pbtxt(s, name, decoupled))
         written.append(str(repo / name / "config.pbtxt"))
-        if http_url and httpx.get(f"http://{http_url}/v2/models/{name}/ready", timeout=5.0).status_code == 200:
+        if http_url and httpx.get(f"http://{http_url}/v2/models/{name}/ready",
+                                  timeout=5.0).status_code == 200:
             triton.load(http_url, name)  # config.pbtxt changed on disk: the load reads it
             triton.wait_ready(http_url, settings.serve.triton.startup_timeout_s, (name,))
             reloaded.append(name)
     return {"written": written, "reloaded": reloaded, "overrides": report["overrides"]}
 
 
-def tune_serving(settings: Settings, model: str | None = None, version: int | None = None, own_server: bool = False,
-                 apply_chosen: bool = False) -> dict[str, Any]:
+def tune_serving(settings: Settings, model: str | None = None, version: int | None = None,
+                 own_server: bool = False, apply_chosen: bool = False) -> dict[str, Any]:
     """`llmops tune-serving`: tune on the running server (serve.triton's ports), or with own_server on a
     private tritonserver (free loopback ports, only this model loaded, stopped at the end)."""
     from tasks.procs import free_port
@@ -527,11 +555,14 @@ def tune_serving(settings: Settings, model: str | None = None, version: int | No
     u = urls(settings)
     if own_server:
         if not served_versions(settings.paths.triton_repository, model):
-            raise TuneError(f"no exported version of {model!r} in {settings.paths.triton_repository}: `llmops export` first")
+            raise TuneError(f"no exported version of {model!r} in {settings.paths.triton_repository}: "
+                            "`llmops export` first")
         t = settings.serve.triton
-        private = settings.model_copy(update={"serve": settings.serve.model_copy(update={"triton": t.model_copy(update={
-            "http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()})})})
-        tp = triton.start(private, models=(model,), log=settings.paths.var_dir / "log" / "tritonserver-tune.log")
+        private = settings.model_copy(update={"serve": settings.serve.model_copy(update={
+            "triton": t.model_copy(update={
+                "http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()})})})
+        tp = triton.start(private, models=(model,),
+                          log=settings.paths.var_dir / "log" / "tritonserver-tune.log")
         try:
             report = tune(settings, tp.http_url, tp.grpc_url, model, version, server="own")
         finally:
@@ -554,9 +585,10 @@ def tune_serving(settings: Settings, model: str | None = None, version: int | No
 def summary(report: dict[str, Any]) -> dict[str, Any]:
     """What the CLI prints: the choice against the default, the overrides, where the report is."""
     c = report["comparison"]
-    return {"slo_p99_ms": report["slo_p99_ms"], "slo_met": report["choice"]["slo_met"], "reason": report["choice"]["reason"],
-            "chosen": c["chosen"], "default": c["default"], "throughput_ratio": c["throughput_ratio"],
-            "p99_ratio": c["p99_ratio"], "default_drift": c.get("default_drift"), "points": len(report["points"]),
-            "failed": report["choice"]["failed"], "warnings": report.get("warnings", []), "overrides": report["overrides"],
-            "report": report["files"],
+    return {"slo_p99_ms": report["slo_p99_ms"], "slo_met": report["choice"]["slo_met"],
+            "reason": report["choice"]["reason"], "chosen": c["chosen"], "default": c["default"],
+            "throughput_ratio": c["throughput_ratio"], "p99_ratio": c["p99_ratio"],
+            "default_drift": c.get("default_drift"), "points": len(report["points"]),
+            "failed": report["choice"]["failed"], "warnings": report.get("warnings", []),
+            "overrides": report["overrides"], "report": report["files"],
             **({"applied": report["applied"]} if "applied" in report else {})}

@@ -50,8 +50,8 @@ def resolve_teacher(settings: Settings, weights_dir: Path | str | None = None, v
     if weights_dir is not None:
         d = Path(weights_dir)
         if not (d / "model.safetensors").is_file() or not (d / "_lineage.json").is_file():
-            raise DistillError(f"teacher {d}: expected a trained model directory (model.safetensors, config.json, "
-                               "_lineage.json), e.g. models/checkpoints/<run>/final")
+            raise DistillError(f"teacher {d}: expected a trained model directory (model.safetensors, "
+                               "config.json, _lineage.json), e.g. models/checkpoints/<run>/final")
         lineage = json.loads((d / "_lineage.json").read_text())
         return {"weights_dir": str(d), "weights_sha256": sha256_file(d / "model.safetensors"),
                 "model_id": lineage["id"], "registered_model": None, "version": None, "alias": None}
@@ -83,8 +83,8 @@ def resolve_teacher(settings: Settings, weights_dir: Path | str | None = None, v
                 f.rename(tmp / f.name)
     weights_sha = sha256_file(dest / "model.safetensors")
     if v.tags.get("weights_sha256") and v.tags["weights_sha256"] != weights_sha:
-        raise DistillError(f"teacher {name} version {v.version}: downloaded weights sha256 {weights_sha[:12]} differ "
-                           f"from the registered {v.tags['weights_sha256'][:12]}")
+        raise DistillError(f"teacher {name} version {v.version}: downloaded weights sha256 "
+                           f"{weights_sha[:12]} differ from the registered {v.tags['weights_sha256'][:12]}")
     return {"weights_dir": str(dest), "weights_sha256": weights_sha, "model_id": v.tags.get("model_id"),
             "registered_model": name, "version": int(v.version), "alias": alias if version is None else None}
 
@@ -125,4 +125,5 @@ def distill(settings: Settings, teacher: dict[str, Any] | None = None, manifest:
     log.info("distilling %s (%d layers, d=%d) from teacher %s (%s version %s), T=%.2g, alpha=%.2g",
              d.registered_model, d.n_layer, d.d_model, teacher["model_id"], teacher["registered_model"],
              teacher["version"], d.temperature, d.alpha)
-    return train(student, manifest, resume, teacher={**teacher, "temperature": d.temperature, "alpha": d.alpha})
+    return train(student, manifest, resume,
+                 teacher={**teacher, "temperature": d.temperature, "alpha": d.alpha})

@@ -48,9 +48,11 @@ def train_pod(settings: Settings, manifest: str, run_id: str, overrides: tuple[s
     resources = {"cpu": kc.cpu, "memory": kc.memory, **({"nvidia.com/gpu": str(kc.gpus)} if kc.gpus else {})}
     container = k.V1Container(
         name="train", image=kc.image, command=["llmops"], args=args, working_dir=ROOT,
-        env=[k.V1EnvVar(name="LLMOPS_ROOT", value=ROOT), k.V1EnvVar(name="LLMOPS_PROFILE", value=settings.profile),
+        env=[k.V1EnvVar(name="LLMOPS_ROOT", value=ROOT),
+             k.V1EnvVar(name="LLMOPS_PROFILE", value=settings.profile),
              k.V1EnvVar(name="PYTHONUNBUFFERED", value="1"),
-             *([k.V1EnvVar(name="MLFLOW_TRACKING_URI", value=uri)] if (uri := tracking_uri(settings)) else [])],
+             *([k.V1EnvVar(name="MLFLOW_TRACKING_URI", value=uri)]
+               if (uri := tracking_uri(settings)) else [])],
         env_from=[k.V1EnvFromSource(secret_ref=k.V1SecretEnvSource(name=kc.secrets))],
         resources=k.V1ResourceRequirements(requests=resources, limits=resources),
         volume_mounts=[k.V1VolumeMount(name="data", mount_path=f"{ROOT}/data", sub_path="data"),
@@ -60,7 +62,8 @@ def train_pod(settings: Settings, manifest: str, run_id: str, overrides: tuple[s
     return k.V1Pod(
         api_version="v1", kind="Pod",
         metadata=k.V1ObjectMeta(name=pod_name(run_id), namespace=kc.namespace,
-                                labels={"app.kubernetes.io/name": "llmops-chat", "app.kubernetes.io/component": "train"}),
+                                labels={"app.kubernetes.io/name": "llmops-chat",
+                                        "app.kubernetes.io/component": "train"}),
         spec=k.V1PodSpec(
             containers=[container], restart_policy="Never", node_selector=dict(kc.node_selector) or None,
             tolerations=[k.V1Toleration(**t) for t in kc.tolerations] or None,

@@ -86,16 +86,18 @@ class _MetricsTail:
 
 def run_identity(settings: Settings, manifest: Path | str, teacher: dict[str, Any] | None = None) -> str:
     """The training run's id, `<profile>-<hash>`: a hash of what changes the math (model and training
-    config, the shards manifest, seed, the `tasks` package's source). How the global batch is split over ranks and micro-batches
-    does not count, so a retry on another world size continues the same run. A distillation run
-    (`teacher`: its weights' sha256, temperature and alpha count too) is `distill-<profile>-<hash>`."""
+    config, the shards manifest, seed, the `tasks` package's source). How the global batch is split
+    over ranks and micro-batches does not count, so a retry on another world size continues the same
+    run. A distillation run (`teacher`: its weights' sha256, temperature and alpha count too) is
+    `distill-<profile>-<hash>`."""
     t = settings.train
     ident = settings.resolved()["train"]
     ident["global_batch"] = t.micro_batch * t.grad_accum * t.world_size
-    for k in ("world_size", "grad_accum", "micro_batch", "launcher", "threads_per_rank", "timeout_s", "peak_flops",
-              "log_every"):
+    for k in ("world_size", "grad_accum", "micro_batch", "launcher", "threads_per_rank", "timeout_s",
+              "peak_flops", "log_every"):
         ident.pop(k)
-    parts: list[Any] = [settings.resolved()["model"], ident, sha256_file(Path(manifest)), settings.seed, code_hash("model")]
+    parts: list[Any] = [settings.resolved()["model"], ident, sha256_file(Path(manifest)), settings.seed,
+                        code_hash("model")]
     if teacher is not None:
         parts.append({k: teacher[k] for k in ("weights_sha256", "temperature", "alpha")})
     key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode())
@@ -168,13 +170,14 @@ def train(settings: Settings, manifest: Path | str | None = None, resume: bool =
     for key, why in (trigger or {}).items():
         client.set_tag(mlrun_id, f"llmops.trigger_{key}", str(why)[:4000])
     peak = t.peak_flops or measure_peak_flops()
-    spec = {"settings": settings.resolved(), "run_dir": str(run_dir), "manifest": str(manifest), "resume": resume,
-            "vocab_size": vocab, "config_hash": config_hash, "lineage": lineage, "peak_flops": peak,
-            "teacher": teacher}
+    spec = {"settings": settings.resolved(), "run_dir": str(run_dir), "manifest": str(manifest),
+            "resume": resume, "vocab_size": vocab, "config_hash": config_hash, "lineage": lineage,
+            "peak_flops": peak, "teacher": teacher}
     write_json(run_dir / "spec.json", spec)
 
     on_gpu = torch.cuda.is_available()
-    client.set_tag(mlrun_id, "llmops.device", "gpu" if on_gpu else "cpu")  # the cost report's device-hours unit
+    # the cost report's device-hours unit
+    client.set_tag(mlrun_id, "llmops.device", "gpu" if on_gpu else "cpu")
     cmd = launch_command(t, run_dir / "spec.json", free_port())
     threads = t.threads_per_rank or max(1, (os.cpu_count() or 1) // t.world_size)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads), "GLOO_SOCKET_IFNAME": "lo",
@@ -222,7 +225,8 @@ def train(settings: Settings, manifest: Path | str | None = None, resume: bool =
     start = [r for r in rows if r.get("event") == "start"][-1]
     measured = [r for r in steps if r["step"] > start["step"] + 1] or steps  # skip the warm-up step
     summary = {
-        "final_loss": steps[-1]["loss"], "val_loss": next((r["val_loss"] for r in reversed(steps) if "val_loss" in r), None),
+        "final_loss": steps[-1]["loss"],
+        "val_loss": next((r["val_loss"] for r in reversed(steps) if "val_loss" in r), None),
         **({"teacher_val_loss": next((r["teacher_val_loss"] for r in steps if "teacher_val_loss" in r), None),
             "kd_loss": steps[-1].get("kd_loss"), "teacher": teacher_lineage} if teacher else {}),
         "tokens_per_s": sum(r["tokens_per_s"] for r in measured) / len(measured),
@@ -232,7 +236,8 @@ def train(settings: Settings, manifest: Path | str | None = None, resume: bool =
     with atomic_dir(final) as tmp:
         for name in ("model.safetensors", "config.json"):
             (tmp / name).write_bytes((last / name).read_bytes())
-        write_json(tmp / "_lineage.json", {**lineage, "weights_sha256": sha256_file(tmp / "model.safetensors")})
+        write_json(tmp / "_lineage.json",
+                   {**lineage, "weights_sha256": sha256_file(tmp / "model.safetensors")})
         result = {"run_id": run_id, "run_dir": str(run_dir), "weights": str(final / "model.safetensors"),
                   "mlflow_run_id": mlrun_id, "tracking_uri": tracking_uri(settings), **summary}
         write_json(tmp / "result.json", result)
@@ -277,8 +282,9 @@ def launch_command(t: TrainConfig, spec: Path, port: int) -> list[str]:
     """The ranks' launch: torchrun on this node, or the deepspeed launcher on this node or, with
     `train.hostfile`, on every host of the hostfile (DeepSpeed starts the remote ranks over ssh/pdsh)."""
     if t.launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={t.world_size}",
-                "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "tasks.train.rank", "--spec", str(spec)]
+        return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
+                f"--nproc_per_node={t.world_size}", "--master_addr=127.0.0.1", f"--master_port={port}",
+                "-m", "tasks.train.rank", "--spec", str(spec)]
     ds = str(Path(sys.executable).parent / "deepspeed")
     if t.hostfile is None:
         return [ds, f"--num_gpus={t.world_size}", "--master_addr=127.0.0.1", f"--master_port={port}",
@@ -286,8 +292,8 @@ def launch_command(t: TrainConfig, spec: Path, port: int) -> list[str]:
     hosts = read_hostfile(t.hostfile)
     short = {h: n for h, n in hosts.items() if n < t.world_size}
     if short:
-        raise ConfigError(f"train.hostfile {t.hostfile}: hosts with fewer slots than train.world_size={t.world_size} "
-                         f"ranks per host: {short}")
+        raise ConfigError(f"train.hostfile {t.hostfile}: hosts with fewer slots than "
+                          f"train.world_size={t.world_size} ranks per host: {short}")
     return [ds, f"--hostfile={t.hostfile}", f"--num_nodes={len(hosts)}", f"--num_gpus={t.world_size}",
             f"--master_addr={t.master_addr}", f"--master_port={port}", "--module", "tasks.train.rank",
             "--spec", str(spec)]

@@ -1,4 +1,5 @@
-"""One training rank. Started by `tasks.train.launch` through torchrun or the deepspeed launcher, never by hand:
+"""One training rank. Started by `tasks.train.launch` through torchrun or the deepspeed launcher, never
+by hand:
 
     torchrun --nproc_per_node 2 -m tasks.train.rank --spec models/checkpoints/<run>/spec.json
 
@@ -44,7 +45,8 @@ def ds_config(settings: Settings, world: int) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": t.zero_stage}
     if t.zero_stage >= 1:
         # overlap_comm measured slower on CPU ranks (gloo): off
-        zero.update(overlap_comm=False, contiguous_gradients=True, reduce_bucket_size=5e7, allgather_bucket_size=5e7)
+        zero.update(overlap_comm=False, contiguous_gradients=True, reduce_bucket_size=5e7,
+                    allgather_bucket_size=5e7)
     if t.zero_stage == 3:
         zero.update(stage3_param_persistence_threshold=t.zero3_param_persistence_threshold,
                     stage3_gather_16bit_weights_on_model_save=False)
@@ -100,7 +102,8 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ce:
 
 
 def load_teacher(weights_dir: Path, device: torch.device) -> GPT:
-    """The frozen teacher: its own config.json and safetensors weights, in eval mode, on this rank's device."""
+    """The frozen teacher: its own config.json and safetensors weights, in eval mode, on this rank's
+    device."""
     cfg = json.loads((weights_dir / "config.json").read_text())["model"]
     teacher = GPT(GPTConfig(**{**cfg, "activation_checkpointing": False}))
     load_weights(teacher, weights_dir / "model.safetensors")
@@ -111,7 +114,8 @@ def load_teacher(weights_dir: Path, device: torch.device) -> GPT:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--spec", required=True)
-    ap.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))  # deepspeed launcher
+    # deepspeed launcher
+    ap.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     args = ap.parse_args()
     spec = json.loads(Path(args.spec).read_text())
     settings = Settings.model_validate(spec["settings"])
@@ -179,14 +183,16 @@ def main() -> None:
                          "distill on the shards of the teacher's tokenizer")
 
     sampler = TokenSampler(split_paths(spec["manifest"], "train"), gpt_cfg.block_size, settings.seed)
-    val_sampler = TokenSampler(split_paths(spec["manifest"], "val"), gpt_cfg.block_size, settings.seed, salt=1)
+    val_sampler = TokenSampler(split_paths(spec["manifest"], "val"), gpt_cfg.block_size, settings.seed,
+                               salt=1)
     metrics_path = run_dir / "metrics.jsonl"
     tokens_per_step = t.micro_batch * t.grad_accum * world * gpt_cfg.block_size
     flops_per_step = gpt_cfg.flops_per_token() * tokens_per_step
     fail_at = int(os.environ.get("LLMOPS_TEST_CRASH_IN_CHECKPOINT", "0"))  # tests: die mid-checkpoint
 
     def evaluate(step: int, model=None) -> float:
-        """Mean validation cross-entropy of the engine's model (or of `model`, the teacher) on fixed windows."""
+        """Mean validation cross-entropy of the engine's model (or of `model`, the teacher) on fixed
+        windows."""
         engine.eval()
         total = torch.zeros(1, device=device)
         with torch.no_grad():
@@ -228,8 +234,9 @@ def main() -> None:
         with atomic_file(metrics_path) as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         with open(metrics_path, "a") as f:
-            f.write(json.dumps({"event": "start", "step": start_step, "resume": resume_mode, "world_size": world,
-                                "zero_stage": t.zero_stage, "threads_per_rank": threads}) + "\n")
+            f.write(json.dumps({"event": "start", "step": start_step, "resume": resume_mode,
+                                "world_size": world, "zero_stage": t.zero_stage,
+                                "threads_per_rank": threads}) + "\n")
     engine.train()
     teacher_val: float | None = None
     for step in range(start_step, t.max_steps):
@@ -263,7 +270,8 @@ def main() -> None:
             row.update(ce_loss=means[1], kd_loss=means[2])
         if done % t.eval_every == 0 or done == t.max_steps:
             row["val_loss"] = evaluate(done)
-            if teacher is not None:  # the same windows, so the student's gap to its teacher is read off directly
+            # the same windows, so the student's gap to its teacher is read off directly
+            if teacher is not None:
                 if teacher_val is None:  # a frozen teacher on fixed windows: one value for the whole run
                     teacher_val = evaluate(done, teacher)
                 row["teacher_val_loss"] = teacher_val
