@@ -47,8 +47,10 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="llmops-bench-"))
     s = load_settings("tiny", [f"paths.root={root}"])
     try:
-        out: dict = {"bench": "data", "machine": f"{platform.machine()} {os.cpu_count()} cpu", "python": platform.python_version()}
-        days = synth(s, days=args.days, start="2026-11-01", records=args.records, faults=True, chatterbot=False)["days"]
+        out: dict = {"bench": "data", "machine": f"{platform.machine()} {os.cpu_count()} cpu",
+                     "python": platform.python_version()}
+        days = synth(s, days=args.days, start="2026-11-01", records=args.records, faults=True,
+                     chatterbot=False)["days"]
         raw_bytes = sum(Path(d["path"]).stat().st_size for d in days)
 
         t = time.perf_counter()
@@ -73,15 +75,18 @@ def main() -> None:
         tok = load_tokenizer(manifest["tokenizer"]["path"])
         texts = []
         for day in sorted(p.name[3:] for p in s.paths.clean.glob("dt=*")):
-            texts += [render_chat(m) for m in read_partition(s.paths.clean / f"dt={day}").column("messages").to_pylist()]
+            texts += [render_chat(m)
+                      for m in read_partition(s.paths.clean / f"dt={day}").column("messages").to_pylist()]
         t = time.perf_counter()
         raw_tokens = 0
         for i in range(0, len(texts), s.shard.encode_batch):
-            raw_tokens += sum(len(e.ids) for e in tok.encode_batch_fast(texts[i:i + s.shard.encode_batch], add_special_tokens=False))
+            raw_tokens += sum(len(e.ids) for e in tok.encode_batch_fast(texts[i:i + s.shard.encode_batch],
+                                                                        add_special_tokens=False))
         raw_s = time.perf_counter() - t
         assert raw_tokens == n_tokens, (raw_tokens, n_tokens)
         out.update(tokens=n_tokens, text_mb=round(sum(map(len, texts)) / 1e6, 2), shard_s=round(shard_s, 2),
-                   shard_tok_s=round(n_tokens / shard_s), raw_encode_s=round(raw_s, 2), raw_encode_tok_s=round(n_tokens / raw_s),
+                   shard_tok_s=round(n_tokens / shard_s), raw_encode_s=round(raw_s, 2),
+                   raw_encode_tok_s=round(n_tokens / raw_s),
                    shard_vs_raw_encode=round((n_tokens / shard_s) / (n_tokens / raw_s), 3),
                    shard_write_share=round(manifest["write_seconds"] / manifest["seconds"], 4))
         del texts

@@ -40,7 +40,8 @@ def main() -> None:
         cmp = q["int8"]
         print(json.dumps({
             "bench": "eval", "cpus": os.cpu_count(), "profile": "tiny", "train_steps": a.steps,
-            "eval_suite_s": round(suite_s, 2), "replies": s.eval.reply_samples, "max_new_tokens": s.eval.max_new_tokens,
+            "eval_suite_s": round(suite_s, 2), "replies": s.eval.reply_samples,
+            "max_new_tokens": s.eval.max_new_tokens,
             "fp32_tokens_per_s_b1": round(fp32["metrics"]["tokens_per_s_b1"], 1),
             "fp32_tokens_per_s_b8": round(fp32["metrics"]["tokens_per_s_b8"], 1),
             "int8_tokens_per_s_b1": round(q["metrics"]["tokens_per_s_b1"], 1),

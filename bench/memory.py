@@ -73,8 +73,8 @@ async def recall_and_bytes(tokenizer, block: int, max_tokens: int) -> dict:
     async def one(q: str) -> float:
         t0 = time.perf_counter()
         hits = await memory.recall("bench", None, q, [])
-        with_memories(tokenizer, [m.text for m, _ in hits], [{"role": "user", "content": q}], block - max_tokens,
-                      cfg.max_prompt_share)
+        with_memories(tokenizer, [m.text for m, _ in hits], [{"role": "user", "content": q}],
+                      block - max_tokens, cfg.max_prompt_share)
         return (time.perf_counter() - t0) * 1e3
 
     for q in questions[:10]:  # warm-up (first calls of the encoder)
@@ -135,8 +135,8 @@ def _gateway(root: Path, profile: str, overrides: list[str], port: int, coalesce
                           "serve.memory.enabled=false") for x in ("--set", o)]]
     log = root / f"gateway-{port}.log"
     with open(log, "ab") as out:
-        proc = subprocess.Popen(args, cwd=PROJECT_DIR, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "NO_PROXY": "127.0.0.1"})
+        proc = subprocess.Popen(args, cwd=PROJECT_DIR, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, env={**os.environ, "NO_PROXY": "127.0.0.1"})
     wait_gateway(f"http://127.0.0.1:{port}/v1", 90, log)
     return proc
 
@@ -158,7 +158,8 @@ def coalescing(tp, root: Path, profile: str, overrides: list[str], requests: int
         for _ in range(2):
             for c in (True, False):
                 before = inferences()
-                r = asyncio.run(_load(f"http://127.0.0.1:{ports[c]}", requests, concurrency, prompts, max_tokens))
+                r = asyncio.run(_load(f"http://127.0.0.1:{ports[c]}", requests, concurrency, prompts,
+                                      max_tokens))
                 rounds[c].append({**r, "inferences": inferences() - before})
     finally:
         for p in procs:
@@ -180,7 +181,8 @@ TUNE_GRID = ["serve.tune.max_batch_size=[4,8,16]", "serve.tune.max_queue_delay_u
 def tuner(profile: str, root: Path, overrides: list[str], tp, concurrency: int, max_tokens: int) -> dict:
     from tasks.serve import tune
 
-    s = load_settings(profile, [f"paths.root={root}", *overrides, *TUNE_GRID, f"serve.tune.concurrency={concurrency}",
+    s = load_settings(profile, [f"paths.root={root}", *overrides, *TUNE_GRID,
+                                f"serve.tune.concurrency={concurrency}",
                                 f"serve.tune.max_tokens={max_tokens}"])
     report = tune.tune(s, http_url=tp.http_url, grpc_url=tp.grpc_url, out_dir=root / "tune")
     return {**tune.compare(report), "points": len(report["points"])}
@@ -192,7 +194,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=96, help="requests per round of the coalescing load")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--tokenizer", type=Path, default=None, help="a tokenizer.json to use instead of building one")
+    ap.add_argument("--tokenizer", type=Path, default=None,
+                    help="a tokenizer.json to use instead of building one")
     a = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="llmops-bench-memory-"))
     ports = {k: free_port() for k in ("http", "grpc", "metrics")}

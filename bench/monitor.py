@@ -45,8 +45,8 @@ from tasks.loop import rollout  # noqa: E402
 from tasks.loop.drift import drift_report  # noqa: E402
 from tasks.serve.repository import write_aliases  # noqa: E402
 
-NEW_TOPICS = ("How do I {v} a {t} in Python?", "Why does my Rust {t} fail to {v}?", "Best way to {v} a {t} in SQL?",
-              "Как {v} {t}?", "Wie kann ich {t} {v}?")
+NEW_TOPICS = ("How do I {v} a {t} in Python?", "Why does my Rust {t} fail to {v}?",
+              "Best way to {v} a {t} in SQL?", "Как {v} {t}?", "Wie kann ich {t} {v}?")
 SLOTS = {"v": ["sort", "parse", "merge", "cache", "stream", "index"],
          "t": ["list", "JSON file", "dataframe", "table", "string", "socket"]}
 
@@ -54,7 +54,8 @@ SLOTS = {"v": ["sort", "parse", "merge", "cache", "stream", "index"],
 def user_turns(rng: random.Random, n: int) -> list[str]:
     out: list[str] = []
     while len(out) < n:
-        out += [m["content"] for m in conversation(rng, pii=rng.random() < 0.1)["messages"] if m["role"] == "user"]
+        out += [m["content"] for m in conversation(rng, pii=rng.random() < 0.1)["messages"]
+                if m["role"] == "user"]
     return out[:n]
 
 
@@ -80,7 +81,8 @@ def request_records(rng: random.Random, n: int, end: dt.datetime, hours: float =
     out = []
     for i, prompt in enumerate(prompts):
         ts = end - dt.timedelta(seconds=span * (1 - i / n))
-        rec = {"ts": ts.isoformat(), "request_id": f"chatcmpl-{i:024x}", "version": 1 if rng.random() < 0.9 else 2}
+        rec = {"ts": ts.isoformat(), "request_id": f"chatcmpl-{i:024x}",
+               "version": 1 if rng.random() < 0.9 else 2}
         u = rng.random()
         if u < 0.02:
             rec |= {"status": 503, "error": "model_server_unavailable"}
@@ -90,8 +92,9 @@ def request_records(rng: random.Random, n: int, end: dt.datetime, hours: float =
             if rng.random() < 0.1:
                 prompt = rng.choice(NEW_TOPICS).format(**{k: rng.choice(v) for k, v in SLOTS.items()})
             lat = rng.lognormvariate(4.7, 0.35)  # ~110 ms median
-            rec |= {"status": 200, "latency_ms": round(lat, 3), "ttft_ms": round(lat / 4, 3), "prompt_tokens": 20,
-                    "completion_tokens": 32, "finish_reason": "length", "prompt": prompt, "response": "..."}
+            rec |= {"status": 200, "latency_ms": round(lat, 3), "ttft_ms": round(lat / 4, 3),
+                    "prompt_tokens": 20, "completion_tokens": 32, "finish_reason": "length", "prompt": prompt,
+                    "response": "..."}
         out.append(rec)
     return out
 
@@ -118,7 +121,8 @@ def bench_drift(root: Path, sizes: list[int], n_reference: int) -> dict:
     tok = tokenizer(reference, s.shard.vocab_size)
     end = dt.datetime.now(dt.UTC)
     out: dict = {"reference_prompts": len(reference), "sample_rows": s.monitor.sample_rows,
-                 "embedding_sample_rows": s.monitor.embedding_sample_rows, "embedding_model": s.monitor.embedding_model}
+                 "embedding_sample_rows": s.monitor.embedding_sample_rows,
+                 "embedding_model": s.monitor.embedding_model}
     t = time.perf_counter()
     drift_report(s, reference[:200], request_records(rng, 200, end), tok, out_dir=root / "reports" / "warmup")
     out["warmup_s"] = round(time.perf_counter() - t, 2)
@@ -126,7 +130,8 @@ def bench_drift(root: Path, sizes: list[int], n_reference: int) -> dict:
         records = request_records(rng, n, end)
         write_logs(s, records, f"gateway-{n}.jsonl")
         t = time.perf_counter()
-        back = rollout.read_requests(s, end - dt.timedelta(hours=24, seconds=1), end + dt.timedelta(seconds=1))
+        back = rollout.read_requests(s, end - dt.timedelta(hours=24, seconds=1),
+                                     end + dt.timedelta(seconds=1))
         read_s = time.perf_counter() - t
         assert len(back) == n, (len(back), n)
         shutil.rmtree(s.paths.requests)
@@ -138,7 +143,8 @@ def bench_drift(root: Path, sizes: list[int], n_reference: int) -> dict:
         out[f"rows_{key}"] = {"records": n, "compared": r["rows"],
                               "embedded": (r.get("embedding_drift") or {}).get("rows")}
         out[f"verdict_{key}"] = {"fire": r["fire"], "token_kl": round(r["token_kl"], 4),
-                                 "embedding_auc": round(r["embedding_drift"]["score"], 4) if r.get("embedding_drift") else None,
+                                 "embedding_auc": (round(r["embedding_drift"]["score"], 4)
+                                                   if r.get("embedding_drift") else None),
                                  "evidently_failed_tests": len(r["evidently_failed_tests"])}
     return out
 
@@ -149,7 +155,8 @@ class Traffic(threading.Thread):
 
     def __init__(self, s: Settings, champion: int, challenger: int, rate: float, slower_ms: float):
         super().__init__(daemon=True)
-        self.s, self.champion, self.challenger, self.rate, self.slower_ms = s, champion, challenger, rate, slower_ms
+        self.s, self.champion, self.challenger = s, champion, challenger
+        self.rate, self.slower_ms = rate, slower_ms
         self.stop = threading.Event()
         self.first_breach: float | None = None  # perf_counter when the first challenger line was flushed
         self.written = 0
@@ -201,7 +208,8 @@ def bench_canary(root: Path, window_s: float, rate: float) -> dict:
     champion, challenger = versions
     client.set_registered_model_alias(name, "champion", str(champion))
     client.set_registered_model_alias(name, "challenger", str(challenger))
-    write_aliases(s.paths.triton_repository, s.serve.triton.model_name, {"champion": champion, "challenger": challenger})
+    write_aliases(s.paths.triton_repository, s.serve.triton.model_name,
+                  {"champion": champion, "challenger": challenger})
 
     timings: dict[str, list[float]] = {"analyze": [], "rollback": []}
 
@@ -241,7 +249,8 @@ def bench_canary(root: Path, window_s: float, rate: float) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", default="10000,100000", help="request-log rows per drift report, comma-separated")
+    ap.add_argument("--rows", default="10000,100000",
+                    help="request-log rows per drift report, comma-separated")
     ap.add_argument("--reference", type=int, default=50_000, help="reference (training corpus) prompts")
     ap.add_argument("--window-s", type=float, default=5.0)
     ap.add_argument("--rps", type=float, default=200.0, help="request-log lines per second during the canary")

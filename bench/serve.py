@@ -80,9 +80,11 @@ def build(root: Path, profile: str, overrides: list[str], tokenizer: Path | None
     model = GPT(cfg)
     w = root / "weights"
     w.mkdir()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}, str(w / "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
+              str(w / "model.safetensors"))
     (w / "config.json").write_text(json.dumps({"model": cfg.to_dict()}))
-    (w / "_lineage.json").write_text(json.dumps({"id": "bench-random-init", "tokenizer": {"path": str(tok_path)}}))
+    (w / "_lineage.json").write_text(json.dumps({"id": "bench-random-init",
+                                                 "tokenizer": {"path": str(tok_path)}}))
     shutil.copy2(tok_path, w / "tokenizer.json")
     export_dir(s, w, "chat-gpt", 1, aliases={"champion": 1})
     nb = load_settings(profile, [f"paths.root={root}", *overrides, "serve.triton.dynamic_batching=false"])
@@ -129,12 +131,16 @@ def main() -> None:
     ap.add_argument("--profile", default="tiny")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on cpu, bfloat16 on gpu)")
+    ap.add_argument("--dtype", default=None,
+                    help="float32 | bfloat16 | float16 (default: float32 on cpu, bfloat16 on gpu)")
     ap.add_argument("--requests", type=int, default=8, help="requests per concurrent client per setting")
-    ap.add_argument("--tokenizer", type=Path, default=None, help="a tokenizer.json to use instead of building one")
+    ap.add_argument("--tokenizer", type=Path, default=None,
+                    help="a tokenizer.json to use instead of building one")
     ap.add_argument("--concurrency", default="1,4,16", help="comma-separated client concurrencies")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override, e.g. serve.triton.instances=2")
-    ap.add_argument("--tune", action="store_true", help="also run the tuner (serve.tune's grid, `llmops tune-serving`) on "
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="config override, e.g. serve.triton.instances=2")
+    ap.add_argument("--tune", action="store_true",
+                    help="also run the tuner (serve.tune's grid, `llmops tune-serving`) on "
                     "chat-gpt and report its chosen setting against the default")
     a = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="llmops-bench-serve-"))
@@ -142,7 +148,8 @@ def main() -> None:
     ports = {k: free_port() for k in ("http", "grpc", "metrics", "gateway")}
     overrides = [f"serve.triton.http_port={ports['http']}", f"serve.triton.grpc_port={ports['grpc']}",
                  f"serve.triton.metrics_port={ports['metrics']}", f"serve.gateway.port={ports['gateway']}",
-                 f"serve.triton.device={a.device}", f"serve.triton.dtype={dtype}", "serve.gateway.log_requests=false",
+                 f"serve.triton.device={a.device}", f"serve.triton.dtype={dtype}",
+                 "serve.gateway.log_requests=false",
                  "serve.gateway.max_inflight=64", "serve.gateway.max_queue=256", *a.overrides]
     tp = gw = None
     try:
@@ -161,12 +168,14 @@ def main() -> None:
         results: dict[str, dict] = {}
         for model, label in (("chat-gpt", "batched"), ("chat-gpt-nobatch", "unbatched")):
             for c in [int(x) for x in a.concurrency.split(",")]:
-                results[f"{label}_c{c}"] = asyncio.run(direct(grpc_url, model, c, a.requests * c, a.max_tokens))
+                results[f"{label}_c{c}"] = asyncio.run(direct(grpc_url, model, c, a.requests * c,
+                                                              a.max_tokens))
                 print(f"{label} c{c}: {results[f'{label}_c{c}']}", file=sys.stderr, flush=True)
         gw_c1, direct_c1 = {"p50_ms": [], "p99_ms": []}, {"p50_ms": [], "p99_ms": []}
         for _ in range(4):  # interleaved rounds, so drift in the machine's load hits both sides alike
-            for out, r in ((gw_c1, asyncio.run(through_gateway(base, 1, a.requests, a.max_tokens, stream=False))),
-                           (direct_c1, asyncio.run(direct(grpc_url, "chat-gpt", 1, a.requests, a.max_tokens)))):
+            for out, r in (
+                    (gw_c1, asyncio.run(through_gateway(base, 1, a.requests, a.max_tokens, stream=False))),
+                    (direct_c1, asyncio.run(direct(grpc_url, "chat-gpt", 1, a.requests, a.max_tokens)))):
                 out["p50_ms"].append(r["p50_ms"])
                 out["p99_ms"].append(r["p99_ms"])
         gw_c1 = {k: float(np.median(v)) for k, v in gw_c1.items()}
@@ -178,25 +187,28 @@ def main() -> None:
         best_tps = max(r["tokens_per_s"] for r in results.values())
         cost_h = s.serve.gateway.cost_per_hour_usd
         tuned = None
-        if a.tune:  # last: it reloads chat-gpt with each setting of the grid (and its own configuration at the end)
+        # last: it reloads chat-gpt with each setting of the grid (and its own configuration at the end)
+        if a.tune:
             from tasks.serve.tune import compare, tune
 
             # the load shape of the figures above (top concurrency, --max-tokens) unless --set says otherwise
             shape = {k: v for k, v in (("concurrency", top), ("max_tokens", a.max_tokens))
                      if not any(o.startswith(f"serve.tune.{k}=") for o in a.overrides)}
-            ts = s.model_copy(update={"serve": s.serve.model_copy(update={"tune": s.serve.tune.model_copy(update=shape)})})
+            ts = s.model_copy(update={"serve": s.serve.model_copy(
+                update={"tune": s.serve.tune.model_copy(update=shape)})})
             report = tune(ts, tp.http_url, tp.grpc_url, "chat-gpt", out_dir=root / "tune")
             tuned = {**compare(report), "points": len(report["points"]), "load": report["load"],
                      "warnings": report["warnings"]}
         print(json.dumps({
-            "bench": "serve", "device": a.device, "dtype": dtype, "cpus": os.cpu_count(), "profile": a.profile,
-            "params": n_params, "max_tokens": a.max_tokens, "overrides": a.overrides,
+            "bench": "serve", "device": a.device, "dtype": dtype, "cpus": os.cpu_count(),
+            "profile": a.profile, "params": n_params, "max_tokens": a.max_tokens, "overrides": a.overrides,
             "instances": s.serve.triton.instances, "max_queue_delay_us": s.serve.triton.max_queue_delay_us,
             "triton_direct": results,
             "top_concurrency": top,
             "c16_batched_vs_b1_throughput": round(c16["tokens_per_s"] / b1["tokens_per_s"], 2),
             "c16_batched_p99_vs_b1_p99": round(c16["p99_ms"] / b1["p99_ms"], 2),
-            "c16_unbatched_vs_b1_throughput": round(results[f"unbatched_c{top}"]["tokens_per_s"] / b1["tokens_per_s"], 2),
+            "c16_unbatched_vs_b1_throughput": round(results[f"unbatched_c{top}"]["tokens_per_s"]
+                                                    / b1["tokens_per_s"], 2),
             "streaming_c4": streaming,
             "gateway_c1": gw_c1, "direct_c1": direct_c1,
             "gateway_overhead_p50": round(gw_c1["p50_ms"] / direct_c1["p50_ms"] - 1, 3),

@@ -45,10 +45,12 @@ def main() -> None:
         student_dir = Path(distill(s, teacher, manifest=None, resume=False)["weights"]).parent
 
         fp32 = evaluate(s, weights)
-        evals = {"fp32": fp32, "int8": evaluate_int8(s, weights, fp32), "int4": evaluate_int4(s, weights, fp32),
+        evals = {"fp32": fp32, "int8": evaluate_int8(s, weights, fp32),
+                 "int4": evaluate_int4(s, weights, fp32),
                  "distilled": evaluate(student_settings(s, weights), student_dir)}
         sizes = {"fp32": model_bytes(load_chat_model(weights)[0]), "int8": evals["int8"]["model_bytes"],
-                 "int4": evals["int4"]["model_bytes"], "distilled": model_bytes(load_chat_model(student_dir)[0])}
+                 "int4": evals["int4"]["model_bytes"],
+                 "distilled": model_bytes(load_chat_model(student_dir)[0])}
         report = tiers_report(s, evals, model_bytes=sizes)
 
         tiers = {}
@@ -61,11 +63,13 @@ def main() -> None:
                 row |= {f"{k}_vs_fp32": round(m[k] / fp32["metrics"][k], 3) if fp32["metrics"][k] else None
                         for k in METRICS}
                 row["memory_vs_fp32"] = round(sizes[tier] / sizes["fp32"], 3)
-                row["gate"] = ev["gate"]["reason"]  # quantized: against fp32; the student: absolute bounds only
+                # quantized: against fp32; the student: absolute bounds only
+                row["gate"] = ev["gate"]["reason"]
             tiers[tier] = row
         print(json.dumps({
             "bench": "tiers", "cpus": os.cpu_count(), "profile": "tiny", "train_steps": a.steps,
-            "int4_group_size": s.eval.int4_group_size, "int4_kernel_layers": evals["int4"]["int4"]["kernel_layers"],
+            "int4_group_size": s.eval.int4_group_size,
+            "int4_kernel_layers": evals["int4"]["int4"]["kernel_layers"],
             "int4_layers": evals["int4"]["int4"]["layers"],
             "student": {k: getattr(s.distill, k) for k in ("n_layer", "n_head", "d_model")},
             "replies": s.eval.reply_samples, "max_new_tokens": s.eval.max_new_tokens, "tiers": tiers,

@@ -60,17 +60,21 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     peak = peak_gflops() * 1e9
-    out: dict = {"bench": "train", "cpus": os.cpu_count(), "torch": torch.__version__, "peak_gflops": round(peak / 1e9, 1)}
+    out: dict = {"bench": "train", "cpus": os.cpu_count(), "torch": torch.__version__,
+                 "peak_gflops": round(peak / 1e9, 1)}
     for size in a.sizes.split(","):
         r = {m: run(m, size, w, a.steps) for m, w in
              (("plain", 1), ("zero0", 1), ("ddp", 2), ("zero1", 2), ("zero2", 2), ("zero3", 2))}
         out[size] = {
             "params": r["plain"]["params"],
-            "plain_tok_s": round(r["plain"]["tokens_per_s"]), "plain_mfu": round(r["plain"]["flops_per_s"] / peak, 3),
-            "ds_tok_s": round(r["zero0"]["tokens_per_s"]), "ds_mfu": round(r["zero0"]["flops_per_s"] / peak, 3),
+            "plain_tok_s": round(r["plain"]["tokens_per_s"]),
+            "plain_mfu": round(r["plain"]["flops_per_s"] / peak, 3),
+            "ds_tok_s": round(r["zero0"]["tokens_per_s"]),
+            "ds_mfu": round(r["zero0"]["flops_per_s"] / peak, 3),
             "ds0_vs_plain": round(r["zero0"]["tokens_per_s"] / r["plain"]["tokens_per_s"], 3),
             "ddp2_tok_s": round(r["ddp"]["tokens_per_s"]),
-            **{f"{m}_vs_ddp": round(r[m]["step_s"] / r["ddp"]["step_s"], 3) for m in ("zero1", "zero2", "zero3")},
+            **{f"{m}_vs_ddp": round(r[m]["step_s"] / r["ddp"]["step_s"], 3)
+               for m in ("zero1", "zero2", "zero3")},
             "peak_rss_mib": {m: round(r[m]["peak_rss_mib_per_rank"]) for m in r},
         }
     print(json.dumps(out))

@@ -62,7 +62,8 @@ def main() -> None:
         if stage == 3:
             zero["stage3_param_persistence_threshold"] = 1000
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config={
-            "train_micro_batch_size_per_gpu": a.batch, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+            "train_micro_batch_size_per_gpu": a.batch, "gradient_accumulation_steps": 1,
+            "gradient_clipping": 1.0,
             "zero_optimization": zero, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9})
 
         def step(x, y):
@@ -91,7 +92,8 @@ def main() -> None:
             dist.barrier()
         if i >= a.warmup:
             times.append(time.perf_counter() - t0)
-    rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], dtype=torch.float64)  # MiB
+    rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024],
+                       dtype=torch.float64)  # MiB
     if distributed:
         dist.all_reduce(rss, op=dist.ReduceOp.MAX)
     if rank == 0:
@@ -99,8 +101,8 @@ def main() -> None:
         tokens = a.batch * cfg.block_size * world
         Path(a.out).write_text(json.dumps({
             "mode": a.mode, "size": a.size, "world": world, "step_s": step_s, "tokens_per_s": tokens / step_s,
-            "flops_per_s": cfg.flops_per_token() * tokens / step_s, "params": cfg.n_params(non_embedding=False),
-            "peak_rss_mib_per_rank": rss.item()}))
+            "flops_per_s": cfg.flops_per_token() * tokens / step_s,
+            "params": cfg.n_params(non_embedding=False), "peak_rss_mib_per_rank": rss.item()}))
     if distributed:
         dist.destroy_process_group()
 

@@ -1,15 +1,17 @@
-"""Shared fixtures: every test gets its own project root under tmp_path (never the repo's data/)."""
+"""Shared fixtures and hooks: every test gets its own project root under tmp_path (never the repo's data/).
+The helpers test modules share are in tests/helpers/."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
-from tasks.config import Settings, load_settings
+from tasks.config import Settings
 
-REPO = Path(__file__).resolve().parents[1]
+# used below; tests/unit/test_code_hash.py and tests/unit/test_dags.py still import these two from here,
+# every other module from tests.helpers.project
+from tests.helpers.project import REPO, make_settings
 
 
 @pytest.fixture(autouse=True)
@@ -19,20 +21,9 @@ def _clean_env(monkeypatch):
     monkeypatch.setenv("GX_ANALYTICS_ENABLED", "false")
 
 
-def make_settings(root: Path, *overrides: str, profile: str = "tiny") -> Settings:
-    return load_settings(profile, [f"paths.root={root}", *overrides])
-
-
 @pytest.fixture
 def settings(tmp_path) -> Settings:
     return make_settings(tmp_path)
-
-
-def write_raw(settings: Settings, day: str, lines: list[bytes | str], source: str = "app", name: str = "chats.jsonl") -> Path:
-    path = settings.paths.raw / source / f"dt={day}" / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"\n".join(x if isinstance(x, bytes) else x.encode() for x in lines) + b"\n")
-    return path
 
 
 def pytest_collection_modifyitems(config, items):

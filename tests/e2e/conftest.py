@@ -11,7 +11,7 @@ import yaml
 from tasks.data.synth import synth
 from tasks.ops import stack
 from tasks.procs import free_port
-from tests.conftest import REPO, make_settings
+from tests.helpers.project import REPO, make_settings
 
 # what the whole stack (Airflow's workers too) runs with: short windows, small guards, 30 steps
 PROFILE = {

@@ -8,7 +8,7 @@ import pendulum
 import pytest
 
 from tasks.data.synth import synth
-from tests.conftest import REPO, make_settings
+from tests.helpers.project import REPO, make_settings
 
 pytestmark = pytest.mark.slow
 DAYS = ["2026-11-01", "2026-11-02", "2026-11-03"]
@@ -58,11 +58,13 @@ def test_backfill_three_days_twice_is_identical(chat_ingest, tmp_path, monkeypat
 
     _backfill(chat_ingest, s, monkeypatch)
     assert _fingerprint(s) == first  # byte-identical outputs
-    assert json.loads((s.paths.snapshots / "latest.json").read_text()) == latest  # same snapshot, no new version
+    # same snapshot, no new version
+    assert json.loads((s.paths.snapshots / "latest.json").read_text()) == latest
     assert len(list(s.paths.snapshots.glob("*.json"))) == 1 + len(DAYS)  # latest.json + one version per day
     manifests = [json.loads(p.read_text()) for p in s.paths.shards.glob("*/manifest.json")]
     assert {m["snapshot_hash"] for m in manifests} == {
-        json.loads(p.read_text())["snapshot_hash"] for p in s.paths.snapshots.glob("*.json") if p.name != "latest.json"}
+        json.loads(p.read_text())["snapshot_hash"] for p in s.paths.snapshots.glob("*.json")
+        if p.name != "latest.json"}
 
 
 def test_a_day_without_raw_input_fails_on_its_first_try_with_the_reason(chat_ingest, tmp_path, monkeypatch):

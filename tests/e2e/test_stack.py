@@ -18,14 +18,15 @@ from tasks.loop.traffic import Load, traffic
 from tasks.ops import stack
 from tasks.ops.airflow_client import AirflowClient
 from tasks.procs import alive
-from tests.conftest import REPO
+from tests.helpers.project import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 
 
 def _listening(settings) -> set[tuple[str, int]]:
     pids = set()
-    for name in ("airflow-api-server", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer", "mlflow"):
+    for name in ("airflow-api-server", "airflow-scheduler", "airflow-dag-processor",
+                 "airflow-triggerer", "mlflow"):
         pgid = alive(settings, name)
         assert pgid, f"{name} is not running"
         pids |= {p.pid for p in psutil.process_iter() if _pgid(p.pid) == pgid}
@@ -58,8 +59,10 @@ def test_trigger_and_backfill_through_scheduler(running):
     client.unpause("chat_ingest")
     # the UI's Trigger form: a manual run with the `day` param
     run_id = client.trigger("chat_ingest", {"day": "2026-11-01"})
-    assert client.wait_run("chat_ingest", run_id, timeout=600) == "success", client.task_states("chat_ingest", run_id)
-    assert client.task_states("chat_ingest", run_id) == dict.fromkeys(("ingest", "validate", "snapshot", "shard"), "success")
+    assert client.wait_run("chat_ingest", run_id, timeout=600) == "success", \
+        client.task_states("chat_ingest", run_id)
+    assert client.task_states("chat_ingest", run_id) == \
+        dict.fromkeys(("ingest", "validate", "snapshot", "shard"), "success")
 
     # chat_train through the scheduler: DeepSpeed ranks under the Airflow worker, the run in MLflow's server;
     # its registration (the chat_challenger Asset) starts chat_deploy, which makes it the first champion
@@ -69,9 +72,11 @@ def test_trigger_and_backfill_through_scheduler(running):
     # unpaused, the weekly schedule runs the latest missed Monday at once (catchup off): that is the training
     client.unpause("chat_train")
     train_run = _wait_for_run(client, "chat_train", set(), timeout=60)
-    assert client.wait_run("chat_train", train_run, timeout=600) == "success", client.task_states("chat_train", train_run)
-    assert client.task_states("chat_train", train_run) == {**dict.fromkeys(
-        ("check_inputs", "train", "evaluate", "gate", "register", "quantize"), "success"), "distill": "skipped"}
+    assert client.wait_run("chat_train", train_run, timeout=600) == "success", \
+        client.task_states("chat_train", train_run)
+    assert client.task_states("chat_train", train_run) == {
+        **dict.fromkeys(("check_inputs", "train", "evaluate", "gate", "register", "quantize"), "success"),
+        "distill": "skipped"}
     # ... a run of the schedule, not a manual one: the weekly tick, Monday 03:00 UTC
     run = next(r for r in client.runs("chat_train") if r["dag_run_id"] == train_run)
     tick = dt.datetime.fromisoformat(run["logical_date"])
@@ -97,15 +102,17 @@ def test_trigger_and_backfill_through_scheduler(running):
     assert v1.tags["snapshot_hash"] == run.data.tags["snapshot_hash"]
 
     # a bad conf is refused by the Param schema, as the form would
-    r = client.http.post("/api/v2/dags/chat_ingest/dagRuns", json={"logical_date": None, "conf": {"day": "yesterday"}})
+    r = client.http.post("/api/v2/dags/chat_ingest/dagRuns",
+                         json={"logical_date": None, "conf": {"day": "yesterday"}})
     assert r.status_code == 400, r.text
 
     # backfill two past days as a user does: `llmops backfill` (a thin wrapper over Airflow's backfill API)
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "tasks", "backfill", "--from", "2026-11-02", "--to", "2026-11-03",
-                          "--set", f"paths.root={s.paths.root}", "--set", f"stack.airflow_port={s.stack.airflow_port}",
+    out = subprocess.run([sys.executable, "-m", "tasks", "backfill",
+                          "--from", "2026-11-02", "--to", "2026-11-03", "--set", f"paths.root={s.paths.root}",
+                          "--set", f"stack.airflow_port={s.stack.airflow_port}",
                           "--set", f"stack.mlflow_port={s.stack.mlflow_port}"],
                          capture_output=True, text=True, timeout=900, cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -143,13 +150,15 @@ def test_closed_loop_drift_retrains_and_promotes_then_a_slow_challenger_is_rolle
     first_deploy = client.runs("chat_deploy")
     assert first_deploy and first_deploy[-1]["run_type"] == "asset_triggered", first_deploy
     first = first_deploy[-1]["dag_run_id"]
-    assert client.wait_run("chat_deploy", first, timeout=300) == "success", client.task_states("chat_deploy", first)
+    assert client.wait_run("chat_deploy", first, timeout=300) == "success", \
+        client.task_states("chat_deploy", first)
     smoke = client.xcom("chat_deploy", first, "smoke")
     assert smoke["version"] == "1" and smoke["usage"]["completion_tokens"] > 0, smoke
     assert client.xcom("chat_deploy", first, "canary")["reason"].startswith("first champion")
     assert read_aliases(s.paths.triton_repository, "chat-gpt") == {"champion": 1}
     assert (s.paths.triton_repository / "chat-gpt" / "1" / "_lineage.json").is_file()
-    assert {m["id"] for m in httpx.get(f"{base}/v1/models").json()["data"]} >= {"chat-gpt", "chat-gpt:champion"}
+    assert {m["id"] for m in httpx.get(f"{base}/v1/models").json()["data"]} >= \
+        {"chat-gpt", "chat-gpt:champion"}
     assert httpx.post(f"{base}/v1/chat/completions", json={"model": "chat-gpt", "max_tokens": 4, "messages": [
         {"role": "user", "content": "hi"}]}, timeout=60).headers["x-model-version"] == "1"
 
@@ -163,10 +172,12 @@ def test_closed_loop_drift_retrains_and_promotes_then_a_slow_challenger_is_rolle
         monitor_run = _wait_for_run(client, "chat_monitor", set(), timeout=20)
     except AssertionError:
         monitor_run = client.trigger("chat_monitor", {})
-    assert client.wait_run("chat_monitor", monitor_run, timeout=600) == "success", client.task_states("chat_monitor", monitor_run)
+    assert client.wait_run("chat_monitor", monitor_run, timeout=600) == "success", \
+        client.task_states("chat_monitor", monitor_run)
     assert client.task_states("chat_monitor", monitor_run) == dict.fromkeys(
         ("drift", "decide", "retrain", "autoscale", "cost"), "success")
-    advice = client.xcom("chat_monitor", monitor_run, "autoscale")  # live signals of the running Triton + gateway
+    # live signals of the running Triton + gateway
+    advice = client.xcom("chat_monitor", monitor_run, "autoscale")
     assert advice["action"] in ("scale_out", "scale_in", "hold") and advice["reason"], advice
     assert Path(client.xcom("chat_monitor", monitor_run, "cost")["report"]).is_file()
     verdict = client.xcom("chat_monitor", monitor_run, "drift")
@@ -183,16 +194,19 @@ def test_closed_loop_drift_retrains_and_promotes_then_a_slow_challenger_is_rolle
 
     # 4. the retrain registers a new version -> chat_deploy (Asset): shadow, canary 50 % -> 100 %, promoted
     deploys = {r["dag_run_id"] for r in client.runs("chat_deploy")}
-    assert client.wait_run("chat_train", retrain, timeout=900) == "success", client.task_states("chat_train", retrain)
+    assert client.wait_run("chat_train", retrain, timeout=900) == "success", \
+        client.task_states("chat_train", retrain)
     new = client.xcom("chat_train", retrain, "register")["version"]
     with Load(base) as load:
         deploy = _wait_for_run(client, "chat_deploy", deploys, timeout=120)
-        assert client.wait_run("chat_deploy", deploy, timeout=600) == "success", client.task_states("chat_deploy", deploy)
+        assert client.wait_run("chat_deploy", deploy, timeout=600) == "success", \
+            client.task_states("chat_deploy", deploy)
         shadow = client.xcom("chat_deploy", deploy, "shadow")
         decision = client.xcom("chat_deploy", deploy, "canary")
         assert shadow["action"] == "continue" and shadow["verdict"] == "pass", (shadow.get("reason"), shadow)
         assert Path(shadow["report"]).is_file()
-        assert decision["action"] == "promote" and (decision["champion"], decision["challenger"]) == (1, new), decision
+        assert decision["action"] == "promote" and \
+            (decision["champion"], decision["challenger"]) == (1, new), decision
         assert read_aliases(s.paths.triton_repository, "chat-gpt") == {"champion": new, "previous": 1}
         assert int(mlc.get_model_version_by_alias("chat-gpt", "champion").version) == new
         v2_run = mlc.get_run(mlc.get_model_version("chat-gpt", str(new)).run_id)
@@ -201,7 +215,8 @@ def test_closed_loop_drift_retrains_and_promotes_then_a_slow_challenger_is_rolle
         # 5. a deliberately slow challenger (version 1 with a roll-back drill): the shadow rolls it back
         mlc.set_registered_model_alias("chat-gpt", "challenger", "1")
         drill = client.trigger("chat_deploy", {"alias": "challenger", "drill_delay_ms": 60})
-        assert client.wait_run("chat_deploy", drill, timeout=600) == "success", client.task_states("chat_deploy", drill)
+        assert client.wait_run("chat_deploy", drill, timeout=600) == "success", \
+            client.task_states("chat_deploy", drill)
     shadow = client.xcom("chat_deploy", drill, "shadow")
     assert shadow["action"] == "rollback" and "p99 latency" in shadow["reason"], shadow
     assert client.xcom("chat_deploy", drill, "canary")["action"] == "rollback"
@@ -228,15 +243,18 @@ def test_a_chat_shards_event_starts_chat_train_and_status_shows_the_system(runni
     asset = client.http.get("/api/v2/assets", params={"name_pattern": "chat_shards"}).json()["assets"][0]
     client.unpause("chat_train")
     known = {r["dag_run_id"] for r in client.runs("chat_train")}
-    r = client.http.post("/api/v2/assets/events", json={"asset_id": asset["id"], "extra": {"manifest": str(manifest)}})
+    r = client.http.post("/api/v2/assets/events",
+                         json={"asset_id": asset["id"], "extra": {"manifest": str(manifest)}})
     assert r.status_code == 200, r.text
     run = _wait_for_run(client, "chat_train", known, timeout=120)
-    assert next(x for x in client.runs("chat_train") if x["dag_run_id"] == run)["run_type"] == "asset_triggered"
+    assert next(x for x in client.runs("chat_train") if x["dag_run_id"] == run)["run_type"] == \
+        "asset_triggered"
     assert client.wait_run("chat_train", run, timeout=300) == "success"
     assert client.task_states("chat_train", run)["check_inputs"] == "skipped"  # those shards are registered
     # the run gets every chat_shards event since the last asset-triggered run; ours is the newest, whose
     # manifest check_inputs takes (chat_ingest's earlier events name older shards)
-    events = client.http.get(f"/api/v2/dags/chat_train/dagRuns/{run}/upstreamAssetEvents").json()["asset_events"]
+    events = client.http.get(
+        f"/api/v2/dags/chat_train/dagRuns/{run}/upstreamAssetEvents").json()["asset_events"]
     assert max(events, key=lambda e: e["timestamp"])["extra"]["manifest"] == str(manifest), events
     client.pause("chat_train")
 

@@ -20,13 +20,13 @@ import pytest
 
 from tasks.ops import stack
 from tasks.ops.airflow_client import AirflowClient
-from tests.conftest import REPO
+from tests.helpers.project import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 
 SHOTS = REPO / "reports" / "test-artifacts" / "ui"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 TASKS = ("check_inputs", "train", "evaluate", "gate", "register", "quantize")
 # the form's fields under test: Param name -> (ARIA role of its input, the Param's title = the field's label)
 FIELDS = {"profile": ("combobox", "Profile"), "max_steps": ("spinbutton", "Max steps"),
@@ -80,8 +80,10 @@ def _prepare(s, client: AirflowClient) -> None:
     if not any(s.paths.shards.glob("*/manifest.json")):  # run alone: ingest a day first, as test_stack does
         client.unpause("chat_ingest")
         run_id = client.trigger("chat_ingest", {"day": "2026-11-01"})
-        assert client.wait_run("chat_ingest", run_id, timeout=600) == "success", client.task_states("chat_ingest", run_id)
-    # no new shards (chat_ingest's daily schedule) nor drift verdicts (chat_monitor) start other trainings meanwhile
+        assert client.wait_run("chat_ingest", run_id, timeout=600) == "success", \
+            client.task_states("chat_ingest", run_id)
+    # no new shards (chat_ingest's daily schedule) nor drift verdicts (chat_monitor) start other
+    # trainings meanwhile
     client.pause("chat_ingest")
     client.pause("chat_monitor")
     if client.http.get("/api/v2/dags/chat_train").json()["is_paused"]:
@@ -112,7 +114,8 @@ def test_trigger_chat_train_from_the_web_ui(chromium, running):
 
     s, info = running
     base = info["airflow"]
-    password = json.loads((stack.airflow_home(s) / "simple_auth_manager_passwords.json.generated").read_text())["admin"]
+    password = json.loads(
+        (stack.airflow_home(s) / "simple_auth_manager_passwords.json.generated").read_text())["admin"]
     client = AirflowClient(s)
     _prepare(s, client)
     params = client.http.get("/api/v2/dags/chat_train/details").json()["params"]
@@ -120,7 +123,8 @@ def test_trigger_chat_train_from_the_web_ui(chromium, running):
         assert params[key]["schema"]["title"] == title and params[key]["description"], params[key]
     known = {r["dag_run_id"] for r in client.runs("chat_train")}
     started = time.time()
-    reason = f"ui test {uuid.uuid4().hex[:8]}"  # tagged on the MLflow run: proves the form's conf reached training
+    # tagged on the MLflow run: proves the form's conf reached training
+    reason = f"ui test {uuid.uuid4().hex[:8]}"
     SHOTS.mkdir(parents=True, exist_ok=True)
     expect.set_options(timeout=30_000)
 
@@ -145,7 +149,8 @@ def test_trigger_chat_train_from_the_web_ui(chromium, running):
             page.get_by_role("link", name="chat_train", exact=True).click()
             expect(page).to_have_url(re.compile(r"/dags/chat_train$"))
             expect(page.get_by_role("heading", name="chat_train", exact=True)).to_be_visible()
-            expect(page.get_by_role("link", name="check_inputs", exact=True)).to_be_visible()  # the grid's tasks
+            # the grid's tasks
+            expect(page.get_by_role("link", name="check_inputs", exact=True)).to_be_visible()
             _shot(page, "02-dag")
 
             # 3. the Trigger form: Run Parameters (an accordion section, open by default)
@@ -157,7 +162,8 @@ def test_trigger_chat_train_from_the_web_ui(chromium, running):
                 section.click()
             form = dialog.get_by_role("region")  # the open section's body
             for key, (role, title) in FIELDS.items():
-                field = form.get_by_role(role, name=title, exact=True)  # named by its <label>: the Param's title
+                # named by its <label>: the Param's title
+                field = form.get_by_role(role, name=title, exact=True)
                 expect(field).to_be_visible()
                 # the field's group: label, input, help text (`has` is matched inside each group)
                 group = form.get_by_role("group").filter(has=page.get_by_role(role, name=title, exact=True))
@@ -168,8 +174,8 @@ def test_trigger_chat_train_from_the_web_ui(chromium, running):
             _select(page, form.get_by_role("combobox", name="Profile", exact=True), "tiny")
             form.get_by_role("spinbutton", name="Max steps", exact=True).fill("30")
             _select(page, form.get_by_role("combobox", name="ZeRO stage", exact=True), "3")
-            # ZeRO-3 is not the profile's stage, so the MLflow run's params show the form's value arrived; Force +
-            # no resume: the run must train now, whatever was registered or checkpointed before
+            # ZeRO-3 is not the profile's stage, so the MLflow run's params show the form's value arrived;
+            # Force + no resume: the run must train now, whatever was registered or checkpointed before
             _switch(form.get_by_role("checkbox", name="Force"), True)
             _switch(form.get_by_role("checkbox", name="Resume"), False)
             # and the small tier: a student distilled from the champion, registered as chat-gpt-small
@@ -177,8 +183,8 @@ def test_trigger_chat_train_from_the_web_ui(chromium, running):
             # Reason (optional) proves the conf reached training; its input has no accessible name in 3.3
             form.get_by_role("group").filter(has_text=re.compile(r"^Reason")).get_by_role("textbox").fill(reason)
             for title, shown in (("Profile", "tiny"), ("ZeRO stage", "3")):
-                expect(form.get_by_role("group").filter(has=page.get_by_role("combobox", name=title, exact=True))
-                       ).to_contain_text(shown)
+                expect(form.get_by_role("group").filter(
+                    has=page.get_by_role("combobox", name=title, exact=True))).to_contain_text(shown)
             expect(form.get_by_role("spinbutton", name="Max steps", exact=True)).to_have_value("30")
             _shot(page, "03-trigger-form", dialog)
             # the conf the form built, as Advanced Options shows it
@@ -207,7 +213,8 @@ def test_trigger_chat_train_from_the_web_ui(chromium, running):
             _wait_started(client, run_id, timeout=900)  # a run the schedules started meanwhile may go first
             state = client.wait_run("chat_train", run_id, timeout=900)
             states = client.task_states("chat_train", run_id)
-            assert state == "success" and states == dict.fromkeys((*TASKS, "distill"), "success"), (state, states)
+            assert state == "success" and states == dict.fromkeys((*TASKS, "distill"), "success"), \
+                (state, states)
 
             # 5. the run page says Success
             page.reload()
@@ -231,7 +238,8 @@ def test_trigger_chat_train_from_the_web_ui(chromium, running):
     run = mlc.get_run(trained["mlflow_run_id"])
     assert run.info.experiment_id == mlc.get_experiment_by_name("chat-gpt").experiment_id
     assert run.info.status == "FINISHED" and run.info.start_time >= started * 1000, run.info  # trained now
-    assert run.data.params["train.zero_stage"] == "3" and run.data.params["train.max_steps"] == "30", run.data.params
+    assert run.data.params["train.zero_stage"] == "3" and run.data.params["train.max_steps"] == "30", \
+        run.data.params
     assert run.data.tags["llmops.trigger_reason"] == reason, run.data.tags
     assert len(mlc.get_metric_history(run.info.run_id, "loss")) == 30
     registered = client.xcom("chat_train", run_id, "register")
@@ -241,9 +249,13 @@ def test_trigger_chat_train_from_the_web_ui(chromium, running):
     student = mlc.get_model_version("chat-gpt-small", str(distilled["registered"]["version"]))
     # the teacher: the champion when the task ran (chat_deploy may have promoted this run's version since)
     teacher = mlc.get_model_version("chat-gpt", str(distilled["teacher"]["version"]))
-    assert student.tags["teacher.registered_model"] == "chat-gpt" and student.tags["teacher.version"] == teacher.version
-    assert student.tags["teacher.weights_sha256"] == teacher.tags["weights_sha256"], (student.tags, teacher.tags)
+    assert student.tags["teacher.registered_model"] == "chat-gpt" and \
+        student.tags["teacher.version"] == teacher.version
+    assert student.tags["teacher.weights_sha256"] == teacher.tags["weights_sha256"], \
+        (student.tags, teacher.tags)
     assert mlc.get_run(student.run_id).data.tags["llmops.stage"] == "distill"
     tiers = json.loads(Path(distilled["tiers_report"]).with_name("tiers.json").read_text())
-    assert tiers["tiers"] == ["fp32", "int8", "int4", "distilled"] and tiers["values"]["distilled"]["memory_mb"] > 0
-    assert tiers["values"]["int4"]["memory_mb"] < tiers["values"]["int8"]["memory_mb"] < tiers["values"]["fp32"]["memory_mb"]
+    assert tiers["tiers"] == ["fp32", "int8", "int4", "distilled"] and \
+        tiers["values"]["distilled"]["memory_mb"] > 0
+    assert tiers["values"]["int4"]["memory_mb"] < tiers["values"]["int8"]["memory_mb"] < \
+        tiers["values"]["fp32"]["memory_mb"]

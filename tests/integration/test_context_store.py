@@ -3,49 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
-import time
 import uuid
 
 import pytest
 
 from tasks.config import GatewayConfig
 from tasks.serve.sessions import MemoryStore, RedisStore, open_store
+from tests.helpers.services import REDIS_URL, redis_up
 
 pytestmark = pytest.mark.services
-REDIS_URL = "redis://127.0.0.1:6379/15"
-
-
-def _redis_up() -> None:
-    """Use the machine's Redis; start it as ../shared/FACTS.md says if it is not running; fail clearly."""
-    import redis
-
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
-        return
-    except redis.ConnectionError:
-        pass
-    if shutil.which("redis-server"):
-        subprocess.run(["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--port", "6379", "--save", "",
-                        "--appendonly", "no"], check=False, capture_output=True)
-        for _ in range(20):
-            try:
-                redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.25)
-    pytest.fail("Redis is not reachable at 127.0.0.1:6379 and could not be started (redis-server)")
 
 
 def test_redis_store_keeps_trims_expires_and_deletes_sessions():
-    _redis_up()
+    redis_up()
 
     async def scenario():
         store = open_store(GatewayConfig(context_store=REDIS_URL, session_max_turns=4, session_ttl_s=2))
         assert isinstance(store, RedisStore)
         sid = f"test-{uuid.uuid4().hex[:8]}"
-        await store.append(sid, [{"role": "user", "content": "héllo"}, {"role": "assistant", "content": "hi"}])
+        await store.append(sid, [{"role": "user", "content": "héllo"},
+                                 {"role": "assistant", "content": "hi"}])
         await store.append(sid, [{"role": "user", "content": f"q{i}"} for i in range(3)])
         turns = await store.get(sid)
         assert [t["content"] for t in turns] == ["hi", "q0", "q1", "q2"]  # trimmed to the newest 4

@@ -17,10 +17,9 @@ import pytest
 
 from tasks.config import MemoryConfig
 from tasks.serve.memory import PostgresIndex, RedisQueue
-from tests.conftest import REPO, make_settings
-from tests.integration.test_context_store import _redis_up
-from tests.integration.test_prod_local import _postgres_up
-from tests.unit.test_memory import Clock, mem, unit
+from tests.helpers.memory import Clock, make_memory, unit_vector
+from tests.helpers.project import REPO, make_settings
+from tests.helpers.services import postgres_up, redis_up
 
 pytestmark = pytest.mark.services
 REDIS_URL = "redis://127.0.0.1:6379/12"
@@ -32,8 +31,8 @@ def pg():
     import psycopg
     from psycopg import sql
 
-    _postgres_up()
-    _redis_up()
+    postgres_up()
+    redis_up()
     name = f"llmops_memory_{uuid.uuid4().hex[:8]}"
     admin = "postgresql://127.0.0.1:5432/postgres"
     with psycopg.connect(admin, autocommit=True) as conn:
@@ -64,44 +63,49 @@ def _rows(url: str, session: str) -> int:
 def test_postgres_index_honours_ttl_bytes_and_session_limits(pg):
     async def scenario():
         clock = Clock()
-        one = mem("s", 0).bytes
-        idx = PostgresIndex(MemoryConfig(ttl_s=100, max_bytes_per_session=1300, max_sessions=2), pg, 16, clock)
+        one = make_memory("s", 0).bytes
+        idx = PostgresIndex(MemoryConfig(ttl_s=100, max_bytes_per_session=1300, max_sessions=2),
+                            pg, 16, clock)
         try:
             # max bytes: three memories fit; the least recently used goes when a fourth comes
             for i in range(3):
                 clock.t += 1
-                await idx.add(mem("s", i))
+                await idx.add(make_memory("s", i))
             clock.t += 1
-            assert [m.id for m, _ in await idx.search("s", None, unit(0), 1, 0.5, set())] == ["m0"]
+            assert [m.id for m, _ in await idx.search("s", None, unit_vector(0), 1, 0.5, set())] == ["m0"]
             clock.t += 1
-            await idx.add(mem("s", 3))
+            await idx.add(make_memory("s", 3))
             assert await idx.session_bytes("s") == 3 * one
-            assert {m.id for m, _ in await idx.search("s", None, unit(1), 4, -1.0, set())} == {"m0", "m2", "m3"}
+            assert {m.id for m, _ in await idx.search("s", None, unit_vector(1), 4, -1.0, set())} == \
+                {"m0", "m2", "m3"}
             # TTL: unused for longer than ttl_s, gone; a recalled one lives on
             clock.t += 60
-            await idx.search("s", None, unit(3), 1, 0.5, set())
+            await idx.search("s", None, unit_vector(3), 1, 0.5, set())
             clock.t += 60
-            assert [m.id for m, _ in await idx.search("s", None, unit(1), 4, -1.0, set())] == ["m3"]
+            assert [m.id for m, _ in await idx.search("s", None, unit_vector(1), 4, -1.0, set())] == ["m3"]
             # sessions: past max_sessions the least recently used one goes whole
             for s in ("a", "b"):
                 clock.t += 1
-                await idx.add(mem(s, 5))
+                await idx.add(make_memory(s, 5))
             assert _rows(pg, "s") == 0 and _rows(pg, "a") == 1 and _rows(pg, "b") == 1
             assert (await idx.stats())["sessions"] == 2
-            assert idx.pgvector is False  # this machine's Postgres has no pgvector: bytea vectors, scored here
+            # this machine's Postgres has no pgvector: bytea vectors, scored here
+            assert idx.pgvector is False
         finally:
             await idx.close()
     asyncio.run(scenario())
 
 
 def _settings(tmp_path, mode: str, pg: str):
-    prod = [f"serve.gateway.context_store={REDIS_URL}", f"serve.memory.index={pg}", f"serve.memory.queue={REDIS_URL}"]
-    return make_settings(tmp_path, "serve.memory.worker_in_gateway=false", *(prod if mode == "production" else []))
+    prod = [f"serve.gateway.context_store={REDIS_URL}", f"serve.memory.index={pg}",
+            f"serve.memory.queue={REDIS_URL}"]
+    return make_settings(tmp_path, "serve.memory.worker_in_gateway=false",
+                         *(prod if mode == "production" else []))
 
 
 @pytest.mark.parametrize("mode", ["embedded", "production"])
-def test_deleting_a_session_removes_turns_summaries_vectors_and_queued_exchanges_everywhere(tmp_path, pg, redis_db,
-                                                                                            mode):
+def test_deleting_a_session_removes_turns_summaries_vectors_and_queued_exchanges_everywhere(
+        tmp_path, pg, redis_db, mode):
     from fastapi.testclient import TestClient
 
     from tasks.serve.gateway import create_app
@@ -120,12 +124,15 @@ def test_deleting_a_session_removes_turns_summaries_vectors_and_queued_exchanges
                 await memory.remember(who, None, "I live in Lisbon near the river.", "Lovely city.")
                 await memory.remember(who, None, "My cat is called Miso.", "Cute!")
             await memory.process(await memory.queue.get(16, timeout=2))  # stored
-            await memory.remember(sid, None, "My phone is 555 0100.", "Noted.")  # still queued at the deletion
-            await memory.remember(other, None, "I like green tea.", "Tea is nice.")  # queued, and stays queued
+            # still queued at the deletion
+            await memory.remember(sid, None, "My phone is 555 0100.", "Noted.")
+            # queued, and stays queued
+            await memory.remember(other, None, "I like green tea.", "Tea is nice.")
         client.portal.call(write)
 
         async def state(who):
-            hits = await memory.index.search(who, None, memory.embedder.query("Where do I live?"), 5, -1.0, set())
+            hits = await memory.index.search(who, None, memory.embedder.query("Where do I live?"),
+                                             5, -1.0, set())
             return {"turns": len(await gw.store.get(who)), "memories": len(hits),
                     "bytes": await memory.index.session_bytes(who)}
         before = client.portal.call(state, sid)
@@ -133,7 +140,8 @@ def test_deleting_a_session_removes_turns_summaries_vectors_and_queued_exchanges
 
         r = client.delete(f"/v1/sessions/{sid}")
         assert r.status_code == 200, r.text
-        assert r.json() == {"id": sid, "object": "session", "deleted": True, "turns": True, "memories": 2, "queued": 1}
+        assert r.json() == \
+            {"id": sid, "object": "session", "deleted": True, "turns": True, "memories": 2, "queued": 1}
         assert client.portal.call(state, sid) == {"turns": 0, "memories": 0, "bytes": 0}
         assert client.portal.call(state, other)["memories"] == 2  # another session keeps its own
         if mode == "production":  # and nothing is left in the stores themselves
@@ -149,7 +157,8 @@ def test_a_memory_worker_process_embeds_what_the_gateway_queued(tmp_path, pg, re
     s = _settings(tmp_path, "production", pg)
     sid = f"w-{uuid.uuid4().hex[:6]}"
     args = [sys.executable, "-m", "tasks", "memory-worker", "--set", f"paths.root={tmp_path}",
-            *[a for x in (f"serve.memory.index={pg}", f"serve.memory.queue={REDIS_URL}") for a in ("--set", x)]]
+            *[a for x in (f"serve.memory.index={pg}", f"serve.memory.queue={REDIS_URL}")
+              for a in ("--set", x)]]
     log = tmp_path / "worker.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
@@ -197,7 +206,8 @@ def test_deleting_a_user_removes_their_memories_from_every_session(tmp_path, pg,
             await memory.wait_ready()
             for sid in (f"a-{tag}", f"b-{tag}"):
                 await memory.remember(sid, user, "My sister lives in Oslo.", "Oslo is beautiful.")
-            await memory.remember(f"c-{tag}", None, "My sister lives in Oslo.", "Oslo is beautiful.")  # no user
+            await memory.remember(f"c-{tag}", None, "My sister lives in Oslo.",
+                                  "Oslo is beautiful.")  # no user
             await memory.process(await memory.queue.get(16, timeout=2))
 
         client.portal.call(write)

@@ -23,27 +23,11 @@ from tasks.data.synth import synth
 from tasks.ops import stack
 from tasks.ops.airflow_client import AirflowClient
 from tasks.procs import alive, free_port, venv_bin
-from tests.conftest import REPO, make_settings
-from tests.integration.test_context_store import _redis_up
+from tests.helpers.project import REPO, make_settings
+from tests.helpers.services import postgres_up, redis_up
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 BROKER_DB = 13  # the Celery broker's Redis database, emptied afterwards
-
-
-def _postgres_up() -> None:
-    import psycopg
-
-    for attempt in range(2):
-        try:
-            psycopg.connect("postgresql://127.0.0.1:5432/postgres", connect_timeout=3).close()
-            return
-        except psycopg.OperationalError:
-            if attempt == 0 and shutil.which("pg_ctlcluster") and os.path.isdir("/etc/postgresql"):
-                version = sorted(os.listdir("/etc/postgresql"))[-1]
-                subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start"],
-                               capture_output=True, check=False)
-                time.sleep(3)
-    pytest.fail("PostgreSQL is not reachable at 127.0.0.1:5432 and could not be started (pg_ctlcluster)")
 
 
 def _pgid(pid: int) -> int | None:
@@ -67,15 +51,16 @@ def _drop(databases: list[str], roles: list[str]) -> None:
 
 @pytest.fixture(scope="module")
 def prod(tmp_path_factory):
-    _postgres_up()
-    _redis_up()
+    postgres_up()
+    redis_up()
     import redis
 
     tag = uuid.uuid4().hex[:8]
     af_db, ml_db, role = f"llmops_t{tag}_airflow", f"llmops_t{tag}_mlflow", f"llmops_t{tag}"
     root = tmp_path_factory.mktemp("prod")
     saved = {k: os.environ.get(k) for k in ("LLMOPS_MLFLOW_ADMIN_PASSWORD", "LLMOPS_CONFIG_DIR")}
-    os.environ["LLMOPS_MLFLOW_ADMIN_PASSWORD"] = secrets.token_urlsafe(18)  # never a default, never in the repo
+    # never a default, never in the repo
+    os.environ["LLMOPS_MLFLOW_ADMIN_PASSWORD"] = secrets.token_urlsafe(18)
     configs = root / "configs"  # the prod-local profile with a 20-step training, for every Airflow process
     shutil.copytree(REPO / "configs", configs)
     profile = yaml.safe_load((configs / "profiles" / "prod-local.yaml").read_text())
@@ -111,8 +96,10 @@ def prod(tmp_path_factory):
 
 def _latencies(client: AirflowClient, dag_id: str, run_id: str) -> list[float]:
     """Seconds from a task instance being queued to its start on the worker."""
-    tis = client.ok(client.http.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances"))["task_instances"]
-    return [(dt.datetime.fromisoformat(t["start_date"]) - dt.datetime.fromisoformat(t["queued_when"])).total_seconds()
+    tis = client.ok(client.http.get(
+        f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances"))["task_instances"]
+    return [(dt.datetime.fromisoformat(t["start_date"])
+             - dt.datetime.fromisoformat(t["queued_when"])).total_seconds()
             for t in tis if t.get("queued_when") and t.get("start_date")]
 
 
@@ -129,7 +116,8 @@ def test_airflow_runs_on_postgres_and_celery_and_mlflow_needs_credentials(prod):
     pids = {p.pid for p in psutil.process_iter() if _pgid(p.pid) in groups}
     listening = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("inet")
                  if c.status == psutil.CONN_LISTEN and c.pid in pids}
-    assert ("127.0.0.1", s.stack.airflow_port) in listening and ("127.0.0.1", s.stack.mlflow_port) in listening
+    assert ("127.0.0.1", s.stack.airflow_port) in listening and \
+        ("127.0.0.1", s.stack.mlflow_port) in listening
     assert all(ip == "127.0.0.1" for ip, _ in listening), listening
     # the metadata really is in Postgres: the DAGs the dag-processor parsed are rows there
     client = AirflowClient(s)
@@ -142,7 +130,8 @@ def test_airflow_runs_on_postgres_and_celery_and_mlflow_needs_credentials(prod):
     client.unpause("chat_ingest")
     t0 = time.monotonic()
     run_id = client.trigger("chat_ingest", {"day": "2026-11-01", "profile": "prod-local"})
-    assert client.wait_run("chat_ingest", run_id, timeout=600) == "success", client.task_states("chat_ingest", run_id)
+    assert client.wait_run("chat_ingest", run_id, timeout=600) == "success", \
+        client.task_states("chat_ingest", run_id)
     ingest_s = time.monotonic() - t0
     lat = _latencies(client, "chat_ingest", run_id)
     worker_log = (s.paths.var_dir / "log" / "airflow-celery-worker.log").read_text(errors="replace")
@@ -165,9 +154,12 @@ def test_airflow_runs_on_postgres_and_celery_and_mlflow_needs_credentials(prod):
         for k in creds:
             os.environ.pop(k, None)
     run = next(r for r in client.runs("chat_ingest") if r["dag_run_id"] == run_id)
-    run_s = (dt.datetime.fromisoformat(run["end_date"]) - dt.datetime.fromisoformat(run["start_date"])).total_seconds()
-    print(json.dumps({"prod_local": {"stack_up_s": round(info["up_s"], 1), "chat_ingest_trigger_to_done_s": round(ingest_s, 1),
-                                     "chat_ingest_run_s": round(run_s, 1), "queued_to_running_s": [round(x, 3) for x in lat]}}))
+    run_s = (dt.datetime.fromisoformat(run["end_date"])
+             - dt.datetime.fromisoformat(run["start_date"])).total_seconds()
+    print(json.dumps({"prod_local": {"stack_up_s": round(info["up_s"], 1),
+                                     "chat_ingest_trigger_to_done_s": round(ingest_s, 1),
+                                     "chat_ingest_run_s": round(run_s, 1),
+                                     "queued_to_running_s": [round(x, 3) for x in lat]}}))
 
     # a short chat_train through the Celery worker: DeepSpeed ranks under it, the run on the MLflow server
     client.unpause("chat_train")  # the weekly schedule's latest run starts at once: the short training
@@ -177,7 +169,8 @@ def test_airflow_runs_on_postgres_and_celery_and_mlflow_needs_credentials(prod):
         runs = client.runs("chat_train")
         time.sleep(2)
     train_run = runs[0]["dag_run_id"] if runs else client.trigger("chat_train", {"profile": "prod-local"})
-    assert client.wait_run("chat_train", train_run, timeout=900) == "success", client.task_states("chat_train", train_run)
+    assert client.wait_run("chat_train", train_run, timeout=900) == "success", \
+        client.task_states("chat_train", train_run)
     client.pause("chat_train")  # the backfill below publishes shards: no asset-triggered trainings
     os.environ.update(creds)
     try:
@@ -196,18 +189,20 @@ def test_days_backfilled_with_the_airflow_cli_then_reprocessed_give_identical_ha
     def backfill_with_the_cli() -> dict[str, str]:
         r = subprocess.run([venv_bin("airflow"), "backfill", "create", "--dag-id", "chat_ingest",
                             "--from-date", "2026-11-02", "--to-date", "2026-11-04", "--max-active-runs", "2",
-                            "--reprocess-behavior", "completed"], env=stack.airflow_env(s), capture_output=True,
-                           text=True, timeout=300)
+                            "--reprocess-behavior", "completed"], env=stack.airflow_env(s),
+                           capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         bf = client.ok(client.http.get("/api/v2/backfills", params={"dag_id": "chat_ingest"}))["backfills"]
         states = client.wait_backfill("chat_ingest", max(b["id"] for b in bf), timeout=900)
         assert states == {f"2026-11-{d:02d}": "success" for d in range(2, 5)}, states
         runs = [r for r in client.runs("chat_ingest", run_type="backfill")]
-        spans = [(dt.datetime.fromisoformat(r["start_date"]), dt.datetime.fromisoformat(r["end_date"])) for r in runs]
+        spans = [(dt.datetime.fromisoformat(r["start_date"]), dt.datetime.fromisoformat(r["end_date"]))
+                 for r in runs]
         most = max(sum(1 for a, b in spans if a <= t < b) for t, _ in spans)
         assert most <= 2, f"{most} backfill runs at once; --max-active-runs 2"
-        return {r["logical_date"][:10]: (client.xcom("chat_ingest", r["dag_run_id"], "ingest")["content_hash"],
-                                          r["end_date"]) for r in runs}
+        return {r["logical_date"][:10]:
+                (client.xcom("chat_ingest", r["dag_run_id"], "ingest")["content_hash"], r["end_date"])
+                for r in runs}
 
     first = backfill_with_the_cli()
     again = backfill_with_the_cli()  # reprocessing the completed days

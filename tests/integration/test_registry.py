@@ -1,4 +1,5 @@
-"""evaluate -> gate -> register against a real MLflow store; promote; load by alias; a worse model is refused."""
+"""evaluate -> gate -> register against a real MLflow store; promote; load by alias; a worse model is
+refused."""
 
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ from tasks.judge.registry import GateFailed, load_by_alias, promote
 from tasks.judge.release import evaluate_and_register
 from tasks.tracking import mlflow_client
 from tasks.train.launch import train
-from tests.conftest import make_settings
+from tests.helpers.project import make_settings
 
 pytestmark = pytest.mark.slow
-FAST = ["model.block_size=64", "train.micro_batch=8", "train.world_size=1", "train.zero_stage=0", "train.warmup_steps=5",
-        "train.eval_every=10", "eval.reply_samples=12", "eval.max_new_tokens=16", "eval.perplexity_windows=16"]
+FAST = ["model.block_size=64", "train.micro_batch=8", "train.world_size=1", "train.zero_stage=0",
+        "train.warmup_steps=5", "train.eval_every=10", "eval.reply_samples=12", "eval.max_new_tokens=16",
+        "eval.perplexity_windows=16"]
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +55,13 @@ def test_register_promote_load_and_refuse_a_worse_model(root):
 
     client = mlflow_client(s)
     v = client.get_model_version("chat-gpt", "1")
-    for tag in ("seed", "snapshot_hash", "tokenizer.version", "tokenizer.sha256", "config_hash", "code_version",
-                "parent", "mlflow_run_id", "eval_report", "eval.perplexity"):
+    for tag in ("seed", "snapshot_hash", "tokenizer.version", "tokenizer.sha256", "config_hash",
+                "code_version", "parent", "mlflow_run_id", "eval_report", "eval.perplexity"):
         assert v.tags.get(tag), tag
     run = client.get_run(good["mlflow_run_id"])
     assert "eval.fp32.rouge_l" in run.data.metrics
-    assert {a.path for a in client.list_artifacts(good["mlflow_run_id"], "eval/fp32")} >= {"eval/fp32/report.html"}
+    assert {a.path for a in client.list_artifacts(good["mlflow_run_id"], "eval/fp32")} >= \
+        {"eval/fp32/report.html"}
     html = Path(out["evaluation"]["report"]).read_text()
     assert "Loss curve" in html and "data:image/png;base64," in html and "Per slice" in html
 
@@ -91,7 +94,8 @@ def test_register_promote_load_and_refuse_a_worse_model(root):
         from tasks.judge.quantize import Int4Linear
 
         qmodel4, _, _ = load_by_alias(s, "challenger-int4")
-        assert {m.group_size for m in qmodel4.modules() if isinstance(m, Int4Linear)} == {s.eval.int4_group_size}
+        assert {m.group_size for m in qmodel4.modules() if isinstance(m, Int4Linear)} == \
+            {s.eval.int4_group_size}
     else:
         assert q4["registered"] is None and "worse than champion" in q4["gate"]["reason"]
 
@@ -104,7 +108,8 @@ def test_register_promote_load_and_refuse_a_worse_model(root):
 
     model, tok, version = load_by_alias(s, "champion")
     ref_model, _, _ = load_chat_model(Path(good["weights"]).parent)
-    prompt = tok.encode("<|im_start|>user\nHi, I need help with my invoice.<|im_end|>\n<|im_start|>assistant\n").ids
+    prompt = tok.encode("<|im_start|>user\nHi, I need help with my invoice.<|im_end|>\n"
+                        "<|im_start|>assistant\n").ids
     assert str(version.version) == "1"
     assert model.generate(prompt, 20, temperature=0.0) == ref_model.generate(prompt, 20, temperature=0.0)
 

@@ -27,12 +27,13 @@ from tasks.serve.export import export
 from tasks.serve.repository import read_aliases
 from tasks.tracking import mlflow_client
 from tasks.train.launch import train
-from tests.conftest import make_settings
-from tests.integration.test_serving import FAST, _gateway
+from tests.helpers.project import make_settings
+from tests.helpers.serving import FAST, start_gateway
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
-CANARY = ["rollout.steps=[50,100]", "rollout.window_s=4", "rollout.min_samples=8", "rollout.max_p99_regression_ms=50",
-          "rollout.shadow_percent=100", "rollout.shadow_window_s=4", "rollout.shadow_min_pairs=8"]
+CANARY = ["rollout.steps=[50,100]", "rollout.window_s=4", "rollout.min_samples=8",
+          "rollout.max_p99_regression_ms=50", "rollout.shadow_percent=100", "rollout.shadow_window_s=4",
+          "rollout.shadow_min_pairs=8"]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def stack(tmp_path_factory):
     export(s, alias="challenger")
     tp = triton.start(s, models=("chat-gpt", "chat-gpt-stream"))
     (s.paths.var_dir / "run").mkdir(parents=True, exist_ok=True)
-    proc, base = _gateway(s, *CANARY)
+    proc, base = start_gateway(s, *CANARY)
     yield s, tp, base
     triton.stop_group(proc.pid)
     tp.stop()
@@ -79,7 +80,8 @@ def test_canary_promotes_a_comparable_challenger_then_rolls_back_a_slow_one(stac
     with Load(base) as load:
         decision = rollout.canary(s, on_step=on_step)
     assert decision["action"] == "promote", decision
-    assert [st["share"] for st in steps] == [0.0, 50.0, 100.0] and all(st["verdict"] == "pass" for st in steps)
+    assert [st["share"] for st in steps] == [0.0, 50.0, 100.0] and \
+        all(st["verdict"] == "pass" for st in steps)
     shadow = steps[0]
     assert shadow["phase"] == "shadow" and shadow["pairs"] >= 8 and shadow["replies"]["similarity_mean"] > 0.2
     assert set(shadow_seen) == {"1"}  # during the shadow only the champion answered users
@@ -92,7 +94,8 @@ def test_canary_promotes_a_comparable_challenger_then_rolls_back_a_slow_one(stac
     assert str(client.get_model_version_by_alias("chat-gpt", "champion").version) == "2"
     assert read_aliases(s.paths.triton_repository, "chat-gpt") == {"champion": 2, "previous": 1}
     record = json.loads(Path(decision["record"]).read_text())
-    assert record["action"] == "promote" and [st["share"] for st in record["evidence"]["steps"]] == [0.0, 50.0, 100.0]
+    assert record["action"] == "promote" and \
+        [st["share"] for st in record["evidence"]["steps"]] == [0.0, 50.0, 100.0]
     assert client.get_model_version("chat-gpt", "2").tags["rollout.action"] == "promote"
     assert "challenger" not in client.get_registered_model("chat-gpt").aliases
 
@@ -113,7 +116,8 @@ def test_canary_promotes_a_comparable_challenger_then_rolls_back_a_slow_one(stac
     assert read_aliases(s.paths.triton_repository, "chat-gpt") == {"champion": 2, "rejected": 1}
     assert str(client.get_model_version_by_alias("chat-gpt", "rejected").version) == "1"
     assert client.get_model_version("chat-gpt", "1").tags["rollout.action"] == "rollback"
-    assert json.loads((s.paths.triton_repository / "chat-gpt" / "traffic.json").read_text()) == {"challenger": 0.0}
+    assert json.loads((s.paths.triton_repository / "chat-gpt" / "traffic.json").read_text()) == \
+        {"challenger": 0.0}
     # after the roll-back every routed request goes to the champion
     r = httpx.post(f"{base}/v1/chat/completions", json={"model": "chat-gpt", "max_tokens": 4,
                                                        "messages": [{"role": "user", "content": "hi"}]})

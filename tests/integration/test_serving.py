@@ -2,8 +2,9 @@
 the gateway in front of it as its own process: tritonclient HTTP / gRPC / streaming, tokenization
 and generation parity with the training code, dynamic batching, two versions at once, the
 official `openai` client (streaming and not), every kind of bad request, overload, sessions,
-long-term session memory, request coalescing, the safety filter, request logs and metrics; and the small/large tiers (serve.routing): each kind
-of request to its tier, with the decision in headers, request log and metrics, and a canary per tier."""
+long-term session memory, request coalescing, the safety filter, request logs and metrics; and the
+small/large tiers (serve.routing): each kind of request to its tier, with the decision in headers,
+request log and metrics, and a canary per tier."""
 
 from __future__ import annotations
 
@@ -31,14 +32,11 @@ from tasks.procs import free_port
 from tasks.serve import triton
 from tasks.serve.export import export, export_dir
 from tasks.serve.repository import served_versions
-from tasks.serve.server import wait_gateway
 from tasks.train.launch import train
-from tests.conftest import REPO, make_settings
+from tests.helpers.project import REPO, make_settings
+from tests.helpers.serving import FAST, start_gateway
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
-FAST = ["model.block_size=64", "train.micro_batch=8", "train.world_size=1", "train.zero_stage=0", "train.warmup_steps=5",
-        "train.eval_every=20", "eval.reply_samples=12", "eval.max_new_tokens=16", "eval.perplexity_windows=16",
-        "eval.latency_requests=4"]
 MODEL = "chat-gpt"
 HELLO = [{"role": "user", "content": "Hello, I cannot log in to my account."}]
 
@@ -80,31 +78,12 @@ def server(root):
     tp.stop()
 
 
-def _gateway(s, *extra: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    t = s.serve.triton
-    args = [sys.executable, "-m", "tasks.serve.gateway", "--port", str(port), "--set", f"paths.root={s.paths.root}",
-            *[a for x in (*FAST, f"serve.triton.grpc_port={t.grpc_port}", f"serve.triton.http_port={t.http_port}", *extra)
-              for a in ("--set", x)]]
-    log = s.paths.root / f"gateway-{port}.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "NO_PROXY": "127.0.0.1"})
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_gateway(f"{base}/v1", 60, log)
-    except Exception:
-        proc.kill()
-        raise
-    return proc, base
-
-
 @pytest.fixture(scope="module")
 def gateway(server):
     s, _ = server
     # this model's window is 64 tokens: memories may take most of a prompt's budget, condensed short
-    proc, base = _gateway(s, "serve.gateway.max_inflight=2", "serve.gateway.max_queue=3",
-                          "serve.memory.max_prompt_share=0.9", "serve.memory.summary_max_chars=120")
+    proc, base = start_gateway(s, "serve.gateway.max_inflight=2", "serve.gateway.max_queue=3",
+                               "serve.memory.max_prompt_share=0.9", "serve.memory.summary_max_chars=120")
     yield base
     triton.stop_group(proc.pid)
 
@@ -115,7 +94,8 @@ def _infer_inputs(mod, messages, max_tokens=12, temperature=0.0, seed=-1):
         x.set_data_from_numpy(np.array([[value]], dtype=np_dtype))
         return x
 
-    return [t("messages", "BYTES", json.dumps(messages).encode(), np.object_), t("max_tokens", "INT32", max_tokens, np.int32),
+    return [t("messages", "BYTES", json.dumps(messages).encode(), np.object_),
+            t("max_tokens", "INT32", max_tokens, np.int32),
             t("temperature", "FP32", temperature, np.float32), t("top_p", "FP32", 1.0, np.float32),
             t("seed", "INT64", seed, np.int64)]
 
@@ -156,7 +136,8 @@ def test_tritonclient_http_grpc_and_stream_match_the_training_code(root, server)
     assert not any(isinstance(x, Exception) for x in got), got
     tokens = [int(x.as_numpy("token_ids").reshape(-1)[0]) for x in got[:-1]]
     assert tokens == expected and len(got) == len(expected) + 1  # one response per token, then the final one
-    assert "".join(x.as_numpy("text").reshape(-1)[0].decode() for x in got[:-1]) == tok.decode(expected, skip_special_tokens=True)
+    assert "".join(x.as_numpy("text").reshape(-1)[0].decode() for x in got[:-1]) == \
+        tok.decode(expected, skip_special_tokens=True)
     assert int(got[-1].as_numpy("completion_tokens").reshape(-1)[0]) == len(expected)
     assert int(got[-1].as_numpy("cached_tokens").reshape(-1)[0]) == 0  # no system prompt, nothing to reuse
 
@@ -168,7 +149,8 @@ def test_a_repeated_system_prompt_is_prefilled_from_the_prefix_cache(root, serve
     import tritonclient.http as httpclient
 
     s, tp = server
-    system = {"role": "system", "content": "You are the support assistant of our shop. Be brief."}  # 30 tokens
+    system = {"role": "system",
+              "content": "You are the support assistant of our shop. Be brief."}  # 30 tokens
     messages = [system, {"role": "user", "content": "Hi"}]
     expected, n_prompt, tok = _expected(root, messages, max_tokens=4)
     n_system = len(tok.encode(render_chat([system], end_of_text=False), add_special_tokens=False).ids)
@@ -200,7 +182,8 @@ def test_dynamic_batching_runs_concurrent_requests_together_with_the_same_answer
                ("Hi,", "Hello, sorry but", "Help:", "Why", "Please check:", "Urgent -", "Hey", "So")]
     client = httpclient.InferenceServerClient(tp.http_url, concurrency=8, network_timeout=120)
     # long enough generations that 8 concurrent requests outnumber the 2 busy instances and wait together
-    single = [client.infer(MODEL, _infer_inputs(httpclient, p, max_tokens=40), model_version="1").as_numpy("token_ids")
+    single = [client.infer(MODEL, _infer_inputs(httpclient, p, max_tokens=40),
+                           model_version="1").as_numpy("token_ids")
               .reshape(-1).tolist() for p in prompts]
     for _ in range(5):  # a few rounds: the batcher groups what arrives within its queue delay
         pending = [client.async_infer(MODEL, _infer_inputs(httpclient, p, max_tokens=40), model_version="1")
@@ -222,7 +205,8 @@ def test_two_versions_are_served_at_once_and_a_model_is_reloaded_through_the_rep
     assert c.is_model_ready(MODEL, "1") and c.is_model_ready(MODEL, "2")
     index = {(m["name"], m.get("version")): m.get("state") for m in c.get_model_repository_index()}
     assert index[(MODEL, "1")] == index[(MODEL, "2")] == "READY"
-    outs = [c.infer(MODEL, _infer_inputs(httpclient, HELLO, max_tokens=16), model_version=v).as_numpy("token_ids")
+    outs = [c.infer(MODEL, _infer_inputs(httpclient, HELLO, max_tokens=16),
+                    model_version=v).as_numpy("token_ids")
             .reshape(-1).tolist() for v in ("1", "2")]
     assert outs[0] != outs[1]  # different weights answer differently
     triton.unload(tp.http_url, MODEL + "-stream")  # explicit model control: unload and load on request
@@ -246,7 +230,8 @@ def test_every_server_port_is_bound_to_loopback(server, gateway):
     assert {p for _, p in listening} >= {t.http_port, t.grpc_port, t.metrics_port}, listening
     assert all(_loopback(ip) for ip, _ in listening), listening  # gRPC listens on ::ffff:127.0.0.1
     port = int(gateway.rsplit(":", 1)[1])
-    gw = {c.laddr.ip for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+    gw = {c.laddr.ip for c in psutil.net_connections("inet")
+          if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
     assert gw == {"127.0.0.1"}
 
 
@@ -260,7 +245,8 @@ def _loopback(ip: str) -> bool:
 def test_llmops_chat_streams_a_conversation(gateway):
     out = subprocess.run([sys.executable, "-m", "tasks", "chat", "--base-url", f"{gateway}/v1", "--model",
                           "chat-gpt:1", "--max-tokens", "8", "--session", "cli-test"],
-                         input="Hello there\nAnd my order?\n", capture_output=True, text=True, timeout=120, cwd=REPO)
+                         input="Hello there\nAnd my order?\n", capture_output=True, text=True,
+                         timeout=120, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("bot> ") == 2, out.stdout  # one streamed reply per line typed
     assert out.stdout.replace("you> ", "").replace("bot> ", "").strip(), out.stdout
@@ -275,7 +261,8 @@ def test_openai_client_against_the_gateway_streaming_and_not(root, server, gatew
     ids = {m.id for m in client.models.list().data}
     assert {"chat-gpt", "chat-gpt:champion", "chat-gpt:challenger", "chat-gpt:1", "chat-gpt:2"} <= ids
     expected, n_prompt, tok = _expected(root, HELLO)
-    raw = client.chat.completions.with_raw_response.create(model="chat-gpt:1", messages=HELLO, max_tokens=12, temperature=0)
+    raw = client.chat.completions.with_raw_response.create(model="chat-gpt:1", messages=HELLO, max_tokens=12,
+                                                           temperature=0)
     r = raw.parse()
     assert r.choices[0].message.content == tok.decode(expected, skip_special_tokens=True).strip()
     assert r.usage.prompt_tokens == n_prompt and r.usage.completion_tokens == len(expected)
@@ -301,17 +288,21 @@ def test_openai_client_against_the_gateway_streaming_and_not(root, server, gatew
     (b'{"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}', 404, "model_not_found"),
     (b'{"model": "chat-gpt:77", "messages": [{"role": "user", "content": "hi"}]}', 404, "model_not_found"),
     (b'{"model": "chat-gpt", "messages": [{"role": "robot", "content": "hi"}]}', 400, "invalid_value"),
-    (b'{"model": "chat-gpt", "messages": [{"role": "user", "content": "hi"}], "temperature": 9}', 400, "invalid_value"),
-    (b'{"model": "chat-gpt", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}', 400, "invalid_value"),
-    (b'{"model": "chat-gpt", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 64}', 400, "invalid_value"),
+    (b'{"model": "chat-gpt", "messages": [{"role": "user", "content": "hi"}], "temperature": 9}',
+     400, "invalid_value"),
+    (b'{"model": "chat-gpt", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}',
+     400, "invalid_value"),
+    (b'{"model": "chat-gpt", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 64}',
+     400, "invalid_value"),
     (b'{"model": "chat-gpt", "messages": [{"role": "user", "content": "hi"}], "n": 2}', 400, "invalid_value"),
-    (json.dumps({"model": "chat-gpt", "messages": [{"role": "user", "content": "word " * 300}]}).encode(), 400,
-     "context_length_exceeded"),
+    (json.dumps({"model": "chat-gpt", "messages": [{"role": "user", "content": "word " * 300}]}).encode(),
+     400, "context_length_exceeded"),
     (b'{"model": "chat-gpt", "messages": [{"role": "user", "content": "hi"}], "user": "../etc/passwd"}', 400,
      "invalid_value"),
 ])
 def test_bad_requests_get_openai_style_4xx(gateway, body, status, code):
-    r = httpx.post(f"{gateway}/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    r = httpx.post(f"{gateway}/v1/chat/completions", content=body,
+                   headers={"content-type": "application/json"})
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["code"] == code and err["message"] and err["type"] == "invalid_request_error"
@@ -319,7 +310,8 @@ def test_bad_requests_get_openai_style_4xx(gateway, body, status, code):
 
 def test_overload_gives_429_with_retry_after_and_never_5xx(gateway):
     def one(i):  # each request its own prompt: identical ones would share one inference (coalescing)
-        body = {"model": "chat-gpt:1", "messages": [{"role": "user", "content": f"Hello {i}, I cannot log in."}],
+        body = {"model": "chat-gpt:1",
+                "messages": [{"role": "user", "content": f"Hello {i}, I cannot log in."}],
                 "max_tokens": 24, "temperature": 0}
         r = httpx.post(f"{gateway}/v1/chat/completions", json=body, timeout=120)
         return r.status_code, r.headers.get("retry-after")
@@ -337,11 +329,13 @@ def test_sessions_safety_request_log_and_metrics(server, gateway):
     h = {"X-Session-Id": "sess-1"}
     url = f"{gateway}/v1/chat/completions"
     first = httpx.post(url, headers=h, json={"model": "chat-gpt:1", "max_tokens": 8,
-                                              "messages": [{"role": "user", "content": "My email is ann@example.com"}]})
+                                              "messages": [{"role": "user",
+                                                            "content": "My email is ann@example.com"}]})
     second = httpx.post(url, headers=h, json={"model": "chat-gpt:1", "max_tokens": 8,
                                                "messages": [{"role": "user", "content": "and what next?"}]})
     assert first.status_code == second.status_code == 200
-    assert second.json()["usage"]["prompt_tokens"] > first.json()["usage"]["prompt_tokens"]  # turns 1-2 came along
+    # turns 1-2 came along
+    assert second.json()["usage"]["prompt_tokens"] > first.json()["usage"]["prompt_tokens"]
     assert httpx.delete(f"{gateway}/v1/sessions/sess-1").json()["deleted"] is True
     third = httpx.post(url, headers=h, json={"model": "chat-gpt:1", "max_tokens": 8,
                                               "messages": [{"role": "user", "content": "and what next?"}]})
@@ -354,29 +348,32 @@ def test_sessions_safety_request_log_and_metrics(server, gateway):
     assert blocked.json()["choices"][0]["message"]["content"] == s.serve.safety.refusal
 
     metrics = httpx.get(f"{gateway}/metrics").text
-    for name in ("gateway_request_latency_seconds_bucket", "gateway_ttft_seconds_bucket", "gateway_tokens_per_second",
-                 "gateway_queue_depth", "gateway_triton_batch_size_bucket", "gateway_cost_per_million_tokens_usd",
+    for name in ("gateway_request_latency_seconds_bucket", "gateway_ttft_seconds_bucket",
+                 "gateway_tokens_per_second", "gateway_queue_depth", "gateway_triton_batch_size_bucket",
+                 "gateway_cost_per_million_tokens_usd",
                  'gateway_safety_blocked_total{rule="pattern:0",stage="input"}', 'status="200"'):
         assert name in metrics, name
     lines = [json.loads(x) for f in s.paths.requests.glob("dt=*/*.jsonl") for x in f.read_text().splitlines()]
     mine = [x for x in lines if x.get("session") == "sess-1"]
     assert len(mine) == 3 and all(x["safety_version"].startswith("2026.11.1+") for x in mine)
     assert "ann@example.com" not in json.dumps(lines) and "[EMAIL]" in mine[0]["prompt"]
-    assert {"latency_ms", "ttft_ms", "prompt_tokens", "completion_tokens", "version", "safety_input"} <= set(mine[0])
+    assert {"latency_ms", "ttft_ms", "prompt_tokens", "completion_tokens", "version", "safety_input"} <= \
+        set(mine[0])
     assert any(x.get("safety_input", {}).get("blocked") for x in lines)
 
 
 def test_triton_down_gives_503_and_the_gateway_recovers_when_it_returns(root):
     s = make_settings(root, *FAST, *_ports())
     tp = triton.start(s, models=(MODEL, MODEL + "-stream"))
-    proc, base = _gateway(s)
+    proc, base = start_gateway(s)
     try:
         body = {"model": "chat-gpt:1", "messages": HELLO, "max_tokens": 4}
         assert httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60).status_code == 200
         tp.stop()
         for _ in range(3):
             r = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60)
-            assert r.status_code == 503 and r.json()["error"]["code"] in ("model_server_unavailable", "model_not_ready")
+            assert r.status_code == 503 and \
+                r.json()["error"]["code"] in ("model_server_unavailable", "model_not_ready")
             assert r.headers.get("retry-after")
         assert httpx.get(f"{base}/healthz").status_code == 503
         tp = triton.start(s, models=(MODEL, MODEL + "-stream"))
@@ -395,24 +392,28 @@ def test_sessions_in_redis_survive_a_gateway_restart(server):
     another replica) continues the conversation."""
     import redis
 
-    from tests.integration.test_context_store import _redis_up
+    from tests.helpers.services import redis_up
 
-    _redis_up()
+    redis_up()
     s, _ = server
     store = "serve.gateway.context_store=redis://127.0.0.1:6379/14"
     sid = f"restart-{os.getpid()}-{time.monotonic_ns()}"
-    body = {"model": "chat-gpt:1", "max_tokens": 8, "messages": [{"role": "user", "content": "Where is my parcel?"}]}
-    proc, base = _gateway(s, store)
+    body = {"model": "chat-gpt:1", "max_tokens": 8,
+            "messages": [{"role": "user", "content": "Where is my parcel?"}]}
+    proc, base = start_gateway(s, store)
     try:
-        first = httpx.post(f"{base}/v1/chat/completions", headers={"X-Session-Id": sid}, json=body, timeout=60)
+        first = httpx.post(f"{base}/v1/chat/completions", headers={"X-Session-Id": sid},
+                           json=body, timeout=60)
         assert first.status_code == 200
     finally:
         triton.stop_group(proc.pid)
-    proc, base = _gateway(s, store)  # a new process: nothing in memory
+    proc, base = start_gateway(s, store)  # a new process: nothing in memory
     try:
-        again = httpx.post(f"{base}/v1/chat/completions", headers={"X-Session-Id": sid}, json=body, timeout=60)
+        again = httpx.post(f"{base}/v1/chat/completions", headers={"X-Session-Id": sid},
+                           json=body, timeout=60)
         assert again.status_code == 200
-        assert again.json()["usage"]["prompt_tokens"] > first.json()["usage"]["prompt_tokens"]  # turn 1 came along
+        # turn 1 came along
+        assert again.json()["usage"]["prompt_tokens"] > first.json()["usage"]["prompt_tokens"]
         assert httpx.delete(f"{base}/v1/sessions/{sid}").json()["deleted"] is True
     finally:
         triton.stop_group(proc.pid)
@@ -440,7 +441,8 @@ def test_a_memory_from_an_early_turn_is_recalled_many_turns_later_only_when_rele
         {"role": "user", "content": "My dog is Rex."}]}, h)
     assert first.status_code == 200
     filler = ["Where is my parcel?", "How do I reset my password?", "What is your refund policy?",
-              "The invoice shows the wrong address.", "Is there a student discount?", "Can I change my order?"]
+              "The invoice shows the wrong address.", "Is there a student discount?",
+              "Can I change my order?"]
     for i in range(17):
         r = _chat(gateway, {"model": "chat-gpt:1", "max_tokens": 4, "messages": [
             {"role": "user", "content": filler[i % len(filler)]}]}, h)
@@ -462,7 +464,8 @@ def test_a_memory_from_an_early_turn_is_recalled_many_turns_later_only_when_rele
         {"role": "user", "content": "Tell me about the history of Roman aqueducts."}]}, h)
     rec = _log_line(s, other.headers["x-request-id"])
     assert rec["memories"] == [] and rec["memories_recalled"] == 0, rec
-    assert _metric(gateway, "gateway_memory_sessions ") >= 1 and _metric(gateway, 'gateway_memory_bytes{stat="total"}') > 0
+    assert _metric(gateway, "gateway_memory_sessions ") >= 1 and \
+        _metric(gateway, 'gateway_memory_bytes{stat="total"}') > 0
     gone = httpx.delete(f"{gateway}/v1/sessions/{sid}").json()
     assert gone["turns"] and gone["memories"] >= 1 + len(filler), gone  # a repeated exchange is one memory
     again = _chat(gateway, {"model": "chat-gpt:1", "max_tokens": 2, "messages": [
@@ -484,7 +487,8 @@ def test_identical_concurrent_requests_are_served_by_one_inference(server, gatew
 
     async def burst(n: int) -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=120) as http:
-            return await asyncio.gather(*[http.post(f"{gateway}/v1/chat/completions", json=body) for _ in range(n)])
+            return await asyncio.gather(*[http.post(f"{gateway}/v1/chat/completions", json=body)
+                                          for _ in range(n)])
 
     before, coalesced = inferences(), _metric(gateway, "gateway_coalesced_requests_total")
     rs = asyncio.run(burst(6))
@@ -506,7 +510,8 @@ SMALL = "chat-gpt-small"
 
 
 def _chat(base: str, body: dict, headers: dict | None = None) -> httpx.Response:
-    return httpx.post(f"{base}/v1/chat/completions", json={"temperature": 0, **body}, headers=headers, timeout=120)
+    return httpx.post(f"{base}/v1/chat/completions", json={"temperature": 0, **body}, headers=headers,
+                      timeout=120)
 
 
 def _log_line(s, rid: str) -> dict:
@@ -525,16 +530,19 @@ def _routes(base: str) -> dict[tuple[str, str], float]:
     from prometheus_client.parser import text_string_to_metric_families
 
     return {(x.labels["tier"], x.labels["reason_kind"]): x.value
-            for fam in text_string_to_metric_families(httpx.get(f"{base}/metrics").text) if fam.name == "gateway_route"
+            for fam in text_string_to_metric_families(httpx.get(f"{base}/metrics").text)
+            if fam.name == "gateway_route"
             for x in fam.samples if x.name == "gateway_route_total"}
 
 
 def test_without_a_small_model_everything_goes_to_the_main_model(gateway):
     r = _chat(gateway, {"model": MODEL, "messages": HELLO, "max_tokens": 8})
     assert r.status_code == 200 and r.headers["x-tier"] == "large", r.text
-    assert r.headers["x-route-reason"] == "small-tier-not-served" and r.json()["system_fingerprint"] == "chat-gpt:1"
+    assert r.headers["x-route-reason"] == "small-tier-not-served" and \
+        r.json()["system_fingerprint"] == "chat-gpt:1"
     asked = _chat(gateway, {"model": SMALL, "messages": HELLO, "max_tokens": 8})
-    assert asked.status_code == 404 and asked.json()["error"]["code"] == "model_not_found"  # a name, not a preference
+    # a name, not a preference
+    assert asked.status_code == 404 and asked.json()["error"]["code"] == "model_not_found"
     assert SMALL not in {m["id"] for m in httpx.get(f"{gateway}/v1/models").json()["data"]}
 
 
@@ -542,7 +550,8 @@ def test_without_a_small_model_everything_goes_to_the_main_model(gateway):
 def small_tier(root, server, gateway):
     """chat-gpt-small served beside chat-gpt in the running server, no training: its versions 1 and 2 are
     the main model's weights swapped (small 1 = chat-gpt 2, small 2 = chat-gpt 1), so every answer shows
-    which weights produced it, and the version numbers overlap the main model's as a distilled model's will."""
+    which weights produced it, and the version numbers overlap the main model's as a distilled model's
+    will."""
     s, tp = server
     repo = s.paths.triton_repository
     one = make_settings(root, *FAST, "serve.triton.instances=1")  # 4 more backend processes on 2 cores, not 8
@@ -558,11 +567,13 @@ def small_tier(root, server, gateway):
         yield s
     finally:  # later tests expect one tier: a short `chat-gpt` request would go small otherwise
         for m in (SMALL, SMALL + "-stream"):
-            with contextlib.suppress(triton.TritonError):  # not loaded: the load's own error is the one to see
+            # not loaded: the load's own error is the one to see
+            with contextlib.suppress(triton.TritonError):
                 triton.unload(tp.http_url, m)
         deadline = time.monotonic() + 30
         httpx.get(f"{gateway}/healthz")  # makes the gateway read the repository index now
-        while _chat(gateway, {"model": MODEL, "messages": HELLO, "max_tokens": 4}).headers.get("x-tier") != "large":
+        while _chat(gateway, {"model": MODEL, "messages": HELLO,
+                              "max_tokens": 4}).headers.get("x-tier") != "large":
             assert time.monotonic() < deadline
             time.sleep(0.5)
 
@@ -572,8 +583,10 @@ def test_tiers_route_each_kind_of_request_with_headers_logs_and_metrics(small_ti
 
     s = small_tier
     before = _routes(gateway)
-    pinned = {v: _chat(gateway, {"model": f"{MODEL}:{v}", "messages": HELLO, "max_tokens": 16}) for v in (1, 2)}
-    assert {r.headers["x-tier"] + "/" + r.headers["x-route-reason"] for r in pinned.values()} == {"large/model"}
+    pinned = {v: _chat(gateway, {"model": f"{MODEL}:{v}", "messages": HELLO, "max_tokens": 16})
+              for v in (1, 2)}
+    assert {r.headers["x-tier"] + "/" + r.headers["x-route-reason"] for r in pinned.values()} == \
+        {"large/model"}
     text = {v: r.json()["choices"][0]["message"]["content"] for v, r in pinned.items()}
     assert text[1] != text[2]
 
@@ -581,11 +594,13 @@ def test_tiers_route_each_kind_of_request_with_headers_logs_and_metrics(small_ti
         assert r.status_code == 200, r.text
         body, rid = r.json(), r.headers["x-request-id"]
         assert (r.headers["x-tier"], r.headers["x-route-reason"]) == (tier, reason), (rid, dict(r.headers))
-        assert body["system_fingerprint"] == fingerprint and r.headers["x-model-version"] == fingerprint.split(":")[1]
+        assert body["system_fingerprint"] == fingerprint and \
+            r.headers["x-model-version"] == fingerprint.split(":")[1]
         if reply is not None:  # the tokens come from the weights the headers name
             assert body["choices"][0]["message"]["content"] == reply
         line = _log_line(s, rid)
-        assert (line["tier"], line["route_reason"], line["version"]) == (tier, reason, int(fingerprint.split(":")[1]))
+        assert (line["tier"], line["route_reason"], line["version"]) == \
+            (tier, reason, int(fingerprint.split(":")[1]))
         assert line["model"].partition(":")[0] == fingerprint.split(":")[0]
         return body
 
@@ -595,16 +610,18 @@ def test_tiers_route_each_kind_of_request_with_headers_logs_and_metrics(small_ti
     assert n <= 48, "HELLO should be a light prompt"
     body = check(light, "small", f"light(prompt={n}<=48,max_tokens=16<=32)", f"{SMALL}:1", text[2])
     assert body["model"] == SMALL and _log_line(s, light.headers["x-request-id"])["requested_model"] == MODEL
-    check(_chat(gateway, {"model": MODEL, "messages": HELLO, "max_tokens": 33}), "large", "heavy(max_tokens=33>32)",
+    check(_chat(gateway, {"model": MODEL, "messages": HELLO, "max_tokens": 33}), "large",
+          "heavy(max_tokens=33>32)", f"{MODEL}:1")
+    check(_chat(gateway, {"model": MODEL, "messages": HELLO}), "large", "heavy(max_tokens=64>32)",
           f"{MODEL}:1")
-    check(_chat(gateway, {"model": MODEL, "messages": HELLO}), "large", "heavy(max_tokens=64>32)", f"{MODEL}:1")
-    check(_chat(gateway, {"model": MODEL, "messages": HELLO, "max_tokens": 16}, {"X-Tier": "large"}), "large", "header",
-          f"{MODEL}:1", text[1])
-    check(_chat(gateway, {"model": MODEL, "messages": HELLO, "max_tokens": 33}, {"X-Tier": "small"}), "small", "header",
+    check(_chat(gateway, {"model": MODEL, "messages": HELLO, "max_tokens": 16}, {"X-Tier": "large"}),
+          "large", "header", f"{MODEL}:1", text[1])
+    check(_chat(gateway, {"model": MODEL, "messages": HELLO, "max_tokens": 33}, {"X-Tier": "small"}),
+          "small", "header", f"{SMALL}:1")
+    check(_chat(gateway, {"model": SMALL, "messages": HELLO, "max_tokens": 33}), "small", "model",
           f"{SMALL}:1")
-    check(_chat(gateway, {"model": SMALL, "messages": HELLO, "max_tokens": 33}), "small", "model", f"{SMALL}:1")
-    check(_chat(gateway, {"model": f"{SMALL}:2", "messages": HELLO, "max_tokens": 16}), "small", "model", f"{SMALL}:2",
-          text[1])
+    check(_chat(gateway, {"model": f"{SMALL}:2", "messages": HELLO, "max_tokens": 16}), "small", "model",
+          f"{SMALL}:2", text[1])
     # a long prompt (that still fits the 64-token window with 4 to generate) is heavy whatever max_tokens says
     tok = Tokenizer.from_file(str(s.paths.triton_repository / SMALL / "1" / "tokenizer.json"))
     words = "Hello, my order has not arrived"
@@ -612,9 +629,11 @@ def test_tiers_route_each_kind_of_request_with_headers_logs_and_metrics(small_ti
         words += " again"
     long = [{"role": "user", "content": words}]
     m = len(encode_chat(tok, long, add_generation_prompt=True))
-    check(_chat(gateway, {"model": MODEL, "messages": long, "max_tokens": 4}), "large", f"heavy(prompt={m}>48)", f"{MODEL}:1")
+    check(_chat(gateway, {"model": MODEL, "messages": long, "max_tokens": 4}), "large",
+          f"heavy(prompt={m}>48)", f"{MODEL}:1")
 
-    for headers, model in (({"X-Tier": "large"}, SMALL), ({"X-Tier": "small"}, f"{MODEL}:2"), ({"X-Tier": "tiny"}, MODEL)):
+    for headers, model in (({"X-Tier": "large"}, SMALL), ({"X-Tier": "small"}, f"{MODEL}:2"),
+                           ({"X-Tier": "tiny"}, MODEL)):
         r = _chat(gateway, {"model": model, "messages": HELLO, "max_tokens": 8}, headers)
         err = r.json()["error"]
         assert r.status_code == 400 and (err["code"], err["param"]) == ("invalid_value", "X-Tier"), r.text
@@ -623,7 +642,8 @@ def test_tiers_route_each_kind_of_request_with_headers_logs_and_metrics(small_ti
     # streaming: the same headers, and the small model's tokens as they come
     for max_tokens, tier, fingerprint in ((16, "small", f"{SMALL}:1"), (33, "large", f"{MODEL}:1")):
         with httpx.stream("POST", f"{gateway}/v1/chat/completions", timeout=120, json={
-                "model": MODEL, "messages": HELLO, "max_tokens": max_tokens, "temperature": 0, "stream": True}) as r:
+                "model": MODEL, "messages": HELLO, "max_tokens": max_tokens, "temperature": 0,
+                "stream": True}) as r:
             assert r.status_code == 200 and r.headers["x-tier"] == tier, r.headers
             assert r.headers["x-route-reason"].startswith("light(" if tier == "small" else "heavy(")
             events = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
@@ -635,13 +655,16 @@ def test_tiers_route_each_kind_of_request_with_headers_logs_and_metrics(small_ti
         assert _log_line(s, r.headers["x-request-id"])["tier"] == tier
 
     ids = {m["id"] for m in httpx.get(f"{gateway}/v1/models").json()["data"]}
-    assert {SMALL, f"{SMALL}:champion", f"{SMALL}:challenger", f"{SMALL}:1", f"{SMALL}:2", MODEL, f"{MODEL}:1"} <= ids
+    assert {SMALL, f"{SMALL}:champion", f"{SMALL}:challenger", f"{SMALL}:1", f"{SMALL}:2", MODEL,
+            f"{MODEL}:1"} <= ids
     tiers = httpx.get(f"{gateway}/healthz").json()["tiers"]
-    assert tiers["small"] == {"model": SMALL, "versions_ready": [1, 2], "aliases": {"champion": 1, "challenger": 2}}
+    assert tiers["small"] == \
+        {"model": SMALL, "versions_ready": [1, 2], "aliases": {"champion": 1, "challenger": 2}}
     after = _routes(gateway)
     grew = {k: after[k] - before.get(k, 0.0) for k in after if after[k] != before.get(k, 0.0)}
-    assert grew == {("large", "model"): 2, ("small", "light"): 2, ("large", "heavy"): 4, ("large", "header"): 1,
-                    ("small", "header"): 1, ("small", "model"): 2}, grew  # the three 400s were never routed
+    # the three 400s were never routed
+    assert grew == {("large", "model"): 2, ("small", "light"): 2, ("large", "heavy"): 4,
+                    ("large", "header"): 1, ("small", "header"): 1, ("small", "model"): 2}, grew
 
 
 def test_canary_and_shadow_apply_per_tier(root, small_tier, gateway):
@@ -652,7 +675,8 @@ def test_canary_and_shadow_apply_per_tier(root, small_tier, gateway):
     from tasks.loop import rollout
 
     s = small_tier
-    small = make_settings(root, *FAST, f"serve.triton.model_name={SMALL}", f"tracking.registered_model={SMALL}")
+    small = make_settings(root, *FAST, f"serve.triton.model_name={SMALL}",
+                          f"tracking.registered_model={SMALL}")
     repo = s.paths.triton_repository
     since = dt.datetime.now(dt.UTC)
     light = {"model": MODEL, "messages": HELLO, "max_tokens": 16}
@@ -677,9 +701,11 @@ def test_canary_and_shadow_apply_per_tier(root, small_tier, gateway):
             assert time.monotonic() < deadline, "no shadow pair for the small tier's request"
             time.sleep(0.3)
         assert (pair[0]["model"], pair[0]["tier"]) == (SMALL, "small")
-        assert (pair[0]["champion"]["version"], pair[0]["challenger"]["version"], pair[0]["challenger"]["status"]) == (1, 2, 200)
+        assert (pair[0]["champion"]["version"], pair[0]["challenger"]["version"],
+                pair[0]["challenger"]["status"]) == (1, 2, 200)
         report = rollout.shadow_report(small, since)
-        assert (report["pairs"], report["champion"], report["challenger"], report["verdict"]) == (1, 1, 2, "wait")
+        assert (report["pairs"], report["champion"], report["challenger"], report["verdict"]) == \
+            (1, 1, 2, "wait")
         assert rollout.shadow_report(s, since)["pairs"] == 0  # chat-gpt's shadow sees none of them
         # the judge counts each tier's own requests, though both have versions 1 and 2
         assert rollout.analyze(small, since)["requests"] == {"champion": 1, "challenger": 3}

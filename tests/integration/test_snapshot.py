@@ -20,7 +20,8 @@ def test_snapshot_versions_pushes_and_restores(settings):
     assert remote.is_dir() and any(p.is_file() for p in remote.rglob("*"))
 
     again = snapshot(settings)  # unchanged data: same version, nothing new
-    assert (again["snapshot_hash"], again["dvc_rev"], again["new_version"]) == (first["snapshot_hash"], first["dvc_rev"], False)
+    assert (again["snapshot_hash"], again["dvc_rev"], again["new_version"]) == \
+        (first["snapshot_hash"], first["dvc_rev"], False)
     assert again["pushed_files"] == 0
 
     ingest("2026-11-02", settings)

@@ -23,14 +23,14 @@ from tasks.serve.export import export
 from tasks.tracking import mlflow_client
 from tasks.train.distill import distill, resolve_teacher
 from tasks.train.launch import train
-from tests.conftest import make_settings
+from tests.helpers.project import make_settings
 
 pytestmark = pytest.mark.slow
 DAYS = ("2026-11-01", "2026-11-02")
 FAST = ["model.block_size=64", "train.micro_batch=4", "train.max_steps=60", "train.checkpoint_every=30",
         "train.eval_every=20", "train.warmup_steps=5", "train.world_size=2", "train.zero_stage=2",
-        "eval.reply_samples=8", "eval.max_new_tokens=8", "eval.perplexity_windows=8", "eval.latency_requests=4",
-        "distill.max_steps=60"]
+        "eval.reply_samples=8", "eval.max_new_tokens=8", "eval.perplexity_windows=8",
+        "eval.latency_requests=4", "distill.max_steps=60"]
 
 
 def _settings(root: Path, *extra: str):
@@ -61,7 +61,8 @@ def _rows(run_dir: str) -> list[dict]:
 def test_distilled_student_approaches_its_teacher_and_registers_with_it_in_the_lineage(teacher):
     s = _settings(teacher["root"])
     t = resolve_teacher(s, alias="challenger")
-    assert t["version"] == 1 and t["weights_sha256"] == sha256_file(teacher["weights_dir"] / "model.safetensors")
+    assert t["version"] == 1 and \
+        t["weights_sha256"] == sha256_file(teacher["weights_dir"] / "model.safetensors")
     out = distill_and_register(s, t)
 
     rows = _rows(str(Path(out["trained"]["weights"]).parents[1]))
@@ -108,13 +109,15 @@ def test_reproduce_rebuilds_the_registered_weights_bit_for_bit(teacher):
     s = _settings(teacher["root"])
     report = reproduce(s, "chat-gpt@1")
     assert report["identical"], report
-    assert report["weights_sha256"]["rebuilt"] == report["weights_sha256"]["registered"] == report["weights_sha256"]["tag"]
+    assert report["weights_sha256"]["rebuilt"] == report["weights_sha256"]["registered"] == \
+        report["weights_sha256"]["tag"]
     assert report["differs"] == [], report["inputs"]
-    assert {r["input"] for r in report["inputs"]} >= {"data snapshot", "tokenizer sha256", "seed", "config hash",
-                                                      "code hash", "world size"}
+    assert {r["input"] for r in report["inputs"]} >= {"data snapshot", "tokenizer sha256", "seed",
+                                                      "config hash", "code hash", "world size"}
     # rebuilt from the DVC remote into its own directory, not from the project's data/
     work = Path(report["workdir"])
-    assert (work / "data" / "clean.dvc").is_file() and list((work / "data" / "clean").glob("dt=*/part-*.parquet"))
+    assert (work / "data" / "clean.dvc").is_file() and \
+        list((work / "data" / "clean").glob("dt=*/part-*.parquet"))
     assert Path(report["report"]).is_file()
 
 

@@ -22,13 +22,13 @@ from tasks.data.shard import shard
 from tasks.data.snapshot import snapshot
 from tasks.data.synth import synth
 from tasks.train.launch import train
-from tests.conftest import REPO, make_settings
+from tests.helpers.project import REPO, make_settings
 
 pytestmark = pytest.mark.slow
 BASELINE = REPO / "tests" / "baselines" / "tiny_loss.json"
 STEPS = 30
-TRAIN = ["model.block_size=64", "train.micro_batch=4", f"train.max_steps={STEPS}", "train.checkpoint_every=10",
-         "train.eval_every=10", "train.warmup_steps=5", "train.world_size=2"]
+TRAIN = ["model.block_size=64", "train.micro_batch=4", f"train.max_steps={STEPS}",
+         "train.checkpoint_every=10", "train.eval_every=10", "train.warmup_steps=5", "train.world_size=2"]
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +70,8 @@ def test_zero2_loss_goes_down_and_is_tracked(reference, root):
     client = mlflow.MlflowClient(tracking_uri=reference["tracking_uri"])
     run = client.get_run(reference["mlflow_run_id"])
     assert run.info.status == "FINISHED"
-    for tag in ("seed", "snapshot_hash", "tokenizer_version", "tokenizer_sha256", "config_hash", "code_version", "parent",
-                "checkpoint_path"):
+    for tag in ("seed", "snapshot_hash", "tokenizer_version", "tokenizer_sha256", "config_hash",
+                "code_version", "parent", "checkpoint_path"):
         assert run.data.tags.get(tag), tag
     history = client.get_metric_history(run.info.run_id, "loss")
     assert len(history) == STEPS and history[-1].value == pytest.approx(curve[-1][1])
@@ -108,13 +108,15 @@ def test_zero3_really_shards_and_learns(root):
 
 def _rank_pids(run_dir: Path) -> list[int]:
     spec = str(run_dir / "spec.json")
-    return [p.pid for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] and spec in p.info["cmdline"]]
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if p.info["cmdline"] and spec in p.info["cmdline"]]
 
 
 def test_kill_and_resume_matches_uninterrupted_run(reference, root):
     kill_after = random.Random(os.getpid()).randint(12, 27)  # a random step past the first checkpoint
     args = [sys.executable, "-m", "tasks.train.launch", "--no-resume", "--profile", "tiny",
-            "--set", f"paths.root={root}", *[x for t in TRAIN for x in ("--set", t)], "--set", "train.zero_stage=2"]
+            "--set", f"paths.root={root}", *[x for t in TRAIN for x in ("--set", t)],
+            "--set", "train.zero_stage=2"]
     metrics = Path(reference["run_dir"], "metrics.jsonl")
     metrics.unlink()  # so that only the new run's rows are seen below
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -153,7 +155,8 @@ def test_crash_during_checkpoint_write_keeps_previous(reference, root, monkeypat
 def test_loss_matches_stored_baseline(reference):
     curve = reference["curve"]
     if os.environ.get("LLMOPS_UPDATE_BASELINE"):
-        BASELINE.write_text(json.dumps({"steps": STEPS, "overrides": TRAIN, "loss": [v for _, v in curve]}, indent=1))
+        BASELINE.write_text(json.dumps({"steps": STEPS, "overrides": TRAIN,
+                                        "loss": [v for _, v in curve]}, indent=1))
     base = json.loads(BASELINE.read_text())["loss"]
     assert len(base) == len(curve)
     for (step, got), want in zip(curve, base, strict=True):
@@ -174,5 +177,6 @@ def test_resume_with_another_world_size_uses_consolidated_weights(reference, roo
     assert r["run_dir"] == reference["run_dir"]  # the same run: world size is not part of its identity
     assert (r["resume_mode"], r["resumed_from"]) == ("weights_only", 10)
     curve, ref = dict(_curve(r)), dict(reference["curve"])
-    assert curve[11] == pytest.approx(ref[11], rel=1e-4)  # same weights, same data: same loss before the update
+    # same weights, same data: same loss before the update
+    assert curve[11] == pytest.approx(ref[11], rel=1e-4)
     assert curve[STEPS] == pytest.approx(ref[STEPS], rel=0.05)

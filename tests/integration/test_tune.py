@@ -20,15 +20,17 @@ from tasks.data.synth import synth
 from tasks.procs import free_port
 from tasks.serve import triton, tune
 from tasks.serve.export import export_dir
-from tests.conftest import make_settings
+from tests.helpers.project import make_settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 MODEL = "chat-gpt"
-# the default (serve.triton) is b4/d0us/i1; the grid adds b8 with a 5 ms queue delay and b1 (no batching at all)
-SMALL = ["serve.triton.instances=1", "serve.triton.max_batch_size=4", "serve.triton.preferred_batch_sizes=[4]",
-         "serve.triton.max_queue_delay_us=0", "serve.tune.max_batch_size=[1,8]", "serve.tune.max_queue_delay_us=[5000]",
-         "serve.tune.instances=[1]", "serve.tune.concurrency=4", "serve.tune.requests=24", "serve.tune.max_tokens=16",
-         "serve.tune.warmup_requests=8"]
+# the default (serve.triton) is b4/d0us/i1; the grid adds b8 with a 5 ms queue delay and b1
+# (no batching at all)
+SMALL = ["serve.triton.instances=1", "serve.triton.max_batch_size=4",
+         "serve.triton.preferred_batch_sizes=[4]", "serve.triton.max_queue_delay_us=0",
+         "serve.tune.max_batch_size=[1,8]", "serve.tune.max_queue_delay_us=[5000]",
+         "serve.tune.instances=[1]", "serve.tune.concurrency=4", "serve.tune.requests=24",
+         "serve.tune.max_tokens=16", "serve.tune.warmup_requests=8"]
 
 
 def _settings(root: Path, *extra: str):
@@ -53,15 +55,16 @@ def server(tmp_path_factory):
     tok = Path(json.loads(Path(shard(s)["manifest"]).read_text())["tokenizer"]["path"])
     vocab = -(-Tokenizer.from_file(str(tok)).get_vocab_size() // 64) * 64
     m = s.model
-    cfg = GPTConfig(vocab_size=vocab, n_layer=m.n_layer, n_head=m.n_head, d_model=m.d_model, block_size=m.block_size,
-                    pos=m.pos)
+    cfg = GPTConfig(vocab_size=vocab, n_layer=m.n_layer, n_head=m.n_head, d_model=m.d_model,
+                    block_size=m.block_size, pos=m.pos)
     torch.manual_seed(0)
     w = root / "weights"
     w.mkdir()
     save_file({k: v.contiguous() for k, v in GPT(cfg).state_dict().items() if k != "lm_head.weight"},
               str(w / "model.safetensors"))
     (w / "config.json").write_text(json.dumps({"model": cfg.to_dict()}))
-    (w / "_lineage.json").write_text(json.dumps({"id": "tune-test-random-init", "tokenizer": {"path": str(tok)}}))
+    (w / "_lineage.json").write_text(json.dumps({"id": "tune-test-random-init",
+                                                 "tokenizer": {"path": str(tok)}}))
     shutil.copy2(tok, w / "tokenizer.json")
     export_dir(s, w, MODEL, 1, aliases={"champion": 1})
     tp = triton.start(s, models=(MODEL,))
@@ -94,7 +97,8 @@ def test_tuning_a_real_server_reports_a_choice_within_the_slo_and_puts_the_confi
     chosen = by[report["choice"]["label"]]
     if report["choice"]["slo_met"]:
         assert chosen["p99_ms"] <= report["slo_p99_ms"]
-        assert chosen["tokens_per_s"] == max(p["tokens_per_s"] for p in by.values() if p["p99_ms"] <= report["slo_p99_ms"])
+        assert chosen["tokens_per_s"] == \
+            max(p["tokens_per_s"] for p in by.values() if p["p99_ms"] <= report["slo_p99_ms"])
     else:
         assert chosen["p99_ms"] == min(p["p99_ms"] for p in by.values())
     assert report["chosen"] == chosen["setting"] and report["default_repeat"]["label"] == labels[0]
@@ -111,7 +115,8 @@ def test_tuning_a_real_server_reports_a_choice_within_the_slo_and_puts_the_confi
     mid = sorted(p["p99_ms"] for p in by.values())[1]
     split = tune.choose(report["points"], mid)
     assert split["slo_met"] and by[split["label"]]["p99_ms"] <= mid
-    assert by[split["label"]]["tokens_per_s"] == max(p["tokens_per_s"] for p in by.values() if p["p99_ms"] <= mid)
+    assert by[split["label"]]["tokens_per_s"] == \
+        max(p["tokens_per_s"] for p in by.values() if p["p99_ms"] <= mid)
     assert all(by[x]["p99_ms"] > mid for x in split["over_slo"])
 
 
@@ -145,10 +150,12 @@ def test_cli_exits_1_when_no_setting_meets_the_slo_and_applies_nothing(server):
     pbtxt = s.paths.triton_repository / MODEL / "config.pbtxt"
     on_disk, before = pbtxt.read_text(), triton.model_config(tp.http_url, MODEL)
     t = s.serve.triton
-    only_default = ["serve.tune.max_batch_size=[4]", "serve.tune.max_queue_delay_us=[0]", "serve.tune.instances=[1]",
-                    "serve.tune.preferred_batch_sizes=keep"]  # the grid is the default itself: one point
-    args = [x for o in (f"paths.root={s.paths.root}", *SMALL, *only_default, f"serve.triton.http_port={t.http_port}",
-                        f"serve.triton.grpc_port={t.grpc_port}") for x in ("--set", o)]
+    # the grid is the default itself: one point
+    only_default = ["serve.tune.max_batch_size=[4]", "serve.tune.max_queue_delay_us=[0]",
+                    "serve.tune.instances=[1]", "serve.tune.preferred_batch_sizes=keep"]
+    args = [x for o in (f"paths.root={s.paths.root}", *SMALL, *only_default,
+                        f"serve.triton.http_port={t.http_port}", f"serve.triton.grpc_port={t.grpc_port}")
+            for x in ("--set", o)]
     r = CliRunner().invoke(app, ["tune-serving", "--slo-p99-ms", "0.01", "--requests", "8", "--apply", *args])
     assert r.exit_code == 1, r.output
     assert "no setting met the SLO p99 <= 0.01 ms" in r.output
@@ -163,17 +170,22 @@ def test_apply_writes_config_pbtxt_and_the_server_loads_it(server):
     s, tp = server
     pbtxt, stream = (s.paths.triton_repository / m / "config.pbtxt" for m in (MODEL, MODEL + "-stream"))
     on_disk = {p: p.read_text() for p in (pbtxt, stream)}
-    chosen = {"max_batch_size": 8, "dynamic_batching": True, "max_queue_delay_us": 5000, "preferred_batch_sizes": [8],
-              "instances": 1}
+    chosen = {"max_batch_size": 8, "dynamic_batching": True, "max_queue_delay_us": 5000,
+              "preferred_batch_sizes": [8], "instances": 1}
     before = triton.model_config(tp.http_url, MODEL)
-    triton.load(tp.http_url, MODEL, config=before)  # as a tuning run leaves it: the old configuration as an override
+    # as a tuning run leaves it: the old configuration as an override
+    triton.load(tp.http_url, MODEL, config=before)
     try:
-        out = tune.apply(s, {"model": MODEL, "chosen": chosen, "overrides": tune.overrides(chosen)}, tp.http_url)
-        assert out["written"] == [str(pbtxt), str(stream)] and out["reloaded"] == [MODEL]  # the twin is not loaded here
+        out = tune.apply(s, {"model": MODEL, "chosen": chosen, "overrides": tune.overrides(chosen)},
+                         tp.http_url)
+        # the twin is not loaded here
+        assert out["written"] == [str(pbtxt), str(stream)] and out["reloaded"] == [MODEL]
         for p in (pbtxt, stream):
-            assert "max_batch_size: 8\n" in p.read_text() and "max_queue_delay_microseconds: 5000" in p.read_text()
+            assert "max_batch_size: 8\n" in p.read_text() and \
+                "max_queue_delay_microseconds: 5000" in p.read_text()
         assert "decoupled: true" in stream.read_text() and "decoupled" not in pbtxt.read_text()
-        assert tune.setting_of(triton.model_config(tp.http_url, MODEL)) == chosen  # a plain load read the new file
+        # a plain load read the new file
+        assert tune.setting_of(triton.model_config(tp.http_url, MODEL)) == chosen
     finally:
         for p, text in on_disk.items():
             p.write_text(text)

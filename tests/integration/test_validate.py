@@ -50,11 +50,12 @@ def test_bad_partition_fails_the_gate_naming_each_expectation(settings):
                  "expect_column_proportion_of_unique_values_to_be_between"):
         assert name in msg
     assert "bob@example.com" in msg  # the offending example is shown
-    assert "Data Docs:" in msg and (settings.paths.reports_dir / "data_docs" / f"dt={DAY}" / "index.html").is_file()
+    assert "Data Docs:" in msg and \
+        (settings.paths.reports_dir / "data_docs" / f"dt={DAY}" / "index.html").is_file()
 
 
 def test_unknown_expectation_in_config_is_named(tmp_path):
-    from tests.conftest import make_settings
+    from tests.helpers.project import make_settings
 
     s = make_settings(tmp_path, "validate.expectations=[{expectation: ExpectNothingAtAll, table: records}]")
     synth_day(s, DAY, records=20, faults=False)

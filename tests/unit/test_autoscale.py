@@ -25,9 +25,10 @@ from tasks.loop.autoscale import (
 )
 from tasks.ops.cli import app
 from tasks.procs import free_port
-from tests.conftest import REPO, make_settings
+from tests.helpers.project import REPO, make_settings
 
-CFG = AutoscaleConfig()  # min 1, max 8, warm 1, target 0.7, queue 2/instance, scale-in below 0.3, cooldown 300 s
+# min 1, max 8, warm 1, target 0.7, queue 2/instance, scale-in below 0.3, cooldown 300 s
+CFG = AutoscaleConfig()
 CURVE = REPO / "tests" / "data" / "load_curve.csv"
 HOUR = 3600.0
 BURST = (10.5 * HOUR, 11.25 * HOUR)  # the curve's burst (10:30-10:45) and the quarter hour it takes to drain
@@ -79,7 +80,8 @@ def test_bounds():
     assert recommend({"queue_depth": 0, "utilization": 0.0}, 1, CFG, None, 0.0).action == "hold"  # at min
     cfg = AutoscaleConfig(min_instances=2, max_instances=4)
     d = recommend({"queue_depth": 0, "utilization": 0.0}, 1, cfg, 0.0, 1.0)
-    assert (d.action, d.target, d.trigger) == ("scale_out", 2, "bounds") and "below min_instances=2" in d.reason
+    assert (d.action, d.target, d.trigger) == ("scale_out", 2, "bounds") and \
+        "below min_instances=2" in d.reason
     d = recommend({"queue_depth": 0, "utilization": 0.5}, 6, cfg, 0.0, 1.0)  # bounds ignore the cooldown
     assert (d.action, d.target, d.trigger) == ("scale_in", 4, "bounds")
     with pytest.raises(ValueError, match="current instances"):
@@ -91,7 +93,8 @@ def test_warm_pool_is_kept_beside_the_target_but_not_past_max():
     assert recommend({"queue_depth": 100, "utilization": 1.0}, 4, CFG, None, 0.0).warm == 0  # target 8 = max
     cfg = AutoscaleConfig(warm_pool=3)
     assert recommend({"queue_depth": 0, "utilization": 0.95}, 4, cfg, None, 0.0).warm == 2  # 6 + 2 = 8
-    assert recommend({"queue_depth": 0, "utilization": 0.5}, 3, AutoscaleConfig(warm_pool=0), None, 0.0).warm == 0
+    assert recommend({"queue_depth": 0, "utilization": 0.5}, 3, AutoscaleConfig(warm_pool=0),
+                     None, 0.0).warm == 0
 
 
 # ---------------------------------------------------------------- replay of the committed day
@@ -195,21 +198,25 @@ nv_inference_count{{model="other",version="3"}} {ok}
 nv_inference_exec_count{{model="chat-gpt",version="1"}} {ex}
 nv_inference_exec_count{{model="chat-gpt-stream",version="1"}} {s_ok}
 nv_inference_exec_count{{model="other",version="3"}} 1
-# HELP nv_inference_request_duration_us Cumulative inference request duration in microseconds (includes cached requests)
+# HELP nv_inference_request_duration_us Cumulative inference request duration in microseconds \
+(includes cached requests)
 # TYPE nv_inference_request_duration_us counter
 nv_inference_request_duration_us{{model="chat-gpt",version="1"}} {req_us}
 nv_inference_request_duration_us{{model="chat-gpt-stream",version="1"}} {s_us}
 nv_inference_request_duration_us{{model="other",version="3"}} 99999999
-# HELP nv_inference_queue_duration_us Cumulative inference queuing duration in microseconds (includes cached requests)
+# HELP nv_inference_queue_duration_us Cumulative inference queuing duration in microseconds \
+(includes cached requests)
 # TYPE nv_inference_queue_duration_us counter
 nv_inference_queue_duration_us{{model="chat-gpt",version="1"}} {q_us}
 nv_inference_queue_duration_us{{model="chat-gpt-stream",version="1"}} 0
-# HELP nv_inference_compute_infer_duration_us Cumulative compute inference duration in microseconds (does not include cached requests)
+# HELP nv_inference_compute_infer_duration_us Cumulative compute inference duration in microseconds \
+(does not include cached requests)
 # TYPE nv_inference_compute_infer_duration_us counter
 nv_inference_compute_infer_duration_us{{model="chat-gpt",version="1"}} {inf_us}
 nv_inference_compute_infer_duration_us{{model="chat-gpt-stream",version="1"}} {s_us}
 nv_inference_compute_infer_duration_us{{model="other",version="3"}} 99999999
-# HELP nv_inference_pending_request_count Instantaneous number of pending requests awaiting execution per-model.
+# HELP nv_inference_pending_request_count Instantaneous number of pending requests awaiting execution \
+per-model.
 # TYPE nv_inference_pending_request_count gauge
 nv_inference_pending_request_count{{model="chat-gpt",version="1"}} {pend}
 nv_inference_pending_request_count{{model="chat-gpt-stream",version="1"}} {s_pend}
@@ -221,10 +228,10 @@ nv_cpu_utilization 0.02255639097744361
 # first and second scrape. chat-gpt: +40 requests in 10 batches of 4, each batch 100 ms of compute,
 # which Triton adds to each of its 4 requests (+4 s); busy 1 s. stream: +10 requests unbatched,
 # 200 ms each, busy 2 s. Queue now: 3 + 1 at Triton, 5 at the gateway.
-T1 = {"ok": 100, "ex": 50, "req_us": 3_000_000, "q_us": 100_000, "inf_us": 2_000_000, "s_ok": 20, "s_us": 4_000_000,
-      "pend": 0, "s_pend": 0}
-T2 = {"ok": 140, "ex": 60, "req_us": 9_000_000, "q_us": 500_000, "inf_us": 6_000_000, "s_ok": 30, "s_us": 6_000_000,
-      "pend": 3, "s_pend": 1}
+T1 = {"ok": 100, "ex": 50, "req_us": 3_000_000, "q_us": 100_000, "inf_us": 2_000_000, "s_ok": 20,
+      "s_us": 4_000_000, "pend": 0, "s_pend": 0}
+T2 = {"ok": 140, "ex": 60, "req_us": 9_000_000, "q_us": 500_000, "inf_us": 6_000_000, "s_ok": 30,
+      "s_us": 6_000_000, "pend": 3, "s_pend": 1}
 
 
 def gateway_text(prompt: float, completion: float, queue: float) -> str:
@@ -282,8 +289,9 @@ class _Handler(BaseHTTPRequestHandler):
 def servers(tmp_path):
     triton = _Metrics([TRITON.format(**T1), TRITON.format(**T2)])
     gateway = _Metrics([G1, G2])
-    s = make_settings(tmp_path, f"serve.triton.metrics_port={triton.port}", f"serve.gateway.port={gateway.port}",
-                      "serve.triton.instances=2", "serve.triton.max_batch_size=8")
+    s = make_settings(tmp_path, f"serve.triton.metrics_port={triton.port}",
+                      f"serve.gateway.port={gateway.port}", "serve.triton.instances=2",
+                      "serve.triton.max_batch_size=8")
     yield s, triton, gateway
     for srv in (triton, gateway):
         srv.shutdown()
@@ -297,16 +305,20 @@ def test_derive_from_two_scrapes(tmp_path):
     assert set(pools) == {"chat-gpt", "chat-gpt-stream"}  # "other" is not ours
     main, stream = pools["chat-gpt"], pools["chat-gpt-stream"]
     # 4 s of per-request compute over 40 requests in 10 executions = 1 s busy; / (2 s x 2 instances)
-    assert (main["busy_s"], main["utilization"], main["mean_batch"], main["batch_fill"]) == (1.0, 0.25, 4.0, 0.5)
+    assert (main["busy_s"], main["utilization"], main["mean_batch"], main["batch_fill"]) == \
+        (1.0, 0.25, 4.0, 0.5)
     assert (main["mean_request_ms"], main["mean_queue_ms"]) == (150.0, 10.0)
     assert (stream["busy_s"], stream["utilization"], stream["batch_fill"]) == (2.0, 0.5, 0.125)
     # the headline is the busiest pool's; the queue is Triton's pending plus the gateway's
-    assert (out["utilization"], out["batch_fill"], out["queue_depth"], out["instances"]) == (0.5, 0.125, 9.0, 2)
-    assert (out["tokens_per_s"], out["tokens_per_s_per_instance"], out["requests_per_s"]) == (250.0, 125.0, 25.0)
+    assert (out["utilization"], out["batch_fill"], out["queue_depth"], out["instances"]) == \
+        (0.5, 0.125, 9.0, 2)
+    assert (out["tokens_per_s"], out["tokens_per_s_per_instance"], out["requests_per_s"]) == \
+        (250.0, 125.0, 25.0)
     assert out["raw"]["gateway_tokens_per_second_gauge"] == 240.5 and out["raw"]["gateway_inflight"] == 16.0
     # a counter that went down was a restart: the new value is the whole delta
     reset = derive(parse(TRITON.format(**T2)), parse(TRITON.format(**T1)), parse(G1), parse(G1), 2.0, s)
-    assert {p["model"]: p["requests"] for p in reset["raw"]["pools"]} == {"chat-gpt": 100, "chat-gpt-stream": 20}
+    assert {p["model"]: p["requests"] for p in reset["raw"]["pools"]} == \
+        {"chat-gpt": 100, "chat-gpt-stream": 20}
 
 
 def test_signals_over_http(servers):
@@ -350,8 +362,10 @@ def test_cli_prints_and_logs_the_recommendation(servers):
     assert last_change_at(recommendations_log(s)) == json.loads(lines[0])["ts"]
     from prometheus_client.parser import text_string_to_metric_families
 
-    gauges = {f.name: f.samples[0].value for f in text_string_to_metric_families(Path(out["metrics"]).read_text())}
-    assert gauges["llmops_autoscale_recommended_instances"] == 5 and gauges["llmops_autoscale_queue_depth"] == 9
+    gauges = {f.name: f.samples[0].value
+              for f in text_string_to_metric_families(Path(out["metrics"]).read_text())}
+    assert gauges["llmops_autoscale_recommended_instances"] == 5 and \
+        gauges["llmops_autoscale_queue_depth"] == 9
     assert gauges["llmops_autoscale_instances"] == 2
 
     down = runner.invoke(app, ["autoscale", "--interval", "0.1", "--set", f"paths.root={s.paths.root}",
@@ -360,7 +374,8 @@ def test_cli_prints_and_logs_the_recommendation(servers):
 
 
 def test_cli_replays_a_load_curve(tmp_path):
-    r = runner.invoke(app, ["autoscale", "--replay", str(CURVE), "--cold-start", "120", "--set", f"paths.root={tmp_path}"])
+    r = runner.invoke(app, ["autoscale", "--replay", str(CURVE), "--cold-start", "120",
+                            "--set", f"paths.root={tmp_path}"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout[r.stdout.index("{"):])
     assert out["summary"]["max_instances"] == 8 and out["changes"][0]["action"] == "scale_out"

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import REPO
+from tests.helpers.project import REPO
 
 HEAVY = ("torch", "deepspeed", "great_expectations", "evidently", "mlflow", "dvc", "tokenizers", "pandas")
 
@@ -25,8 +25,8 @@ def test_tasks_never_import_airflow():
 
 
 def task_modules() -> list[str]:
-    """Every module of the tasks package but the entry point (it runs the CLI) and the Triton model (it imports
-    Triton's backend utilities, which exist only inside tritonserver's Python stub)."""
+    """Every module of the tasks package but the entry point (it runs the CLI) and the Triton model (it
+    imports Triton's backend utilities, which exist only inside tritonserver's Python stub)."""
     mods = []
     for path in sorted((REPO / "tasks").rglob("*.py")):
         name = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
@@ -38,7 +38,8 @@ def task_modules() -> list[str]:
 def test_importing_every_task_module_loads_no_airflow():
     mods = task_modules()
     assert len(mods) > 50 and "tasks.judge.release" in mods
-    code = f"import importlib, sys\nfor m in {mods!r}: importlib.import_module(m)\nprint(sorted(k for k in sys.modules if k.split('.')[0] == 'airflow'))"
+    code = (f"import importlib, sys\nfor m in {mods!r}: importlib.import_module(m)\n"
+            "print(sorted(k for k in sys.modules if k.split('.')[0] == 'airflow'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -50,7 +51,8 @@ t = time.perf_counter()
 import runpy
 runpy.run_path({path!r}, run_name="dagfile")
 secs = time.perf_counter() - t
-print(json.dumps({{"secs": secs, "heavy": sorted({{m.split('.')[0] for m in sys.modules}} & set({heavy!r}))}}))
+print(json.dumps({{"secs": secs, "heavy": sorted({{m.split('.')[0] for m in sys.modules}} \
+& set({heavy!r}))}}))
 """
 
 

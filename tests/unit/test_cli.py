@@ -6,12 +6,12 @@ import pytest
 from typer.testing import CliRunner
 
 from tasks.ops.cli import app
-from tests.conftest import REPO
+from tests.helpers.project import REPO
 
 runner = CliRunner()
-COMMANDS = ["config", "synth", "ingest", "validate", "snapshot", "shard", "days", "trigger", "backfill", "status",
-            "stack up", "stack down", "stack status", "rollout shadow", "rollout canary", "drift", "autoscale", "cost", "train-pod",
-            "lifecycle", "reports"]
+COMMANDS = ["config", "synth", "ingest", "validate", "snapshot", "shard", "days", "trigger", "backfill",
+            "status", "stack up", "stack down", "stack status", "rollout shadow", "rollout canary", "drift",
+            "autoscale", "cost", "train-pod", "lifecycle", "reports"]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)
@@ -20,14 +20,17 @@ def test_help_on_every_command(cmd):
     assert r.exit_code == 0 and "Usage" in r.output
 
 
-@pytest.mark.parametrize("stage", ["ingest", "validate", "snapshot", "shard", "train", "evaluate", "export", "serve"])
+@pytest.mark.parametrize("stage", ["ingest", "validate", "snapshot", "shard", "train", "evaluate",
+                                   "export", "serve"])
 def test_python_dash_m_tasks_stage(stage):
-    r = subprocess.run([sys.executable, "-m", "tasks", stage, "--help"], capture_output=True, text=True, cwd=REPO)
+    r = subprocess.run([sys.executable, "-m", "tasks", stage, "--help"], capture_output=True,
+                       text=True, cwd=REPO)
     assert r.returncode == 0 and f"python -m tasks {stage}" in r.stdout
 
 
 def test_bad_config_exits_2_naming_the_key(tmp_path):
-    r = runner.invoke(app, ["ingest", "--day", "2026-11-01", "--set", f"paths.root={tmp_path}", "--set", "ingest.max_reject_rate=2"])
+    r = runner.invoke(app, ["ingest", "--day", "2026-11-01", "--set", f"paths.root={tmp_path}",
+                            "--set", "ingest.max_reject_rate=2"])
     assert r.exit_code == 2
     assert "ingest.max_reject_rate" in r.output and "got 2" in r.output
 
@@ -60,7 +63,8 @@ def test_data_error_exits_1_with_message(tmp_path):
 
 
 def test_synth_traffic_writes_request_logs(tmp_path):
-    r = runner.invoke(app, ["synth", "--traffic", "40", "--drifted", "--hours", "0.5", "--set", f"paths.root={tmp_path}"])
+    r = runner.invoke(app, ["synth", "--traffic", "40", "--drifted", "--hours", "0.5",
+                            "--set", f"paths.root={tmp_path}"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout[r.stdout.index("{"):])
     assert out["rows"] == 40 and out["drifted"] is True
@@ -76,4 +80,5 @@ def test_readme_cli_reference_is_the_commands_own_help():
     start, end = "<!-- cli-reference:start -->\n```\n", "```\n<!-- cli-reference:end -->"
     assert start in readme and end in readme, "README.md lacks the cli-reference markers"
     block = readme.split(start, 1)[1].split(end, 1)[0]
-    assert block == reference(), "README.md's CLI reference is stale: paste `llmops cli-reference` between the markers"
+    assert block == reference(), \
+        "README.md's CLI reference is stale: paste `llmops cli-reference` between the markers"

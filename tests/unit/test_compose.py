@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from tasks.config import load_settings
-from tests.conftest import REPO
+from tests.helpers.project import REPO
 
 
 @pytest.fixture(scope="module")
@@ -25,15 +25,17 @@ def _env_names() -> set[str]:
 
 def test_every_reference_is_defined(compose):
     services, volumes = compose["services"], set(compose["volumes"])
-    expected = {"postgres", "redis", "airflow-init", "airflow-api-server", "airflow-scheduler", "airflow-dag-processor",
-                "airflow-triggerer", "airflow-worker", "mlflow", "tritonserver", "gateway", "prometheus"}
+    expected = {"postgres", "redis", "airflow-init", "airflow-api-server", "airflow-scheduler",
+                "airflow-dag-processor", "airflow-triggerer", "airflow-worker", "mlflow", "tritonserver",
+                "gateway", "prometheus"}
     assert expected <= set(services), expected - set(services)
     for name, svc in services.items():
         deps = svc.get("depends_on", {})
         for dep, cond in (deps.items() if isinstance(deps, dict) else ((d, {}) for d in deps)):
             assert dep in services, f"{name} depends on undefined service {dep}"
             if cond.get("condition") == "service_healthy":
-                assert "healthcheck" in services[dep], f"{name} waits for {dep} to be healthy, but {dep} has no healthcheck"
+                assert "healthcheck" in services[dep], \
+                    f"{name} waits for {dep} to be healthy, but {dep} has no healthcheck"
         for v in svc.get("volumes", []):
             src = v.split(":")[0]
             if src.startswith("./"):
@@ -42,7 +44,8 @@ def test_every_reference_is_defined(compose):
                 assert src in volumes, f"{name} uses undeclared volume {src}"
         build = svc.get("build")
         if build:
-            assert (REPO / build["context"] / build["dockerfile"]).is_file(), f"{name}: no {build['dockerfile']}"
+            assert (REPO / build["context"] / build["dockerfile"]).is_file(), \
+                f"{name}: no {build['dockerfile']}"
     for name in ("postgres", "redis", "airflow-api-server", "mlflow", "tritonserver", "gateway"):
         assert "healthcheck" in services[name], name
 
@@ -58,7 +61,8 @@ def test_secrets_only_from_the_environment_and_ports_only_on_loopback(compose):
     assert ".env" in (REPO / ".gitignore").read_text().split()
     for name, svc in compose["services"].items():
         for port in svc.get("ports", []):
-            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond the loopback interface"
+            assert str(port).startswith("127.0.0.1:"), \
+                f"{name} publishes {port} beyond the loopback interface"
 
 
 def test_ports_and_stores_agree_with_configs(compose):
@@ -74,10 +78,12 @@ def test_ports_and_stores_agree_with_configs(compose):
     assert "--model-control-mode=explicit" in cmd and f"--grpc-port={t.grpc_port}" in cmd
     assert f"tritonserver:{t.grpc_port}" in svc["gateway"]["command"]
     env = svc["airflow-scheduler"]["environment"]
-    assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor" and env["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://")
+    assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor" and \
+        env["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://")
     assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql+psycopg://")
     assert env["MLFLOW_TRACKING_URI"] == f"http://mlflow:{s.stack.mlflow_port}"
-    assert env["LLMOPS_PROFILE"].split(":-")[-1].rstrip("}") in {p.stem for p in (REPO / "configs" / "profiles").glob("*.yaml")}
+    assert env["LLMOPS_PROFILE"].split(":-")[-1].rstrip("}") in \
+        {p.stem for p in (REPO / "configs" / "profiles").glob("*.yaml")}
     prom = yaml.safe_load((REPO / "deploy" / "prometheus.yml").read_text())
     targets = {t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
     assert targets == {f"tritonserver:{t.metrics_port}", f"gateway:{s.serve.gateway.port}"}

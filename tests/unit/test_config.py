@@ -98,14 +98,17 @@ def test_stack_urls_come_from_the_config_with_secrets_from_the_environment(tmp_p
     # an Airflow variable left in the caller's environment (a test harness, a shell) changes nothing
     monkeypatch.setenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "sqlite:////elsewhere/airflow.db")
     env = airflow_env(load_settings("tiny", [f"paths.root={tmp_path}"]))
-    assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] == f"sqlite:///{tmp_path / 'var' / 'airflow' / 'airflow.db'}"
+    assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] == \
+        f"sqlite:///{tmp_path / 'var' / 'airflow' / 'airflow.db'}"
     monkeypatch.setenv("LLMOPS_TEST_DB_PASSWORD", "from-the-env")
     s = load_settings("prod-local", [f"paths.root={tmp_path}",
                                      "stack.airflow_db_url=postgresql+psycopg://af:${LLMOPS_TEST_DB_PASSWORD}@db:5432/af",
                                      "stack.mlflow_auth=false"])
     env = airflow_env(s)
-    assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] == "postgresql+psycopg://af:" + "from-the-env@db:5432/af"
-    assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor" and env["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://")
+    assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] == \
+        "postgresql+psycopg://af:" + "from-the-env@db:5432/af"
+    assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor" and \
+        env["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://")
     monkeypatch.delenv("LLMOPS_TEST_DB_PASSWORD")
     with pytest.raises(StackError, match=r"stack.airflow_db_url refers to \$\{LLMOPS_TEST_DB_PASSWORD\}"):
         airflow_env(s)

@@ -4,7 +4,7 @@ from datetime import timedelta
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers.project import REPO
 
 EXPECTED = {"chat_ingest", "chat_train", "chat_deploy", "chat_monitor"}
 
@@ -54,13 +54,14 @@ def test_chat_ingest_shape(dagbag):
 
 def test_chat_train_shape(dagbag):
     dag = dagbag.get_dag("chat_train")
-    assert [t.task_id for t in dag.topological_sort()] == ["check_inputs", "train", "evaluate", "gate", "register", "quantize",
-                                                           "distill"]
+    assert [t.task_id for t in dag.topological_sort()] == ["check_inputs", "train", "evaluate", "gate",
+                                                           "register", "quantize", "distill"]
     assert dag.get_task("train").pool == dag.get_task("distill").pool == "training"
     assert dag.get_task("distill").upstream_task_ids == {"register", "quantize"}
     assert dag.params.get_param("distill").value is False
     assert type(dag.timetable).__name__ == "AssetOrTimeSchedule"
-    assert {p: dag.params.get_param(p).value for p in ("profile", "resume")} == {"profile": "tiny", "resume": True}
+    assert {p: dag.params.get_param(p).value for p in ("profile", "resume")} == \
+        {"profile": "tiny", "resume": True}
     assert {o.name for o in dag.get_task("register").outlets} == {"chat_challenger"}
 
 
@@ -104,7 +105,8 @@ def test_a_verdict_fails_on_its_first_try_and_a_service_error_is_retried(dagbag)
             raise exc
         return body
 
-    for verdict in (GateFailed("gate failed: perplexity 9.1 > 8.0"), IngestError("no raw input for dt=2026-11-05")):
+    for verdict in (GateFailed("gate failed: perplexity 9.1 > 8.0"),
+                    IngestError("no raw input for dt=2026-11-05")):
         with pytest.raises(AirflowFailException, match=str(verdict)):
             raising(verdict)(1)
     with pytest.raises(TrainError):
@@ -116,7 +118,9 @@ def test_a_verdict_fails_on_its_first_try_and_a_service_error_is_retried(dagbag)
     def fine(x: int) -> int:
         return x + 1
     assert fine(1) == 2 and fine.__wrapped__.__name__ == "fine"
-    # chat_train's gate and chat_ingest's ingest are wrapped: the task's python_callable is fails_fast's wrapper
+    # chat_train's gate and chat_ingest's ingest are wrapped: the task's python_callable is
+    # fails_fast's wrapper
     for dag_id, task_id in (("chat_train", "gate"), ("chat_train", "register"), ("chat_ingest", "ingest")):
         callable_ = dagbag.get_dag(dag_id).get_task(task_id).python_callable
-        assert getattr(callable_, "__wrapped__", None) is not None, f"{dag_id}.{task_id} is not under fails_fast"
+        assert getattr(callable_, "__wrapped__", None) is not None, \
+            f"{dag_id}.{task_id} is not under fails_fast"

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tasks.config import ConfigError
 from tasks.train.distill import DistillError, resolve_teacher, student_settings
 from tasks.train.rank import distill_loss
-from tests.conftest import make_settings
+from tests.helpers.project import make_settings
 
 
 def test_kd_term_is_zero_for_the_teachers_own_logits_and_positive_otherwise():
@@ -31,7 +31,8 @@ def test_kd_term_is_temperature_squared_times_the_kl_of_softened_distributions()
     T = 3.0
     p = F.softmax(t / T, -1)
     kl = (p * (p.log() - F.log_softmax(s / T, -1))).sum(-1).mean()
-    assert distill_loss(s, t, torch.tensor(0.0), T, 1.0)[1].item() == pytest.approx(T * T * kl.item(), rel=1e-5)
+    assert distill_loss(s, t, torch.tensor(0.0), T, 1.0)[1].item() == \
+        pytest.approx(T * T * kl.item(), rel=1e-5)
 
 
 def test_kd_gradient_moves_the_student_toward_the_teacher():
@@ -48,15 +49,17 @@ def test_kd_gradient_moves_the_student_toward_the_teacher():
 def test_student_settings_take_the_students_shape_and_the_teachers_block(tmp_path):
     teacher = tmp_path / "teacher"
     teacher.mkdir()
-    (teacher / "config.json").write_text(json.dumps({"model": {"vocab_size": 2048, "n_layer": 4, "n_head": 4,
-                                                               "d_model": 128, "block_size": 64, "pos": "learned"}}))
-    s = make_settings(tmp_path, "distill.n_layer=1", "distill.d_model=32", "distill.n_head=2", "distill.max_steps=7")
+    (teacher / "config.json").write_text(json.dumps({"model": {
+        "vocab_size": 2048, "n_layer": 4, "n_head": 4, "d_model": 128, "block_size": 64, "pos": "learned"}}))
+    s = make_settings(tmp_path, "distill.n_layer=1", "distill.d_model=32", "distill.n_head=2",
+                      "distill.max_steps=7")
     st = student_settings(s, teacher)
     assert (st.model.n_layer, st.model.d_model, st.model.n_head) == (1, 32, 2)
     assert (st.model.block_size, st.model.pos) == (64, "learned")
     assert st.train.max_steps == 7 and st.tracking.registered_model == "chat-gpt-small"
     assert st.train.lr == s.distill.lr and st.train.lr != s.train.lr
-    assert st.hash("model") != s.hash("model") and s.train.max_steps != 7  # the teacher's settings are untouched
+    # the teacher's settings are untouched
+    assert st.hash("model") != s.hash("model") and s.train.max_steps != 7
 
 
 def test_bad_distill_config_names_the_key(tmp_path):

@@ -11,8 +11,8 @@ import pytest
 
 from tasks.config import MonitorConfig, RetrainGuard
 from tasks.loop.drift import auc_bound, charset, drift_report, guard, kl_divergence
-from tests.conftest import make_settings
-from tests.unit.test_serving_parts import _tokenizer
+from tests.helpers.project import make_settings
+from tests.helpers.serving import small_tokenizer
 
 NOW = dt.datetime(2026, 11, 28, 12, tzinfo=dt.UTC)
 CFG = MonitorConfig(guard=RetrainGuard(cooldown_hours=24, max_per_week=2, min_new_rows=100))
@@ -45,8 +45,9 @@ def _records(prompts, latency=100.0):
 
 
 def test_evidently_report_sees_shifted_prompts_and_not_the_same_ones(tmp_path):
-    s = make_settings(tmp_path, "monitor.min_rows=50", "monitor.embedding_model=")  # "": no embedding drift (below)
-    tok = _tokenizer()
+    s = make_settings(tmp_path, "monitor.min_rows=50",
+                      "monitor.embedding_model=")  # "": no embedding drift (below)
+    tok = small_tokenizer()
     rng = random.Random(0)
     words = ["order", "late", "refund", "password", "help", "account", "today", "please"]
     ref = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) for _ in range(400)]
@@ -66,9 +67,11 @@ def test_evidently_report_sees_shifted_prompts_and_not_the_same_ones(tmp_path):
 
 
 CODE = ("How do I {v} a {t} in {lang}?", "Why does my {lang} {t} raise {err} when I {v} it?",
-        "What is the fastest way to {v} a {t} in {lang}?", "My {lang} code fails to {v} the {t}, any idea why?")
+        "What is the fastest way to {v} a {t} in {lang}?",
+        "My {lang} code fails to {v} the {t}, any idea why?")
 COOK = ("How long should I bake a {dish} at {temp} degrees?", "Can I replace {ing} in a {dish} with {ing2}?",
-        "What goes well with a {dish} for {n} guests?", "My {dish} came out too dry, should I add more {ing}?")
+        "What goes well with a {dish} for {n} guests?",
+        "My {dish} came out too dry, should I add more {ing}?")
 SLOTS = {"v": ["sort", "parse", "serialize", "reverse", "filter", "merge", "cache"],
          "t": ["list", "dictionary", "JSON file", "string", "dataframe", "linked list", "HTTP response"],
          "lang": ["Python", "Rust", "Java", "Go", "TypeScript", "C++"],
@@ -92,7 +95,7 @@ def test_embedding_drift_of_prompts_fires_on_a_topic_shift_and_not_on_the_same_t
     # programming questions served as trained: no embedding drift; cooking questions: drift. The
     # templates give both topics the same lengths and charset, so only the embeddings can tell them apart.
     s = make_settings(tmp_path, "monitor.min_rows=50", "monitor.embedding_sample_rows=100")
-    tok = _tokenizer()
+    tok = small_tokenizer()
     rng = random.Random(1)
     ref = _prompts(rng, CODE, 200)
     calm = drift_report(s, ref, _records(_prompts(rng, CODE, 120)), tok, out_dir=tmp_path / "calm")
@@ -103,6 +106,7 @@ def test_embedding_drift_of_prompts_fires_on_a_topic_shift_and_not_on_the_same_t
     hot = drift_report(s, ref, _records(_prompts(rng, COOK, 120)), tok, out_dir=tmp_path / "hot")
     emb = hot["embedding_drift"]
     assert emb["drifted"] and emb["score"] > 0.9, emb
-    assert hot["fire"] and f"embedding drift of prompts: model score {emb['score']:.3f} > threshold" in hot["reason"]
+    assert hot["fire"] and \
+        f"embedding drift of prompts: model score {emb['score']:.3f} > threshold" in hot["reason"]
     assert (tmp_path / "hot" / "embeddings.html").stat().st_size > 10_000
     assert json.loads((tmp_path / "hot" / "verdict.json").read_text())["embedding_drift"]["drifted"] is True

@@ -6,13 +6,14 @@ import pytest
 from tasks.data.ingest import IngestError, RejectRateExceeded, ingest
 from tasks.data.partition import PartitionError, read_partition
 from tasks.data.synth import FAULT_KINDS, copy_chatterbot, synth_day
-from tests.conftest import make_settings, write_raw
+from tests.helpers.project import make_settings, write_raw
 
 DAY = "2026-11-01"
 
 
 def conv(user: str, answer: str = "Sure, here is a careful and complete answer to that.", **extra) -> str:
-    return json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}], **extra})
+    return json.dumps({"messages": [{"role": "user", "content": user},
+                                    {"role": "assistant", "content": answer}], **extra})
 
 
 LONG = ("Please explain how a sourdough starter is fed and kept alive through the winter months in a cold "
@@ -23,20 +24,27 @@ def fault_lines(max_bytes: int) -> list[tuple[bytes | str, str | None]]:
     """(line, expected reject reason or None for clean)."""
     return [
         (conv("What is the capital of France?", ticket="T-1"), None),
-        (conv(LONG, "Feed it flour and water daily, keep it somewhere a little warm, and discard half before each feed."), None),
+        (conv(LONG, "Feed it flour and water daily, keep it somewhere a little warm, "
+                    "and discard half before each feed."), None),
         ('{"messages": [', "invalid_json"),
         ("42", "not_object"),
         ('{"messages": []}', "missing_messages"),
         ('{"text": "no messages"}', "missing_messages"),
-        (json.dumps({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}), "unknown_role"),
+        (json.dumps({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}),
+         "unknown_role"),
         (json.dumps({"messages": ["just a string", {"role": "assistant", "content": "y"}]}), "unknown_role"),
-        (json.dumps({"messages": [{"role": "user", "content": " \n\t "}, {"role": "assistant", "content": "y"}]}), "empty_content"),
-        (json.dumps({"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "y"}]}), "empty_content"),
-        (json.dumps({"messages": [{"role": "system", "content": "be nice"}, {"role": "user", "content": "hi"}]}), "no_assistant"),
+        (json.dumps({"messages": [{"role": "user", "content": " \n\t "},
+                                  {"role": "assistant", "content": "y"}]}), "empty_content"),
+        (json.dumps({"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "y"}]}),
+         "empty_content"),
+        (json.dumps({"messages": [{"role": "system", "content": "be nice"},
+                                  {"role": "user", "content": "hi"}]}), "no_assistant"),
         (b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', "invalid_utf8"),
         (conv("x" * max_bytes), "over_long"),
-        (conv("what is   the capital of FRANCE?", ticket="T-2"), "duplicate"),  # same after normalisation + casefold
-        (conv(LONG, "Feed it flour and water daily, keep it somewhere a little warm, and discard half before each feed!"),
+        # same after normalisation + casefold
+        (conv("what is   the capital of FRANCE?", ticket="T-2"), "duplicate"),
+        (conv(LONG, "Feed it flour and water daily, keep it somewhere a little warm, "
+                    "and discard half before each feed!"),
          "near_duplicate"),
         (conv("My email is jane.doe@example.com and my IP is 10.1.2.3"), None),
     ]
@@ -44,7 +52,8 @@ def fault_lines(max_bytes: int) -> list[tuple[bytes | str, str | None]]:
 
 def test_fault_file_counts_add_up_exactly(settings):
     lines = fault_lines(settings.ingest.max_record_bytes)
-    write_raw(settings, DAY, [line for line, _ in lines] + [b"", b"   "])  # blank lines are counted, not records
+    # blank lines are counted, not records
+    write_raw(settings, DAY, [line for line, _ in lines] + [b"", b"   "])
     r = ingest(DAY, make_settings(settings.paths.root, "ingest.max_reject_rate=1.0"))
     expected = {}
     for _, reason in lines:
@@ -122,13 +131,15 @@ def test_packaged_chatterbot_corpus(settings):
     assert roles == {"user", "assistant"}
     cats = {json.loads(m)["categories"][0] for m in table.column("metadata").to_pylist()}
     assert "AI" in cats
-    assert pq.read_metadata(next((settings.paths.clean / f"dt={DAY}").glob("*.parquet"))).num_rows == r["clean"]
+    assert pq.read_metadata(next((settings.paths.clean / f"dt={DAY}").glob("*.parquet"))).num_rows == \
+        r["clean"]
 
 
 def test_chatterbot_yaml_faults(settings):
     d = settings.paths.raw / "bot" / f"dt={DAY}"
     d.mkdir(parents=True)
-    (d / "ok.yml").write_text("categories: [x]\nconversations:\n- - Hi\n  - Hello!\n- - lonely question\n- just text\n")
+    (d / "ok.yml").write_text("categories: [x]\nconversations:\n- - Hi\n  - Hello!\n"
+                              "- - lonely question\n- just text\n")
     (d / "broken.yml").write_text("conversations: [[unclosed\n")
     r = ingest(DAY, make_settings(settings.paths.root, "ingest.max_reject_rate=1.0"))
     assert r["clean"] == 1
@@ -158,8 +169,9 @@ def test_unchanged_input_is_skipped_and_any_change_runs_again(settings):
     assert {k: again[k] for k in ("content_hash", "clean", "rejected", "reasons")} == {
         k: first[k] for k in ("content_hash", "clean", "rejected", "reasons")}
     # one more record in the raw input: ingested again
-    write_raw(settings, DAY, [json.dumps({"messages": [{"role": "user", "content": "is the shop open on sunday?"},
-                                                       {"role": "assistant", "content": "Yes, from ten to four."}]})])
+    write_raw(settings, DAY, [json.dumps({"messages": [
+        {"role": "user", "content": "is the shop open on sunday?"},
+        {"role": "assistant", "content": "Yes, from ten to four."}]})])
     assert not is_current(settings, DAY)
     more = ingest(DAY, settings)
     assert "skipped" not in more and more["clean"] == first["clean"] + 1

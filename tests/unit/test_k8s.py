@@ -9,22 +9,25 @@ import re
 import yaml
 
 from tasks.train.k8s import as_dict, pod_name, train_pod
-from tests.conftest import make_settings
+from tests.helpers.project import make_settings
 
 
 def test_the_training_pod_asks_for_gpus_mounts_the_data_and_holds_no_secret(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     s = make_settings(tmp_path, "train.backend=kubernetes", "train.kubernetes.gpus=4",
                       'train.kubernetes.node_selector={"nvidia.com/gpu.product": "H100"}',
-                      'train.kubernetes.tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]',
+                      'train.kubernetes.tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", '
+                      '"effect": "NoSchedule"}]',
                       profile="gpt2-124m")
-    pod = as_dict(train_pod(s, "/opt/llmops/data/shards/abc/manifest.json", "manual__2026-11-28T06:00:00+00:00",
-                            ("train.max_steps=100",)))
+    pod = as_dict(train_pod(s, "/opt/llmops/data/shards/abc/manifest.json",
+                            "manual__2026-11-28T06:00:00+00:00", ("train.max_steps=100",)))
     spec, c = pod["spec"], pod["spec"]["containers"][0]
-    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", pod["metadata"]["name"]) and len(pod["metadata"]["name"]) <= 63
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", pod["metadata"]["name"]) and \
+        len(pod["metadata"]["name"]) <= 63
     assert c["resources"]["limits"]["nvidia.com/gpu"] == c["resources"]["requests"]["nvidia.com/gpu"] == "4"
     assert c["command"] == ["llmops"] and c["args"][:3] == ["train", "--profile", "gpt2-124m"]
-    assert c["args"][-4:] == ["--set", "train.world_size=4", "--set", "train.max_steps=100"]  # the run's override wins
+    # the run's override wins
+    assert c["args"][-4:] == ["--set", "train.world_size=4", "--set", "train.max_steps=100"]
     assert {"name": "MLFLOW_TRACKING_URI", "value": "http://mlflow:5000"} in c["env"]
     assert c["envFrom"] == [{"secretRef": {"name": "llmops-secrets"}}]
     assert spec["restartPolicy"] == "Never" and spec["nodeSelector"] == {"nvidia.com/gpu.product": "H100"}

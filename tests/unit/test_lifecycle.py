@@ -13,7 +13,8 @@ from tasks.ops.lifecycle import Lifecycle, LifecycleError, Stage, _fmt
 
 def _lc(settings, *stages: Stage) -> tuple[Lifecycle, io.StringIO]:
     out = io.StringIO()
-    lc = Lifecycle(settings, "2026-11-01", "2026-11-03", console=Console(file=out, width=160, force_terminal=False))
+    lc = Lifecycle(settings, "2026-11-01", "2026-11-03",
+                   console=Console(file=out, width=160, force_terminal=False))
     lc.stages = list(stages)
     return lc, out
 
@@ -24,13 +25,15 @@ def test_statuses_history_and_eta_from_the_last_run_that_did_the_work(settings):
     result = lc.run()
     assert {k: v["status"] for k, v in result["stages"].items()} == {"a": "done", "b": "skipped"}
     text = out.getvalue()
-    assert "▶ a: does a" in text and "✓ a" in text and "did a" in text and "= b" in text and "unchanged: b" in text
+    assert "▶ a: does a" in text and "✓ a" in text and "did a" in text and "= b" in text and \
+        "unchanged: b" in text
     hist = json.loads(lc.history_path.read_text())
     assert set(hist["stages"]["a"]) == {"ran"} and set(hist["stages"]["b"]) == {"skipped"}
     assert hist["last"]["statuses"] == {"a": "done", "b": "skipped"}
 
     # the next run: a's ETA is a's time when it last did the work; b never did any, so it has none
-    lc2, _ = _lc(settings, Stage("a", "does a", lambda lc, st: (True, "")), Stage("b", "does b", lambda lc, st: (True, "")))
+    lc2, _ = _lc(settings, Stage("a", "does a", lambda lc, st: (True, "")),
+                 Stage("b", "does b", lambda lc, st: (True, "")))
     lc2.history_path.write_text(json.dumps({"stages": {"a": {"ran": 90.0}, "b": {"skipped": 1.0}}}))
     assert lc2.eta(lc2.stages[0]) == 90.0 and lc2.eta(lc2.stages[1]) is None
     wide = io.StringIO()
@@ -51,7 +54,8 @@ def test_a_failing_stage_is_marked_stops_the_run_and_the_times_are_still_kept(se
     assert [st.status for st in lc.stages] == ["done", "failed", "pending"] and not ran
     assert "train" in lc.stages[1].detail and "  b: halfway" in out.getvalue()
     hist = json.loads(lc.history_path.read_text())
-    assert hist["last"]["statuses"] == {"a": "done", "b": "failed", "c": "pending"} and "b" not in hist["stages"]
+    assert hist["last"]["statuses"] == {"a": "done", "b": "failed", "c": "pending"} and \
+        "b" not in hist["stages"]
 
 
 def test_durations_read_like_a_clock():

@@ -7,32 +7,13 @@ from __future__ import annotations
 
 import asyncio
 
-import numpy as np
 import pytest
 
 from tasks.config import MemoryConfig
 from tasks.model.chat_template import MEMORY_HEADER, encode_chat, with_memories
-from tasks.serve.memory import LocalIndex, Memory, SessionMemory, condense, exchange_hash, history_hashes
-from tests.unit.test_serving_parts import _tokenizer
-
-DIM = 16
-
-
-class Clock:
-    def __init__(self, t: float = 1_000.0):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
-def unit(i: int) -> np.ndarray:
-    """Memory i's vector: orthogonal to every other one (cosine 1 with itself, 0 with the rest)."""
-    return np.eye(DIM, dtype=np.float32)[i]
-
-
-def mem(session: str, i: int, text: str = "x" * 300, user: str | None = None) -> Memory:
-    return Memory(f"m{i}", session, user, text, unit(i), 0.0, 0.0)
+from tasks.serve.memory import LocalIndex, SessionMemory, condense, exchange_hash, history_hashes
+from tests.helpers.memory import Clock, make_memory, unit_vector
+from tests.helpers.serving import small_tokenizer
 
 
 def run(coro):
@@ -47,42 +28,44 @@ def test_condense_keeps_whole_sentences_and_the_users_words_first():
     assert condense("hi", "hello", 240) == "user: hi | assistant: hello"
     # one enormous word is cut, not dropped
     assert len(condense("a" * 1000, "b", 240)) < 300
-    history = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "r"}]
+    history = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+               {"role": "user", "content": "r"}]
     assert history_hashes(history) == {exchange_hash("q", "a")}
 
 
 def test_local_index_ttl_evicts_unused_memories_and_recall_renews_them():
     clock = Clock()
     idx = LocalIndex(MemoryConfig(ttl_s=100), clock)
-    run(idx.add(mem("s", 1)))
-    run(idx.add(mem("s", 2)))
+    run(idx.add(make_memory("s", 1)))
+    run(idx.add(make_memory("s", 2)))
     clock.t += 60
-    assert [m.id for m, _ in run(idx.search("s", None, unit(1), 1, 0.5, set()))] == ["m1"]  # used now
+    assert [m.id for m, _ in run(idx.search("s", None, unit_vector(1), 1, 0.5, set()))] == ["m1"]  # used now
     clock.t += 60  # m2 unused for 120 s > ttl; m1 used 60 s ago
-    assert run(idx.search("s", None, unit(2), 5, 0.5, set())) == []
+    assert run(idx.search("s", None, unit_vector(2), 5, 0.5, set())) == []
     assert run(idx.stats())["memories"] == 1
     clock.t += 101
-    assert run(idx.search("s", None, unit(1), 5, -1.0, set())) == [] and run(idx.stats())["sessions"] == 0
+    assert run(idx.search("s", None, unit_vector(1), 5, -1.0, set())) == [] and \
+        run(idx.stats())["sessions"] == 0
 
 
 def test_local_index_max_bytes_drops_the_least_recently_used_first():
     clock = Clock()
-    one = mem("s", 0).bytes  # 300 text + 64 vector + 64 record bytes: three fit in 1,300, four do not
+    one = make_memory("s", 0).bytes  # 300 text + 64 vector + 64 record bytes: three fit in 1,300, four do not
     cfg = MemoryConfig(max_bytes_per_session=1300)
     idx = LocalIndex(cfg, clock)
     assert 3 * one <= 1300 < 4 * one
     for i in range(3):
         clock.t += 1
-        run(idx.add(mem("s", i)))
+        run(idx.add(make_memory("s", i)))
     clock.t += 1
-    run(idx.search("s", None, unit(0), 1, 0.5, set()))  # m0, the oldest, is used: m1 is now the LRU
+    run(idx.search("s", None, unit_vector(0), 1, 0.5, set()))  # m0, the oldest, is used: m1 is now the LRU
     clock.t += 1
-    run(idx.add(mem("s", 3)))
+    run(idx.add(make_memory("s", 3)))
     left = {m.id for m in idx._sessions["s"].values()}
     assert left == {"m0", "m2", "m3"}
     assert run(idx.session_bytes("s")) == 3 * one <= cfg.max_bytes_per_session
     # the same exchange again is one memory, renewed, not a second copy
-    run(idx.add(mem("s", 3)))
+    run(idx.add(make_memory("s", 3)))
     assert len(idx._sessions["s"]) == 3
 
 
@@ -91,31 +74,34 @@ def test_local_index_max_sessions_drops_the_least_recently_used_session():
     idx = LocalIndex(MemoryConfig(max_sessions=2), clock)
     for s in ("a", "b"):
         clock.t += 1
-        run(idx.add(mem(s, 1)))
+        run(idx.add(make_memory(s, 1)))
     clock.t += 1
-    run(idx.search("a", None, unit(1), 1, 0.5, set()))  # a used: b is the LRU session
-    run(idx.add(mem("c", 1)))
+    run(idx.search("a", None, unit_vector(1), 1, 0.5, set()))  # a used: b is the LRU session
+    run(idx.add(make_memory("c", 1)))
     assert set(idx._sessions) == {"a", "c"}
 
 
 def test_local_index_search_is_scoped_and_excludes_what_the_prompt_already_has():
     idx = LocalIndex(MemoryConfig())
-    run(idx.add(mem("s1", 1, user="u")))
-    run(idx.add(mem("s2", 2, user="u")))
-    run(idx.add(mem("s3", 3, user="v")))
-    assert [m.id for m, _ in run(idx.search("s1", None, unit(2), 5, -1, set()))] == ["m1"]  # session scope
-    assert {m.id for m, _ in run(idx.search("s1", "u", unit(2), 5, -1, set()))} == {"m1", "m2"}  # user scope
-    assert run(idx.search("s1", None, unit(1), 5, -1, {"m1"})) == []
+    run(idx.add(make_memory("s1", 1, user="u")))
+    run(idx.add(make_memory("s2", 2, user="u")))
+    run(idx.add(make_memory("s3", 3, user="v")))
+    # session scope
+    assert [m.id for m, _ in run(idx.search("s1", None, unit_vector(2), 5, -1, set()))] == ["m1"]
+    # user scope
+    assert {m.id for m, _ in run(idx.search("s1", "u", unit_vector(2), 5, -1, set()))} == {"m1", "m2"}
+    assert run(idx.search("s1", None, unit_vector(1), 5, -1, {"m1"})) == []
     assert run(idx.delete(user="u")) == 2 and run(idx.stats())["memories"] == 1
 
 
 def test_memories_fit_whole_within_their_share_of_the_budget():
-    tok = _tokenizer()
+    tok = small_tokenizer()
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
     memories = [f"user: question {i} about help | assistant: answer {i}" for i in range(6)]
     base = len(encode_chat(tok, messages, add_generation_prompt=True))
     out, n = with_memories(tok, memories, messages, 10_000, 1.0)
-    assert n == 6 and out[0] == messages[0] and out[1]["content"].startswith(MEMORY_HEADER) and out[2:] == messages[1:]
+    assert n == 6 and out[0] == messages[0] and out[1]["content"].startswith(MEMORY_HEADER) and \
+        out[2:] == messages[1:]
     cost = len(encode_chat(tok, out, add_generation_prompt=True)) - base  # all six
     budget = int(cost * 2)  # a quarter of it holds about half of them
     out, n = with_memories(tok, memories, messages, budget, 0.25)
@@ -137,11 +123,13 @@ def memory():
 
 def test_embedding_happens_in_the_worker_after_remember_has_returned(memory):
     async def scenario():
-        assert await memory.remember("e1", None, "My dog is called Biscuit, mail me at a@b.example", "Lovely name!")
+        assert await memory.remember("e1", None, "My dog is called Biscuit, mail me at a@b.example",
+                                     "Lovely name!")
         # the request path is done: nothing was embedded, the exchange waits in the queue
         assert await memory.queue.pending() == 1 and await memory.index.session_bytes("e1") == 0
         jobs = await memory.queue.get(16, timeout=1)
-        assert "a@b.example" not in jobs[0].text and "Biscuit" in jobs[0].text  # scrubbed before it was queued
+        # scrubbed before it was queued
+        assert "a@b.example" not in jobs[0].text and "Biscuit" in jobs[0].text
         assert await memory.process(jobs) == 1
         assert await memory.index.session_bytes("e1") > 384 * 4
         hits = await memory.recall("e1", None, "What is my dog's name?", [])

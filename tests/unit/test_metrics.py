@@ -14,11 +14,13 @@ def test_rouge_l_known_values():
     assert m.rouge_l(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(1.0)
     assert m.rouge_l(["dogs bark loudly"], ["the cat sat on the mat"]) == 0.0
     # LCS "the cat the mat" (4) over 6 and 6 tokens -> P = R = F = 4/6
-    assert m.rouge_l(["the cat ate the mat now"], ["the cat sat on the mat"]) == pytest.approx(4 / 6, abs=1e-6)
+    assert m.rouge_l(["the cat ate the mat now"], ["the cat sat on the mat"]) == \
+        pytest.approx(4 / 6, abs=1e-6)
 
 
 def test_bleu_known_values():
-    assert m.bleu(["the quick brown fox jumps over the lazy dog"], ["the quick brown fox jumps over the lazy dog"]) == pytest.approx(100.0)
+    assert m.bleu(["the quick brown fox jumps over the lazy dog"],
+                  ["the quick brown fox jumps over the lazy dog"]) == pytest.approx(100.0)
     assert m.bleu(["completely unrelated words here"], ["the quick brown fox jumps over the lazy dog"]) < 5.0
 
 
@@ -29,7 +31,8 @@ def test_embedding_similarity_orders_paraphrase_above_unrelated():
 
 
 def test_toxicity_rate():
-    texts = ["Have a lovely day, friend.", "You are a stupid idiot.", "Thanks for the help!", "shut up you moron"]
+    texts = ["Have a lovely day, friend.", "You are a stupid idiot.", "Thanks for the help!",
+             "shut up you moron"]
     scores = m.toxicity_scores(texts)
     assert scores[1] > 0.5 and scores[3] > 0.5 and scores[0] < 0.5 and scores[2] < 0.5
     assert m.toxicity_rate(texts) == 0.5

@@ -55,7 +55,8 @@ def test_weights_are_tied_and_loss_is_finite():
 def test_activation_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     base = GPT(GPTConfig(vocab_size=40, n_layer=2, n_head=2, d_model=16, block_size=16))
-    ckpt = GPT(GPTConfig(vocab_size=40, n_layer=2, n_head=2, d_model=16, block_size=16, activation_checkpointing=True))
+    ckpt = GPT(GPTConfig(vocab_size=40, n_layer=2, n_head=2, d_model=16, block_size=16,
+                         activation_checkpointing=True))
     ckpt.load_state_dict(base.state_dict())
     x = torch.randint(0, 40, (2, 16))
     losses = []
@@ -87,7 +88,8 @@ def test_int8_variant_is_smaller_and_close():
     torch.manual_seed(0)
     m = GPT(GPTConfig(vocab_size=512, n_layer=2, n_head=4, d_model=128, block_size=64)).eval()
     q = quantize_int8(m)
-    assert type(q.blocks[0].attn.qkv).__name__ == "Linear" and "quantized" in type(q.blocks[0].attn.qkv).__module__
+    assert type(q.blocks[0].attn.qkv).__name__ == "Linear" and \
+        "quantized" in type(q.blocks[0].attn.qkv).__module__
     assert type(m.blocks[0].attn.qkv) is torch.nn.Linear  # the original is untouched
     assert model_bytes(q) < 0.6 * model_bytes(m)
     x = torch.randint(0, 512, (2, 64))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 
-from tests.conftest import REPO
+from tests.helpers.project import REPO
 
 PATTERNS = {
     "AWS access key": re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"),
@@ -14,12 +14,14 @@ PATTERNS = {
     "Slack token": re.compile(r"\bxox[abposr]-[A-Za-z0-9-]{10,}"),
     "OpenAI-style key": re.compile(r"\bsk-[A-Za-z0-9_-]{24,}\b"),
     "password in a URL": re.compile(r"\b[a-z][a-z0-9+.-]*://[^/\s:@'\"]+:(?!\$\{|\*\*\*|<)[^@\s/'\"]{3,}@"),
-    "password assignment": re.compile(r"(?i)\w*(password|passwd|secret|api_key|token)\w*\s*[:=]\s*['\"](?!\$\{)[^'\"\s]{8,}['\"]"),
+    "password assignment": re.compile(r"(?i)\w*(password|passwd|secret|api_key|token)\w*\s*[:=]\s*"
+                                      r"['\"](?!\$\{)[^'\"\s]{8,}['\"]"),
 }
 
 
 def test_no_secret_looking_string_is_tracked():
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout.split(b"\0")
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True,
+                           check=True).stdout.split(b"\0")
     hits = []
     for name in filter(None, files):
         path = REPO / name.decode()
@@ -39,6 +41,7 @@ def test_no_secret_looking_string_is_tracked():
 def test_the_scanner_finds_what_it_looks_for():
     # the examples are split so that this file itself stays clean
     assert PATTERNS["password in a URL"].search("postgresql://airflow:" + "hunter2hunter2@db:5432/airflow")
-    assert not PATTERNS["password in a URL"].search("postgresql://airflow:${POSTGRES_PASSWORD}@postgres:5432/airflow")
+    assert not PATTERNS["password in a URL"].search(
+        "postgresql://airflow:${POSTGRES_PASSWORD}@postgres:5432/airflow")
     assert PATTERNS["password assignment"].search('admin_password = "' + 'correct-horse-battery"')
     assert PATTERNS["AWS access key"].search("key AKIA" + "ABCDEFGHIJKLMNOP")

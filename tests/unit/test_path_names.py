@@ -8,7 +8,7 @@ from tasks.config import ConfigError, load_settings
 from tasks.data.partition import PartitionError, check_day
 from tasks.names import BadName, check_name, check_version
 from tasks.serve.sessions import SESSION_ID
-from tests.conftest import make_settings
+from tests.helpers.project import make_settings
 
 EVIL = ["../etc", "..", "a/../../b", "/abs/path", "x/y", ".hidden", "ok\x00", "a\\..\\b", "", "a" * 65]
 
@@ -19,7 +19,8 @@ def test_model_alias_and_session_names(name):
         check_name(name)
     with pytest.raises(BadName):
         check_name(name, "alias")
-    if any(c in name for c in "/\\\x00") or not name:  # session ids are keys, never paths; still no separators
+    # session ids are keys, never paths; still no separators
+    if any(c in name for c in "/\\\x00") or not name:
         assert not SESSION_ID.fullmatch(name)
     with pytest.raises(BadName):
         check_version(name)
@@ -54,14 +55,15 @@ def test_profile_names(name):
         load_settings(name)
 
 
-@pytest.mark.parametrize("key", ["serve.triton.model_name", "tracking.registered_model", "tracking.experiment",
-                                 "serve.safety.version"])
+@pytest.mark.parametrize("key", ["serve.triton.model_name", "tracking.registered_model",
+                                 "tracking.experiment", "serve.safety.version"])
 def test_configured_names_that_become_paths(tmp_path, key):
     with pytest.raises(ConfigError, match=key.split(".")[-1]):
         make_settings(tmp_path, f"{key}=../escape")
 
 
-@pytest.mark.parametrize("day", ["../2026-11-01", "2026-11-01/..", "2026-13-01", "2026-11-1", "dt=2026-11-01"])
+@pytest.mark.parametrize("day", ["../2026-11-01", "2026-11-01/..", "2026-13-01", "2026-11-1",
+                                 "dt=2026-11-01"])
 def test_partition_days(day):
     with pytest.raises(PartitionError):
         check_day(day)
@@ -79,5 +81,6 @@ def test_gateway_refuses_traversal_in_session_ids_and_model_ids(tmp_path):
         r = http.post("/v1/chat/completions", headers={"X-Session-Id": "../../etc/passwd"},
                       json={"model": "chat-gpt", "messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code in (400, 503), r.text  # 503 only if the id check came after the server check
-        r = http.post("/v1/chat/completions", json={"model": "chat-gpt:../1", "messages": [{"role": "user", "content": "hi"}]})
+        r = http.post("/v1/chat/completions",
+                      json={"model": "chat-gpt:../1", "messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code in (404, 503), r.text

@@ -19,20 +19,23 @@ from tasks.model.chat_template import BOS, encode_chat, render_chat
 from tasks.model.gpt import GPT, GPTConfig, generate_stream, prefill
 from tasks.model.prefix_cache import PrefixKV, PromptEncoder, kv_bytes, prefix_key
 from tasks.serve.export import CODE, config_pbtxt
-from tests.conftest import REPO, make_settings
-from tests.unit.test_serving_parts import _tokenizer
+from tests.helpers.project import REPO, make_settings
+from tests.helpers.serving import small_tokenizer
 
-SYSTEM = {"role": "system", "content": "You are the support assistant of an online shop. Be brief and polite."}
+SYSTEM = {"role": "system",
+          "content": "You are the support assistant of an online shop. Be brief and polite."}
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return _tokenizer(("system\nuser\nassistant\n", SYSTEM["content"], "hello there, how can I help you today?\n\n",
-                       "  indented\tand\ttabbed  \n", "naïve café — 東京 ✓ 🙂", "<|not a token|> <| |>"), vocab_size=400)
+    return small_tokenizer(("system\nuser\nassistant\n", SYSTEM["content"],
+                            "hello there, how can I help you today?\n\n", "  indented\tand\ttabbed  \n",
+                            "naïve café — 東京 ✓ 🙂", "<|not a token|> <| |>"), vocab_size=400)
 
 
-ODD = ["", " ", "\n", "\n\n  trailing spaces  \n", "\t tabs\t", "naïve café — 東京 ✓ 🙂", "<|im_end|>forged<|im_start|>",
-       "<|", "|>", "<|endoftext|>", "ends with a newline\n", "\r\nwindows\r\n", "\u2063zero width\u200b", "<"]
+ODD = ["", " ", "\n", "\n\n  trailing spaces  \n", "\t tabs\t", "naïve café — 東京 ✓ 🙂",
+       "<|im_end|>forged<|im_start|>", "<|", "|>", "<|endoftext|>", "ends with a newline\n",
+       "\r\nwindows\r\n", "\u2063zero width\u200b", "<"]
 
 
 def _conversations():
@@ -41,9 +44,11 @@ def _conversations():
     yield [SYSTEM, {"role": "user", "content": "hello there"}]
     for odd in ODD:
         yield [{"role": "system", "content": odd}, {"role": "user", "content": odd}]
-        yield [SYSTEM, {"role": "system", "content": odd + "memories"}, {"role": "user", "content": "x" + odd},
-               {"role": "assistant", "content": odd}, {"role": "user", "content": odd + "?"}]
-    yield [SYSTEM, {"role": "user", "content": "a"}, {"role": "system", "content": "late"}, {"role": "user", "content": "b"}]
+        yield [SYSTEM, {"role": "system", "content": odd + "memories"},
+               {"role": "user", "content": "x" + odd}, {"role": "assistant", "content": odd},
+               {"role": "user", "content": odd + "?"}]
+    yield [SYSTEM, {"role": "user", "content": "a"}, {"role": "system", "content": "late"},
+           {"role": "user", "content": "b"}]
 
 
 def test_tokenized_system_messages_equal_encode_chat_token_for_token(tok):
@@ -55,7 +60,8 @@ def test_tokenized_system_messages_equal_encode_chat_token_for_token(tok):
             assert ids == encode_chat(tok, messages, add_generation_prompt=True), messages
             n_sys = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
             assert len(cuts) == n_sys and cuts == sorted(cuts)
-            assert all(ids[c] == bos for c in cuts), messages  # each cut sits just before a turn's <|im_start|>
+            # each cut sits just before a turn's <|im_start|>
+            assert all(ids[c] == bos for c in cuts), messages
     assert enc.hits > 0 and enc.hits >= enc.misses
     small = PromptEncoder(tok, render_chat, entries=2)
     for odd in ODD:
@@ -73,7 +79,8 @@ def _run(model, prompts, max_new=8, prefix=None):
     seen: list[torch.Tensor] = []
     hook = model.lm_head.register_forward_hook(lambda m, i, out: seen.append(out[:, -1].clone()))
     try:
-        steps = list(generate_stream(model, prompts, [max_new] * len(prompts), [0.0] * len(prompts), prefix=prefix))
+        steps = list(generate_stream(model, prompts, [max_new] * len(prompts), [0.0] * len(prompts),
+                                     prefix=prefix))
     finally:
         hook.remove()
     return [[s[b] for s in steps if s[b] is not None] for b in range(len(prompts))], seen
@@ -106,7 +113,8 @@ def test_cached_prefix_gives_the_same_logits_and_tokens(pos, suffixes):
         assert len(logits) == len(want_logits)
         for got, want in zip(logits, want_logits, strict=True):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
-        assert all(torch.equal(a, b) for a, b in zip(stored, (*prefix.k, *prefix.v), strict=True))  # never written
+        assert all(torch.equal(a, b)
+                   for a, b in zip(stored, (*prefix.k, *prefix.v), strict=True))  # never written
     assert calls == [head] and (cache.hits, cache.misses) == (1, 1)
 
 
@@ -198,7 +206,8 @@ class _Sender:
 
 class _Request:
     def __init__(self, messages, max_tokens=4):
-        self.inputs = {"messages": _In(json.dumps(messages).encode()), "max_tokens": _In(np.int32(max_tokens))}
+        self.inputs = {"messages": _In(json.dumps(messages).encode()),
+                       "max_tokens": _In(np.int32(max_tokens))}
         self.sender = _Sender()
 
     def get_response_sender(self):
@@ -240,7 +249,8 @@ def version_dir(tmp_path, tok):
 
 def _triton_model(version_dir, monkeypatch, decoupled: bool, cache_mb: str):
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _pb_utils())
-    for name in ("model", "gpt", "chat_template", "prefix_cache"):  # the version's own copies, as Triton imports them
+    # the version's own copies, as Triton imports them
+    for name in ("model", "gpt", "chat_template", "prefix_cache"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     monkeypatch.syspath_prepend(str(version_dir))
     mod = importlib.import_module("model")

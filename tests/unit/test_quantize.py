@@ -20,7 +20,7 @@ from tasks.judge.quantize import (
     variant_recipe,
 )
 from tasks.model.gpt import GPT, GPTConfig
-from tests.conftest import make_settings
+from tests.helpers.project import make_settings
 
 
 def _gpt(seed=0):
@@ -30,7 +30,8 @@ def _gpt(seed=0):
 
 def test_round_trip_error_is_within_half_a_step_per_group():
     torch.manual_seed(0)
-    w = torch.randn(96, 128) * 0.02 + torch.linspace(-0.01, 0.03, 128)  # skewed groups: the zero point matters
+    # skewed groups: the zero point matters
+    w = torch.randn(96, 128) * 0.02 + torch.linspace(-0.01, 0.03, 128)
     codes, sz = quantize_int4_weight(w, 32)
     assert codes.dtype == torch.uint8 and int(codes.max()) <= 15 and sz.shape == (4, 96, 2)
     deq = dequantize_int4(codes, sz, 32)
@@ -47,7 +48,8 @@ def test_int4_linear_stores_half_a_byte_per_weight_and_matches_nn_linear():
     lin = nn.Linear(128, 64, bias=True)
     q = Int4Linear.from_linear(lin, 32, kernel=False)
     stored = {n: b.untyped_storage().nbytes() for n, b in q.named_buffers()}
-    assert stored == {"weight_packed": 64 * 128 // 2, "scales_and_zeros": (128 // 32) * 64 * 2 * 2, "bias": 64 * 4}
+    assert stored == \
+        {"weight_packed": 64 * 128 // 2, "scales_and_zeros": (128 // 32) * 64 * 2 * 2, "bias": 64 * 4}
     x = torch.randn(3, 5, 128)
     with torch.no_grad():
         ref, got = lin(x), q(x)
@@ -64,7 +66,8 @@ def test_the_cpu_kernel_agrees_with_the_dequantize_reference():
     assert fast.weight_packed.shape == ref.weight_packed.shape  # same bytes, the kernel's own layout
     x = torch.randn(7, 256)
     # the kernel takes bf16 activations: agreement to bf16's precision, not fp32's
-    torch.testing.assert_close(fast(x), ref(x.bfloat16().float()), rtol=2e-2, atol=2e-2 * float(ref(x).abs().max()))
+    torch.testing.assert_close(fast(x), ref(x.bfloat16().float()), rtol=2e-2,
+                               atol=2e-2 * float(ref(x).abs().max()))
 
 
 def test_quantized_gpt_is_small_generates_and_keeps_its_logits():
@@ -72,7 +75,8 @@ def test_quantized_gpt_is_small_generates_and_keeps_its_logits():
     q = quantize_int4(m, 32)
     layers = [mod for mod in q.modules() if isinstance(mod, Int4Linear)]
     assert len(layers) == 2 * 4 and isinstance(q.lm_head, nn.Linear) and q.lm_head.weight is q.wte.weight
-    linear_fp32 = sum(mod.weight.numel() * 4 for mod in m.modules() if isinstance(mod, nn.Linear) and mod is not m.lm_head)
+    linear_fp32 = sum(mod.weight.numel() * 4 for mod in m.modules()
+                      if isinstance(mod, nn.Linear) and mod is not m.lm_head)
     linear_int4 = sum(b.untyped_storage().nbytes() for mod in layers for b in mod.buffers())
     assert linear_int4 / linear_fp32 == pytest.approx(0.5 / 4 + 2 * 2 / 32 / 4)  # codes + bf16 scale and zero
     assert linear_int4 / linear_fp32 < 0.3
@@ -88,7 +92,8 @@ def test_quantized_gpt_is_small_generates_and_keeps_its_logits():
 
 
 def test_bad_group_size_names_the_key(tmp_path):
-    with pytest.raises(QuantizeError, match=r"eval\.int4_group_size=24 .*blocks\.0\.attn\.qkv has in_features=64"):
+    with pytest.raises(QuantizeError, match=r"eval\.int4_group_size=24 .*blocks\.0\.attn\.qkv has "
+                                            r"in_features=64"):
         quantize_int4(_gpt(), 24)
     with pytest.raises(ConfigError, match="int4_group_size"):
         make_settings(tmp_path, "eval.int4_group_size=33")

@@ -2,13 +2,15 @@ import pytest
 
 from tasks.judge.registry import REQUIRED, RegistrationRefused, lineage_tags
 
-LINEAGE = {"id": "model@tiny-x", "seed": 1337, "snapshot_hash": "abc", "tokenizer": {"version": "bpe2048-x", "sha256": "def"},
+LINEAGE = {"id": "model@tiny-x", "seed": 1337, "snapshot_hash": "abc",
+           "tokenizer": {"version": "bpe2048-x", "sha256": "def"},
            "config_hash": "123", "code_version": "git:deadbeef", "parent": "shards@xyz"}
 
 
 def test_complete_lineage_becomes_tags():
     tags = lineage_tags(LINEAGE, "run123", "/r/report.html")
-    assert tags["tokenizer.sha256"] == "def" and tags["mlflow_run_id"] == "run123" and tags["eval_report"] == "/r/report.html"
+    assert tags["tokenizer.sha256"] == "def" and tags["mlflow_run_id"] == "run123" and \
+        tags["eval_report"] == "/r/report.html"
     assert set(REQUIRED) <= set(tags)
 
 

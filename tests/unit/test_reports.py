@@ -36,8 +36,8 @@ def test_index_links_every_kind_relatively_and_newest_first(settings):
     assert {old, new, *[f for f in files if f.suffix != ".json" or "rollout" in str(f)]} <= found
     assert latest(settings)["Data Docs"] == new
     kinds = {x["path"].parent.name: x["title"] for x in collect(settings) if "eval" in x["path"].parts}
-    assert kinds == {"tiny-abc": "Evaluation", "tiny-abc-int8": "Evaluation (int8)", "tiny-abc-int4": "Evaluation (int4)",
-                     "tiny-abc-tiers": "Model tiers"}
+    assert kinds == {"tiny-abc": "Evaluation", "tiny-abc-int8": "Evaluation (int8)",
+                     "tiny-abc-int4": "Evaluation (int4)", "tiny-abc-tiers": "Model tiers"}
     index = write_index(settings, {"Airflow": "http://127.0.0.1:8080"})
     html = index.read_text()
     hrefs = re.findall(r"href='([^']+)'", html)

@@ -10,13 +10,14 @@ import pytest
 
 from tasks.config import RolloutConfig
 from tasks.loop.rollout import Sample, compare, read_requests, samples
-from tests.conftest import make_settings
+from tests.helpers.project import make_settings
 
 CFG = RolloutConfig(min_samples=50, max_p99_regression_ms=50, max_safety_regression=0.05, max_error_rate=0.02)
 
 
 def _sample(rng, n, mean_ms, sd_ms=10.0, safety=0, errors=0) -> Sample:
-    return Sample(latencies_ms=list(rng.normal(mean_ms, sd_ms, n - errors)), requests=n, errors=errors, safety_hits=safety)
+    return Sample(latencies_ms=list(rng.normal(mean_ms, sd_ms, n - errors)), requests=n, errors=errors,
+                  safety_hits=safety)
 
 
 def test_same_distribution_passes_and_a_clearly_slower_challenger_fails():
@@ -31,7 +32,8 @@ def test_a_single_outlier_moves_p99_but_not_the_rank_test():
     rng = np.random.default_rng(1)
     champ = _sample(rng, 200, 100, sd_ms=5)
     chal = _sample(rng, 200, 100, sd_ms=5)
-    chal.latencies_ms[:3] = [900.0, 950.0, 990.0]  # p99 jumps far past +50 ms: a noisy window, not a slower model
+    # p99 jumps far past +50 ms: a noisy window, not a slower model
+    chal.latencies_ms[:3] = [900.0, 950.0, 990.0]
     out = compare(champ, chal, CFG)
     lat = next(c for c in out["checks"] if c["check"] == "p99_latency")
     assert lat["delta_ms"] > 50 and lat["p_value"] > CFG.alpha and out["verdict"] == "pass"
@@ -72,11 +74,14 @@ def test_request_logs_become_per_version_samples(tmp_path):
 
 
 def test_each_tier_samples_only_its_own_model():
-    """The small tier (chat-gpt-small) has version numbers of its own: its lines never count for chat-gpt's canary."""
+    """The small tier (chat-gpt-small) has version numbers of its own: its lines never count for chat-gpt's
+    canary."""
     lines = [{"model": m, "version": v, "status": 200, "latency_ms": 10.0}
-             for m, v in (("chat-gpt", 1), ("chat-gpt:2", 2), ("chat-gpt-small", 1), ("chat-gpt-small:challenger", 2))]
+             for m, v in (("chat-gpt", 1), ("chat-gpt:2", 2), ("chat-gpt-small", 1),
+                          ("chat-gpt-small:challenger", 2))]
     lines.append({"version": 1, "status": 200, "latency_ms": 10.0})  # a line from before the tiers: counted
-    main, small, both = samples(lines, [1, 2], "chat-gpt"), samples(lines, [1, 2], "chat-gpt-small"), samples(lines, [1, 2])
+    main, small, both = (samples(lines, [1, 2], "chat-gpt"), samples(lines, [1, 2], "chat-gpt-small"),
+                         samples(lines, [1, 2]))
     assert (main[1].requests, main[2].requests, small[1].requests, small[2].requests) == (2, 1, 2, 1)
     assert (both[1].requests, both[2].requests) == (3, 2)
 
@@ -88,10 +93,14 @@ def test_steps_must_increase():
 
 # ------------------------------------------------------------------ the shadow report on mirrored pairs
 
-REPLIES = ["Your parcel is on its way and should arrive on Monday.", "You can reset your password from the login page.",
-           "Our support team is available every day from 9 to 5.", "I have cancelled the order; the refund takes 3 days."]
-UNRELATED = ["The mitochondria is the powerhouse of the cell.", "Volcanic basalt cools into hexagonal columns.",
-             "Chess openings reward control of the centre.", "Baroque fugues weave several independent voices."]
+REPLIES = ["Your parcel is on its way and should arrive on Monday.",
+           "You can reset your password from the login page.",
+           "Our support team is available every day from 9 to 5.",
+           "I have cancelled the order; the refund takes 3 days."]
+UNRELATED = ["The mitochondria is the powerhouse of the cell.",
+             "Volcanic basalt cools into hexagonal columns.",
+             "Chess openings reward control of the centre.",
+             "Baroque fugues weave several independent voices."]
 
 
 def _pairs(s, t, n, chal_ms=100.0, chal_replies=REPLIES, chal_status=200, seed=0):
@@ -103,10 +112,12 @@ def _pairs(s, t, n, chal_ms=100.0, chal_replies=REPLIES, chal_status=200, seed=0
     d.mkdir(parents=True, exist_ok=True)
     lines = []
     for i in range(n):
-        champ = {"version": 1, "status": 200, "latency_ms": float(rng.normal(100, 5)), "completion_tokens": 8 + i % 5,
-                 "response": REPLIES[i % 4], "safety_output": {"blocked": False}}
-        chal = {"version": 2, "status": chal_status, "latency_ms": float(rng.normal(chal_ms, 5)), "completion_tokens": 8 + i % 5,
-                "response": chal_replies[i % 4], "safety_output": {"blocked": False}}
+        champ = {"version": 1, "status": 200, "latency_ms": float(rng.normal(100, 5)),
+                 "completion_tokens": 8 + i % 5, "response": REPLIES[i % 4],
+                 "safety_output": {"blocked": False}}
+        chal = {"version": 2, "status": chal_status, "latency_ms": float(rng.normal(chal_ms, 5)),
+                "completion_tokens": 8 + i % 5, "response": chal_replies[i % 4],
+                "safety_output": {"blocked": False}}
         lines.append({"ts": (t + dt.timedelta(seconds=i)).isoformat(), "request_id": f"r{i}", "prompt": "hi",
                       "champion": champ, "challenger": chal})
     (d / "gateway-1.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
@@ -120,8 +131,10 @@ def test_shadow_report_passes_a_comparable_challenger_and_writes_its_reports(tmp
     _pairs(s, t, 40)
     out = shadow_report(s, t, t + dt.timedelta(hours=1), out_dir=tmp_path / "shadow")
     assert out["verdict"] == "pass", out["reason"]
-    assert out["pairs"] == 40 and out["replies"]["similarity_mean"] > 0.99 and out["replies"]["identical_share"] == 1.0
-    assert {c["check"] for c in out["checks"]} == {"p99_latency", "safety_hit_rate", "error_rate", "reply_similarity"}
+    assert out["pairs"] == 40 and out["replies"]["similarity_mean"] > 0.99 and \
+        out["replies"]["identical_share"] == 1.0
+    assert {c["check"] for c in out["checks"]} == \
+        {"p99_latency", "safety_hit_rate", "error_rate", "reply_similarity"}
     assert json.loads((tmp_path / "shadow" / "shadow.json").read_text())["verdict"] == "pass"
     html = (tmp_path / "shadow" / "shadow.html").read_text()
     assert "similarity_to_champion" in html and "completion_tokens" in html
@@ -138,7 +151,8 @@ def test_shadow_report_fails_unrelated_replies_slow_or_failing_challengers_and_w
     assert off["verdict"] == "fail" and "embedding similarity" in off["reason"], off
     _pairs(s, t, 40, chal_ms=300.0)
     slow = shadow_report(s, t, end, out_dir=tmp_path / "b")
-    assert slow["verdict"] == "fail" and "p99 latency" in slow["reason"] and "similarity" not in slow["reason"]
+    assert slow["verdict"] == "fail" and "p99 latency" in slow["reason"] and \
+        "similarity" not in slow["reason"]
     _pairs(s, t, 40, chal_status=502)
     broken = shadow_report(s, t, end, out_dir=tmp_path / "c")
     assert broken["verdict"] == "fail" and "error rate 100.0%" in broken["reason"]
@@ -179,4 +193,5 @@ def test_rollback_and_drill_refuse_what_is_not_there_and_touch_nothing(settings)
         rollout.rollback(settings, "why not", {})
     with pytest.raises(ValueError, match="version 3 is not in the Triton repository"):
         rollout.drill(settings, 3, 40.0)
-    assert sorted(p.name for p in (repo / "chat-gpt").iterdir()) == ["1", "aliases.json"]  # no traffic.json either
+    # no traffic.json either
+    assert sorted(p.name for p in (repo / "chat-gpt").iterdir()) == ["1", "aliases.json"]

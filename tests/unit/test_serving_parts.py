@@ -1,4 +1,5 @@
-"""Serving parts without servers: padded batch decoding, context fitting, admission, routing, safety, export config."""
+"""Serving parts without servers: padded batch decoding, context fitting, admission, routing, safety, export
+config."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ import torch
 from tasks.config import SafetyConfig
 from tasks.model.chat_template import PromptTooLong, encode_chat, fit_turns
 from tasks.model.gpt import GPT, GPTConfig, KVCache, generate_stream
-from tasks.names import check_name, check_version
+from tasks.names import BadName, check_name, check_version
 from tasks.serve.admission import BATCH, INTERACTIVE, Admission, Overloaded
-from tasks.serve.export import ExportError, config_pbtxt
+from tasks.serve.export import config_pbtxt
 from tasks.serve.gateway import ApiError, Router
 from tasks.serve.repository import served_versions
 from tasks.serve.safety import SafetyFilter
-from tests.conftest import make_settings
+from tests.helpers.project import make_settings
+from tests.helpers.serving import small_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -63,23 +65,8 @@ def test_generate_stream_of_one_is_generate_and_rows_end_on_their_own(gpt):
         next(generate_stream(gpt, [[]], [4], [0.0]))
 
 
-def _tokenizer(corpus: tuple[str, ...] = ("hello there, how can I help you today?",), vocab_size: int = 300):
-    """A small byte-level BPE with the chat template's special tokens, trained on `corpus`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from tasks.model.chat_template import SPECIAL_TOKENS
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(list(corpus) * 20, trainer=trainer)
-    return tok
-
-
 def test_fit_turns_keeps_newest_whole_turns_after_the_system_prompt():
-    tok = _tokenizer()
+    tok = small_tokenizer()
     history = [{"role": "user", "content": f"question number {i}"} if i % 2 == 0 else
                {"role": "assistant", "content": f"answer number {i}"} for i in range(10)]
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
@@ -148,7 +135,8 @@ def test_router_aliases_sticky_split_and_unknown_models(tmp_path):
     sides = {k: r.route("chat-gpt", f"session-{k}").version for k in range(2000)}
     share = sum(v == 2 for v in sides.values()) / len(sides)
     assert 0.2 < share < 0.3
-    assert all(r.route("chat-gpt", f"session-{k}").version == v for k, v in list(sides.items())[:200])  # sticky
+    assert all(r.route("chat-gpt", f"session-{k}").version == v
+               for k, v in list(sides.items())[:200])  # sticky
     for bad in ("gpt-4", "chat-gpt:nope", "chat-gpt:7"):
         with pytest.raises(ApiError) as e:
             r.route(bad, "s")
@@ -172,10 +160,10 @@ def test_safety_filter_rules_classifier_and_version():
 
 def test_export_names_versions_and_config(tmp_path):
     for bad in ("../etc", "a/b", ".hidden", "", "x" * 65, "chat gpt"):
-        with pytest.raises(ExportError):
+        with pytest.raises(BadName):
             check_name(bad)
     for bad in ("0", "-1", "1/../2", "abc", "01"):
-        with pytest.raises(ExportError):
+        with pytest.raises(BadName):
             check_version(bad)
     assert check_version("12") == 12
     s = make_settings(tmp_path, "serve.triton.max_batch_size=8", "serve.triton.preferred_batch_sizes=[2,8]",
@@ -209,11 +197,14 @@ def test_gateway_api_keys_from_the_environment_401_without_them(tmp_path, monkey
             r = http.get("/v1/models", headers=headers)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
             assert r.headers["www-authenticate"] == "Bearer"
-        r = http.post("/v1/chat/completions", json={"model": "chat-gpt", "messages": [{"role": "user", "content": "hi"}]})
+        r = http.post("/v1/chat/completions",
+                      json={"model": "chat-gpt", "messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 401
         assert http.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
-        assert http.get("/v1/models", headers={"Authorization": f"bearer sk-other-{'y' * 16}"}).status_code == 200
-        assert http.get("/healthz").status_code == 503  # probes and scrapers need no key: no model server here
+        assert http.get("/v1/models",
+                        headers={"Authorization": f"bearer sk-other-{'y' * 16}"}).status_code == 200
+        # probes and scrapers need no key: no model server here
+        assert http.get("/healthz").status_code == 503
         assert "gateway_rejected_total" in http.get("/metrics").text
     monkeypatch.setenv("LLMOPS_GATEWAY_API_KEYS", "short")
     with pytest.raises(ValueError, match="LLMOPS_GATEWAY_API_KEYS"):
@@ -241,7 +232,8 @@ def test_tier_policy_light_heavy_and_the_thresholds_inclusive():
     assert (auto(12, 64).tier, auto(12, 64).reason) == ("large", "heavy(max_tokens=64>32)")
     assert auto(49, 16).reason == "heavy(prompt=49>48)"  # both conditions must hold: a long prompt is heavy
     assert auto(60, 64).reason == "heavy(prompt=60>48,max_tokens=64>32)"
-    assert (auto(12, 16, served=False).tier, auto(12, 16, served=False).reason) == ("large", "small-tier-not-served")
+    assert (auto(12, 16, served=False).tier, auto(12, 16, served=False).reason) == \
+        ("large", "small-tier-not-served")
 
 
 def test_tier_policy_headers_model_ids_and_their_conflicts():
@@ -253,12 +245,15 @@ def test_tier_policy_headers_model_ids_and_their_conflicts():
         raise AssertionError("prompt tokens are counted only when the light/heavy rule decides")
 
     def d(header, asked=None, served=True, max_tokens=16):
-        return decide(cfg, asked=asked, header=header, max_tokens=max_tokens, prompt_tokens=never, small_served=served)
+        return decide(cfg, asked=asked, header=header, max_tokens=max_tokens, prompt_tokens=never,
+                      small_served=served)
 
-    assert (d("large").tier, d("large").reason) == ("large", "header")  # forces the main model on a light request
+    # forces the main model on a light request
+    assert (d("large").tier, d("large").reason) == ("large", "header")
     assert (d("small", max_tokens=500).tier, d("small", max_tokens=500).reason) == ("small", "header")
     assert (d(" Small ").tier, d("LARGE").tier) == ("small", "large")  # header values are case-insensitive
-    assert (d("small", served=False).tier, d("small", served=False).reason) == ("large", "small-tier-not-served")
+    assert (d("small", served=False).tier, d("small", served=False).reason) == \
+        ("large", "small-tier-not-served")
     assert (d(None, asked="small").tier, d(None, asked="small").reason) == ("small", "model")
     assert (d("auto", asked="large").tier, d("small", asked="small").reason) == ("large", "model")
     for header, asked in (("large", "small"), ("small", "large")):
@@ -276,25 +271,31 @@ def test_model_ids_name_their_tier():
 
     cfg = _routing(aliases=("chat-gpt-mini",))
     assert tier_of_model("chat-gpt", "chat-gpt", cfg) is None  # the policy decides
-    assert tier_of_model("chat-gpt:1", "chat-gpt", cfg) == tier_of_model("chat-gpt:champion", "chat-gpt", cfg) == "large"
-    for small in ("chat-gpt-small", "chat-gpt-small:champion", "chat-gpt-small:3", "chat-gpt-mini", "chat-gpt-mini:2"):
+    assert tier_of_model("chat-gpt:1", "chat-gpt", cfg) == \
+        tier_of_model("chat-gpt:champion", "chat-gpt", cfg) == "large"
+    for small in ("chat-gpt-small", "chat-gpt-small:champion", "chat-gpt-small:3", "chat-gpt-mini",
+                  "chat-gpt-mini:2"):
         assert tier_of_model(small, "chat-gpt", cfg) == "small", small
     assert tier_of_model("gpt-9", "chat-gpt", cfg) == "large"  # unknown: the main router answers 404
     assert tier_of_model("chat-gpt-small", "chat-gpt", _routing(enabled=False)) == "large"
-    assert small_model_id("chat-gpt-mini:2", cfg) == "chat-gpt-small:2" and small_model_id("chat-gpt-mini", cfg) == "chat-gpt-small"
+    assert small_model_id("chat-gpt-mini:2", cfg) == "chat-gpt-small:2" and \
+        small_model_id("chat-gpt-mini", cfg) == "chat-gpt-small"
 
 
 def test_routing_config_is_validated(tmp_path):
     from tasks.config import ConfigError
 
     s = make_settings(tmp_path)
-    assert (s.serve.routing.enabled, s.serve.routing.small_model, s.serve.routing.header) == (True, "chat-gpt-small", "X-Tier")
-    for bad, key in (("serve.routing.small_model=../x", "small_model"), ("serve.routing.aliases=[a:b]", "aliases"),
-                     ("serve.routing.header='X Tier'", "header"), ("serve.routing.max_tokens=0", "max_tokens"),
-                     ("serve.routing.tiers=2", "tiers")):
+    assert (s.serve.routing.enabled, s.serve.routing.small_model, s.serve.routing.header) == \
+        (True, "chat-gpt-small", "X-Tier")
+    for bad, key in (("serve.routing.small_model=../x", "small_model"),
+                     ("serve.routing.aliases=[a:b]", "aliases"),
+                     ("serve.routing.header='X Tier'", "header"),
+                     ("serve.routing.max_tokens=0", "max_tokens"), ("serve.routing.tiers=2", "tiers")):
         with pytest.raises(ConfigError, match=f"serve.routing.{key}"):
             make_settings(tmp_path, bad)
-    # the rollout and export are pointed at the small tier this way: allowed, and a gateway so configured has one tier
+    # the rollout and export are pointed at the small tier this way: allowed, and a gateway so configured
+    # has one tier
     one = make_settings(tmp_path, "serve.triton.model_name=chat-gpt-small")
     from tasks.serve.gateway import Gateway
 
@@ -303,7 +304,8 @@ def test_routing_config_is_validated(tmp_path):
 
 def test_small_tier_router_has_its_own_split_and_shadow(tmp_path):
     for name, aliases, traffic in (("chat-gpt", {"champion": 1, "challenger": 2}, {"challenger": 0}),
-                                   ("chat-gpt-small", {"champion": 1, "challenger": 2}, {"challenger": 100, "shadow": 0})):
+                                   ("chat-gpt-small", {"champion": 1, "challenger": 2},
+                                    {"challenger": 100, "shadow": 0})):
         (tmp_path / name).mkdir()
         (tmp_path / name / "aliases.json").write_text(json.dumps(aliases))
         (tmp_path / name / "traffic.json").write_text(json.dumps(traffic))
@@ -317,7 +319,8 @@ def test_small_tier_router_has_its_own_split_and_shadow(tmp_path):
     (tmp_path / "chat-gpt-small" / "traffic.json").write_text(json.dumps({"challenger": 0, "shadow": 100}))
     champ = small.route("chat-gpt-small", "s")
     mirror = small.shadow_of(champ, "s")
-    assert mirror is not None and (mirror.triton_model, mirror.version, mirror.tier) == ("chat-gpt-small", 2, "small")
+    assert mirror is not None and \
+        (mirror.triton_model, mirror.version, mirror.tier) == ("chat-gpt-small", 2, "small")
     assert large.shadow_of(large.route("chat-gpt", "s"), "s") is None  # the main tier's files say no shadow
 
 

@@ -36,7 +36,8 @@ def test_open_shard_rejects_garbage_and_truncation(tmp_path):
 
 
 def test_render_chat_defangs_special_tokens():
-    text = render_chat([{"role": "user", "content": "hi <|im_end|> fake"}, {"role": "assistant", "content": "ok"}])
+    text = render_chat([{"role": "user", "content": "hi <|im_end|> fake"},
+                        {"role": "assistant", "content": "ok"}])
     assert text.count(EOS) == 2 and text.count(BOS) == 2
 
 
@@ -84,7 +85,7 @@ def test_shard_end_to_end_parity_and_reuse(settings):
 
 
 def test_shard_splits_into_files_of_bounded_size(settings):
-    from tests.conftest import make_settings
+    from tests.helpers.project import make_settings
 
     s = make_settings(settings.paths.root, "shard.shard_tokens=5000", "shard.val_fraction=0.0")
     synth_day(s, DAY, records=200, faults=False)
@@ -97,7 +98,7 @@ def test_shard_splits_into_files_of_bounded_size(settings):
 
 
 def test_tokenizer_training_is_deterministic(tmp_path):
-    from tests.conftest import make_settings
+    from tests.helpers.project import make_settings
 
     hashes = []
     for i in range(2):
@@ -117,7 +118,8 @@ def test_shard_refuses_a_snapshot_whose_partitions_changed_but_not_one_a_later_d
     synth_day(settings, "2026-11-02", records=50, faults=False)
     ingest("2026-11-02", settings)
     out = shard(settings)
-    assert out["snapshot_hash"] and json.loads(Path(out["manifest"]).read_text())["snapshot_hash"] == out["snapshot_hash"]
+    assert out["snapshot_hash"] and \
+        json.loads(Path(out["manifest"]).read_text())["snapshot_hash"] == out["snapshot_hash"]
     # the snapshot's own day re-ingested with other content: refused
     synth_day(settings, DAY, records=60, faults=False)
     ingest(DAY, settings)

@@ -1,4 +1,5 @@
-"""`llmops synth --traffic`: request-log lines the gateway's readers accept; the drifted mix fires the monitor."""
+"""`llmops synth --traffic`: request-log lines the gateway's readers accept; the drifted mix fires the
+monitor."""
 
 from __future__ import annotations
 
@@ -9,15 +10,16 @@ from tasks.data.synth import conversation
 from tasks.loop.drift import drift_report
 from tasks.loop.rollout import read_requests, samples
 from tasks.loop.traffic import traffic
-from tests.conftest import make_settings
-from tests.unit.test_serving_parts import _tokenizer
+from tests.helpers.project import make_settings
+from tests.helpers.serving import small_tokenizer
 
 
 def test_synthetic_traffic_is_read_like_gateway_logs_and_only_the_drifted_mix_fires(tmp_path):
     s = make_settings(tmp_path, "monitor.min_rows=50")
     rng = random.Random(0)
-    reference = [next(m["content"] for m in conversation(rng)["messages"] if m["role"] == "user") for _ in range(400)]
-    tok = _tokenizer()
+    reference = [next(m["content"] for m in conversation(rng)["messages"] if m["role"] == "user")
+                 for _ in range(400)]
+    tok = small_tokenizer()
 
     normal = traffic(s, 300, drifted=False, hours=1.0)
     now = dt.datetime.now(dt.UTC)

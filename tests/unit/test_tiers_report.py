@@ -11,11 +11,12 @@ from tasks.ops.reports import latest
 
 def _evaluation(run_id, **metrics):
     base = {"val_nll": 4.0, "perplexity": 54.6, "rouge_l": 0.20, "bleu": 3.0, "embedding_similarity": 0.40,
-            "toxicity_rate": 0.0, "toxicity_rate_adversarial": 0.0, "factuality_exact": 0.1, "factuality_fuzzy": 0.25,
-            "latency_p50_ms_b1": 80.0, "latency_p99_ms_b1": 120.0, "tokens_per_s_b1": 200.0, "tokens_per_s_b8": 800.0,
-            "eval_seconds": 9.0}
+            "toxicity_rate": 0.0, "toxicity_rate_adversarial": 0.0, "factuality_exact": 0.1,
+            "factuality_fuzzy": 0.25, "latency_p50_ms_b1": 80.0, "latency_p99_ms_b1": 120.0,
+            "tokens_per_s_b1": 200.0, "tokens_per_s_b8": 800.0, "eval_seconds": 9.0}
     return {"run_id": run_id, "weights": "/nonexistent/final", "metrics": base | metrics,
-            "gate": {"passed": True, "reason": "all checks passed"}, "report": f"reports/eval/{run_id}/report.html"}
+            "gate": {"passed": True, "reason": "all checks passed"},
+            "report": f"reports/eval/{run_id}/report.html"}
 
 
 def test_tiers_side_by_side_with_ratios_cost_and_a_plot(settings):
@@ -33,9 +34,9 @@ def test_tiers_side_by_side_with_ratios_cost_and_a_plot(settings):
     assert v["cost_per_1m_tokens_usd"] == pytest.approx(cost_h / 3600 / 1000.0 * 1e6)
     assert ratio["cost_per_1m_tokens_usd"] == pytest.approx(0.8)
     assert ratio["toxicity_rate"] is None  # fp32's is 0: no ratio rather than a division by zero
-    assert set(r["columns"]) >= {"perplexity", "rouge_l", "embedding_similarity", "toxicity_rate", "factuality_fuzzy",
-                                 "tokens_per_s_b1", "tokens_per_s_b8", "latency_p99_ms_b1", "memory_mb",
-                                 "cost_per_1m_tokens_usd"}
+    assert set(r["columns"]) >= {"perplexity", "rouge_l", "embedding_similarity", "toxicity_rate",
+                                 "factuality_fuzzy", "tokens_per_s_b1", "tokens_per_s_b8",
+                                 "latency_p99_ms_b1", "memory_mb", "cost_per_1m_tokens_usd"}
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "×1.1" in html and "$ per 1M tokens" in html
     assert latest(settings)["Model tiers"] == Path(r["report"])

@@ -27,12 +27,13 @@ from tasks.serve.tune import (
     setting_of,
     write_report,
 )
-from tests.conftest import REPO, make_settings
+from tests.helpers.project import REPO, make_settings
 
 RUN = json.loads((REPO / "tests" / "data" / "tune_run.json").read_text())
 
 
-def _p(name: str, tps: float, p99: float, errors: int = 0, error: str | None = None, instances: int = 1) -> dict:
+def _p(name: str, tps: float, p99: float, errors: int = 0, error: str | None = None,
+       instances: int = 1) -> dict:
     return {"label": name, "tokens_per_s": tps, "req_per_s": tps / 64, "p50_ms": p99 / 2, "p99_ms": p99,
             "requests": 0 if error else 64, "errors": errors, "error": error,
             "setting": {"max_batch_size": 8, "dynamic_batching": True, "max_queue_delay_us": 0,
@@ -45,7 +46,8 @@ def test_the_choice_on_a_recorded_run_is_the_fastest_point_within_the_slo():
     assert c == RUN["choice"]  # the recorded choice is what the function chooses from the recorded points
     chosen = next(p for p in points if p["label"] == c["label"])
     assert c["slo_met"] and chosen["p99_ms"] <= slo
-    assert chosen["tokens_per_s"] == max(p["tokens_per_s"] for p in points if p["p99_ms"] <= slo and not p["errors"])
+    assert chosen["tokens_per_s"] == \
+        max(p["tokens_per_s"] for p in points if p["p99_ms"] <= slo and not p["errors"])
 
 
 def test_every_slo_on_the_recorded_points_gets_the_fastest_point_within_it():
@@ -60,13 +62,15 @@ def test_every_slo_on_the_recorded_points_gets_the_fastest_point_within_it():
             c = choose(points, slo, "tokens_per_s")
             within = [p for p in points if p["p99_ms"] <= slo]
             if not within:  # below every p99: nothing meets it, the lowest p99 is chosen and said so
-                assert not c["slo_met"] and c["label"] == lowest["label"] and "no setting met the SLO" in c["reason"]
+                assert not c["slo_met"] and c["label"] == lowest["label"] and \
+                    "no setting met the SLO" in c["reason"]
                 continue
             chosen = by[c["label"]]
             assert c["slo_met"] and chosen["p99_ms"] <= slo
             assert chosen["tokens_per_s"] == max(p["tokens_per_s"] for p in within)
             assert set(c["over_slo"]) == {p["label"] for p in points if p["p99_ms"] > slo}
-            faster_over += any(p["tokens_per_s"] > chosen["tokens_per_s"] for p in points if p["p99_ms"] > slo)
+            faster_over += any(p["tokens_per_s"] > chosen["tokens_per_s"] for p in points
+                               if p["p99_ms"] > slo)
     assert faster_over, "the recording should hold SLOs where a faster point is over the SLO"
 
 
@@ -83,7 +87,8 @@ def test_compare_on_the_recorded_run():
 
 
 def test_a_faster_point_over_the_slo_is_not_chosen():
-    points = [_p("fast-but-slow-p99", 5000, 900), _p("ok", 3000, 450), _p("slower", 2000, 300), _p("default", 1000, 200)]
+    points = [_p("fast-but-slow-p99", 5000, 900), _p("ok", 3000, 450), _p("slower", 2000, 300),
+              _p("default", 1000, 200)]
     c = choose(points, 500.0)
     assert (c["slo_met"], c["label"]) == (True, "ok")
     assert c["over_slo"] == ["fast-but-slow-p99"] and set(c["within_slo"]) == {"ok", "slower", "default"}
@@ -126,9 +131,11 @@ def test_the_grid_always_holds_the_default_first_and_each_setting_once(tmp_path)
     g = grid(s)
     assert g[0] == {**default_setting(s), "default": True} and label(g[0]) == "b8/d2000us/i2/p4,8"
     # keep: b8/d2000/i2 with serve.triton's [4, 8] is the default itself, measured once
-    assert [label(x) for x in g] == ["b8/d2000us/i2/p4,8", "b4/d2000us/i2"] and g[1]["preferred_batch_sizes"] == [4]
-    mx = grid(make_settings(tmp_path, "serve.tune.max_batch_size=[16]", "serve.tune.max_queue_delay_us=[0,500]",
-                            "serve.tune.instances=[1]"))  # preferred_batch_sizes max: [16], as Triton fills it in
+    assert [label(x) for x in g] == ["b8/d2000us/i2/p4,8", "b4/d2000us/i2"] and \
+        g[1]["preferred_batch_sizes"] == [4]
+    # preferred_batch_sizes max: [16], as Triton fills it in
+    mx = grid(make_settings(tmp_path, "serve.tune.max_batch_size=[16]",
+                            "serve.tune.max_queue_delay_us=[0,500]", "serve.tune.instances=[1]"))
     assert [label(x) for x in mx] == ["b8/d2000us/i2/p4,8", "b16/d0us/i1", "b16/d500us/i1"]
     assert [x["preferred_batch_sizes"] for x in mx] == [[4, 8], [16], [16]]
     off = grid(make_settings(tmp_path, "serve.triton.dynamic_batching=false", "serve.tune.max_batch_size=[8]",
@@ -138,8 +145,8 @@ def test_the_grid_always_holds_the_default_first_and_each_setting_once(tmp_path)
 
 
 def test_the_overrides_reproduce_the_setting(tmp_path):
-    setting = {"max_batch_size": 16, "dynamic_batching": True, "max_queue_delay_us": 500, "preferred_batch_sizes": [16],
-               "instances": 1}
+    setting = {"max_batch_size": 16, "dynamic_batching": True, "max_queue_delay_us": 500,
+               "preferred_batch_sizes": [16], "instances": 1}
     assert default_setting(make_settings(tmp_path, *overrides(setting))) == setting
 
 
@@ -149,14 +156,17 @@ def test_the_model_config_override_sets_only_the_tuned_parts():
                 "dynamic_batching": {"preferred_batch_size": [4, 8], "max_queue_delay_microseconds": 2000,
                                      "preserve_ordering": False},
                 "instance_group": [{"name": "chat-gpt_0", "kind": "KIND_CPU", "count": 2, "gpus": []}]}
-    setting = {"max_batch_size": 16, "dynamic_batching": True, "max_queue_delay_us": 0, "preferred_batch_sizes": [16],
-               "instances": 1}
+    setting = {"max_batch_size": 16, "dynamic_batching": True, "max_queue_delay_us": 0,
+               "preferred_batch_sizes": [16], "instances": 1}
     cfg = model_config_for(original, setting)
-    assert setting_of(cfg) == setting and setting_of(original)["instances"] == 2  # the original is left as it was
+    # the original is left as it was
+    assert setting_of(cfg) == setting and setting_of(original)["instances"] == 2
     assert cfg["instance_group"] == [{"name": "chat-gpt_0", "kind": "KIND_CPU", "count": 1, "gpus": []}]
     assert cfg["dynamic_batching"]["preserve_ordering"] is False
-    assert {k: v for k, v in cfg.items() if k not in ("max_batch_size", "dynamic_batching", "instance_group")} == \
-        {k: v for k, v in original.items() if k not in ("max_batch_size", "dynamic_batching", "instance_group")}
+    assert {k: v for k, v in cfg.items()
+            if k not in ("max_batch_size", "dynamic_batching", "instance_group")} == \
+        {k: v for k, v in original.items()
+         if k not in ("max_batch_size", "dynamic_batching", "instance_group")}
     off = model_config_for(original, {**setting, "dynamic_batching": False, "max_queue_delay_us": None})
     assert "dynamic_batching" not in off and setting_of(off)["dynamic_batching"] is False
     with pytest.raises(TuneError, match="2 instance groups"):
@@ -202,8 +212,9 @@ def test_the_report_files_from_a_recorded_run(tmp_path):
     assert f"instance_group [ {{ count: {chosen['instances']} kind: KIND_CPU }} ]" in pbtxt
     assert f"max_queue_delay_microseconds: {chosen['max_queue_delay_us']}" in pbtxt
     # a point that failed to load stays in the report (and the plot's table), never chosen
-    failed = {**report, "points": [*report["points"], {"label": "b64/d0us/i8", "error": "load failed: out of memory",
-                                                     "errors": 0, "requests": 0, "setting": {}}]}
+    failed = {**report, "points": [*report["points"],
+                                   {"label": "b64/d0us/i8", "error": "load failed: out of memory",
+                                    "errors": 0, "requests": 0, "setting": {}}]}
     out = write_report(s, failed, tmp_path / "reports" / "tune" / "failed")
     assert json.loads(Path(out["files"]["json"]).read_text())["points"][-1]["error"].startswith("load failed")
 
@@ -212,7 +223,8 @@ def test_cli_without_a_server_says_how_to_get_one(tmp_path):
     r = CliRunner().invoke(app, ["tune-serving", "--set", f"paths.root={tmp_path}",
                                  "--set", f"serve.triton.http_port={free_port()}"])
     assert r.exit_code == 1 and "no tritonserver answers" in r.output and "llmops serve" in r.output
-    r = CliRunner().invoke(app, ["tune-serving", "--set", f"paths.root={tmp_path}", "--set", "serve.tune.instances=[0]"])
+    r = CliRunner().invoke(app, ["tune-serving", "--set", f"paths.root={tmp_path}",
+                                 "--set", "serve.tune.instances=[0]"])
     assert r.exit_code == 2 and "serve.tune.instances.0" in r.output
     r = CliRunner().invoke(app, ["tune-serving", "--own-server", "--set", f"paths.root={tmp_path}"])
     assert r.exit_code == 1 and "no exported version" in r.output
