@@ -1,4 +1,4 @@
-"""`python -m tasks <command> ...`: the same commands as `llmops` (tasks/ops/cli.py), e.g.
+"""`python -m tasks <command> ...`: the same commands as `llmops` (tasks/ops/cli/), e.g.
 
     python -m tasks ingest --day 2026-11-01
 """

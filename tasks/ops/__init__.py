@@ -1,3 +1,3 @@
-"""Operating the whole: the `llmops` CLI (cli.py), the embedded stack (stack.py) and its Airflow REST
+"""Operating the whole: the `llmops` CLI (cli/), the embedded stack (stack.py) and its Airflow REST
 client (airflow_client.py), `make run`'s lifecycle (lifecycle.py), `llmops status` (status.py) and the
 reports index (reports.py)."""
