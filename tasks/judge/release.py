@@ -59,7 +59,7 @@ def evaluate_trained(settings: Settings, weights_dir: Path | str) -> dict[str, A
     log_evaluation(settings, weights_dir, ev)
     return {"weights_dir": str(weights_dir), "run_id": ev["run_id"], "metrics": ev["metrics"],
             "metrics_path": ev["metrics_path"], "report": ev["report"],
-            "gate": {"passed": ev["gate"]["passed"], "reason": ev["gate"]["reason"]}}
+            "gate": ev["gate"]}
 
 
 def require_gate(evaluated: dict[str, Any], what: str = "gate") -> dict[str, Any]:
