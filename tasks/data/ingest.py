@@ -1,6 +1,6 @@
 """Ingest one day of raw chat logs into a clean parquet partition and a quarantine.
 
-    llmops ingest --day 2026-11-01            # or: python -m tasks.data.ingest --day 2026-11-01
+    llmops ingest --day 2026-11-01            # or: python -m tasks ingest --day 2026-11-01
 
 Reads every source under data/raw/<source>/dt=<day>/ (OpenAI chat JSONL, chatterbot YAML),
 normalises text, scrubs PII, drops exact and near duplicates, and writes

@@ -114,7 +114,7 @@ def _rank_pids(run_dir: Path) -> list[int]:
 
 def test_kill_and_resume_matches_uninterrupted_run(reference, root):
     kill_after = random.Random(os.getpid()).randint(12, 27)  # a random step past the first checkpoint
-    args = [sys.executable, "-m", "tasks.train.launch", "--no-resume", "--profile", "tiny",
+    args = [sys.executable, "-m", "tasks", "train", "--no-resume", "--profile", "tiny",
             "--set", f"paths.root={root}", *[x for t in TRAIN for x in ("--set", t)],
             "--set", "train.zero_stage=2"]
     metrics = Path(reference["run_dir"], "metrics.jsonl")
