@@ -119,9 +119,12 @@ def _fault_lines(rng: random.Random, kept: list[dict[str, Any]], max_bytes: int)
 
 
 def synth_day(settings: Settings, day: str, records: int, faults: bool,
-              source: str = "synth") -> dict[str, Any]:
+              source: str = "synth", content_of: str | None = None) -> dict[str, Any]:
+    """Write `records` conversations (plus one line of every fault kind) as dt=<day>. What they say is a
+    function of the seed and `content_of` (default: the day itself), so a demo can write a day whose date
+    moves with the calendar and still train on the same corpus every time."""
     day = check_day(day)
-    rng = random.Random(f"{settings.seed}:{day}")
+    rng = random.Random(f"{settings.seed}:{check_day(content_of or day)}")
     index = NearDupIndex(settings.ingest.near_dup, settings.seed)
     kept: list[dict[str, Any]] = []
     lines: list[bytes] = []
