@@ -712,3 +712,52 @@ def test_canary_and_shadow_apply_per_tier(root, small_tier, gateway):
         assert rollout.analyze(s, since)["requests"] == {"champion": 1, "challenger": 0}
     finally:
         rollout.set_traffic(small, 0.0)
+
+
+def test_an_identical_challenger_under_sampled_traffic_replies_alike_in_the_shadow(root, server, gateway):
+    """Mirrored requests at temperature 1.0 without a client seed get one seed for both sides, so a challenger
+    with the champion's very weights replies as the champion does and the shadow's similarity check passes:
+    it measures the model, not the sampling. (Before, the two sides drew their own seeds and the shadow
+    rejected the champion itself.)"""
+    import datetime as dt
+
+    from tasks.loop import rollout
+    from tasks.serve.repository import read_aliases, write_aliases
+
+    s, tp = server
+    repo = s.paths.triton_repository
+    before = read_aliases(repo, MODEL)
+    judge = make_settings(root, *FAST, "rollout.shadow_min_pairs=10")
+    export_dir(s, repo / MODEL / "1", MODEL, 3)  # version 1's weights again, as version 3
+    try:
+        tp.load(MODEL)
+        tp.load(MODEL + "-stream")
+        write_aliases(repo, MODEL, {"champion": 1, "challenger": 3})
+        rollout.set_traffic(s, 0.0, shadow_percent=100.0)
+        deadline = time.monotonic() + 30  # the gateway reads the aliases and the ready versions on its polls
+        while not ((h := httpx.get(f"{gateway}/healthz").json()).get("aliases", {}).get("challenger") == 3
+                   and 3 in h.get("versions_ready", [])):
+            assert time.monotonic() < deadline, h
+            time.sleep(0.5)
+        since = dt.datetime.now(dt.UTC)
+        asks = ["I cannot log in to my account.", "Where is my parcel?", "How do I reset my password?",
+                "Can I change my delivery address?", "My card was charged twice.", "Do you ship abroad?"]
+        rids = []
+        for i in range(12):
+            r = httpx.post(f"{gateway}/v1/chat/completions", timeout=120, json={
+                "model": MODEL, "max_tokens": 16, "temperature": 1.0,
+                "messages": [{"role": "user", "content": f"{asks[i % len(asks)]} ({i})"}]})
+            assert r.status_code == 200 and r.json()["system_fingerprint"] == f"{MODEL}:1", r.text
+            rids.append(r.headers["x-request-id"])
+        assert all(isinstance(_log_line(s, rid).get("shadow_seed"), int) for rid in rids)
+        deadline = time.monotonic() + 60
+        while (report := rollout.shadow_report(judge, since))["pairs"] < len(rids):
+            assert time.monotonic() < deadline, report
+            time.sleep(0.5)
+        sim = next(c for c in report["checks"] if c["check"] == "reply_similarity")
+        assert not sim["failed"] and sim["mean"] > 0.95, report
+        assert report["replies"]["identical_share"] >= 0.9, report
+        assert "replies differ" not in report["reason"], report
+    finally:
+        rollout.set_traffic(s, 0.0)
+        write_aliases(repo, MODEL, before)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -213,6 +214,11 @@ async def _complete(gw: Gateway, request: Request, x: Exchange) -> Response:
     route, decision = _tier_and_route(gw, req, request, [*history, *messages], session or x.rid)
     x.tier_headers = gw.tier_headers(decision)
     gw.metrics.routes.labels(decision.tier, decision.kind).inc()
+    if req.temperature > 0 and req.seed is None and gw.tiers[route.tier].shadow_of(route, session or x.rid):
+        # a request the shadow mirrors samples with one seed on both sides (drawn here when the client
+        # gave none): identical models then reply alike, and the shadow measures the model, not the dice
+        req = req.model_copy(update={"seed": secrets.randbelow(2**62)})
+        x.record["shadow_seed"] = req.seed
     x.model_label = f"{route.triton_model}:{route.version}"
     tok, block = gw.tokenizer(route)
     # not given: the configured default, but never more than half this model's window
