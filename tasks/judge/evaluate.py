@@ -65,7 +65,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _held_out(settings: Settings, manifest: dict[str, Any], n: int) -> list[dict[str, Any]]:
+def held_out(settings: Settings, manifest: dict[str, Any], n: int) -> list[dict[str, Any]]:
     """The first n val conversations (by content hash) that end with an assistant turn."""
     from tasks.data.partition import read_partition
     from tasks.data.shard import is_val
@@ -84,7 +84,7 @@ def _held_out(settings: Settings, manifest: dict[str, Any], n: int) -> list[dict
     return rows[:n]
 
 
-class _Generator:
+class Generator:
     def __init__(self, model, tok, cfg):
         self.model, self.tok, self.cfg = model, tok, cfg
         self.stop = tuple(i for i in (tok.token_to_id(EOS), tok.token_to_id(EOT)) if i is not None)
@@ -134,8 +134,11 @@ def _batch8_tokens_per_s(model, tok, prompts: list[list[dict]], new_tokens: int)
 
 
 def evaluate(settings: Settings, weights_dir: Path | str, champion: dict[str, float] | None = None,
-             model=None, tag: str | None = None, extra: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run every suite on the weights (or on `model`, e.g. its int8 variant); write metrics + report."""
+             model=None, tag: str | None = None, extra: dict[str, str] | None = None,
+             speed: dict[str, float] | None = None) -> dict[str, Any]:
+    """Run every suite on the weights (or on `model`, e.g. its int8 variant); write metrics + report.
+    `speed`: batch-1 latency figures measured side by side with the champion's (release.speed_side_by_side);
+    they replace this run's own timing, so the gate compares two latencies of one machine state."""
     cfg = settings.eval
     t_start = time.perf_counter()
     base_model, tok, lineage = load_chat_model(weights_dir)
@@ -145,9 +148,9 @@ def evaluate(settings: Settings, weights_dir: Path | str, champion: dict[str, fl
     run_id = lineage["id"].split("@", 1)[-1] + (f"-{tag}" if tag else "")
 
     val_nll = _perplexity(model, manifest_path, cfg.perplexity_windows, settings.seed)
-    gen = _Generator(model, tok, cfg)
+    gen = Generator(model, tok, cfg)
     model.generate([0, 1], 4, temperature=0.0)  # warm-up: the first call pays one-time costs
-    held = _held_out(settings, manifest, cfg.reply_samples)
+    held = held_out(settings, manifest, cfg.reply_samples)
     if not held:
         raise EvaluateError(f"no held-out conversations for snapshot {manifest['snapshot_hash'][:12]}")
     replies = [gen.reply(r["prompt"]) for r in held]
@@ -170,6 +173,7 @@ def evaluate(settings: Settings, weights_dir: Path | str, champion: dict[str, fl
         "tokens_per_s_b1": lat["tokens_per_s"],
         "tokens_per_s_b8": _batch8_tokens_per_s(model, tok, [r["prompt"] for r in held], cfg.max_new_tokens),
     }
+    metrics.update(speed or {})
     slices: dict[str, dict[str, float]] = {}
     by_slice: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(held):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +51,52 @@ def check_inputs(settings: Settings, manifest: Path | str | None = None) -> dict
             "run_id": run_id, "registered": registered_run(settings, run_id)}
 
 
+SPEED_KEYS = ("latency_p50_ms_b1", "latency_p99_ms_b1", "tokens_per_s_b1")
+
+
+def speed_side_by_side(settings: Settings, weights_dir: Path | str) -> dict[str, dict[str, float]] | None:
+    """Batch-1 generation latency of the champion and of these weights, timed now and interleaved prompt by
+    prompt on the same held-out prompts, so both see one machine state; None without a champion. A latency
+    stored with the champion was measured at another time, under another load: comparing with it gates on
+    the noise of the machine, not on the model."""
+    from tasks.judge import metrics as M
+    from tasks.judge.evaluate import Generator, held_out, load_chat_model
+    from tasks.judge.registry import load_by_alias
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="champion-") as tmp:  # the weights are in memory once loaded
+            champ_model, champ_tok, _ = load_by_alias(settings, "champion", Path(tmp))
+    except Exception:  # noqa: BLE001 - no registered model or no champion alias yet (MLflow's RestException)
+        return None
+    model, tok, lineage = load_chat_model(weights_dir)
+    manifest = json.loads(Path(lineage["shards_manifest"]).read_text())
+    prompts = [r["prompt"] for r in held_out(settings, manifest, settings.eval.latency_requests)]
+    gens = {"champion": Generator(champ_model, champ_tok, settings.eval),
+            "challenger": Generator(model, tok, settings.eval)}
+    for g in gens.values():
+        g.model.generate([0, 1], 4, temperature=0.0)  # warm-up: the first call pays one-time costs
+    for prompt in prompts:
+        for g in gens.values():
+            g.reply(prompt)
+    out = {}
+    for side, g in gens.items():
+        lat = M.latency_stats(g.latencies, g.tokens)
+        out[side] = dict(zip(SPEED_KEYS, (lat["p50_ms"], lat["p99_ms"], lat["tokens_per_s"]), strict=True))
+    log.info("speed side by side on %d prompts: %s", len(prompts), out)
+    return out
+
+
 def evaluate_trained(settings: Settings, weights_dir: Path | str) -> dict[str, Any]:
     """The full suite against the champion's metrics (absolute bounds when there is none), logged to the
-    training's MLflow run. Returns the paths the next steps read, and the gate's verdict."""
+    training's MLflow run. The champion's quality metrics are its registered ones; its latency is timed now,
+    beside these weights' (speed_side_by_side). Returns the paths the next steps read, and the verdict."""
     from tasks.judge.evaluate import evaluate
 
-    ev = evaluate(settings, weights_dir, champion_metrics(settings))
+    champion = champion_metrics(settings)
+    speeds = speed_side_by_side(settings, weights_dir) if champion is not None else None
+    if champion is not None and speeds is not None:
+        champion = {**champion, **speeds["champion"]}
+    ev = evaluate(settings, weights_dir, champion, speed=speeds["challenger"] if speeds else None)
     log_evaluation(settings, weights_dir, ev)
     return {"weights_dir": str(weights_dir), "run_id": ev["run_id"], "metrics": ev["metrics"],
             "metrics_path": ev["metrics_path"], "report": ev["report"],

@@ -120,3 +120,10 @@ def test_register_promote_load_and_refuse_a_worse_model(root):
         evaluate_and_register(make_settings(root, *FAST, "train.max_steps=3"), Path(worse["weights"]).parent)
     assert "worse than champion" in str(e.value) and "perplexity" in str(e.value)
     assert len(client.search_model_versions("name='chat-gpt'")) == before
+    # its latency was judged against the champion's timed in the same run, interleaved, not the stored figure
+    report = Path(str(e.value).rsplit("(report ", 1)[1].rstrip(")"))
+    judged = json.loads(report.with_name("metrics.json").read_text())
+    stored = float(client.get_model_version("chat-gpt", "1").tags["eval.latency_p99_ms_b1"])
+    assert judged["champion"]["latency_p99_ms_b1"] != stored and judged["champion"]["latency_p99_ms_b1"] > 0
+    assert judged["champion"]["perplexity"] == pytest.approx(float(
+        client.get_model_version("chat-gpt", "1").tags["eval.perplexity"]), rel=1e-5)
