@@ -744,7 +744,8 @@ def test_an_identical_challenger_under_sampled_traffic_replies_alike_in_the_shad
                 "Can I change my delivery address?", "My card was charged twice.", "Do you ship abroad?"]
         rids = []
         for i in range(12):
-            r = httpx.post(f"{gateway}/v1/chat/completions", timeout=120, json={
+            # X-Tier: large: the light requests would go to the small tier while this module serves one
+            r = httpx.post(f"{gateway}/v1/chat/completions", timeout=120, headers={"X-Tier": "large"}, json={
                 "model": MODEL, "max_tokens": 16, "temperature": 1.0,
                 "messages": [{"role": "user", "content": f"{asks[i % len(asks)]} ({i})"}]})
             assert r.status_code == 200 and r.json()["system_fingerprint"] == f"{MODEL}:1", r.text
