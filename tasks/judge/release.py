@@ -34,8 +34,6 @@ from tasks.judge.registry import (
 
 log = logging.getLogger(__name__)
 
-TRAINED_KEYS = ("run_id", "weights", "mlflow_run_id", "final_loss", "val_loss", "tokens_per_s", "mfu")
-
 
 def check_inputs(settings: Settings, manifest: Path | str | None = None) -> dict[str, Any]:
     """The shards to train on (default: the latest snapshot's), verified shard by shard, the training run id
