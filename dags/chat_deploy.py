@@ -11,7 +11,11 @@ of the champion's requests to the challenger, users see only the champion; the p
 reply embedding similarity, toxicity, safety verdicts, length, latency; report under
 reports/shadow/) → `canary` (configs/rollout.yaml: 5 % → 25 % → 50 % → 100 % of sessions to the
 challenger, each step judged on the request logs against the champion; the first failing step
-rolls back at once, all passing steps promote; the first model is promoted directly). Every
+rolls back at once, all passing steps promote; the first model is promoted directly). Shadow and
+canary are sensors in reschedule mode: while too few requests came in they wait, holding no worker
+slot, up to `rollout.deadline_s` per step; past it the rollout is `inconclusive` (the challenger is
+taken out of the routes, or kept with `rollout.on_inconclusive: keep`) and the run fails with that
+reason: a rollout without a decision never ends green. Every
 decision is a JSON record under reports/rollout/ and tags on the MLflow version, and is printed in
 the task log.
 
@@ -27,7 +31,8 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import Param, PokeReturnValue, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException
 
 from chat_assets import CHAT_CHALLENGER, DEFAULT_PROFILE, PROFILES, fails_fast
 
@@ -38,6 +43,13 @@ def _settings():
 
     p = get_current_context()["params"]
     return tier_settings(p["profile"], p.get("tier", "large"))
+
+
+def _outcome(out: dict | None) -> PokeReturnValue:
+    """A rollout phase's poll as a sensor's answer: wait (None), done, or failed when inconclusive."""
+    if out is not None and out["action"] == "inconclusive":
+        raise AirflowFailException(f"rollout inconclusive: {out['reason']} (record {out.get('record')})")
+    return PokeReturnValue(is_done=out is not None, xcom_value=out)
 
 
 @dag(
@@ -92,17 +104,22 @@ def chat_deploy():
             return {"skipped": "no server running"}
         return server.smoke(_settings(), loaded["model"], loaded["version"])
 
-    @task(retries=0, execution_timeout=timedelta(hours=2))  # a roll-back is a verdict, not a flake
-    def shadow(smoked: dict) -> dict:
+    # Shadow and canary wait for traffic as sensors in reschedule mode: between looks (every 10 s) the task
+    # gives its worker slot back, however long the windows, and the rollout's state lives on disk
+    # (tasks/loop/rollout.py poll()). No verdict by `rollout.deadline_s` fails the task as inconclusive:
+    # a run without a decision is never green. A roll-back is a verdict, not a flake: no retries.
+    @task.sensor(poke_interval=10, timeout=30 * 24 * 3600, mode="reschedule", retries=0)
+    def shadow(smoked: dict) -> PokeReturnValue:
         from tasks.loop.rollout import shadow_step
 
-        return shadow_step(_settings(), smoked)
+        out = shadow_step(_settings(), smoked, get_current_context()["run_id"])
+        return _outcome(out)
 
-    @task(retries=0, execution_timeout=timedelta(hours=6))
-    def canary(shadowed: dict) -> dict:
+    @task.sensor(poke_interval=10, timeout=30 * 24 * 3600, mode="reschedule", retries=0)
+    def canary(shadowed: dict) -> PokeReturnValue:
         from tasks.loop.rollout import canary_step
 
-        return canary_step(_settings(), shadowed)
+        return _outcome(canary_step(_settings(), shadowed, get_current_context()["run_id"]))
 
     canary(shadow(smoke(load(export()))))
 

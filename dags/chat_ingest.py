@@ -10,6 +10,11 @@ manual run, so a retry or a backfill rewrites exactly its own day and gives byte
 outputs. Backfill past days with `airflow backfill create --dag-id chat_ingest --from-date
 2026-11-01 --to-date 2026-11-03` or the Trigger dialog's Backfill tab. `snapshot` and
 `shard` update the `chat_clean_corpus` and `chat_shards` Assets that `chat_train` waits on.
+
+`ingest` first collects the day's served exchanges from the gateway's request logs as the `requests`
+source (tasks/data/served.py; consent: `ingest.sources.requests.enabled`). `chat_monitor` triggers a
+run for a served day when drift fires and the day is not in the corpus yet; its `reason` rides on the
+`chat_shards` event into the training it starts.
 """
 
 from __future__ import annotations
@@ -54,6 +59,11 @@ def _day() -> str:
                      description="Partition to ingest, YYYY-MM-DD. Empty: the run's data interval start."),
         "profile": Param(DEFAULT_PROFILE, type="string", enum=PROFILES, title="Profile",
                          description="Config profile from configs/profiles/."),
+        "reason": Param(None, type=["null", "string"], maxLength=2000, title="Reason",
+                        description="Why this day is ingested now (optional; chat_monitor fills it in). "
+                                    "Carried on the chat_shards event to the training it starts."),
+        "drift_report": Param(None, type=["null", "string"], maxLength=1000, title="Drift report",
+                              description="The drift report behind the reason (set by chat_monitor)."),
     },
 )
 def chat_ingest():
@@ -64,8 +74,8 @@ def chat_ingest():
         from tasks.data.ingest import ingest as run
 
         r = run(_day(), _settings())
-        return {k: r[k] for k in ("dt", "partition", "content_hash", "clean", "rejected", "reasons",
-                                  "quarantine")}
+        return {k: r.get(k) for k in ("dt", "partition", "content_hash", "clean", "rejected", "reasons",
+                                      "quarantine", "served")}
 
     @task
     @fails_fast
@@ -91,9 +101,11 @@ def chat_ingest():
         from tasks.data.shard import shard as run
 
         r = run(_settings(), snap["snapshot_hash"])
+        params = get_current_context()["params"]
+        why = {k: params[k] for k in ("reason", "drift_report") if params.get(k)}  # set by chat_monitor
         get_current_context()["outlet_events"][CHAT_SHARDS].extra = {
             "manifest": r["manifest"], "snapshot_hash": r["snapshot_hash"],
-            "tokenizer_sha256": r["tokenizer_sha256"]}
+            "tokenizer_sha256": r["tokenizer_sha256"], **why}
         return r
 
     shard(snapshot(validate(ingest())))

@@ -5,9 +5,15 @@
 corpus: Evidently drift of prompt features, Evidently embedding drift of the prompts' MiniLM
 embeddings, token unigram KL, p99 latency and error rate; HTML reports under reports/drift/) →
 `decide` (if it fired: the guards of configs/monitor.yaml, i.e. no chat_train run running or
-queued, outside the cooldown, under the weekly cap, enough new request rows; skips the rest when
-any says no, with the reason in the log) → `retrain` (triggers `chat_train` with a conf that says
-why).
+queued, outside the cooldown, under the weekly cap, enough new request rows; then what there is to
+learn from) → one of:
+- `ingest_served`: served days of the window are not in the corpus yet (`ingest.sources.requests`
+  consented): triggers `chat_ingest` for the latest with the reason; the shards it publishes start
+  `chat_train`, which trains on a snapshot that holds the drifted traffic;
+- `retrain`: the latest snapshot has days the champion's lacks: triggers `chat_train` with the reason;
+- `alert`: nothing new to learn from, so no training (it would reproduce the champion): an alert with
+  the drift report under reports/alerts/.
+None of them runs when the monitor did not fire or a guard held it back (the reason is in the log).
 
 Beside it: `autoscale` (queue depth, batch fill, tokens/s per instance and utilisation from
 Triton's and the gateway's metrics; the scale-out / scale-in recommendation of configs/serve.yaml
@@ -60,16 +66,33 @@ def chat_monitor():
         result = check(_settings())
         return {k: result.get(k) for k in ("verdict", "fire", "reason", "report", "rows", "slo", "token_kl")}
 
-    @task.short_circuit
+    @task.branch
     def decide(verdict: dict):
-        from tasks.loop.drift import retrain_conf
+        from tasks.loop.drift import plan_retrain
 
         ctx = get_current_context()
         active = ctx["ti"].get_dr_count(dag_id="chat_train", states=["running", "queued"])
-        return retrain_conf(_settings(), verdict, active, ctx["params"]["profile"]) or False
+        plan = plan_retrain(_settings(), verdict, active, ctx["params"]["profile"])
+        print(f"decision: {plan['action']}: {plan['reason']}")
+        ctx["ti"].xcom_push(key="plan", value=plan)
+        return {"train": "retrain", "ingest": "ingest_served", "alert": "alert"}.get(plan["action"], [])
 
-    TriggerDagRunOperator(task_id="retrain", trigger_dag_id="chat_train", conf=decide(drift()),
-                          wait_for_completion=False)
+    plan = decide(drift())
+    conf = "{{ ti.xcom_pull(task_ids='decide', key='plan')['conf'] }}"
+    plan >> TriggerDagRunOperator(task_id="retrain", trigger_dag_id="chat_train", conf=conf,
+                                  wait_for_completion=False)
+    plan >> TriggerDagRunOperator(task_id="ingest_served", trigger_dag_id="chat_ingest", conf=conf,
+                                  wait_for_completion=False)
+
+    @task
+    def alert() -> dict:
+        # the alert itself was raised in decide (logged, reports/alerts/); this task makes it visible in
+        # the run's graph, with the record
+        plan = get_current_context()["ti"].xcom_pull(task_ids="decide", key="plan")
+        print(f"ALERT: {plan['reason']} (record {plan.get('record')})")
+        return {k: plan.get(k) for k in ("kind", "reason", "record", "drift_report")}
+
+    plan >> alert()
 
     @task
     @fails_fast

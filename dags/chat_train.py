@@ -1,12 +1,17 @@
 """
 ### chat_train: train the chat GPT with DeepSpeed ZeRO on the latest token shards
 
-`check_inputs` (the shards of the triggering `chat_shards` Asset event, or of the latest snapshot;
-every shard's sha256 verified; when a version trained from the same shards, config, seed and code is
-already registered the run skips the rest, unless the `force` param is set) → `train` (launches the
+`wait_for_ingest` (while a `chat_ingest` run is queued or running, e.g. a backfill, newer shards are
+on their way: the run waits for them, in reschedule mode so no worker slot is held, and a 30-day
+backfill trains once, on the corpus it leaves) → `check_inputs` (the shards of the latest snapshot;
+every shard's sha256 verified; which days and rows by source it adds to the champion's snapshot; when a
+version trained from the same shards, config, seed and code is already registered, or that training
+was refused by the gate, the run skips the rest with the reason, unless the `force` param is set) →
+`train` (launches the
 ranks as separate processes with torchrun or the deepspeed launcher, streams their logs here and
 their metrics to MLflow, writes safetensors weights with lineage) → `evaluate` (perplexity, ROUGE-L,
-BLEU, embedding similarity, toxicity, factuality, latency; HTML report attached to the MLflow run) →
+BLEU, embedding similarity, toxicity, factuality, latency; HTML report attached to the MLflow run;
+skipped with the reason when the weights equal a registered version's byte for byte) →
 `gate` (configs/eval.yaml bounds and allowed regression vs the `champion`; fails the run with the
 reason when it does not pass) → `register` (MLflow model `chat-gpt`, alias `challenger`, lineage
 tags; emits the `chat_challenger` Asset that `chat_deploy` runs on) → `quantize` (the dynamic int8
@@ -27,7 +32,15 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
+from airflow.sdk import (
+    AssetOrTimeSchedule,
+    CronTriggerTimetable,
+    Param,
+    PokeReturnValue,
+    dag,
+    get_current_context,
+    task,
+)
 from airflow.sdk.exceptions import AirflowSkipException
 
 from chat_assets import CHAT_CHALLENGER, CHAT_SHARDS, DEFAULT_PROFILE, PROFILES, fails_fast
@@ -108,24 +121,47 @@ def _train_in_cluster(settings, inputs: dict, ctx) -> dict:
     },
 )
 def chat_train():
+    @task.sensor(poke_interval=20, timeout=6 * 3600, mode="reschedule")
+    def wait_for_ingest() -> PokeReturnValue:
+        ctx = get_current_context()
+        busy = ctx["ti"].get_dr_count(dag_id="chat_ingest", states=["running", "queued"])
+        if busy:
+            print(f"chat_ingest has {busy} run(s) queued or running: the training waits for the shards "
+                  "they publish, so it trains once on the corpus they leave")
+        return PokeReturnValue(is_done=not busy)
+
     @task
     @fails_fast
     def check_inputs() -> dict:
         from tasks.judge.release import check_inputs as run
 
-        events = get_current_context().get("triggering_asset_events") or {}
-        # every chat_shards event since the previous asset-triggered run comes along: the newest names
-        # the shards
+        ctx = get_current_context()
+        params = ctx["params"]
+        events = ctx.get("triggering_asset_events") or {}
+        # every chat_shards event since the previous asset-triggered run comes along; the newest carries
+        # the reason chat_monitor gave when it asked for the ingest. The shards trained are the latest
+        # snapshot's: chat_ingest runs that ended after this run was created are in them too.
         newest = max((ev for evs in events.values() for ev in evs if (ev.extra or {}).get("manifest")),
                      key=lambda ev: ev.timestamp, default=None)
+        extra = (newest.extra or {}) if newest is not None else {}
         settings = _settings()
-        r = run(settings, newest.extra["manifest"] if newest is not None else None)
-        if r["registered"] is not None and not get_current_context()["params"]["force"]:
-            # the same shards, config, seed and code were trained and registered: training again
-            # changes nothing
+        r = run(settings)
+        r["trigger"] = {k: params.get(k) or extra.get(k) for k in ("reason", "drift_report")
+                        if params.get(k) or extra.get(k)}
+        r["trigger"]["new_data"] = r["data"]["summary"]
+        print(f"data: {r['data']['summary']}")
+        if params["force"]:
+            return r
+        if r["registered"] is not None:
+            # the same shards, config, seed and code were trained and registered: training again changes
+            # nothing
             raise AirflowSkipException(f"unchanged: run {r['run_id']} is registered as "
                                        f"{settings.tracking.registered_model} "
                                        f"version {r['registered']}; trigger with force to train it again")
+        if r["refused"] is not None:
+            raise AirflowSkipException(f"unchanged: run {r['run_id']} was trained from these shards, config, "
+                                       f"seed and code and refused by the gate ({r['refused']}); trigger "
+                                       "with force to train it again")
         return r
 
     @task(pool="training", execution_timeout=timedelta(hours=12))
@@ -138,17 +174,20 @@ def chat_train():
         if settings.train.backend == "kubernetes":  # the ranks run in a pod on a GPU node of the cluster
             return _train_in_cluster(settings, inputs, ctx)
         resume = ctx["params"]["resume"] or ctx["ti"].try_number > 1  # a retry always resumes
-        why = {k: ctx["params"][k] for k in ("reason", "drift_report") if ctx["params"].get(k)}
-        return run(settings, inputs["manifest"], resume=resume, trigger=why)
+        return {**run(settings, inputs["manifest"], resume=resume, trigger=inputs["trigger"]),
+                "data": inputs["data"]}
 
     @task
     @fails_fast
     def evaluate(trained: dict) -> dict:
         from pathlib import Path
 
-        from tasks.judge.release import evaluate_trained
+        from tasks.judge.release import evaluate_trained, skip_identical
 
-        return evaluate_trained(_settings(), Path(trained["weights"]).parent)
+        settings = _settings()
+        if (why := skip_identical(settings, Path(trained["weights"]).parent)) is not None:
+            raise AirflowSkipException(why)
+        return evaluate_trained(settings, Path(trained["weights"]).parent)
 
     @task
     @fails_fast  # a failed gate is a verdict, not a flake: no retry
@@ -180,7 +219,9 @@ def chat_train():
             raise AirflowSkipException("the distill param is off")
         return distill_and_report(_settings(), registered["version"], quantized["tier_metrics"])
 
-    gated = gate(evaluate(train(check_inputs())))
+    inputs = check_inputs()
+    wait_for_ingest() >> inputs
+    gated = gate(evaluate(train(inputs)))
     registered = register(gated)
     distill(registered, quantize(registered, gated))
 

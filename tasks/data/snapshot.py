@@ -149,3 +149,39 @@ def load_snapshot(settings: Settings, snapshot_hash: str | None = None) -> dict[
     if not path.is_file():
         raise SnapshotError(f"unknown snapshot {snapshot_hash}: {path} missing")
     return json.loads(path.read_text())
+
+
+def rows_by_source(settings: Settings, day: str) -> dict[str, int]:
+    """{source: rows} of dt=<day>'s clean partition (`requests` is the gateway's served traffic)."""
+    import pyarrow.parquet as pq
+
+    counts: dict[str, int] = {}
+    for f in sorted((settings.paths.clean / f"dt={day}").glob("part-*.parquet")):
+        for src in pq.read_table(f, columns=["source"]).column("source").to_pylist():
+            counts[src] = counts.get(src, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def new_data(settings: Settings, snapshot_hash: str, base_hash: str | None) -> dict[str, Any]:
+    """What snapshot `snapshot_hash` holds that snapshot `base_hash` (the champion's) does not: the days
+    added, the days whose content changed, and their rows by source. `has_new` False: training on it
+    learns nothing the base did not have."""
+    parts = load_snapshot(settings, snapshot_hash)["partitions"]
+    base = load_snapshot(settings, base_hash)["partitions"] if base_hash else {}
+    added = sorted(d for d in parts if d not in base)
+    changed = sorted(d for d in parts if d in base and base[d] != parts[d])
+    by_source: dict[str, int] = {}
+    for day in added + changed:
+        for src, n in rows_by_source(settings, day).items():
+            by_source[src] = by_source.get(src, 0) + n
+    removed = sorted(d for d in base if d not in parts)
+    if not base_hash:
+        summary = f"no champion yet: all {len(parts)} days are new"
+    elif not added and not changed:
+        summary = f"nothing new: the champion's snapshot {base_hash[:12]} holds the same days"
+    else:
+        summary = (f"{len(added)} new day(s) {added}, {len(changed)} changed {changed}; rows by source "
+                   f"{by_source}")
+    return {"snapshot_hash": snapshot_hash, "base": base_hash, "added_days": added, "changed_days": changed,
+            "removed_days": removed, "rows_by_source": dict(sorted(by_source.items())),
+            "has_new": bool(added or changed), "summary": summary}

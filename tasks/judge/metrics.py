@@ -23,15 +23,18 @@ def perplexity(mean_nll: float) -> float:
     return float(math.exp(min(mean_nll, 700.0)))
 
 
-def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Mean ROUGE-L F1 of each prediction against its reference."""
+def rouge_l_scores(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """ROUGE-L F1 of each prediction against its reference."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    if not predictions:
-        return 0.0
-    return float(np.mean([scorer.score(r, p)["rougeL"].fmeasure
-                          for p, r in zip(predictions, references, strict=True)]))
+    return [float(scorer.score(r, p)["rougeL"].fmeasure)
+            for p, r in zip(predictions, references, strict=True)]
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Mean ROUGE-L F1 of each prediction against its reference."""
+    return float(np.mean(rouge_l_scores(predictions, references))) if predictions else 0.0
 
 
 def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:

@@ -103,6 +103,29 @@ def registered_run(settings: Settings, run_id: str) -> int | None:
     return max(versions) if versions else None
 
 
+def versions_with_weights(settings: Settings, weights_sha256: str) -> list[dict[str, Any]]:
+    """The fp32 versions registered with exactly these weights (the `weights_sha256` tag), newest first,
+    each {"version", "aliases", "model_id"}."""
+    client = mlflow_client(settings)
+    name = settings.tracking.registered_model
+    try:
+        found = client.search_model_versions(f"name='{name}'")
+    except Exception:  # noqa: BLE001 - no registered model yet (MLflow's RestException): nothing equal
+        return []
+    same = [v for v in found if v.tags.get("weights_sha256") == weights_sha256
+            and v.tags.get("variant", "fp32") == "fp32"]
+    return [{"version": int(v.version), "aliases": list(v.aliases or ()), "model_id": v.tags.get("model_id")}
+            for v in sorted(same, key=lambda v: -int(v.version))]
+
+
+def training_verdict(settings: Settings, mlflow_run_id: str) -> dict[str, str] | None:
+    """The fp32 gate's verdict logged on a training's MLflow run ({"gate", "reason"}), None before one."""
+    tags = mlflow_client(settings).get_run(mlflow_run_id).data.tags
+    if "gate.fp32" not in tags:
+        return None
+    return {"gate": tags["gate.fp32"], "reason": tags.get("gate.fp32.reason", "")}
+
+
 def champion_metrics(settings: Settings, alias: str = "champion") -> dict[str, float] | None:
     client = mlflow_client(settings)
     try:

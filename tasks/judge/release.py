@@ -3,7 +3,10 @@
 so the DAG and the CLI cannot drift apart.
 
     check_inputs         the shards to train on (every sha256 verified), the run id they give with this
-                         config, seed and code, and the version already registered from that run, if any
+                         config, seed and code, the version already registered from that run, if any, the
+                         gate's verdict if that run was trained and refused, and the data it adds to the
+                         champion's
+    identical_weights    the registered version whose weights these are, byte for byte: nothing to register
     evaluate_trained     the evaluation suite against the champion, attached to the training's MLflow run
     require_gate         a failed gate stops the release here (GateFailed, a verdict: no retry)
     register_evaluated   an MLflow model version, alias challenger, every lineage tag
@@ -25,11 +28,14 @@ from typing import Any
 from tasks.config import Settings
 from tasks.judge.registry import (
     GateFailed,
+    RegistrationRefused,
     champion_metrics,
     log_evaluation,
     quantize_and_register,
     register,
     registered_run,
+    training_verdict,
+    versions_with_weights,
 )
 
 log = logging.getLogger(__name__)
@@ -40,13 +46,55 @@ def check_inputs(settings: Settings, manifest: Path | str | None = None) -> dict
     they give, and `registered`: the version already registered from that run (None: training would be
     new)."""
     from tasks.data.shard import latest_manifest, verify_shards
-    from tasks.train.launch import run_identity
+    from tasks.data.snapshot import new_data
+    from tasks.train.launch import TrainError, read_result, run_identity
 
     manifest = str(manifest or latest_manifest(settings))
     m = verify_shards(Path(manifest).parent)
     run_id = run_identity(settings, manifest)
+    registered = registered_run(settings, run_id)
+    refused = None
+    if registered is None:
+        try:
+            result = read_result(settings, run_id)
+        except TrainError:
+            result = None
+        verdict = training_verdict(settings, result["mlflow_run_id"]) if result else None
+        if verdict and verdict["gate"] == "failed":
+            refused = verdict["reason"]
+    champion = champion_lineage(settings)
+    data = new_data(settings, m["snapshot_hash"], champion.get("snapshot_hash") if champion else None)
+    log.info("training data: snapshot %s; against the champion's: %s", m["snapshot_hash"][:12],
+             data["summary"])
     return {"manifest": manifest, "snapshot_hash": m["snapshot_hash"], "tokens": m["tokens"],
-            "run_id": run_id, "registered": registered_run(settings, run_id)}
+            "run_id": run_id, "registered": registered, "refused": refused, "data": data}
+
+
+def champion_lineage(settings: Settings) -> dict[str, str] | None:
+    """The champion version's tags (its lineage), None without a champion."""
+    from tasks.tracking import mlflow_client
+
+    try:
+        v = mlflow_client(settings).get_model_version_by_alias(settings.tracking.registered_model, "champion")
+    except Exception:  # noqa: BLE001 - no registered model or no champion yet (MLflow's RestException)
+        return None
+    return {**v.tags, "version": v.version}
+
+
+def identical_weights(settings: Settings, weights_dir: Path | str) -> dict[str, Any] | None:
+    """{"version", "aliases", "reason"} of the registered version whose weights equal these byte for byte
+    (sha256); None when they are new. Registering them again would make a version that changes nothing,
+    and rolling it out would judge a model against itself."""
+    lineage = json.loads((Path(weights_dir) / "_lineage.json").read_text())
+    sha = lineage.get("weights_sha256")
+    same = versions_with_weights(settings, sha) if sha else []
+    if not same:
+        return None
+    v = same[0]
+    what = f"version {v['version']}" + (f" ({', '.join(v['aliases'])})" if v["aliases"] else "")
+    return {**v, "weights_sha256": sha,
+            "reason": f"the trained weights equal {settings.tracking.registered_model} {what} byte for byte "
+                      f"(sha256 {sha[:12]}): no new version is registered and nothing is deployed"}
 
 
 SPEED_KEYS = ("latency_p50_ms_b1", "latency_p99_ms_b1", "tokens_per_s_b1")
@@ -109,8 +157,25 @@ def require_gate(evaluated: dict[str, Any], what: str = "gate") -> dict[str, Any
     return evaluated
 
 
+def skip_identical(settings: Settings, weights_dir: Path | str) -> str | None:
+    """chat_train's `evaluate`, first: the reason these weights are not evaluated nor registered (they equal
+    a registered version's), tagged on the training's MLflow run as `llmops.not_registered`; None when
+    they are new."""
+    from tasks.tracking import mlflow_client
+
+    if (same := identical_weights(settings, weights_dir)) is None:
+        return None
+    result = json.loads((Path(weights_dir) / "result.json").read_text())
+    mlflow_client(settings).set_tag(result["mlflow_run_id"], "llmops.not_registered", same["reason"])
+    log.warning("%s", same["reason"])
+    return same["reason"]
+
+
 def register_evaluated(settings: Settings, evaluated: dict[str, Any]) -> dict[str, Any]:
-    """Register the gated fp32 weights as `challenger` with the evaluation's metrics."""
+    """Register the gated fp32 weights as `challenger` with the evaluation's metrics; refused when a version
+    with the same weights is registered already."""
+    if (same := identical_weights(settings, evaluated["weights_dir"])) is not None:
+        raise RegistrationRefused(same["reason"])
     ev = json.loads(Path(evaluated["metrics_path"]).read_text())
     return register(settings, evaluated["weights_dir"], ev, ev["gate"])
 

@@ -11,9 +11,12 @@ embedding drift of the prompts (`monitor.embedding_model`, sampled further to
 figures (p99 latency, error rate) of the same logs. The HTML reports go to
 reports/drift/<time>/report.html and embeddings.html, with the verdict beside them as JSON.
 
-`guard()` decides whether a firing monitor may trigger `chat_train`: not within the cooldown,
-not while a chat_train run is running or queued, not without enough new rows since the last
-trigger, not above the weekly cap. Its state (the triggers so far) lives in var/monitor/state.json.
+`guard()` decides whether a firing monitor may act: not within the cooldown, not while a chat_train
+run is running or queued, not without enough new rows since the last trigger, not above the weekly
+cap. Its state (the triggers so far) lives in var/monitor/state.json. `plan_retrain()` then decides on
+the evidence: served days not in the corpus yet are ingested first (the training follows from their
+shards); a snapshot with days the champion's lacks is trained on; with nothing new it raises an alert
+instead, since a retrain on the champion's own data would only reproduce it.
 """
 
 from __future__ import annotations
@@ -254,17 +257,55 @@ def note_trigger(settings: Settings, now: dt.datetime, reason: str) -> None:
     write_json(state_path(settings), state)
 
 
-def retrain_conf(settings: Settings, verdict: dict[str, Any], running_or_queued: int,
-                 profile: str) -> dict[str, Any] | None:
-    """chat_monitor's `decide`: the conf of the chat_train run a firing verdict asks for, or None when the
-    verdict does not fire or a guard holds it back (a run already going, cooldown, weekly cap, too little
-    new traffic). A trigger that goes ahead is noted in the monitor's state, for the next guard."""
+def served_pending(settings: Settings, now: dt.datetime) -> list[str]:
+    """Days of the monitor's window whose served traffic (the `requests` source, when consented) is not in
+    the clean corpus yet: collected here, so that ingesting the day is what would change."""
+    from tasks.data.ingest import is_current
+    from tasks.data.served import collect, served_days
+
+    if not settings.ingest.sources.requests.enabled:
+        return []
+    first = (now - dt.timedelta(hours=settings.monitor.window_hours)).date().isoformat()
+    pending = []
+    for day in served_days(settings):
+        if first <= day <= now.date().isoformat() and collect(settings, day)["kept"] \
+                and not is_current(settings, day):
+            pending.append(day)
+    return pending
+
+
+def alert(settings: Settings, kind: str, reason: str, evidence: dict[str, Any],
+          now: dt.datetime | None = None) -> dict[str, Any]:
+    """A condition a person has to look at: logged at WARNING and written to
+    reports/alerts/<time>-<kind>.json (`llmops status` lists the latest)."""
+    now = now or dt.datetime.now(dt.UTC)
+    record = {"kind": kind, "at": now.isoformat(timespec="seconds"), "reason": reason, **evidence}
+    path = settings.paths.reports_dir / "alerts" / f"{now.strftime('%Y%m%dT%H%M%S')}-{kind}.json"
+    write_json(path, record)
+    log.warning("ALERT %s: %s (%s)", kind, reason, path)
+    return {**record, "record": str(path)}
+
+
+def plan_retrain(settings: Settings, verdict: dict[str, Any], running_or_queued: int, profile: str,
+                 now: dt.datetime | None = None) -> dict[str, Any]:
+    """chat_monitor's `decide`: what a verdict leads to, {"action", "reason", ...}.
+
+    - "none": the verdict does not fire, or a guard holds it back (a training going, cooldown, weekly cap,
+      too little new traffic);
+    - "ingest": served days of the window are not in the corpus yet (and consent is on): chat_ingest runs
+      for the latest (`conf`), and the chat_shards event it publishes starts the training, with the reason;
+    - "train": the latest snapshot has days the champion's does not: chat_train runs on it (`conf`);
+    - "alert": nothing new to learn from (a retrain would reproduce the champion): an alert with the drift
+      report instead of a training.
+    A trigger that goes ahead ("ingest", "train") is noted in the monitor's state, for the next guard."""
+    from tasks.data.snapshot import load_snapshot, new_data
+    from tasks.judge.release import champion_lineage
     from tasks.loop.rollout import read_requests
 
     if not verdict["fire"]:
         log.info("no retrain: %s", verdict["reason"])
-        return None
-    now = dt.datetime.now(dt.UTC)
+        return {"action": "none", "reason": verdict["reason"]}
+    now = now or dt.datetime.now(dt.UTC)
     state = load_state(settings)
     last = max((dt.datetime.fromisoformat(t) for t in state.get("triggers", [])),
                default=now - dt.timedelta(days=7))
@@ -272,7 +313,25 @@ def retrain_conf(settings: Settings, verdict: dict[str, Any], running_or_queued:
                          len(read_requests(settings, last, now)))
     log.info("monitor fired (%s); guards: %s", verdict["reason"], why)
     if not allowed:
-        return None
-    note_trigger(settings, now, verdict["reason"])
-    return {"profile": profile, "reason": f"chat_monitor: {verdict['reason']}",
-            "drift_report": verdict.get("report"), "resume": False, "force": True}
+        return {"action": "none", "reason": why}
+    reason = f"chat_monitor: {verdict['reason']}"
+    why = {"reason": reason, "drift_report": verdict.get("report")}
+    if pending := served_pending(settings, now):
+        note_trigger(settings, now, verdict["reason"])
+        return {"action": "ingest", "days": pending, "reason": f"served traffic of {pending} is not in the "
+                f"corpus yet: chat_ingest dt={pending[-1]} first, then the training its shards start",
+                "conf": {"day": pending[-1], "profile": profile, **why}}
+    champion = champion_lineage(settings)
+    data = new_data(settings, load_snapshot(settings)["snapshot_hash"],
+                    champion.get("snapshot_hash") if champion else None)
+    if data["has_new"]:
+        note_trigger(settings, now, verdict["reason"])
+        return {"action": "train", "data": data, "reason": data["summary"],
+                "conf": {"profile": profile, **why, "resume": False}}
+    consent = settings.ingest.sources.requests.enabled
+    return {"action": "alert", **alert(
+        settings, "drift-no-new-data",
+        f"{verdict['reason']}; but there is no new data to learn from ({data['summary']}; served traffic "
+        + ("is in the corpus already" if consent else "is not trained on: ingest.sources.requests.enabled "
+           "is off") + "): a retrain would reproduce the champion, so none is started",
+        {"drift_report": verdict.get("report"), "data": data, "consent": consent}, now)}

@@ -30,9 +30,9 @@ import datetime as dt
 import json
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -206,12 +206,19 @@ def shadow_report(settings: Settings, since: dt.datetime, until: dt.datetime | N
                  "p10": round(float(np.percentile(sims, 10)), 4) if len(sims) else None,
                  "limit": cfg.min_reply_similarity,
                  "failed": bool(not len(sims) or mean_sim < cfg.min_reply_similarity)}
-    checks = [*verdict["checks"], sim_check]
+    ref_check = _reference_check(settings, ok)
+    checks = [*verdict["checks"], sim_check, ref_check]
     failed = [c for c in checks if c["failed"]]
-    reasons = [_why(c) for c in failed if c["check"] != "reply_similarity"]
+    reasons = [_why(c) for c in failed if c["check"] not in ("reply_similarity", "reference_quality")]
     if sim_check["failed"]:
         reasons.append(f"replies differ from the champion's: mean embedding similarity {mean_sim:.3f} < "
                        f"{cfg.min_reply_similarity}")
+    if ref_check["failed"]:
+        reasons.append(f"replies further from the held-out references: mean ROUGE-L "
+                       f"{ref_check['challenger']:.3f} vs champion {ref_check['champion']:.3f} over "
+                       f"{ref_check['pairs']} pairs (-"
+                       f"{-ref_check['delta']:.3f} > {cfg.max_reference_regression}, Wilcoxon "
+                       f"p={ref_check['p_value']:.2g})")
     result |= {"verdict": "fail" if failed else "pass", "checks": checks,
                "reason": "; ".join(reasons) or "challenger within every bound on the mirrored requests",
                "replies": {"similarity_mean": mean_sim,
@@ -229,6 +236,51 @@ def shadow_report(settings: Settings, since: dt.datetime, until: dt.datetime | N
         result["report"] = str(_shadow_html(out_dir / "shadow.html", ok, sims, tox_a, tox_b))
     write_json(out_dir / "shadow.json", result)
     return result
+
+
+def references(settings: Settings) -> dict[str, str]:
+    """{user turn: held-out reply} of the latest snapshot's eval split: single-turn conversations only,
+    and none from the `requests` source (a served reply as reference would favour the model that gave it)."""
+    from tasks.data.shard import ShardError, latest_manifest
+    from tasks.data.snapshot import SnapshotError
+    from tasks.judge.evaluate import held_out
+
+    try:
+        manifest = json.loads(latest_manifest(settings).read_text())
+    except (ShardError, SnapshotError):
+        return {}
+    return {r["prompt"][0]["content"]: r["reference"] for r in held_out(settings, manifest, 10**9)
+            if len(r["prompt"]) == 1 and r["prompt"][0]["role"] == "user" and r["slice"] != "requests"}
+
+
+def _reference_check(settings: Settings, pairs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Both sides' replies against the held-out reference, where the mirrored prompt has one: mean ROUGE-L
+    of each, and whether the challenger is worse by more than `max_reference_regression`, significantly
+    (one-sided Wilcoxon signed-rank on the paired scores, p < alpha). Too few such pairs: not judged."""
+    import numpy as np
+    from scipy.stats import wilcoxon
+
+    from tasks.judge import metrics as M
+
+    cfg = settings.rollout
+    refs = references(settings) if pairs else {}
+    scored = [(p, refs[p["prompt"]]) for p in pairs
+              if isinstance(p.get("prompt"), str) and p["prompt"] in refs]
+    check: dict[str, Any] = {"check": "reference_quality", "pairs": len(scored),
+                             "limit": cfg.max_reference_regression, "champion": None, "challenger": None,
+                             "delta": None, "p_value": None,
+                             "failed": False}
+    if len(scored) < cfg.reference_min_pairs:
+        return {**check, "note": f"{len(scored)} mirrored prompts have a held-out reference; "
+                                 f"{cfg.reference_min_pairs} needed to judge"}
+    ref = [r for _, r in scored]
+    a = np.array(M.rouge_l_scores([p["champion"].get("response", "") for p, _ in scored], ref))
+    b = np.array(M.rouge_l_scores([p["challenger"].get("response", "") for p, _ in scored], ref))
+    delta = float(b.mean() - a.mean())
+    p_value = float(wilcoxon(a, b, alternative="greater").pvalue) if np.any(a != b) else 1.0
+    return {**check, "champion": round(float(a.mean()), 4), "challenger": round(float(b.mean()), 4),
+            "delta": round(delta, 4), "p_value": p_value,
+            "failed": bool(-delta > cfg.max_reference_regression and p_value < cfg.alpha)}
 
 
 def _similarities(a: list[str], b: list[str], model: str):
@@ -270,9 +322,15 @@ def record(settings: Settings, decision: dict[str, Any]) -> Path:
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
     path = (settings.paths.reports_dir / "rollout"
             / f"{stamp}-v{decision['challenger']}-{decision['action']}.json")
-    write_json(path, decision)
     client = mlflow_client(settings)
     name = settings.tracking.registered_model
+    try:  # what the challenger's training saw that the champion's did not, and why it ran
+        tags = client.get_run(client.get_model_version(name, str(decision["challenger"])).run_id).data.tags
+        decision["training_data"] = {"new_data": tags.get("llmops.trigger_new_data"),
+                                     "reason": tags.get("llmops.trigger_reason")}
+    except Exception as e:  # noqa: BLE001 - a version registered by hand has no training run to ask
+        decision["training_data"] = {"unknown": str(e)[:200]}
+    write_json(path, decision)
     for k, v in {"rollout.action": decision["action"], "rollout.reason": decision["reason"][:4000],
                  "rollout.record": str(path), "rollout.at": decision["at"]}.items():
         client.set_model_version_tag(name, str(decision["challenger"]), k, v)
@@ -355,87 +413,166 @@ def analyze(settings: Settings, since: dt.datetime, until: dt.datetime | None = 
             "_champion": s[aliases["champion"]]}
 
 
-def _judge_windows(sleep: Callable[[float], None], window_s: float, judge: Callable[[], dict[str, Any]],
-                   windows: int = 4) -> dict[str, Any]:
-    """Wait a window and judge; while the verdict is "wait" (too few samples), up to windows-1 more."""
-    for _ in range(windows):
-        sleep(window_s)
-        result = judge()
-        if result["verdict"] != "wait":
-            break
-    return result
+def inconclusive(settings: Settings, result: dict[str, Any], steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """The deadline passed without the evidence a verdict needs: traffic back to the champion and, with
+    `rollout.on_inconclusive` "unload" (the default), the challenger leaves the gateway's routes (its alias
+    becomes `inconclusive`); "keep" leaves it the challenger, for a later chat_deploy run to judge again.
+    Recorded like any decision; never a promotion."""
+    repo, name = settings.paths.triton_repository, settings.serve.triton.model_name
+    set_traffic(settings, 0.0)
+    aliases = read_aliases(repo, name)
+    challenger = aliases.get("challenger", result.get("challenger"))
+    kept = settings.rollout.on_inconclusive == "keep"
+    if not kept and "challenger" in aliases:
+        aliases.pop("challenger")
+        write_aliases(repo, name, {**aliases, "inconclusive": challenger})
+        _drop_alias(settings, "challenger")
+    reason = (f"no decision by the deadline ({settings.rollout.deadline_s:.0f} s of waiting): "
+              f"{result['reason']}; "
+              + ("the challenger stays loaded as challenger (rollout.on_inconclusive: keep)" if kept
+                 else "the challenger is taken out of the routes (rollout.on_inconclusive: unload)"))
+    decision = _decision("inconclusive", aliases.get("champion"), challenger, reason, steps=steps)
+    decision["record"] = str(record(settings, decision))
+    return decision
 
 
-def shadow(settings: Settings, sleep: Callable[[float], None] = time.sleep,
-           on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """The shadow phase: mirror `rollout.shadow_percent` of the champion's requests to the challenger
-    for a window (up to 3 more while too few pairs came in), then judge the pairs. A failing shadow
-    rolls the challenger back; too few pairs ends the rollout without a decision. Returns the shadow
-    step with "action": "continue" when the canary may go on."""
+def _state_path(settings: Settings) -> Path:
+    return settings.paths.var_dir / "rollout" / f"{settings.serve.triton.model_name}.json"
+
+
+def _load_state(settings: Settings, run: str) -> dict[str, Any] | None:
+    p = _state_path(settings)
+    st = json.loads(p.read_text()) if p.is_file() else None
+    return st if st and st.get("run") == run else None
+
+
+def _save_state(settings: Settings, state: dict[str, Any]) -> None:
+    write_json(_state_path(settings), state)
+
+
+def _end(settings: Settings, decision: dict[str, Any]) -> dict[str, Any]:
+    _state_path(settings).unlink(missing_ok=True)
+    return decision
+
+
+def _begin(settings: Settings, run: str, phase: str, previous: dict[str, Any] | None,
+           now: dt.datetime) -> dict[str, Any] | None:
+    """Start `phase` of rollout `run`: its traffic and its state; a decision or outcome when there is
+    nothing to wait for (no champion, no shadow)."""
     cfg = settings.rollout
     aliases = read_aliases(settings.paths.triton_repository, settings.serve.triton.model_name)
     if "challenger" not in aliases:
         raise InputError(f"no challenger to roll out (aliases.json: {aliases}); export one first")
-    if "champion" not in aliases or cfg.shadow_percent <= 0:
+    if "champion" not in aliases:
+        if phase == "shadow":
+            return {"action": "continue", "phase": "shadow", "verdict": "skipped",
+                    "reason": "no champion to mirror"}
+        return _end(settings, promote(settings, {"reason": "first champion: no model was serving"}))
+    if phase == "shadow" and cfg.shadow_percent <= 0:
         return {"action": "continue", "phase": "shadow", "verdict": "skipped",
-                "reason": ("no champion to mirror" if "champion" not in aliases
-                           else "rollout.shadow_percent is 0")}
-    set_traffic(settings, 0.0, shadow_percent=cfg.shadow_percent)
-    start = dt.datetime.now(dt.UTC)
-    result = _judge_windows(sleep, cfg.shadow_window_s, lambda: shadow_report(settings, start))
-    step = {"share": 0.0, **result}
-    log.info("shadow at %s%% mirrored: %s (%s)", cfg.shadow_percent, result["verdict"], result["reason"])
+                "reason": "rollout.shadow_percent is 0"}
+    if phase == "shadow":
+        set_traffic(settings, 0.0, shadow_percent=cfg.shadow_percent)
+    else:
+        set_traffic(settings, cfg.steps[0])
+    steps = (previous or {}).get("steps", [])
+    _save_state(settings, {"run": run, "phase": phase, "step": 0, "champion": aliases["champion"],
+                           "challenger": aliases["challenger"], "started": now.isoformat(),
+                           "deadline": (now + dt.timedelta(seconds=cfg.deadline_s)).isoformat(),
+                           "steps": steps, "baseline": asdict(Sample())})
+    log.info("rollout %s: %s phase of v%s against champion v%s started", run, phase, aliases["challenger"],
+             aliases["champion"])
+    return None
+
+
+def poll(settings: Settings, run: str, phase: str, now: dt.datetime | None = None,
+         on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any] | None:
+    """One look at rollout `run`'s `phase` ("shadow" or "canary"); None while it waits.
+
+    The first call starts the phase. Once its window has passed, every call judges everything since the
+    step began: a verdict ends the step (the shadow's pass returns {"action": "continue"}; a canary step's
+    pass moves to the next share, the last one promotes; a fail rolls back); "wait" (too few requests or
+    pairs) keeps waiting until the step's deadline (`rollout.deadline_s`), then `inconclusive()`.
+    The state lives in var/rollout/<model>.json, so the caller may be a process that comes and goes: an
+    Airflow sensor in reschedule mode holds no worker slot between looks."""
+    cfg = settings.rollout
+    now = now or dt.datetime.now(dt.UTC)
+    st = _load_state(settings, run)
+    if st is None or st["phase"] != phase:
+        return _begin(settings, run, phase, st, now)
+    started = dt.datetime.fromisoformat(st["started"])
+    window = cfg.shadow_window_s if phase == "shadow" else cfg.window_s
+    if now < started + dt.timedelta(seconds=window):
+        return None
+    if phase == "shadow":
+        result = shadow_report(settings, started, now)
+        step = {"share": 0.0, **result}
+    else:
+        share = cfg.steps[st["step"]]
+        result = analyze(settings, started, now, baseline=Sample(**st["baseline"]))
+        champ = result.pop("_champion")
+        step = {"share": share, **result}
+    if result["verdict"] == "wait":
+        if now < dt.datetime.fromisoformat(st["deadline"]):
+            log.info("rollout %s: %s waits: %s", run, phase, result["reason"])
+            return None
+        return _end(settings, inconclusive(settings, result, [*st["steps"], step]))
+    steps = [*st["steps"], step]
     if on_step:
         on_step(step)
-    set_traffic(settings, 0.0)  # mirroring ends with the phase
+    log.info("rollout %s: %s at %s%%: %s (%s)", run, phase, step["share"], result["verdict"],
+             result["reason"])
+    if phase == "shadow":
+        set_traffic(settings, 0.0)  # mirroring ends with the phase
+        if result["verdict"] == "fail":
+            return _end(settings, rollback(settings, f"shadow: {result['reason']}", {"steps": steps}))
+        _save_state(settings, {**st, "phase": "shadow-passed", "steps": steps})
+        return {"action": "continue", **step}
     if result["verdict"] == "fail":
-        return rollback(settings, f"shadow: {result['reason']}", {"steps": [step]})
-    if result["verdict"] == "wait":
-        return _decision("inconclusive", result["champion"], result["challenger"], result["reason"],
-                         steps=[step])
-    return {"action": "continue", **step}
+        return _end(settings, rollback(settings, f"canary at {step['share']}%: {result['reason']}",
+                                       {"steps": steps}))
+    b = st["baseline"]
+    baseline = Sample(b["latencies_ms"] + champ.latencies_ms, b["requests"] + champ.requests,
+                      b["errors"] + champ.errors, b["safety_hits"] + champ.safety_hits)
+    if st["step"] + 1 == len(cfg.steps):
+        return _end(settings, promote(settings, {"reason": "every canary step passed", "steps": steps}))
+    set_traffic(settings, cfg.steps[st["step"] + 1])
+    _save_state(settings, {**st, "step": st["step"] + 1, "started": now.isoformat(), "steps": steps,
+                           "deadline": (now + dt.timedelta(seconds=cfg.deadline_s)).isoformat(),
+                           "baseline": asdict(baseline)})
+    return None
+
+
+def _drive(settings: Settings, phase: str, run: str, sleep: Callable[[float], None],
+           on_step: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+    """poll() until the phase has an outcome, sleeping in between (the CLI's way; Airflow reschedules)."""
+    window = settings.rollout.shadow_window_s if phase == "shadow" else settings.rollout.window_s
+    while (out := poll(settings, run, phase, on_step=on_step)) is None:
+        sleep(min(window, settings.rollout.poll_s))
+    return out
+
+
+def shadow(settings: Settings, sleep: Callable[[float], None] = time.sleep,
+           on_step: Callable[[dict[str, Any]], None] | None = None, run: str | None = None) -> dict[str, Any]:
+    """The shadow phase: mirror `rollout.shadow_percent` of the champion's requests to the challenger
+    and judge the pairs once the window has passed (waiting for more while too few came in, up to the
+    deadline). A failing shadow rolls the challenger back; no evidence by the deadline is `inconclusive`.
+    Returns the shadow step with "action": "continue" when the canary may go on."""
+    return _drive(settings, "shadow", run or f"cli-{uuid.uuid4().hex[:12]}", sleep, on_step)
 
 
 def canary(settings: Settings, sleep: Callable[[float], None] = time.sleep,
            on_step: Callable[[dict[str, Any]], None] | None = None,
            with_shadow: bool = True) -> dict[str, Any]:
     """The shadow phase (unless with_shadow is False: chat_deploy runs it as its own task), then the
-    traffic steps; after each window judge; roll back on the first failure, promote at the end.
-    A step that keeps answering "wait" (too few requests) is judged again for up to 3 more windows,
-    then the canary stops without a decision (traffic back to the champion) rather than guess."""
-    cfg = settings.rollout
-    aliases = read_aliases(settings.paths.triton_repository, settings.serve.triton.model_name)
-    if "challenger" not in aliases:
-        raise InputError(f"no challenger to roll out (aliases.json: {aliases}); export one first")
-    if "champion" not in aliases:  # the first model: nothing to compare with
-        return promote(settings, {"reason": "first champion: no model was serving"})
-    steps = []
+    traffic steps; roll back on the first failure, promote at the end; a step without enough requests by
+    its deadline ends the rollout `inconclusive` (traffic back to the champion) rather than guess."""
+    run = f"cli-{uuid.uuid4().hex[:12]}"
     if with_shadow:
-        first = shadow(settings, sleep, on_step)
+        first = shadow(settings, sleep, on_step, run)
         if first["action"] != "continue":
             return first
-        if first["verdict"] != "skipped":
-            steps.append({k: v for k, v in first.items() if k != "action"})
-    baseline = Sample()  # the champion's requests over the canary so far
-    for share in cfg.steps:
-        set_traffic(settings, share)
-        start = dt.datetime.now(dt.UTC)
-        result = _judge_windows(sleep, cfg.window_s, partial(analyze, settings, start, baseline=baseline))
-        champ = result.pop("_champion")
-        baseline = Sample(baseline.latencies_ms + champ.latencies_ms, baseline.requests + champ.requests,
-                          baseline.errors + champ.errors, baseline.safety_hits + champ.safety_hits)
-        step = {"share": share, **result}
-        steps.append(step)
-        log.info("canary step %s%%: %s (%s)", share, result["verdict"], result["reason"])
-        if on_step:
-            on_step(step)
-        if result["verdict"] == "fail":
-            return rollback(settings, f"canary at {share}%: {result['reason']}", {"steps": steps})
-        if result["verdict"] == "wait":
-            set_traffic(settings, 0.0)
-            return _decision("inconclusive", result["champion"], result["challenger"], result["reason"],
-                             steps=steps)
-    return promote(settings, {"reason": "every canary step passed", "steps": steps})
+    return _drive(settings, "canary", run, sleep, on_step)
 
 
 def drill(settings: Settings, version: int, delay_ms_per_token: float) -> dict[str, Any]:
@@ -479,24 +616,30 @@ def load_exported(settings: Settings, exported: dict[str, Any],
     return {**exported, "loaded": True}
 
 
-def shadow_step(settings: Settings, smoked: dict[str, Any]) -> dict[str, Any]:
-    """chat_deploy's `shadow`: the shadow phase unless nothing is served here; its verdict, small enough for
-    XCom."""
+def shadow_step(settings: Settings, smoked: dict[str, Any], run: str) -> dict[str, Any] | None:
+    """chat_deploy's `shadow` (a sensor): one poll() of the shadow phase, unless nothing is served here;
+    None while it waits, else its outcome, small enough for XCom."""
     if smoked.get("skipped"):
         return {"action": "none", "reason": "no server running"}
-    out = shadow(settings, on_step=lambda step: log.info("shadow: %s", json.dumps(step, default=str)))
+    out = poll(settings, run, "shadow",
+               on_step=lambda step: log.info("shadow: %s", json.dumps(step, default=str)))
+    if out is None:
+        return None
     log.info("shadow verdict: %s",
              json.dumps({k: v for k, v in out.items() if k not in ("evidence", "checks")}, default=str))
     return {k: out.get(k)
             for k in ("action", "verdict", "champion", "challenger", "reason", "report", "record")}
 
 
-def canary_step(settings: Settings, shadowed: dict[str, Any]) -> dict[str, Any]:
-    """chat_deploy's `canary`: the traffic steps after a shadow that let the rollout go on; the decision."""
-    if shadowed["action"] != "continue":  # no server, or the shadow already rolled back / was inconclusive
+def canary_step(settings: Settings, shadowed: dict[str, Any], run: str) -> dict[str, Any] | None:
+    """chat_deploy's `canary` (a sensor): one poll() of the traffic steps after a shadow that let the
+    rollout go on; None while it waits, else the decision."""
+    if shadowed["action"] != "continue":  # no server, or the shadow already rolled back
         log.info("no canary: %s: %s", shadowed["action"], shadowed["reason"])
         return {k: shadowed.get(k) for k in ("action", "champion", "challenger", "reason")}
-    decision = canary(settings, with_shadow=False,
-                      on_step=lambda step: log.info("canary step: %s", json.dumps(step)))
+    decision = poll(settings, run, "canary",
+                    on_step=lambda step: log.info("canary step: %s", json.dumps(step)))
+    if decision is None:
+        return None
     log.info("rollout decision: %s", json.dumps({k: v for k, v in decision.items() if k != "evidence"}))
-    return {k: decision[k] for k in ("action", "champion", "challenger", "reason")}
+    return {k: decision.get(k) for k in ("action", "champion", "challenger", "reason", "record")}

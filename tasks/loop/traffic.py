@@ -37,11 +37,13 @@ class Load:
 
     def __init__(self, base: str, clients: int = 2, prompt: str | None = "Where is my parcel?",
                  max_tokens: int = 8, headers: dict[str, str] | None = None, pause_s: float = 0.0,
-                 seed: int = 0, prompts: list[str] | None = None):
+                 seed: int = 0, prompts: list[str] | None = None, temperature: float | None = 0.0):
         self.base = base.removesuffix("/").removesuffix("/v1")
         self.prompt, self.max_tokens, self.headers, self.pause_s, self.seed = (
             prompt, max_tokens, headers or {}, pause_s, seed)
         self.prompts = prompts
+        # None: the field is left out and the server's default applies (OpenAI's 1.0: sampled replies)
+        self.sampling = {} if temperature is None else {"temperature": temperature}
         self.statuses: list[int] = []
         self.versions: list[str | None] = []
         self._stop = threading.Event()
@@ -59,7 +61,7 @@ class Load:
                 try:
                     r = http.post(f"{self.base}/v1/chat/completions",
                                   headers={**self.headers, "X-Session-Id": f"s{rng.getrandbits(48)}"},
-                                  json={"model": "chat-gpt", "max_tokens": self.max_tokens, "temperature": 0,
+                                  json={"model": "chat-gpt", "max_tokens": self.max_tokens, **self.sampling,
                                         "messages": [{"role": "user", "content": prompt}]})
                     self.statuses.append(r.status_code)
                     self.versions.append(r.headers.get("x-model-version"))

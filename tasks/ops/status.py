@@ -61,6 +61,49 @@ def _models(settings: Settings, name: str | None = None) -> dict[str, Any]:
     return out
 
 
+def _trainings(settings: Settings, n: int = 5) -> list[dict[str, Any]]:
+    """The last n training runs in MLflow: why each ran, which new data it saw against the champion's
+    snapshot, the gate's verdict, the version it became and what its rollout decided (or why it was not
+    registered)."""
+    from tasks.tracking import mlflow_client
+
+    client = mlflow_client(settings)
+    name = settings.tracking.registered_model
+    exp = client.get_experiment_by_name(settings.tracking.experiment)
+    if exp is None:
+        return []
+    versions = {}
+    for v in client.search_model_versions(f"name='{name}'"):
+        if v.tags.get("variant", "fp32") == "fp32":
+            versions[v.run_id] = v
+    out = []
+    for r in client.search_runs([exp.experiment_id], max_results=n, order_by=["attributes.start_time DESC"]):
+        t, v = r.data.tags, versions.get(r.info.run_id)
+        if v is not None:
+            outcome = (f"v{v.version}: {v.tags['rollout.action']}: {v.tags.get('rollout.reason', '')}"
+                       if "rollout.action" in v.tags else f"v{v.version}: registered, not rolled out yet")
+        elif "llmops.not_registered" in t:
+            outcome = f"not registered: {t['llmops.not_registered']}"
+        elif t.get("gate.fp32") == "failed":
+            outcome = f"refused by the gate: {t.get('gate.fp32.reason', '')}"
+        else:
+            outcome = r.info.status.lower()
+        out.append({"run": t.get("mlflow.runName", r.info.run_id), "mlflow_run_id": r.info.run_id,
+                    "started": dt.datetime.fromtimestamp(r.info.start_time / 1000, dt.UTC)
+                    .isoformat(timespec="seconds"),
+                    "reason": t.get("llmops.trigger_reason", "schedule, asset event or Trigger"),
+                    "new_data": t.get("llmops.trigger_new_data"), "version": int(v.version) if v else None,
+                    "outcome": outcome})
+    return out
+
+
+def _latest_json(settings: Settings, sub: str, n: int) -> list[dict[str, Any]]:
+    import json
+
+    files = sorted((settings.paths.reports_dir / sub).glob("*.json"))[-n:]
+    return [{**json.loads(f.read_text()), "record": str(f)} for f in reversed(files)]
+
+
 def collect(settings: Settings, per_dag: int = 3) -> dict[str, Any]:
     from tasks.ops import reports, stack
     from tasks.serve import server
@@ -86,6 +129,15 @@ def collect(settings: Settings, per_dag: int = 3) -> dict[str, Any]:
         info["models"] = _models(settings)
     except Exception as e:  # noqa: BLE001
         info["models"] = f"unavailable: {e}"
+    try:
+        info["trainings"] = _trainings(settings)
+    except Exception as e:  # noqa: BLE001
+        info["trainings"] = f"unavailable: {e}"
+    info["rollouts"] = [{k: r.get(k) for k in ("action", "champion", "challenger", "reason", "at", "record",
+                                               "training_data")}
+                        for r in _latest_json(settings, "rollout", 3)]
+    info["alerts"] = [{k: a.get(k) for k in ("kind", "at", "reason", "drift_report", "record")}
+                      for a in _latest_json(settings, "alerts", 3)]
     small = settings.serve.routing.small_model
     try:  # the gateway's small tier (the distilled model), when one is registered
         info["small_tier"] = {"name": small, "models": _models(settings, small),
@@ -183,6 +235,17 @@ def render(info: dict[str, Any], console: Console | None = None) -> None:
                   if d else "last drift check      : none yet (chat_monitor runs hourly once unpaused)")
     if info["drift_triggers"]:
         console.print(f"retrains by drift     : {', '.join(info['drift_triggers'])}")
+    if isinstance(info.get("trainings"), list) and info["trainings"]:
+        console.print("trainings (newest first):")
+        for r in info["trainings"]:
+            console.print(f"  {_when(r['started'])} {r['run']}: {_cut(r['reason'], 100)}; data: "
+                          f"{_cut(r['new_data'] or 'not recorded', 160)}; {_cut(r['outcome'], 200)}")
+    for d in info.get("rollouts") or []:
+        color = {"promote": "green", "rollback": "red"}.get(d["action"], "yellow")
+        console.print(f"rollout {_when(d['at'])}: [{color}]{d['action']}[/] v{d['challenger']} vs champion "
+                      f"v{d['champion']}: {_cut(d['reason'], 200)}")
+    for a in info.get("alerts") or []:
+        console.print(f"[red]ALERT[/] {_when(a['at'])} {a['kind']}: {_cut(a['reason'], 300)}")
     console.print(f"reports (all, linked) : {info['reports']['index']}")
     for title, path in info["reports"]["latest"].items():
         console.print(f"  {title:<20}: {path}")

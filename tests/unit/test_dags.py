@@ -54,8 +54,12 @@ def test_chat_ingest_shape(dagbag):
 
 def test_chat_train_shape(dagbag):
     dag = dagbag.get_dag("chat_train")
-    assert [t.task_id for t in dag.topological_sort()] == ["check_inputs", "train", "evaluate", "gate",
-                                                           "register", "quantize", "distill"]
+    assert [t.task_id for t in dag.topological_sort()] == ["wait_for_ingest", "check_inputs", "train",
+                                                           "evaluate", "gate", "register", "quantize",
+                                                           "distill"]
+    # a backfill's chat_shards events wait for the backfill to end, holding no worker slot meanwhile
+    wait = dag.get_task("wait_for_ingest")
+    assert wait.mode == "reschedule" and wait.downstream_task_ids == {"check_inputs"}
     assert dag.get_task("train").pool == dag.get_task("distill").pool == "training"
     assert dag.get_task("distill").upstream_task_ids == {"register", "quantize"}
     assert dag.params.get_param("distill").value is False
@@ -69,6 +73,8 @@ def test_chat_deploy_shape(dagbag):
     dag = dagbag.get_dag("chat_deploy")
     assert [t.task_id for t in dag.topological_sort()] == ["export", "load", "smoke", "shadow", "canary"]
     assert dag.get_task("canary").retries == 0
+    # waiting for traffic holds no worker slot: both rollout phases are sensors that reschedule
+    assert {dag.get_task(t).mode for t in ("shadow", "canary")} == {"reschedule"}
     # runs when chat_train registers a challenger
     assert type(dag.timetable).__name__ == "AssetTriggeredTimetable"
     assert "chat_challenger" in str(dag.timetable.asset_condition)
@@ -79,10 +85,13 @@ def test_chat_deploy_shape(dagbag):
 
 def test_chat_monitor_shape(dagbag):
     dag = dagbag.get_dag("chat_monitor")
-    assert {t.task_id for t in dag.tasks} == {"drift", "decide", "retrain", "autoscale", "cost"}
-    assert dag.get_task("retrain").upstream_task_ids == {"decide"}
+    assert {t.task_id for t in dag.tasks} == {"drift", "decide", "retrain", "ingest_served", "alert",
+                                              "autoscale", "cost"}
+    # decide branches to one of: train on new data, ingest the served days first, or alert
+    assert dag.get_task("decide").downstream_task_ids == {"retrain", "ingest_served", "alert"}
     assert dag.get_task("decide").upstream_task_ids == {"drift"}
     assert dag.get_task("retrain").trigger_dag_id == "chat_train"
+    assert dag.get_task("ingest_served").trigger_dag_id == "chat_ingest"
     assert dag.max_active_runs == 1
     assert type(dag.timetable).__name__ == "DeltaTriggerTimetable", type(dag.timetable)
     assert dag.timetable.delta == timedelta(hours=1)

@@ -134,7 +134,10 @@ def test_shadow_report_passes_a_comparable_challenger_and_writes_its_reports(tmp
     assert out["pairs"] == 40 and out["replies"]["similarity_mean"] > 0.99 and \
         out["replies"]["identical_share"] == 1.0
     assert {c["check"] for c in out["checks"]} == \
-        {"p99_latency", "safety_hit_rate", "error_rate", "reply_similarity"}
+        {"p99_latency", "safety_hit_rate", "error_rate", "reply_similarity", "reference_quality"}
+    # no snapshot here, so no held-out references: that check is reported, not judged
+    ref = next(c for c in out["checks"] if c["check"] == "reference_quality")
+    assert ref["pairs"] == 0 and not ref["failed"] and "needed to judge" in ref["note"]
     assert json.loads((tmp_path / "shadow" / "shadow.json").read_text())["verdict"] == "pass"
     html = (tmp_path / "shadow" / "shadow.html").read_text()
     assert "similarity_to_champion" in html and "completion_tokens" in html
