@@ -114,8 +114,10 @@ def versions_with_weights(settings: Settings, weights_sha256: str) -> list[dict[
         return []
     same = [v for v in found if v.tags.get("weights_sha256") == weights_sha256
             and v.tags.get("variant", "fp32") == "fp32"]
-    return [{"version": int(v.version), "aliases": list(v.aliases or ()), "model_id": v.tags.get("model_id")}
-            for v in sorted(same, key=lambda v: -int(v.version))]
+    # search results carry no aliases: each match is read in full
+    full = [client.get_model_version(name, v.version) for v in sorted(same, key=lambda v: -int(v.version))]
+    return [{"version": int(v.version), "aliases": sorted(v.aliases or ()),
+             "model_id": v.tags.get("model_id")} for v in full]
 
 
 def training_verdict(settings: Settings, mlflow_run_id: str) -> dict[str, str] | None:

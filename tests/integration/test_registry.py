@@ -127,3 +127,70 @@ def test_register_promote_load_and_refuse_a_worse_model(root):
     assert judged["champion"]["latency_p99_ms_b1"] != stored and judged["champion"]["latency_p99_ms_b1"] > 0
     assert judged["champion"]["perplexity"] == pytest.approx(float(
         client.get_model_version("chat-gpt", "1").tags["eval.perplexity"]), rel=1e-5)
+
+    # what chat_train's check_inputs now says about that short run: trained and refused, so a second asset
+    # event for the same shards skips it instead of training it again; and the snapshot adds nothing to the
+    # champion's
+    from tasks.judge.registry import RegistrationRefused
+    from tasks.judge.release import check_inputs, identical_weights, register_evaluated
+
+    again = check_inputs(make_settings(root, *FAST, "train.max_steps=3"))
+    assert again["registered"] is None and "worse than champion" in again["refused"], again
+    assert again["data"]["has_new"] is False and again["data"]["summary"].startswith("nothing new"), \
+        again["data"]
+    # the champion's own weights offered again (a retrain of unchanged inputs makes the same bytes): no new
+    # version, and the reason names the version it equals
+    same = identical_weights(s, Path(good["weights"]).parent)
+    assert same["version"] == 1 and "champion" in same["aliases"] and "byte for byte" in same["reason"]
+    assert identical_weights(s, Path(worse["weights"]).parent) is None
+    before = len(client.search_model_versions("name='chat-gpt'"))
+    with pytest.raises(RegistrationRefused, match="byte for byte"):
+        register_evaluated(s, {"weights_dir": str(Path(good["weights"]).parent), "metrics_path": "unused"})
+    assert len(client.search_model_versions("name='chat-gpt'")) == before
+
+
+def test_the_monitor_alerts_without_new_data_and_ingests_served_days_first(root):
+    """chat_monitor's decide on a firing verdict, against the champion the test above promoted: nothing new
+    to learn from -> an alert (no training); drifted traffic served today -> ingest that day first; once
+    ingested and snapshotted, the snapshot's new day -> train, and the data it adds is named by source."""
+    import datetime as dt
+
+    from tasks.data.snapshot import load_snapshot, new_data
+    from tasks.loop.drift import plan_retrain
+    from tasks.loop.traffic import traffic
+
+    guards = ["monitor.guard.min_new_rows=0", "monitor.guard.cooldown_hours=0",
+              "monitor.guard.max_per_week=50"]
+    s = make_settings(root, *guards)
+    assert str(mlflow_client(s).get_model_version_by_alias("chat-gpt", "champion").version) == "1", \
+        "needs the champion the test above promotes"
+    fired = {"fire": True, "verdict": "drift", "reason": "token unigram KL 2.100 > 0.5", "report": "r.html"}
+    assert plan_retrain(s, {**fired, "fire": False, "reason": "no drift"}, 0, "tiny")["action"] == "none"
+    assert plan_retrain(s, fired, 1, "tiny") == {
+        "action": "none", "reason": "chat_train already has 1 run(s) running or queued"}
+
+    plan = plan_retrain(s, fired, 0, "tiny")
+    assert plan["action"] == "alert" and "no new data to learn from" in plan["reason"], plan
+    record = json.loads(Path(plan["record"]).read_text())
+    assert record["kind"] == "drift-no-new-data" and record["drift_report"] == "r.html"
+
+    traffic(s, 120, drifted=True, hours=0.2)  # what users asked today, in the gateway's log format
+    off = make_settings(root, *guards, "ingest.sources.requests.enabled=false")
+    plan = plan_retrain(off, fired, 0, "tiny")
+    assert plan["action"] == "alert" and "ingest.sources.requests.enabled is off" in plan["reason"]
+
+    today = dt.datetime.now(dt.UTC).date().isoformat()
+    plan = plan_retrain(s, fired, 0, "tiny")
+    assert plan["action"] == "ingest" and plan["days"] == [today], plan
+    assert plan["conf"] == {"day": today, "profile": "tiny", "reason": "chat_monitor: " + fired["reason"],
+                            "drift_report": "r.html"}
+
+    # what chat_ingest does with that conf; then the snapshot holds the served day and training follows
+    assert ingest(today, s)["served"]["kept"] == 120
+    snapshot(s)
+    data = new_data(s, load_snapshot(s)["snapshot_hash"],
+                    mlflow_client(s).get_model_version("chat-gpt", "1").tags["snapshot_hash"])
+    assert data["added_days"] == [today] and set(data["rows_by_source"]) == {"requests"}, data
+    plan = plan_retrain(s, fired, 0, "tiny")
+    assert plan["action"] == "train" and plan["data"]["added_days"] == [today], plan
+    assert plan["conf"]["reason"].startswith("chat_monitor: ") and "force" not in plan["conf"]
