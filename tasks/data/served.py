@@ -89,12 +89,12 @@ def collect(settings: Settings, day: str) -> dict[str, Any]:
             if (why := _why_excluded(rec, cfg)) is not None:
                 excluded[why] += 1
                 continue
-            row = {"messages": [{"role": "user", "content": rec["prompt"]},
+            row: dict[str, Any] = {"messages": [{"role": "user", "content": rec["prompt"]},
                                 {"role": "assistant", "content": rec["response"]}],
                    "request_id": str(rec.get("request_id", "")), "model": rec.get("model"),
                    "version": rec.get("version"), "served_at": rec.get("ts"),
                    **({"synthetic": True} if rec.get("synthetic") else {})}
-            kept.append((str(rec.get("ts", "")), row["request_id"],
+            kept.append((str(rec.get("ts", "")), str(row["request_id"]),
                          json.dumps(row, ensure_ascii=False, sort_keys=True)))
     result = {"dt": day, "enabled": True, "path": None, "read": read, "kept": len(kept),
               "excluded": dict(sorted(excluded.items()))}

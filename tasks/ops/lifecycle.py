@@ -473,10 +473,14 @@ def _monitor(lc: Lifecycle, st: Stage) -> tuple[bool, str]:
     run_id = next(iter(runs))
     drift = c.xcom("chat_monitor", run_id, "drift")
     scale = c.xcom("chat_monitor", run_id, "autoscale")
-    retrain = runs[run_id]["tasks"].get("retrain") == "success"
+    acted = {t: runs[run_id]["tasks"].get(t) == "success" for t in ("retrain", "ingest_served", "alert")}
     lc.facts["drift"] = drift
     return True, (f"drift: {drift['verdict']} ({drift['reason']}); autoscale: {scale['action']}"
-                  + ("; a retrain was triggered (chat_train)" if retrain else ""))
+                  + ("; a retrain was triggered (chat_train)" if acted["retrain"] else "")
+                  + ("; the served day is ingested first (chat_ingest), its shards start chat_train"
+                     if acted["ingest_served"] else "")
+                  + ("; ALERT: drift without new data to learn from (reports/alerts/)"
+                     if acted["alert"] else ""))
 
 
 def lifecycle(settings: Settings, first: str, last: str, console: Console | None = None) -> Lifecycle:

@@ -4,6 +4,7 @@ config dir whose tiny profile has short rollout windows. Started once for the pa
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -18,10 +19,20 @@ PROFILE = {
     "train": {"max_steps": 30},
     # p99 may regress by 200 ms: two 30-step models on a busy 2-core machine differ by more than 50 ms in
     # reply length and scheduling alone; the drill adds 60 ms a token (480 ms at 8 tokens) and must still fail
+    # a step without traffic gives up after 40 s (inconclusive)
     "rollout": {"steps": [50, 100], "window_s": 6, "min_samples": 8, "shadow_percent": 100,
-                "shadow_window_s": 6, "shadow_min_pairs": 8, "max_p99_regression_ms": 200},
+                "shadow_window_s": 6, "shadow_min_pairs": 8, "max_p99_regression_ms": 200, "deadline_s": 40},
     "monitor": {"window_hours": 1, "min_rows": 50, "guard": {"min_new_rows": 100, "cooldown_hours": 24}},
 }
+
+
+def set_profile(section: str, values: dict) -> None:
+    """Change the running stack's tiny profile (every task reads its settings when it runs), as an operator
+    edits configs/: e.g. consent for the requests source."""
+    path = Path(os.environ["LLMOPS_CONFIG_DIR"]) / "profiles" / "tiny.yaml"
+    tiny = yaml.safe_load(path.read_text())
+    tiny[section] = {**tiny.get(section, {}), **values}
+    path.write_text(yaml.safe_dump(tiny))
 
 
 def _config_dir(root) -> str:

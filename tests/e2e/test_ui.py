@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.services]
 SHOTS = REPO / "reports" / "test-artifacts" / "ui"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-TASKS = ("check_inputs", "train", "evaluate", "gate", "register", "quantize")
+TASKS = ("wait_for_ingest", "check_inputs", "train", "evaluate", "gate", "register", "quantize")
 # the form's fields under test: Param name -> (ARIA role of its input, the Param's title = the field's label)
 FIELDS = {"profile": ("combobox", "Profile"), "max_steps": ("spinbutton", "Max steps"),
           "zero_stage": ("combobox", "ZeRO stage")}
