@@ -135,7 +135,7 @@ def collect(settings: Settings, per_dag: int = 3) -> dict[str, Any]:
         info["trainings"] = f"unavailable: {e}"
     info["rollouts"] = [{k: r.get(k) for k in ("action", "champion", "challenger", "reason", "at", "record",
                                                "training_data")}
-                        for r in _latest_json(settings, "rollout", 3)]
+                        for r in _latest_json(settings, "rollout", 5)]
     info["alerts"] = [{k: a.get(k) for k in ("kind", "at", "reason", "drift_report", "record")}
                       for a in _latest_json(settings, "alerts", 3)]
     small = settings.serve.routing.small_model

@@ -221,7 +221,8 @@ def test_closed_loop_acts_on_evidence(running):
     base = server.urls(s)["gateway"].removesuffix("/v1")
 
     # 1. version 1 is served as the first champion (test above: its registration started chat_deploy)
-    first = next(r for r in client.runs("chat_deploy") if r["run_type"] == "asset_triggered")["dag_run_id"]
+    first = min((r for r in client.runs("chat_deploy") if r["run_type"] == "asset_triggered"),
+                key=lambda r: r["start_date"])["dag_run_id"]
     assert client.xcom("chat_deploy", first, "smoke")["usage"]["completion_tokens"] > 0
     assert client.xcom("chat_deploy", first, "canary")["reason"].startswith("first champion")
     assert read_aliases(s.paths.triton_repository, "chat-gpt")["champion"] == 1
@@ -376,7 +377,8 @@ def test_a_chat_shards_event_starts_chat_train_and_status_shows_the_system(runni
     today = dt.datetime.now(dt.UTC).date().isoformat()
     retrain = next(t for t in info["trainings"] if t["reason"].startswith("chat_monitor: "))
     assert today in retrain["new_data"] and retrain["outcome"].startswith(f"v{retrain['version']}: "), retrain
-    assert {"promote", "rollback"} & {r["action"] for r in info["rollouts"]}, info["rollouts"]
+    # the last five rollouts: the backfill's version ended inconclusive (no traffic by the deadline)
+    assert {"inconclusive", "rollback"} <= {r["action"] for r in info["rollouts"]}, info["rollouts"]
     assert any(a["kind"] == "drift-no-new-data" for a in info["alerts"]), info["alerts"]
     index = Path(info["reports"]["index"])
     assert index.is_file() and "shadow.html" in index.read_text() and "data_docs" in index.read_text()
