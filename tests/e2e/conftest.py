@@ -26,10 +26,13 @@ PROFILE = {
 }
 
 
+STACK_CONFIG: dict[str, str] = {}  # the config dir the running stack reads (each test's env loses it)
+
+
 def set_profile(section: str, values: dict) -> None:
     """Change the running stack's tiny profile (every task reads its settings when it runs), as an operator
     edits configs/: e.g. consent for the requests source."""
-    path = Path(os.environ["LLMOPS_CONFIG_DIR"]) / "profiles" / "tiny.yaml"
+    path = Path(STACK_CONFIG["dir"]) / "profiles" / "tiny.yaml"
     tiny = yaml.safe_load(path.read_text())
     tiny[section] = {**tiny.get(section, {}), **values}
     path.write_text(yaml.safe_dump(tiny))
@@ -64,7 +67,8 @@ def running(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("stack")
     old = os.environ.get("LLMOPS_CONFIG_DIR")
-    os.environ["LLMOPS_CONFIG_DIR"] = _config_dir(root)  # inherited by every Airflow process and the gateway
+    os.environ["LLMOPS_CONFIG_DIR"] = STACK_CONFIG["dir"] = _config_dir(root)  # inherited by every Airflow
+    # process and the gateway
     # other ports than the defaults, so a developer's `make run` stack can stay up meanwhile
     s = make_settings(root, "stack.airflow_port=18080", "stack.mlflow_port=15000")
     synth(s, days=3, start="2026-11-01", records=60, faults=True, chatterbot=False)
