@@ -294,12 +294,14 @@ def plan_retrain(settings: Settings, verdict: dict[str, Any], running_or_queued:
       too little new traffic);
     - "ingest": served days of the window are not in the corpus yet (and consent is on): chat_ingest runs
       for the latest (`conf`), and the chat_shards event it publishes starts the training, with the reason;
-    - "train": the latest snapshot has days the champion's does not: chat_train runs on it (`conf`);
-    - "alert": nothing new to learn from (a retrain would reproduce the champion): an alert with the drift
-      report instead of a training.
+    - "train": the latest snapshot has days the champion's does not, and its training was neither
+      registered nor refused yet: chat_train runs on it (`conf`);
+    - "alert": nothing new to learn from (a retrain would reproduce what was trained): an alert with the
+      drift report instead of a training.
     A trigger that goes ahead ("ingest", "train") is noted in the monitor's state, for the next guard."""
-    from tasks.data.snapshot import load_snapshot, new_data
-    from tasks.judge.release import champion_lineage
+    from tasks.data.shard import ShardError
+    from tasks.data.snapshot import SnapshotError, load_snapshot, new_data
+    from tasks.judge.release import champion_lineage, check_inputs
     from tasks.loop.rollout import read_requests
 
     if not verdict["fire"]:
@@ -321,17 +323,30 @@ def plan_retrain(settings: Settings, verdict: dict[str, Any], running_or_queued:
         return {"action": "ingest", "days": pending, "reason": f"served traffic of {pending} is not in the "
                 f"corpus yet: chat_ingest dt={pending[-1]} first, then the training its shards start",
                 "conf": {"day": pending[-1], "profile": profile, **why}}
-    champion = champion_lineage(settings)
-    data = new_data(settings, load_snapshot(settings)["snapshot_hash"],
-                    champion.get("snapshot_hash") if champion else None)
-    if data["has_new"]:
+    try:  # what chat_train's check_inputs would find on the latest shards
+        inputs: dict[str, Any] | None = check_inputs(settings)
+    except (ShardError, SnapshotError):  # no shards for the latest snapshot yet
+        inputs = None
+    if inputs is not None:
+        data = inputs["data"]
+    else:
+        champion = champion_lineage(settings)
+        data = new_data(settings, load_snapshot(settings)["snapshot_hash"],
+                        champion.get("snapshot_hash") if champion else None)
+    done = ""
+    if inputs is not None and inputs["registered"] is not None:
+        done = f"; its training is registered already as version {inputs['registered']}"
+    elif inputs is not None and inputs["refused"] is not None:
+        done = f"; its training was refused by the gate ({inputs['refused']})"
+    if data["has_new"] and not done:
         note_trigger(settings, now, verdict["reason"])
         return {"action": "train", "data": data, "reason": data["summary"],
                 "conf": {"profile": profile, **why, "resume": False}}
     consent = settings.ingest.sources.requests.enabled
     return {"action": "alert", **alert(
         settings, "drift-no-new-data",
-        f"{verdict['reason']}; but there is no new data to learn from ({data['summary']}; served traffic "
-        + ("is in the corpus already" if consent else "is not trained on: ingest.sources.requests.enabled "
-           "is off") + "): a retrain would reproduce the champion, so none is started",
+        f"{verdict['reason']}; but there is no new data to learn from ({data['summary']}{done}; served "
+        "traffic " + ("is in the corpus already" if consent else "is not trained on: "
+                      "ingest.sources.requests.enabled is off")
+        + "): a retrain would reproduce what was trained, so none is started",
         {"drift_report": verdict.get("report"), "data": data, "consent": consent}, now)}
