@@ -636,7 +636,7 @@ def canary_step(settings: Settings, shadowed: dict[str, Any], run: str) -> dict[
     rollout go on; None while it waits, else the decision."""
     if shadowed["action"] != "continue":  # no server, or the shadow already rolled back
         log.info("no canary: %s: %s", shadowed["action"], shadowed["reason"])
-        return {k: shadowed.get(k) for k in ("action", "champion", "challenger", "reason")}
+        return {k: shadowed.get(k) for k in ("action", "champion", "challenger", "reason", "record")}
     decision = poll(settings, run, "canary",
                     on_step=lambda step: log.info("canary step: %s", json.dumps(step)))
     if decision is None:
