@@ -280,6 +280,32 @@ def test_openai_client_against_the_gateway_streaming_and_not(root, server, gatew
         model="chat-gpt", messages=HELLO, max_tokens=4).headers["x-model-version"] == "1"
 
 
+def test_stop_strings_end_the_reply_through_the_openai_client(root, server, gateway):
+    """`stop` through a real tritonserver: the greedy reply cut before the stop string, finish_reason
+    "stop", streamed or not; a parameter not implemented is a 400 naming it, with the official client."""
+    import openai
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0)
+    full = client.chat.completions.create(model="chat-gpt:1", messages=HELLO, max_tokens=12, temperature=0)
+    text = full.choices[0].message.content
+    words = text.split()
+    assert len(words) >= 3, text  # a stop string from the middle of the greedy reply
+    stop = " " + words[len(words) // 2]
+    before = text[:text.find(stop)].strip()
+    cut = client.chat.completions.create(model="chat-gpt:1", messages=HELLO, max_tokens=12, temperature=0,
+                                         stop=[stop, "never in this reply"])
+    assert (cut.choices[0].message.content, cut.choices[0].finish_reason) == (before, "stop")
+    chunks = list(client.chat.completions.create(model="chat-gpt:1", messages=HELLO, max_tokens=12,
+                                                 temperature=0, stop=stop, stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed.strip() == before
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="chat-gpt:1", messages=HELLO, max_tokens=4, presence_penalty=0.5)
+    assert e.value.body["param"] == "presence_penalty" and e.value.body["code"] == "unsupported_parameter"
+
+
 @pytest.mark.parametrize("body,status,code", [
     (b"{not json", 400, "invalid_json"),
     (b'["a list"]', 400, "invalid_json"),

@@ -367,3 +367,50 @@ def test_coalescing_shares_one_inference_and_survives_its_first_request_being_ca
         assert out["text"] == "re: late" and not shared and calls == ["late", "late"] and not gw._inflight
         assert gw.metrics.coalesced._value.get() == 4
     asyncio.run(scenario())
+
+
+def test_stop_strings_cut_the_reply_even_across_streamed_chunks():
+    from tasks.serve.gateway.schema import StopScanner, cut_at_stop
+
+    assert cut_at_stop("Sure. END and more", ["END", "\n\n"]) == ("Sure. ", True)
+    assert cut_at_stop("no stop here", ["END"]) == ("no stop here", False)
+    assert cut_at_stop("anything", None) == ("anything", False)
+    for chunks in (["Sure. E", "N", "D and more"], ["Sure. ", "END"], ["Sure. EN", "Dless"]):
+        sc = StopScanner(["END"])
+        sent = "".join(sc.feed(c) for c in chunks) + sc.flush()
+        assert sent == "Sure. " and sc.hit, (chunks, sent)
+    sc = StopScanner(["END"])  # a held-back "EN" that turns out not to be the stop is sent after all
+    assert sc.feed("Hello EN") == "Hello " and sc.feed("GLAND") == "ENGLAND"
+    assert sc.flush() == "" and not sc.hit
+    sc = StopScanner(["<<<"])
+    assert sc.feed("a <") + sc.flush() == "a <" and not sc.hit  # the stream ended: the tail is sent
+    assert StopScanner(None).feed("x") == "x"
+
+
+def test_unsupported_openai_parameters_answer_400_naming_them(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from tasks.procs import free_port
+    from tasks.serve.gateway import create_app
+
+    s = make_settings(tmp_path, f"serve.triton.grpc_port={free_port()}")
+    base = {"model": "chat-gpt", "messages": [{"role": "user", "content": "hi"}]}
+    with TestClient(create_app(s)) as http:
+        for param, value in (("presence_penalty", 0.5), ("frequency_penalty", -1), ("logit_bias", {"50": 5}),
+                             ("logprobs", True), ("top_logprobs", 3),
+                             ("response_format", {"type": "json_object"}),
+                             ("tools", [{"type": "function", "function": {"name": "f"}}]),
+                             ("tool_choice", "required"), ("audio", {"voice": "alloy"}),
+                             ("modalities", ["text", "audio"])):
+            r = http.post("/v1/chat/completions", json={**base, param: value})
+            assert r.status_code == 400, (param, r.text)
+            err = r.json()["error"]
+            assert (err["param"], err["code"]) == (param, "unsupported_parameter") and param in err["message"]
+        for param, value in (("stop", ["a", "b", "c", "d", "e"]), ("stop", [""]), ("n", 2)):
+            r = http.post("/v1/chat/completions", json={**base, param: value})
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        # the neutral values ask for nothing: past validation, this request meets the missing model server
+        r = http.post("/v1/chat/completions", json={**base, "presence_penalty": 0, "logit_bias": {},
+                                                    "logprobs": False, "tools": [], "tool_choice": "none",
+                                                    "response_format": {"type": "text"}, "stop": "\n\n"})
+        assert r.status_code == 503, r.text

@@ -41,7 +41,16 @@ from tasks.serve.admission import PRIORITIES, Overloaded
 from tasks.serve.gateway.engine import Gateway
 from tasks.serve.gateway.errors import ApiError, TritonUnavailable, overloaded_error
 from tasks.serve.gateway.routing import Route, choose_route, session_of
-from tasks.serve.gateway.schema import ChatRequest, chunk, openai_usage, sse, validation_error
+from tasks.serve.gateway.schema import (
+    ChatRequest,
+    StopScanner,
+    check_supported,
+    chunk,
+    cut_at_stop,
+    openai_usage,
+    sse,
+    validation_error,
+)
 from tasks.serve.sessions import SESSION_ID
 from tasks.serve.tiers import SMALL, Decision
 
@@ -258,6 +267,7 @@ async def _read_request(gw: Gateway, request: Request) -> tuple[ChatRequest, lis
         raise ApiError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(payload, dict):
         raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+    check_supported(payload)
     try:
         req = ChatRequest.model_validate(payload)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -337,7 +347,10 @@ async def _answer(gw: Gateway, req: ChatRequest, route: Route, x: Exchange, prom
                        code="model_server_error") from None
     if shared:
         x.record["coalesced"] = True
-    text = out["text"].strip()
+    text, stopped = cut_at_stop(out["text"].strip(), req.stop)
+    if stopped:
+        out = {**out, "finish_reason": "stop"}
+        text = text.strip()
     verdict_out = gw.safety.check(text)
     x.record["safety_output"] = verdict_out.to_dict()
     if verdict_out.blocked:
@@ -438,18 +451,30 @@ async def _stream(gw: Gateway, req: ChatRequest, route: Route, rid: str, prompt:
     ttft = None
     final: dict[str, Any] | None = None
     blocked = None
+    scanner = StopScanner(req.stop)
     try:
         yield sse(chunk(rid, route.model_id, label, {"role": "assistant", "content": ""}, None))
-        async for kind, value in gw.infer_stream(route, prompt, max_tokens, req, rid):
+        pieces = gw.infer_stream(route, prompt, max_tokens, req, rid)
+        async for kind, value in pieces:
             if kind == "final":
                 final = value
                 break
             if ttft is None:
                 ttft = time.perf_counter() - t0
                 value = value.lstrip()
+            value = scanner.feed(value)
             parts.append(value)
             if value:
                 yield sse(chunk(rid, route.model_id, label, {"content": value}, None))
+            if scanner.hit:  # a stop string: the reply ends here; closing the stream cancels the rest
+                await pieces.aclose()
+                break
+        if tail := scanner.flush():
+            parts.append(tail)
+            yield sse(chunk(rid, route.model_id, label, {"content": tail}, None))
+        if scanner.hit:
+            final = {**(final or {"prompt_tokens": 0, "completion_tokens": len(parts)}),
+                     "finish_reason": "stop"}
         text = "".join(parts).strip()
         verdict = gw.safety.check(text)
         record["safety_output"] = verdict.to_dict()

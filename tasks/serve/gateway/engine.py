@@ -30,7 +30,7 @@ from tasks.serve.admission import Admission
 from tasks.serve.gateway.errors import LeaderGone, TritonUnavailable
 from tasks.serve.gateway.metrics import Metrics, RequestLog
 from tasks.serve.gateway.routing import Route, Router
-from tasks.serve.gateway.schema import ChatRequest
+from tasks.serve.gateway.schema import ChatRequest, cut_at_stop
 from tasks.serve.memory import SessionMemory
 from tasks.serve.repository import STREAM_SUFFIX
 from tasks.serve.safety import SafetyFilter
@@ -199,7 +199,9 @@ class Gateway:
         out: dict[str, Any] = {"version": shadow.version}
         try:
             res = await self.infer(shadow, prompt, max_tokens, req)
-            text = res["text"].strip()
+            text, stopped = cut_at_stop(res["text"].strip(), req.stop)  # as the champion's reply was cut
+            if stopped:
+                text, res["finish_reason"] = text.strip(), "stop"
             verdict = self.safety.check(text)
             if verdict.blocked:  # scored as users would have seen it, like the champion's reply
                 text, res["finish_reason"] = self.safety.cfg.refusal, "content_filter"

@@ -43,11 +43,76 @@ class ChatRequest(BaseModel):
     user: str | None = Field(None, max_length=128)
     session_id: str | None = Field(None, max_length=128)
     priority: Literal["interactive", "batch"] | None = None
+    stop: str | list[str] | None = None
+    # accepted at their defaults only (check_supported answers 400 for anything else)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else v
+        if stops is not None and (len(stops) > 4 or any(not s or len(s) > 256 for s in stops)):
+            raise ValueError("stop takes up to 4 non-empty strings of at most 256 characters")
+        return stops or None
 
     @field_validator("temperature", "top_p", mode="before")
     @classmethod
     def _none_is_default(cls, v, info):
         return {"temperature": 1.0, "top_p": 1.0}[info.field_name] if v is None else v
+
+
+# OpenAI chat parameters this server does not implement: a request that asks for one gets a 400 naming
+# it, never a reply that silently ignored it. Each maps to the values that ask for nothing.
+NOT_IMPLEMENTED: dict[str, tuple[Any, ...]] = {
+    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
+    "logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []), "functions": (None, []),
+    "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"),
+    "parallel_tool_calls": (None, True, False), "response_format": (None, {"type": "text"}),
+    "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,), "web_search_options": (None,),
+}
+
+
+def check_supported(payload: dict[str, Any]) -> None:
+    """400 `unsupported_parameter` for the first OpenAI parameter asked for that is not implemented."""
+    for name, neutral in NOT_IMPLEMENTED.items():
+        if name in payload and payload[name] not in neutral:
+            got = json.dumps(payload[name])[:100]
+            raise ApiError(400, f"'{name}' is not supported by this server (got {got})", param=name,
+                           code="unsupported_parameter")
+
+
+def cut_at_stop(text: str, stops: list[str] | None) -> tuple[str, bool]:
+    """(the text before the first stop string, whether one was found)."""
+    hits = [i for s in stops or () if (i := text.find(s)) >= 0]
+    return (text[:min(hits)], True) if hits else (text, False)
+
+
+class StopScanner:
+    """A streamed reply cut at the first stop string: `feed` returns what is safe to send now, holding
+    back a tail that could still be the start of a stop string split across chunks."""
+
+    def __init__(self, stops: list[str] | None):
+        self.stops = stops or []
+        self.buf = ""
+        self.hit = False
+
+    def feed(self, piece: str) -> str:
+        if self.hit or not self.stops:
+            return "" if self.hit else piece
+        self.buf += piece
+        out, self.hit = cut_at_stop(self.buf, self.stops)
+        if self.hit:
+            self.buf = ""
+            return out
+        hold = next((k for k in range(min(max(map(len, self.stops)) - 1, len(self.buf)), 0, -1)
+                     if any(s.startswith(self.buf[-k:]) for s in self.stops)), 0)
+        out, self.buf = self.buf[:len(self.buf) - hold], self.buf[len(self.buf) - hold:]
+        return out
+
+    def flush(self) -> str:
+        out, self.buf = ("" if self.hit else self.buf), ""
+        return out
 
 
 def validation_error(e: ValidationError) -> ApiError:
