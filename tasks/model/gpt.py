@@ -285,7 +285,8 @@ def prefill(model: GPT, ids: Sequence[int]) -> KVCache:
 def generate_stream(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
                     temperature: Sequence[float], top_p: Sequence[float | None] = (),
                     top_k: Sequence[int | None] = (), stop_tokens: Sequence[int] = (),
-                    generators: Sequence[torch.Generator | None] = (), prefix: KVCache | None = None):
+                    generators: Sequence[torch.Generator | None] = (), prefix: KVCache | None = None,
+                    penalties: Sequence[Penalties | None] = ()):
     """Continue B prompts of different lengths together (left-padded, one KV cache), each with its
     own length limit and sampling settings. Yields, after every step, a list of B entries: the new
     token id of each row, or None once that row has finished (stop token or its limit).
@@ -294,7 +295,11 @@ def generate_stream(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens
     `prefix` (from `prefill`, batch 1): the K/V of the first prefix.length tokens, which every prompt
     starts with (a cached system prompt). Only the rest is computed, and the rows are laid out
     [prefix][pad][suffix]; the prefix's tensors are read, never written. The logits equal the full
-    prefill's up to float rounding (the same keys, summed in another order)."""
+    prefill's up to float rounding (the same keys, summed in another order).
+
+    `penalties` (per row, None: none): OpenAI's presence and frequency penalties over the tokens this
+    row has generated so far, and its logit bias, applied to the logits before the greedy pick or the
+    sampling of that row."""
     B = len(prompts)
     if B == 0 or any(len(p) == 0 for p in prompts):
         raise ValueError("generate_stream() needs non-empty prompts")
@@ -321,11 +326,17 @@ def generate_stream(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens
         cache.v = [_filled(v).expand(B, -1, -1, -1) for v in prefix.v]
     done = [n == 0 for n in limits]
     counts = [0] * B
+    adjust = [p if p is not None and p.active else None for p in (list(penalties) or [None] * B)]
+    seen = {b: torch.zeros(model.cfg.vocab_size, device=device) for b, p in enumerate(adjust) if p}
     step_in = ids
     try:
         while not all(done):
             logits, _ = model(step_in, cache=cache, pad=pad_arg, pad_at=start)
             last = logits[:, -1, :]
+            if seen:
+                last = last.float().clone()
+                for b, cnt in seen.items():
+                    last[b] = adjust[b].apply(last[b], cnt)  # type: ignore[union-attr]
             picked = last.argmax(dim=-1)  # greedy rows in one op; sampled rows below
             for b in range(B):
                 if not done[b] and float(temperature[b]) > 0:
@@ -342,11 +353,36 @@ def generate_stream(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens
                     continue
                 out[b] = tok
                 counts[b] += 1
+                if b in seen:
+                    seen[b][tok] += 1
                 done[b] = counts[b] >= limits[b]
             yield out
             step_in = picked.view(B, 1)
     finally:
         model.train(was_training)
+
+
+@dataclass(frozen=True)
+class Penalties:
+    """OpenAI's logit adjustments for one sequence: logit[j] += bias[j] - frequency * count[j]
+    - presence * (count[j] > 0), counts over the tokens generated so far."""
+
+    presence: float = 0.0
+    frequency: float = 0.0
+    bias: tuple[tuple[int, float], ...] = ()
+
+    @property
+    def active(self) -> bool:
+        return bool(self.presence or self.frequency or self.bias)
+
+    def apply(self, logits: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """(V,) logits adjusted by the (V,) counts of generated tokens."""
+        out = logits - self.frequency * counts - self.presence * (counts > 0).to(logits.dtype)
+        if self.bias:
+            ids = torch.tensor([i for i, _ in self.bias], dtype=torch.long, device=logits.device)
+            out = out.index_add(0, ids, torch.tensor([v for _, v in self.bias], dtype=out.dtype,
+                                                     device=logits.device))
+        return out
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,

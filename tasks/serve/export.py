@@ -54,7 +54,8 @@ def config_pbtxt(settings: Settings, name: str, decoupled: bool) -> str:
     t = settings.serve.triton
     inputs = [("messages", "TYPE_STRING", (1,), False), ("max_tokens", "TYPE_INT32", (1,), True),
               ("temperature", "TYPE_FP32", (1,), True), ("top_p", "TYPE_FP32", (1,), True),
-              ("seed", "TYPE_INT64", (1,), True)]
+              ("seed", "TYPE_INT64", (1,), True), ("presence_penalty", "TYPE_FP32", (1,), True),
+              ("frequency_penalty", "TYPE_FP32", (1,), True), ("logit_bias", "TYPE_STRING", (1,), True)]
     outputs = [("text", "TYPE_STRING", (1,)), ("token_ids", "TYPE_INT64", (-1,)),
                ("prompt_tokens", "TYPE_INT32", (1,)), ("completion_tokens", "TYPE_INT32", (1,)),
                ("finish_reason", "TYPE_STRING", (1,)),

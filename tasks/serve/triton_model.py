@@ -14,7 +14,9 @@ Leading system messages are tokenized once per content hash, and a batch whose r
 serve.triton.prefix_cache_mb per instance; 0: off). See tasks/model/prefix_cache.py.
 
 Inputs (per request):  messages STRING (JSON list of {role, content}), max_tokens INT32,
-                       temperature FP32, top_p FP32, seed INT64 (all but messages optional)
+                       temperature FP32, top_p FP32, seed INT64, presence_penalty FP32,
+                       frequency_penalty FP32, logit_bias BYTES (a JSON object {token id: bias})
+                       (all but messages optional)
 Outputs:               text STRING, token_ids INT64[-1], prompt_tokens INT32, completion_tokens INT32,
                        finish_reason STRING, batch_size INT32,
                        cached_tokens INT32 (prompt tokens whose K/V came from the prefix cache)
@@ -110,8 +112,18 @@ class TritonPythonModel:
             gen = self.torch.Generator(device=self.device)
             gen.manual_seed(seed if seed >= 0 else int.from_bytes(os.urandom(7), "little"))
         top_p = float(_scalar(request, "top_p", 1.0))
+        bias_raw = _scalar(request, "logit_bias", b"")
+        bias = json.loads(bias_raw.decode("utf-8") if isinstance(bias_raw, bytes) else bias_raw or "{}") or {}
+        vocab = self.model.cfg.vocab_size
+        if not isinstance(bias, dict) or not all(
+                str(k).isdigit() and int(k) < vocab and isinstance(v, int | float) and -100 <= v <= 100
+                for k, v in bias.items()):
+            raise ValueError(f"logit_bias must map token ids below {vocab} to numbers in [-100, 100]")
+        penalties = self.gpt.Penalties(float(_scalar(request, "presence_penalty", 0.0)),
+                                       float(_scalar(request, "frequency_penalty", 0.0)),
+                                       tuple(sorted((int(k), float(v)) for k, v in bias.items())))
         return {"ids": ids, "cuts": cuts, "max_tokens": max_tokens, "temperature": temperature,
-                "top_p": top_p if top_p < 1.0 else None, "generator": gen}
+                "top_p": top_p if top_p < 1.0 else None, "generator": gen, "penalties": penalties}
 
     def execute(self, requests):
         parsed, responses = [], [None] * len(requests)
@@ -143,7 +155,8 @@ class TritonPythonModel:
         steps = self.gpt.generate_stream(
             self.model, [p["ids"] for _, p in parsed], [p["max_tokens"] for _, p in parsed],
             [p["temperature"] for _, p in parsed], top_p=[p["top_p"] for _, p in parsed],
-            stop_tokens=self.stop, generators=[p["generator"] for _, p in parsed], prefix=prefix)
+            stop_tokens=self.stop, generators=[p["generator"] for _, p in parsed], prefix=prefix,
+            penalties=[p["penalties"] for _, p in parsed])
         finished = [False] * n
         room = self.block - max(len(p["ids"]) for _, p in parsed)
         limits = [max(0, min(p["max_tokens"], room)) for _, p in parsed]

@@ -280,9 +280,10 @@ def test_openai_client_against_the_gateway_streaming_and_not(root, server, gatew
         model="chat-gpt", messages=HELLO, max_tokens=4).headers["x-model-version"] == "1"
 
 
-def test_stop_strings_end_the_reply_through_the_openai_client(root, server, gateway):
+def test_stop_strings_penalties_and_logit_bias_through_the_openai_client(root, server, gateway):
     """`stop` through a real tritonserver: the greedy reply cut before the stop string, finish_reason
-    "stop", streamed or not; a parameter not implemented is a 400 naming it, with the official client."""
+    "stop", streamed or not; logit_bias and the penalties applied by the engine; a parameter not
+    implemented is a 400 naming it, with the official client."""
     import openai
     from openai import OpenAI
 
@@ -301,9 +302,19 @@ def test_stop_strings_end_the_reply_through_the_openai_client(root, server, gate
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed.strip() == before
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    # logit_bias and the penalties reach the engine's sampler: +100 on one token makes greedy decoding
+    # repeat it; a strong frequency penalty keeps the reply from repeating any token
+    _, _, tok = _expected(root, HELLO)
+    forced = tok.encode("account").ids[0]
+    biased = client.chat.completions.create(model="chat-gpt:1", messages=HELLO, max_tokens=4, temperature=0,
+                                            logit_bias={str(forced): 100})
+    assert biased.choices[0].message.content == tok.decode([forced] * 4, skip_special_tokens=True).strip()
+    varied = client.chat.completions.create(model="chat-gpt:1", messages=HELLO, max_tokens=12, temperature=0,
+                                            frequency_penalty=2.0, presence_penalty=2.0)
+    assert varied.choices[0].message.content and varied.usage.completion_tokens > 0
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="chat-gpt:1", messages=HELLO, max_tokens=4, presence_penalty=0.5)
-    assert e.value.body["param"] == "presence_penalty" and e.value.body["code"] == "unsupported_parameter"
+        client.chat.completions.create(model="chat-gpt:1", messages=HELLO, max_tokens=4, logprobs=True)
+    assert e.value.body["param"] == "logprobs" and e.value.body["code"] == "unsupported_parameter"
 
 
 @pytest.mark.parametrize("body,status,code", [

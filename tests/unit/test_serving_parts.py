@@ -65,6 +65,28 @@ def test_generate_stream_of_one_is_generate_and_rows_end_on_their_own(gpt):
         next(generate_stream(gpt, [[]], [4], [0.0]))
 
 
+def test_penalties_and_logit_bias_adjust_only_their_own_row(gpt):
+    from tasks.model.gpt import Penalties
+
+    prompt = [3, 4, 5, 6]
+    plain = [s[0] for s in generate_stream(gpt, [prompt], [12], [0.0])]
+    # neutral adjustments are no adjustments
+    assert [s[0] for s in generate_stream(gpt, [prompt], [12], [0.0], penalties=[Penalties()])] == plain
+    # a +100 bias on one token makes greedy decoding pick it every step; -100 on the greedy tokens bans them
+    forced = list(generate_stream(gpt, [prompt, prompt], [5, 5], [0.0, 0.0],
+                                  penalties=[Penalties(bias=((42, 100.0),)), None]))
+    assert [s[0] for s in forced] == [42] * 5
+    assert [s[1] for s in forced] == plain[:5]  # the other row is as it was
+    banned = tuple((t, -100.0) for t in set(plain))
+    assert not set(s[0] for s in generate_stream(gpt, [prompt], [12], [0.0],
+                                                 penalties=[Penalties(bias=banned)])) & set(plain)
+    # a strong frequency or presence penalty keeps greedy decoding from repeating any token
+    for pen in (Penalties(frequency=2.0 * 100), Penalties(presence=2.0 * 100)):
+        out = [s[0] for s in generate_stream(gpt, [prompt], [12], [0.0], penalties=[pen])]
+        assert len(out) == 12 and len(set(out)) == 12, out
+    assert len(set(plain)) < 12  # the plain greedy reply does repeat: the penalties changed it
+
+
 def test_fit_turns_keeps_newest_whole_turns_after_the_system_prompt():
     tok = small_tokenizer()
     history = [{"role": "user", "content": f"question number {i}"} if i % 2 == 0 else
@@ -396,8 +418,7 @@ def test_unsupported_openai_parameters_answer_400_naming_them(tmp_path):
     s = make_settings(tmp_path, f"serve.triton.grpc_port={free_port()}")
     base = {"model": "chat-gpt", "messages": [{"role": "user", "content": "hi"}]}
     with TestClient(create_app(s)) as http:
-        for param, value in (("presence_penalty", 0.5), ("frequency_penalty", -1), ("logit_bias", {"50": 5}),
-                             ("logprobs", True), ("top_logprobs", 3),
+        for param, value in (("logprobs", True), ("top_logprobs", 3),
                              ("response_format", {"type": "json_object"}),
                              ("tools", [{"type": "function", "function": {"name": "f"}}]),
                              ("tool_choice", "required"), ("audio", {"voice": "alloy"}),
@@ -406,11 +427,14 @@ def test_unsupported_openai_parameters_answer_400_naming_them(tmp_path):
             assert r.status_code == 400, (param, r.text)
             err = r.json()["error"]
             assert (err["param"], err["code"]) == (param, "unsupported_parameter") and param in err["message"]
-        for param, value in (("stop", ["a", "b", "c", "d", "e"]), ("stop", [""]), ("n", 2)):
+        for param, value in (("stop", ["a", "b", "c", "d", "e"]), ("stop", [""]), ("n", 2),
+                             ("presence_penalty", 2.5), ("logit_bias", {"x": 1}), ("logit_bias", {"5": 101})):
             r = http.post("/v1/chat/completions", json={**base, param: value})
             assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
-        # the neutral values ask for nothing: past validation, this request meets the missing model server
-        r = http.post("/v1/chat/completions", json={**base, "presence_penalty": 0, "logit_bias": {},
-                                                    "logprobs": False, "tools": [], "tool_choice": "none",
-                                                    "response_format": {"type": "text"}, "stop": "\n\n"})
+        # supported values and the neutral values of the rest: past validation, this request meets the missing
+        # model server
+        r = http.post("/v1/chat/completions", json={
+            **base, "presence_penalty": 0.5, "logit_bias": {"5": -100}, "frequency_penalty": None,
+            "logprobs": False, "tools": [], "tool_choice": "none", "response_format": {"type": "text"},
+            "stop": "\n\n"})
         assert r.status_code == 503, r.text

@@ -132,10 +132,18 @@ class Gateway:
                                                               "FP32": np.float32, "INT64": np.int64}[dtype]))
             return t
 
-        return [tensor("messages", "BYTES", json.dumps(messages, ensure_ascii=False).encode()),
-                tensor("max_tokens", "INT32", max_tokens), tensor("temperature", "FP32", req.temperature),
-                tensor("top_p", "FP32", req.top_p),
-                tensor("seed", "INT64", -1 if req.seed is None else req.seed)]
+        inputs = [tensor("messages", "BYTES", json.dumps(messages, ensure_ascii=False).encode()),
+                  tensor("max_tokens", "INT32", max_tokens), tensor("temperature", "FP32", req.temperature),
+                  tensor("top_p", "FP32", req.top_p),
+                  tensor("seed", "INT64", -1 if req.seed is None else req.seed)]
+        # only when asked for: a version exported before these inputs existed still serves the rest
+        if req.presence_penalty:
+            inputs.append(tensor("presence_penalty", "FP32", req.presence_penalty))
+        if req.frequency_penalty:
+            inputs.append(tensor("frequency_penalty", "FP32", req.frequency_penalty))
+        if req.logit_bias:
+            inputs.append(tensor("logit_bias", "BYTES", json.dumps(req.logit_bias).encode()))
+        return inputs
 
     @staticmethod
     def _unavailable(e: Exception) -> bool:
@@ -225,7 +233,8 @@ class Gateway:
         and deterministic decoding (greedy, or sampling with a given seed). None: not coalescible."""
         if req.temperature > 0 and req.seed is None:
             return None
-        body = [route.triton_model, route.version, prompt, max_tokens, req.temperature, req.top_p, req.seed]
+        body = [route.triton_model, route.version, prompt, max_tokens, req.temperature, req.top_p, req.seed,
+                req.presence_penalty, req.frequency_penalty, req.logit_bias]
         return hashlib.sha256(json.dumps(body, ensure_ascii=False).encode()).hexdigest()
 
     async def infer_once(self, route: Route, prompt: list[dict], max_tokens: int, req: ChatRequest,

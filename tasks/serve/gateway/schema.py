@@ -44,9 +44,22 @@ class ChatRequest(BaseModel):
     session_id: str | None = Field(None, max_length=128)
     priority: Literal["interactive", "batch"] | None = None
     stop: str | list[str] | None = None
-    # accepted at their defaults only (check_supported answers 400 for anything else)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v):
+        if v is not None and (len(v) > 300
+                              or not all(k.isdigit() and -100 <= x <= 100 for k, x in v.items())):
+            raise ValueError("logit_bias maps up to 300 token ids (as strings) to numbers in [-100, 100]")
+        return v or None
+
+    @field_validator("presence_penalty", "frequency_penalty", mode="before")
+    @classmethod
+    def _none_is_zero(cls, v):
+        return 0.0 if v is None else v
 
     @field_validator("stop")
     @classmethod
@@ -65,7 +78,6 @@ class ChatRequest(BaseModel):
 # OpenAI chat parameters this server does not implement: a request that asks for one gets a 400 naming
 # it, never a reply that silently ignored it. Each maps to the values that ask for nothing.
 NOT_IMPLEMENTED: dict[str, tuple[Any, ...]] = {
-    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
     "logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []), "functions": (None, []),
     "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"),
     "parallel_tool_calls": (None, True, False), "response_format": (None, {"type": "text"}),
