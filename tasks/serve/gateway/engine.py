@@ -177,12 +177,14 @@ class Gateway:
             yield {"model_name": route.triton_model + STREAM_SUFFIX, "inputs": inputs,
                    "model_version": str(route.version), "request_id": rid}
 
+        results, ended = None, False
         try:
             results = self.client().stream_infer(requests(), stream_timeout=self.cfg.request_timeout_s)
             async for result, error in results:
                 if error is not None:
                     raise error
                 if result.as_numpy("finish_reason") is not None:
+                    ended = True
                     yield "final", _counts(result)
                     return
                 yield "delta", result.as_numpy("text").reshape(-1)[0].decode()
@@ -190,6 +192,12 @@ class Gateway:
             if self._unavailable(e):
                 raise TritonUnavailable(str(e)) from None
             raise
+        finally:
+            if results is not None and not ended:
+                # the reader left before the end (the client went away, a stop string, an error): cancel
+                # the gRPC stream, so the engine stops this sequence at its next step and frees its place
+                results.cancel()
+                self.metrics.cancelled.inc()
 
     def mirror(self, shadow: Route, prompt: list[dict], max_tokens: int, req: ChatRequest,
                champion: dict) -> None:

@@ -41,6 +41,8 @@ class Metrics:
                                 registry=r)
         self.shadow = Counter("gateway_shadow_requests", "Requests mirrored to the challenger, by outcome",
                               ["outcome"], registry=r)
+        self.cancelled = Counter("gateway_cancelled_streams", "Streams cancelled at the model server before "
+                                 "their end (the client went away, a stop string, an error)", registry=r)
         self.coalesced = Counter("gateway_coalesced_requests", "Requests answered by an identical request's "
                                  "inference already in flight (no inference of their own)", registry=r)
         self.routes = Counter("gateway_route", "Requests by the tier they were routed to and the kind of "
