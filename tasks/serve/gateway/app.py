@@ -23,6 +23,7 @@ behind the caller's back. A reply to the champion may then be mirrored to the ch
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import secrets
@@ -452,6 +453,7 @@ async def _stream(gw: Gateway, req: ChatRequest, route: Route, rid: str, prompt:
     final: dict[str, Any] | None = None
     blocked = None
     scanner = StopScanner(req.stop)
+    pieces = None
     try:
         yield sse(chunk(rid, route.model_id, label, {"role": "assistant", "content": ""}, None))
         pieces = gw.infer_stream(route, prompt, max_tokens, req, rid)
@@ -467,7 +469,6 @@ async def _stream(gw: Gateway, req: ChatRequest, route: Route, rid: str, prompt:
             if value:
                 yield sse(chunk(rid, route.model_id, label, {"content": value}, None))
             if scanner.hit:  # a stop string: the reply ends here; closing the stream cancels the rest
-                await pieces.aclose()
                 break
         if tail := scanner.flush():
             parts.append(tail)
@@ -510,4 +511,8 @@ async def _stream(gw: Gateway, req: ChatRequest, route: Route, rid: str, prompt:
         yield sse({"error": {"message": f"the model server failed this request: {str(e)[:200]}",
                               "type": "server_error", "param": None, "code": "model_server_error"}})
     finally:
+        if pieces is not None:  # ended, stopped, or the client went away (this task cancelled): the model
+            # server's stream is cancelled unless it ended, and the engine stops decoding it
+            with contextlib.suppress(Exception):
+                await pieces.aclose()
         gw.admission.release()
