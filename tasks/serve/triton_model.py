@@ -95,7 +95,7 @@ class TritonPythonModel:
                           if i is not None)
         self.block = self.model.cfg.block_size
         # the engine's own counters, on Triton's metrics endpoint beside its built-in ones
-        labels = {"model": args["model_name"], "version": str(args["model_version"])}
+        labels = {"model": args.get("model_name", ""), "version": str(args.get("model_version", ""))}
         self.m_tokens = _counter("llmops_engine_generated_tokens_total", "Tokens decoded by the engine",
                                  labels)
         self.m_cancelled = _counter("llmops_engine_cancelled_total", "Requests cancelled by their client "
@@ -135,7 +135,8 @@ class TritonPythonModel:
             gen.manual_seed(seed if seed >= 0 else int.from_bytes(os.urandom(7), "little"))
         top_p = float(_scalar(request, "top_p", 1.0))
         bias_raw = _scalar(request, "logit_bias", b"")
-        bias = json.loads(bias_raw.decode("utf-8") if isinstance(bias_raw, bytes) else bias_raw or "{}") or {}
+        bias_raw = bias_raw.decode("utf-8") if isinstance(bias_raw, bytes) else str(bias_raw)
+        bias = json.loads(bias_raw) if bias_raw.strip() else {}
         vocab = self.model.cfg.vocab_size
         if not isinstance(bias, dict) or not all(
                 str(k).isdigit() and int(k) < vocab and isinstance(v, int | float) and -100 <= v <= 100
