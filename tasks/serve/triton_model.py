@@ -43,19 +43,23 @@ def _scalar(request, name, default):
     return t.as_numpy().reshape(-1)[0].item()
 
 
-class _NoMetric:
+class _Counter:
+    """A counter on Triton's /metrics (the Python backend's custom metrics). It holds its MetricFamily,
+    which must outlive the metric; where the server has custom metrics off it counts nothing, and a
+    failing increment never fails a request."""
+
+    def __init__(self, name, description, labels):
+        try:
+            self.family = pb_utils.MetricFamily(name=name, description=description,
+                                                kind=pb_utils.MetricFamily.COUNTER)
+            self.metric = self.family.Metric(labels=labels)
+        except Exception:  # noqa: BLE001 - metrics disabled or unsupported: serve anyway
+            self.family = self.metric = None
+
     def increment(self, value):
-        pass
-
-
-def _counter(name, description, labels):
-    """A counter on Triton's /metrics (the Python backend's custom metrics); a no-op where the server has
-    them turned off, so serving never depends on them."""
-    try:
-        family = pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.COUNTER)
-        return family.Metric(labels=labels)
-    except Exception:  # noqa: BLE001 - metrics disabled or unsupported: count nothing, serve anyway
-        return _NoMetric()
+        if self.metric is not None:
+            with contextlib.suppress(Exception):
+                self.metric.increment(value)
 
 
 class TritonPythonModel:
@@ -96,9 +100,9 @@ class TritonPythonModel:
         self.block = self.model.cfg.block_size
         # the engine's own counters, on Triton's metrics endpoint beside its built-in ones
         labels = {"model": args.get("model_name", ""), "version": str(args.get("model_version", ""))}
-        self.m_tokens = _counter("llmops_engine_generated_tokens_total", "Tokens decoded by the engine",
+        self.m_tokens = _Counter("llmops_engine_generated_tokens_total", "Tokens decoded by the engine",
                                  labels)
-        self.m_cancelled = _counter("llmops_engine_cancelled_total", "Requests cancelled by their client "
+        self.m_cancelled = _Counter("llmops_engine_cancelled_total", "Requests cancelled by their client "
                                     "mid-decode (their sequence stopped at the next step)", labels)
         # absent parameters (a hand-written config.pbtxt): no K/V cache; the tokenized prefixes always
         self.prompts = prefix_cache.PromptEncoder(self.tok, chat_template.render_chat)
