@@ -40,7 +40,8 @@ def _scalar(request, name, default):
     t = pb_utils.get_input_tensor_by_name(request, name)
     if t is None:
         return default
-    return t.as_numpy().reshape(-1)[0].item()
+    value = t.as_numpy().reshape(-1)[0]
+    return value.item() if hasattr(value, "item") else value  # a BYTES input is bytes already
 
 
 class _Counter:

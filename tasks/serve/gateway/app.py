@@ -231,6 +231,9 @@ async def _complete(gw: Gateway, request: Request, x: Exchange) -> Response:
         x.record["shadow_seed"] = req.seed
     x.model_label = f"{route.triton_model}:{route.version}"
     tok, block = gw.tokenizer(route)
+    if req.logit_bias and (bad := [k for k in req.logit_bias if int(k) >= tok.get_vocab_size()]):
+        raise ApiError(400, f"logit_bias names token ids {bad[:5]} outside this model's vocabulary of "
+                            f"{tok.get_vocab_size()}", param="logit_bias", code="invalid_value")
     # not given: the configured default, but never more than half this model's window
     max_tokens = req.max_completion_tokens or req.max_tokens or min(gw.cfg.default_max_tokens, block // 2)
     if max_tokens >= block:
