@@ -22,7 +22,6 @@ Outputs:               text STRING, token_ids INT64[-1], prompt_tokens INT32, co
                        cached_tokens INT32 (prompt tokens whose K/V came from the prefix cache)
 """
 
-import contextlib
 import json
 import os
 import sys
@@ -42,25 +41,6 @@ def _scalar(request, name, default):
         return default
     value = t.as_numpy().reshape(-1)[0]
     return value.item() if hasattr(value, "item") else value  # a BYTES input is bytes already
-
-
-class _Counter:
-    """A counter on Triton's /metrics (the Python backend's custom metrics). It holds its MetricFamily,
-    which must outlive the metric; where the server has custom metrics off it counts nothing, and a
-    failing increment never fails a request."""
-
-    def __init__(self, name, description, labels):
-        try:
-            self.family = pb_utils.MetricFamily(name=name, description=description,
-                                                kind=pb_utils.MetricFamily.COUNTER)
-            self.metric = self.family.Metric(labels=labels)
-        except Exception:  # noqa: BLE001 - metrics disabled or unsupported: serve anyway
-            self.family = self.metric = None
-
-    def increment(self, value):
-        if self.metric is not None:
-            with contextlib.suppress(Exception):
-                self.metric.increment(value)
 
 
 class TritonPythonModel:
@@ -99,12 +79,6 @@ class TritonPythonModel:
                                       self.tok.token_to_id(chat_template.EOT))
                           if i is not None)
         self.block = self.model.cfg.block_size
-        # the engine's own counters, on Triton's metrics endpoint beside its built-in ones
-        labels = {"model": args.get("model_name", ""), "version": str(args.get("model_version", ""))}
-        self.m_tokens = _Counter("llmops_engine_generated_tokens_total", "Tokens decoded by the engine",
-                                 labels)
-        self.m_cancelled = _Counter("llmops_engine_cancelled_total", "Requests cancelled by their client "
-                                    "mid-decode (their sequence stopped at the next step)", labels)
         # absent parameters (a hand-written config.pbtxt): no K/V cache; the tokenized prefixes always
         self.prompts = prefix_cache.PromptEncoder(self.tok, chat_template.render_chat)
         self.prefix_kv = prefix_cache.PrefixKV(int(float(params.get("prefix_cache_mb", "0")) * 2**20),
@@ -194,14 +168,6 @@ class TritonPythonModel:
             for b, tok in enumerate(step):
                 if finished[b]:
                     continue
-                if self.decoupled and requests[parsed[b][0]].is_cancelled():
-                    # the client went away (a dropped stream, a stop string, a timeout): this sequence stops
-                    # here; when no row is left, neither does the batch's decoding
-                    finished[b], finish[b] = True, "cancelled"
-                    self.m_cancelled.increment(1)
-                    with contextlib.suppress(Exception):  # the stream may be closed already
-                        senders[b].send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-                    continue
                 if tok is None:
                     finished[b] = True
                     finish[b] = "stop" if len(outs[b]) < limits[b] else "length"
@@ -209,7 +175,6 @@ class TritonPythonModel:
                         self._final(senders[b], parsed[b][1], outs[b], finish[b], n)
                     continue
                 outs[b].append(tok)
-                self.m_tokens.increment(1)
                 if self.decoupled:
                     text = self.tok.decode(outs[b], skip_special_tokens=True)
                     if text.endswith("\ufffd"):
@@ -219,7 +184,7 @@ class TritonPythonModel:
                         pb_utils.Tensor("text", np.array([[delta.encode()]], dtype=np.object_)),
                         pb_utils.Tensor("token_ids", np.array([[tok]], dtype=np.int64))]))
             if all(finished):
-                break  # every row ended (or was cancelled): no step more for this batch
+                break  # every row ended: no step more for this batch
         steps.close()
         for b in range(n):
             if not finished[b]:  # reached its limit (or the window) on the last step

@@ -213,9 +213,6 @@ class _Request:
     def get_response_sender(self):
         return self.sender
 
-    def is_cancelled(self):
-        return False
-
 
 def _pb_utils() -> types.ModuleType:
     pb = types.ModuleType("triton_python_backend_utils")
