@@ -336,6 +336,15 @@ def _latest_registered(settings: Settings) -> tuple[str, int | None]:
     return inputs["run_id"], inputs["registered"]
 
 
+def _train_conf(settings: Settings) -> dict[str, Any]:
+    """The Trigger conf of a chat_train run the lifecycle starts. When this very training was refused by
+    the gate before, chat_train would skip it as unchanged; a user running `make run` again asks for it to
+    be judged again (`force`: the finished run is resumed, so only the evaluation and the gate run)."""
+    from tasks.judge.release import check_inputs
+
+    return {"profile": settings.profile, **({"force": True} if check_inputs(settings)["refused"] else {})}
+
+
 def _train_result(lc: Lifecycle, runs: dict[str, dict[str, Any]]) -> tuple[bool, str]:
     for run_id, r in runs.items():
         if r["tasks"].get("register") == "success":
@@ -360,7 +369,7 @@ def _train(lc: Lifecycle, st: Stage) -> tuple[bool, str]:
     run_id, version = _latest_registered(s)
     if version is not None:  # what check_inputs would find: no run needed
         return False, f"unchanged: run {run_id} (these shards, config, seed and code) is version {version}"
-    run_id = c.trigger("chat_train", {"profile": lc.settings.profile})
+    run_id = c.trigger("chat_train", _train_conf(s))
     lc.facts["train_run"] = run_id
     return _train_result(lc, lc.follow(st, "chat_train", known, started=[run_id]))
 
@@ -445,7 +454,7 @@ def _retrain(lc: Lifecycle, st: Stage) -> tuple[bool, str]:
     runs = lc.follow(st, "chat_train", known, appear_s=60 if pending else 3)
     if _latest_registered(s)[1] is None:  # no run came, or it trained other shards
         runs |= lc.follow(st, "chat_train", known | set(runs),
-                          started=[lc.client.trigger("chat_train", {"profile": s.profile})])
+                          started=[lc.client.trigger("chat_train", _train_conf(s))])
     return _train_result(lc, runs)
 
 
