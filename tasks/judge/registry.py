@@ -128,13 +128,19 @@ def training_verdict(settings: Settings, mlflow_run_id: str) -> dict[str, str] |
     return {"gate": tags["gate.fp32"], "reason": tags.get("gate.fp32.reason", "")}
 
 
-def champion_metrics(settings: Settings, alias: str = "champion") -> dict[str, float] | None:
-    client = mlflow_client(settings)
+def alias_tags(settings: Settings, alias: str = "champion") -> dict[str, str] | None:
+    """The tags of the version an alias points at (its lineage and metrics) and its "version"; None when
+    there is no registered model or no such alias yet."""
     try:
-        v = client.get_model_version_by_alias(settings.tracking.registered_model, alias)
-    except Exception:  # no registered model or no such alias yet
+        v = mlflow_client(settings).get_model_version_by_alias(settings.tracking.registered_model, alias)
+    except Exception:  # noqa: BLE001 - no registered model or no such alias yet (MLflow's RestException)
         return None
-    return {k.removeprefix("eval."): float(val) for k, val in v.tags.items() if k.startswith("eval.")} or None
+    return {**v.tags, "version": str(v.version)}
+
+
+def champion_metrics(settings: Settings, alias: str = "champion") -> dict[str, float] | None:
+    tags = alias_tags(settings, alias) or {}
+    return {k.removeprefix("eval."): float(val) for k, val in tags.items() if k.startswith("eval.")} or None
 
 
 def log_evaluation(settings: Settings, weights_dir: Path | str, evaluation: dict[str, Any],

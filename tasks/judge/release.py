@@ -29,6 +29,7 @@ from tasks.config import Settings
 from tasks.judge.registry import (
     GateFailed,
     RegistrationRefused,
+    alias_tags,
     champion_metrics,
     log_evaluation,
     quantize_and_register,
@@ -62,23 +63,12 @@ def check_inputs(settings: Settings, manifest: Path | str | None = None) -> dict
         verdict = training_verdict(settings, result["mlflow_run_id"]) if result else None
         if verdict and verdict["gate"] == "failed":
             refused = verdict["reason"]
-    champion = champion_lineage(settings)
+    champion = alias_tags(settings, "champion")
     data = new_data(settings, m["snapshot_hash"], champion.get("snapshot_hash") if champion else None)
     log.info("training data: snapshot %s; against the champion's: %s", m["snapshot_hash"][:12],
              data["summary"])
     return {"manifest": manifest, "snapshot_hash": m["snapshot_hash"], "tokens": m["tokens"],
             "run_id": run_id, "registered": registered, "refused": refused, "data": data}
-
-
-def champion_lineage(settings: Settings) -> dict[str, str] | None:
-    """The champion version's tags (its lineage), None without a champion."""
-    from tasks.tracking import mlflow_client
-
-    try:
-        v = mlflow_client(settings).get_model_version_by_alias(settings.tracking.registered_model, "champion")
-    except Exception:  # noqa: BLE001 - no registered model or no champion yet (MLflow's RestException)
-        return None
-    return {**v.tags, "version": v.version}
 
 
 def identical_weights(settings: Settings, weights_dir: Path | str) -> dict[str, Any] | None:

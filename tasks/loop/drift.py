@@ -301,7 +301,8 @@ def plan_retrain(settings: Settings, verdict: dict[str, Any], running_or_queued:
     A trigger that goes ahead ("ingest", "train") is noted in the monitor's state, for the next guard."""
     from tasks.data.shard import ShardError
     from tasks.data.snapshot import SnapshotError, load_snapshot, new_data
-    from tasks.judge.release import champion_lineage, check_inputs
+    from tasks.judge.registry import alias_tags
+    from tasks.judge.release import check_inputs
     from tasks.loop.rollout import read_requests
 
     if not verdict["fire"]:
@@ -330,7 +331,7 @@ def plan_retrain(settings: Settings, verdict: dict[str, Any], running_or_queued:
     if inputs is not None:
         data = inputs["data"]
     else:
-        champion = champion_lineage(settings)
+        champion = alias_tags(settings, "champion")
         data = new_data(settings, load_snapshot(settings)["snapshot_hash"],
                         champion.get("snapshot_hash") if champion else None)
     done = ""
