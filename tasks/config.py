@@ -550,8 +550,28 @@ class TuneConfig(_Section):
         return self
 
 
+class EngineConfig(_Section):
+    """The serving engine inside each model instance (tasks/model/engine.py): continuous batching."""
+
+    scheduler: Literal["continuous", "execute"] = Field(
+        "continuous", description="continuous: sequences join and leave the running batch at every decode "
+        "step; execute: each dynamic batch runs to its end inside one execute() (static batching)")
+    max_seqs: int = Field(16, ge=1, le=1024, description="sequences in an instance's running batch (K/V slots "
+                          "preallocated for each)")
+    max_batch_tokens: int = Field(256, ge=1, description="tokens per step: one per decoding sequence, the "
+                                  "rest for prefill chunks of joining ones")
+
+    @model_validator(mode="after")
+    def _budget(self) -> EngineConfig:
+        if self.max_batch_tokens < self.max_seqs:
+            raise ValueError(f"max_batch_tokens ({self.max_batch_tokens}) must be at least max_seqs "
+                             f"({self.max_seqs}): every decoding sequence takes one token of a step")
+        return self
+
+
 class ServeConfig(_Section):
     triton: TritonConfig = TritonConfig()
+    engine: EngineConfig = EngineConfig()
     gateway: GatewayConfig = GatewayConfig()
     safety: SafetyConfig = SafetyConfig()
     autoscale: AutoscaleConfig = AutoscaleConfig()

@@ -362,6 +362,66 @@ def generate_stream(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens
         model.train(was_training)
 
 
+class SlotKV:
+    """Preallocated K/V for up to `max_seqs` sequences of up to block_size tokens each, one slot per
+    sequence: per layer (max_seqs, nh, block_size, hd). The serving engine (tasks/model/engine.py)
+    keeps its running batch in slots 0..n-1 and decodes them together with `decode_slots`."""
+
+    def __init__(self, cfg: GPTConfig, max_seqs: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        shape = (max_seqs, cfg.n_head, cfg.block_size, cfg.d_model // cfg.n_head)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.max_seqs = max_seqs
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+    def put(self, slot: int, cache: KVCache, n: int) -> None:
+        """Copy the first n positions of a batch-1 cache (a finished prefill) into a slot."""
+        for dst, src in ((self.k, cache.k), (self.v, cache.v)):
+            for layer, t in enumerate(src):
+                dst[layer][slot, :, :n] = _filled(t)[0, :, :n]
+
+    def move(self, src: int, dst: int, n: int) -> None:
+        """Move a sequence's first n positions to another slot (keeps the running batch in 0..n-1)."""
+        for layer in range(len(self.k)):
+            self.k[layer][dst, :, :n] = self.k[layer][src, :, :n]
+            self.v[layer][dst, :, :n] = self.v[layer][src, :, :n]
+
+
+@torch.no_grad()
+def decode_slots(model: GPT, kv: SlotKV, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """One decode step for the sequences in slots 0..n-1: token b (n,) sits at position b (n,) of its
+    own sequence, whose earlier K/V are in its slot. Writes each new K/V at its position and returns
+    the next-token logits (n, V). Each row attends only to its own positions <= its position."""
+    n = tokens.shape[0]
+    C = model.cfg.d_model
+    x = model.wte(tokens.view(n, 1))
+    if model.wpe is not None:
+        x = x + model.wpe(positions).view(n, 1, C)
+    rope = None
+    if model.wpe is None:
+        rope = (model.rope_cos[positions].view(n, 1, 1, -1), model.rope_sin[positions].view(n, 1, 1, -1))
+    width = int(positions.max()) + 1
+    mask = (torch.arange(width, device=tokens.device)[None, :] <= positions[:, None]).view(n, 1, 1, width)
+    rows = torch.arange(n, device=tokens.device)
+    for layer, block in enumerate(model.blocks):
+        attn = block.attn
+        q, k, v = attn.qkv(block.ln1(x)).split(C, dim=2)
+        q, k, v = (t.view(n, 1, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))
+        if rope is not None:
+            q, k = _apply_rotary(q, *rope), _apply_rotary(k, *rope)
+        kv.k[layer][rows, :, positions] = k[:, :, 0]
+        kv.v[layer][rows, :, positions] = v[:, :, 0]
+        y = F.scaled_dot_product_attention(q, kv.k[layer][:n, :, :width], kv.v[layer][:n, :, :width],
+                                           attn_mask=mask)
+        x = x + attn.proj(y.transpose(1, 2).reshape(n, 1, C))
+        x = x + block.mlp(block.ln2(x))
+    return model.lm_head(model.ln_f(x))[:, 0, :]
+
+
 @dataclass(frozen=True)
 class Penalties:
     """OpenAI's logit adjustments for one sequence: logit[j] += bias[j] - frequency * count[j]

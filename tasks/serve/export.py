@@ -37,6 +37,7 @@ from tasks.serve.repository import STREAM_SUFFIX, read_aliases, served_versions,
 log = logging.getLogger(__name__)
 
 CODE = {"model.py": "tasks/serve/triton_model.py", "gpt.py": "tasks/model/gpt.py",
+        "engine.py": "tasks/model/engine.py",
         "chat_template.py": "tasks/model/chat_template.py", "prefix_cache.py": "tasks/model/prefix_cache.py"}
 ARTIFACTS = ("model.safetensors", "config.json", "tokenizer.json", "_lineage.json")
 
@@ -55,11 +56,14 @@ def config_pbtxt(settings: Settings, name: str, decoupled: bool) -> str:
     inputs = [("messages", "TYPE_STRING", (1,), False), ("max_tokens", "TYPE_INT32", (1,), True),
               ("temperature", "TYPE_FP32", (1,), True), ("top_p", "TYPE_FP32", (1,), True),
               ("seed", "TYPE_INT64", (1,), True), ("presence_penalty", "TYPE_FP32", (1,), True),
-              ("frequency_penalty", "TYPE_FP32", (1,), True), ("logit_bias", "TYPE_STRING", (1,), True)]
+              ("frequency_penalty", "TYPE_FP32", (1,), True), ("logit_bias", "TYPE_STRING", (1,), True),
+              ("stream", "TYPE_BOOL", (1,), True), ("priority", "TYPE_INT32", (1,), True)]
     outputs = [("text", "TYPE_STRING", (1,)), ("token_ids", "TYPE_INT64", (-1,)),
                ("prompt_tokens", "TYPE_INT32", (1,)), ("completion_tokens", "TYPE_INT32", (1,)),
                ("finish_reason", "TYPE_STRING", (1,)),
-               ("batch_size", "TYPE_INT32", (1,)), ("cached_tokens", "TYPE_INT32", (1,))]
+               ("batch_size", "TYPE_INT32", (1,)), ("cached_tokens", "TYPE_INT32", (1,)),
+               ("queue_ms", "TYPE_FP32", (1,)), ("prefill_ms", "TYPE_FP32", (1,)), ("decode_ms", "TYPE_FP32", (1,)),
+               ("steps", "TYPE_INT32", (1,))]
     lines = [f'name: "{name}"', 'backend: "python"', f"max_batch_size: {t.max_batch_size}",
              "version_policy: { all { } }", "input ["]
     lines.append(",\n".join(f'  {{ name: "{n}" data_type: {ty} dims: {_dims(d)}'
@@ -68,7 +72,11 @@ def config_pbtxt(settings: Settings, name: str, decoupled: bool) -> str:
     lines += ["]", "output ["]
     lines.append(",\n".join(f'  {{ name: "{n}" data_type: {ty} dims: {_dims(d)} }}' for n, ty, d in outputs))
     lines.append("]")
-    if t.dynamic_batching:
+    e = settings.serve.engine
+    continuous = decoupled and e.scheduler == "continuous"
+    if continuous:  # the engine batches; Triton hands each request over at once
+        lines.append("dynamic_batching { max_queue_delay_microseconds: 0 }")
+    elif t.dynamic_batching:
         lines.append(f"dynamic_batching {{ preferred_batch_size: {_dims(t.preferred_batch_sizes)} "
                      f"max_queue_delay_microseconds: {t.max_queue_delay_us} }}")
     kind = "KIND_GPU" if t.device == "gpu" and t.gpu_instance_kind else "KIND_CPU"
@@ -77,7 +85,9 @@ def config_pbtxt(settings: Settings, name: str, decoupled: bool) -> str:
         lines.append("model_transaction_policy { decoupled: true }")
     for key, value in (("dtype", t.dtype), ("threads_per_instance", str(t.threads_per_instance)),
                        ("device", t.device), ("prefix_cache_mb", str(t.prefix_cache_mb)),
-                       ("prefix_cache_min_tokens", str(t.prefix_cache_min_tokens))):
+                       ("prefix_cache_min_tokens", str(t.prefix_cache_min_tokens)),
+                       ("scheduler", e.scheduler), ("max_seqs", str(e.max_seqs)),
+                       ("max_batch_tokens", str(e.max_batch_tokens))):
         lines.append(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
     return "\n".join(lines) + "\n"
 

@@ -19,12 +19,23 @@ Inputs (per request):  messages STRING (JSON list of {role, content}), max_token
                        (all but messages optional)
 Outputs:               text STRING, token_ids INT64[-1], prompt_tokens INT32, completion_tokens INT32,
                        finish_reason STRING, batch_size INT32,
-                       cached_tokens INT32 (prompt tokens whose K/V came from the prefix cache)
+                       cached_tokens INT32 (prompt tokens whose K/V came from the prefix cache),
+                       queue_ms FP32, prefill_ms FP32, decode_ms FP32, steps INT32 (the request's
+                       phases in the engine; `batch_size` is then the sequences decoding when it joined)
+
+Scheduling (parameter `scheduler`): `continuous` (decoupled models) hands each request to the
+instance's engine (tasks/model/engine.py) and returns: one scheduler thread per instance keeps a
+running batch that sequences join and leave at every decode step, up to `max_seqs` sequences and
+`max_batch_tokens` tokens per step. `execute` runs each dynamic batch to its end inside `execute()`
+(the static batching that came before; the benchmark's baseline). A decoupled request with the
+optional input `stream` false gets one final response with the whole text instead of one per token.
 """
 
+import contextlib
 import json
 import os
 import sys
+import threading
 import time
 
 import numpy as np
@@ -46,6 +57,7 @@ def _scalar(request, name, default):
 class TritonPythonModel:
     def initialize(self, args):
         import chat_template
+        import engine
         import gpt
         import prefix_cache
         import torch
@@ -88,6 +100,16 @@ class TritonPythonModel:
         drill = os.path.join(HERE, "drill.json")
         self.drill_delay_s = (json.load(open(drill)).get("delay_ms_per_token", 0) / 1000
                               if os.path.exists(drill) else 0.0)
+        self.engine = None
+        if self.decoupled and params.get("scheduler", "continuous") == "continuous":
+            self.engine_mod = engine
+            self.engine = engine.Engine(self.model, gpt, self.stop, max_seqs=int(params.get("max_seqs", "8")),
+                                        max_batch_tokens=int(params.get("max_batch_tokens", "256")),
+                                        prefix_kv=self.prefix_kv, step_delay_s=self.drill_delay_s)
+            self._stop = threading.Event()
+            self._loop = threading.Thread(target=self.engine.run, args=(self._stop,), daemon=True,
+                                          name="llmops-engine")
+            self._loop.start()
 
     def _parse(self, request):
         raw = pb_utils.get_input_tensor_by_name(request, "messages").as_numpy().reshape(-1)[0]
@@ -125,9 +147,20 @@ class TritonPythonModel:
                                        float(_scalar(request, "frequency_penalty", 0.0)),
                                        tuple(sorted((int(k), float(v)) for k, v in bias.items())))
         return {"ids": ids, "cuts": cuts, "max_tokens": max_tokens, "temperature": temperature,
-                "top_p": top_p if top_p < 1.0 else None, "generator": gen, "penalties": penalties}
+                "top_p": top_p if top_p < 1.0 else None, "generator": gen, "penalties": penalties,
+                "stream": bool(_scalar(request, "stream", True)),
+                "priority": int(_scalar(request, "priority", 0))}
 
     def execute(self, requests):
+        if self.engine is not None:
+            for request in requests:
+                try:
+                    self.engine.submit(self._seq(request, self._parse(request)))
+                except Exception as e:  # noqa: BLE001 - a bad request fails alone, with its reason
+                    request.get_response_sender().send(
+                        pb_utils.InferenceResponse(error=pb_utils.TritonError(f"bad request: {e}")),
+                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            return None
         parsed, responses = [], [None] * len(requests)
         for i, request in enumerate(requests):
             try:
@@ -142,6 +175,50 @@ class TritonPythonModel:
         if parsed:
             self._run(requests, parsed, responses)
         return None if self.decoupled else responses
+
+    def _seq(self, request, p):
+        """The engine's sequence for one request: its tokens go to the request's response sender as they
+        come (decoded incrementally), its end as the final response with counts and phases."""
+        sender = request.get_response_sender()
+        detok = {"prefix": 0, "read": 0, "sent": 0}  # token offsets (TGI's prefix/read offsets; tokens sent)
+
+        def on_token(seq, tok):
+            if not p["stream"]:
+                return
+            # incremental detokenisation (as TGI and vLLM): decode only the last few tokens; one response per
+            # token, except that tokens ending inside a UTF-8 character wait and go out with the next one
+            out = seq.out
+            before = self.tok.decode(out[detok["prefix"]:detok["read"]], skip_special_tokens=True)
+            text = self.tok.decode(out[detok["prefix"]:], skip_special_tokens=True)
+            if text.endswith("\ufffd"):
+                return  # an incomplete character: its tokens go with the next response
+            new = out[detok["sent"]:]
+            if len(text) > len(before):
+                detok["prefix"], detok["read"] = detok["read"], len(out)
+            detok["sent"] = len(out)
+            sender.send(pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor("text", np.array([[text[len(before):].encode()]], dtype=np.object_)),
+                pb_utils.Tensor("token_ids", np.array([new], dtype=np.int64))]))
+
+        def on_finish(seq):
+            if seq.finish == "cancelled":
+                with contextlib.suppress(Exception):  # the stream may be closed already
+                    sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                return
+            if seq.finish in ("error", "timeout"):
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                    f"{'bad request' if seq.finish == 'error' else 'timeout'}: {seq.error}")),
+                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                return
+            p["cached_tokens"] = seq.cached_tokens
+            text = "" if p["stream"] else self.tok.decode(seq.out, skip_special_tokens=True)
+            sender.send(self._response(p, seq.out, seq.finish, seq.joined + 1, text, seq),
+                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+        return self.engine_mod.Seq(
+            p["ids"], p["max_tokens"], temperature=p["temperature"], top_p=p["top_p"], generator=p["generator"],
+            penalties=p["penalties"] if p["penalties"].active else None, cuts=p["cuts"],
+            priority=p["priority"], on_token=on_token, on_finish=on_finish, cancelled=request.is_cancelled)
 
     def _run(self, requests, parsed, responses):
         n = len(parsed)
@@ -194,8 +271,11 @@ class TritonPythonModel:
                 responses[parsed[b][0]] = self._response(parsed[b][1], outs[b], finish[b], n,
                                                          self.tok.decode(outs[b], skip_special_tokens=True))
 
-    def _response(self, p, out, finish, batch, text):
+    def _response(self, p, out, finish, batch, text, seq=None):
+        phases = seq.phases() if seq is not None else {"queue_ms": 0.0, "prefill_ms": 0.0, "decode_ms": 0.0}
         return pb_utils.InferenceResponse(output_tensors=[
+            *(pb_utils.Tensor(k, np.array([[v]], dtype=np.float32)) for k, v in phases.items()),
+            pb_utils.Tensor("steps", np.array([[seq.steps if seq is not None else len(out)]], dtype=np.int32)),
             pb_utils.Tensor("text", np.array([[text.encode()]], dtype=np.object_)),
             pb_utils.Tensor("token_ids", np.array([out], dtype=np.int64).reshape(1, len(out))),
             pb_utils.Tensor("prompt_tokens", np.array([[len(p["ids"])]], dtype=np.int32)),
@@ -209,4 +289,8 @@ class TritonPythonModel:
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def finalize(self):
+        if self.engine is not None:
+            self._stop.set()
+            self.engine.wake()
+            self._loop.join(timeout=10)
         self.model = None

@@ -134,7 +134,7 @@ def test_tritonclient_http_grpc_and_stream_match_the_training_code(root, server)
         time.sleep(0.05)
     g.stop_stream()
     assert not any(isinstance(x, Exception) for x in got), got
-    tokens = [int(x.as_numpy("token_ids").reshape(-1)[0]) for x in got[:-1]]
+    tokens = [int(t) for x in got[:-1] for t in x.as_numpy("token_ids").reshape(-1)]
     assert tokens == expected and len(got) == len(expected) + 1  # one response per token, then the final one
     assert "".join(x.as_numpy("text").reshape(-1)[0].decode() for x in got[:-1]) == \
         tok.decode(expected, skip_special_tokens=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import time
 import shutil
 import sys
 import types
@@ -213,6 +214,9 @@ class _Request:
     def get_response_sender(self):
         return self.sender
 
+    def is_cancelled(self):
+        return False
+
 
 def _pb_utils() -> types.ModuleType:
     pb = types.ModuleType("triton_python_backend_utils")
@@ -250,7 +254,7 @@ def version_dir(tmp_path, tok):
 def _triton_model(version_dir, monkeypatch, decoupled: bool, cache_mb: str):
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _pb_utils())
     # the version's own copies, as Triton imports them
-    for name in ("model", "gpt", "chat_template", "prefix_cache"):
+    for name in ("model", "gpt", "chat_template", "prefix_cache", "engine"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     monkeypatch.syspath_prepend(str(version_dir))
     mod = importlib.import_module("model")
@@ -258,7 +262,7 @@ def _triton_model(version_dir, monkeypatch, decoupled: bool, cache_mb: str):
     params = {"prefix_cache_mb": {"string_value": cache_mb}, "prefix_cache_min_tokens": {"string_value": "8"}}
     m.initialize({"model_config": json.dumps({"parameters": params, "decoupled": decoupled})})
     assert type(m.prefix_kv).__module__ == "prefix_cache"  # imported from the version directory
-    for name in ("model", "gpt", "chat_template", "prefix_cache"):
+    for name in ("model", "gpt", "chat_template", "prefix_cache", "engine"):
         sys.modules.pop(name, None)  # the next instance imports its own, as a new backend process would
     return m
 
@@ -271,7 +275,11 @@ def test_triton_model_reports_cached_tokens_and_answers_the_same(version_dir, mo
         reqs = [_Request(x) for x in batch]
         out = m.execute(reqs)
         if decoupled:
-            assert out is None
+            assert out is None  # the engine's thread answers
+            deadline = time.monotonic() + 30
+            while not all(r.sender.sent and r.sender.sent[-1][1] == 1 for r in reqs):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
             finals = [r.sender.sent[-1] for r in reqs]
             assert all(flags == 1 for _, flags in finals)
             return [resp.outputs for resp, _ in finals], [[int(resp.outputs["token_ids"][0, 0]) for resp, _ in
