@@ -112,7 +112,7 @@ def derive(triton_a: Scrape, triton_b: Scrape, gateway_a: Scrape, gateway_b: Scr
            settings: Settings) -> dict[str, Any]:
     """The signals from two scrapes `elapsed_s` apart (pure; `signals()` does the HTTP).
 
-    Triton keeps one instance pool per (model, version): `chat-gpt` and its streaming twin, each
+    Triton keeps one instance pool per (model, version): `chat-gpt` and the small tier's model, each
     version loaded with `serve.triton.instances` instances. Per pool:
       busy_s      = Δnv_inference_compute_infer_duration_us × Δexec_count / Δrequest_success
                     (Triton adds a batch's compute time to EVERY request in the batch, so the raw
@@ -128,9 +128,8 @@ def derive(triton_a: Scrape, triton_b: Scrape, gateway_a: Scrape, gateway_b: Scr
     t = settings.serve.triton
     if elapsed_s <= 0:
         raise InputError(f"elapsed_s must be > 0, got {elapsed_s}")
-    from tasks.serve.repository import STREAM_SUFFIX
-
-    models = {t.model_name, t.model_name + STREAM_SUFFIX}
+    r = settings.serve.routing
+    models = {t.model_name} | ({r.small_model} if r.enabled else set())  # each served tier is a pool
     names = {"requests": "nv_inference_request_success", "inferences": "nv_inference_count",
              "executions": "nv_inference_exec_count",
              "compute_infer_us": "nv_inference_compute_infer_duration_us",

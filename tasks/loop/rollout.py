@@ -39,7 +39,7 @@ from typing import Any
 from tasks.atomic import write_json
 from tasks.config import RolloutConfig, Settings
 from tasks.errors import InputError
-from tasks.serve.repository import STREAM_SUFFIX, read_aliases, write_aliases
+from tasks.serve.repository import read_aliases, write_aliases
 
 log = logging.getLogger(__name__)
 
@@ -584,20 +584,18 @@ def drill(settings: Settings, version: int, delay_ms_per_token: float) -> dict[s
     name = settings.serve.triton.model_name
     if version not in (served := served_versions(settings.paths.triton_repository, name)):
         raise InputError(f"version {version} is not in the Triton repository (served: {served})")
-    paths = [settings.paths.triton_repository / m / str(version) / "drill.json"
-             for m in (name, name + STREAM_SUFFIX)]
-    for p in paths:
-        if delay_ms_per_token > 0:
-            write_json(p, {"delay_ms_per_token": delay_ms_per_token})
-        else:
-            p.unlink(missing_ok=True)
-    server.reload(settings, (name, name + STREAM_SUFFIX))
+    p = settings.paths.triton_repository / name / str(version) / "drill.json"
+    if delay_ms_per_token > 0:
+        write_json(p, {"delay_ms_per_token": delay_ms_per_token})
+    else:
+        p.unlink(missing_ok=True)
+    server.reload(settings, (name,))
     return {"version": version, "delay_ms_per_token": delay_ms_per_token}
 
 
 def load_exported(settings: Settings, exported: dict[str, Any],
                   drill_delay_ms: float = 0.0) -> dict[str, Any]:
-    """chat_deploy's `load`: (re)load an exported version (and its streaming twin) in the running
+    """chat_deploy's `load`: (re)load an exported version in the running
     tritonserver; with `drill_delay_ms` > 0, slowed down on purpose so the rollout must roll it back.
     Without a server here, nothing is loaded (`llmops serve` loads every exported version when it
     starts)."""
@@ -612,7 +610,7 @@ def load_exported(settings: Settings, exported: dict[str, Any],
         log.info("roll-back drill: version %s is %s ms slower per token: %s", exported["version"],
                  drill_delay_ms, drill(settings, exported["version"], drill_delay_ms))
     else:
-        server.reload(settings, (exported["model"], exported["model"] + STREAM_SUFFIX))
+        server.reload(settings, (exported["model"],))
     return {**exported, "loaded": True}
 
 

@@ -69,6 +69,7 @@ class Seq:
     cached_tokens: int = 0
     joined: int = 0  # sequences decoding when this one was admitted
     steps: int = 0  # decode steps this sequence took part in
+    peak: int = 1  # the most sequences it decoded together with (itself included)
     t_submit: float = 0.0
     t_admit: float = 0.0
     t_first: float = 0.0
@@ -142,14 +143,25 @@ class Engine:
     def idle(self) -> bool:
         return not (self.decoding or self.prefilling or self._waiting)
 
-    def run(self, stop: threading.Event, on_idle: Callable[[], None] = lambda: None) -> None:
-        """Step until `stop` is set; sleeps (on the condition) while there is nothing to do."""
+    def run(self, stop: threading.Event, report: Callable[[dict[str, Any]], None] = lambda snap: None,
+            report_s: float = 0.5) -> None:
+        """Step until `stop` is set; sleeps (on the condition) while there is nothing to do. `report`
+        gets a `snapshot()` at most every `report_s` seconds while busy, and when it goes idle."""
+        last, busy = 0.0, False
         while not stop.is_set():
+            now = time.monotonic()
+            if busy and (self.idle or now - last >= report_s):
+                last = now
+                try:
+                    report(self.snapshot())
+                except Exception:  # noqa: BLE001 - metrics never stop the engine
+                    pass
             with self._cond:
                 if self.idle:
-                    on_idle()
+                    busy = False
                     self._cond.wait(0.2)
                     continue
+            busy = True
             self.step()
 
     def wake(self) -> None:
@@ -322,9 +334,11 @@ class Engine:
         logits = self.gpt.decode_slots(self.model, self.kv, tokens, positions)
         picked = self._pick(logits, seqs)
         ended = set()
+        n = len(seqs)
         for seq, tok in zip(list(seqs), picked, strict=True):
             seq.pos += 1
             seq.steps += 1
+            seq.peak = max(seq.peak, n)
             if self._emit(seq, tok):
                 ended.add(seq.slot)
         self._release(ended)

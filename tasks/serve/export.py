@@ -4,14 +4,16 @@
 
 writes, atomically, for the registered model `chat-gpt` version N:
 
-    models/triton/chat-gpt/config.pbtxt          Python backend, dynamic batching (configs/serve.yaml)
+    models/triton/chat-gpt/config.pbtxt          Python backend, decoupled, the engine's settings
+                                                 (configs/serve.yaml: serve.triton, serve.engine)
     models/triton/chat-gpt/N/                    model.py + gpt.py + chat_template.py (the training code)
-                                                 + prefix_cache.py,
+                                                 + engine.py + prefix_cache.py,
                                                  model.safetensors, config.json, tokenizer.json,
                                                  _lineage.json, export.json
-    models/triton/chat-gpt-stream/config.pbtxt   the same model, decoupled: one response per token
-    models/triton/chat-gpt-stream/N/             hard links to the files above
     models/triton/chat-gpt/aliases.json          {"champion": M, "challenger": N}: what the gateway routes to
+
+A version is one Triton model version: the decoupled engine answers streaming requests (a response
+per token) and, with the input `stream` false, non-streaming ones (one final response).
 
 Versions sit side by side, so champion and challenger are served at once; versions that no alias
 names any more are removed from the repository (they stay in MLflow). Triton runs with explicit
@@ -32,7 +34,7 @@ from tasks.atomic import atomic_dir, sha256_file, write_json
 from tasks.config import PROJECT_DIR, Settings
 from tasks.errors import InputError
 from tasks.names import check_name, check_version
-from tasks.serve.repository import STREAM_SUFFIX, read_aliases, served_versions, write_aliases
+from tasks.serve.repository import LEGACY_STREAM_SUFFIX, read_aliases, served_versions, write_aliases
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ def _dims(d: tuple[int, ...]) -> str:
     return "[ " + ", ".join(str(x) for x in d) + " ]"
 
 
-def config_pbtxt(settings: Settings, name: str, decoupled: bool) -> str:
+def config_pbtxt(settings: Settings, name: str, decoupled: bool = True) -> str:
     """The model configuration Triton reads (protobuf text format)."""
     t = settings.serve.triton
     inputs = [("messages", "TYPE_STRING", (1,), False), ("max_tokens", "TYPE_INT32", (1,), True),
@@ -63,7 +65,7 @@ def config_pbtxt(settings: Settings, name: str, decoupled: bool) -> str:
                ("finish_reason", "TYPE_STRING", (1,)),
                ("batch_size", "TYPE_INT32", (1,)), ("cached_tokens", "TYPE_INT32", (1,)),
                ("queue_ms", "TYPE_FP32", (1,)), ("prefill_ms", "TYPE_FP32", (1,)), ("decode_ms", "TYPE_FP32", (1,)),
-               ("steps", "TYPE_INT32", (1,))]
+               ("steps", "TYPE_INT32", (1,)), ("joined", "TYPE_INT32", (1,))]
     lines = [f'name: "{name}"', 'backend: "python"', f"max_batch_size: {t.max_batch_size}",
              "version_policy: { all { } }", "input ["]
     lines.append(",\n".join(f'  {{ name: "{n}" data_type: {ty} dims: {_dims(d)}'
@@ -92,9 +94,9 @@ def config_pbtxt(settings: Settings, name: str, decoupled: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_config(settings: Settings, model_dir: Path, name: str, decoupled: bool) -> None:
+def _write_config(settings: Settings, model_dir: Path, name: str) -> None:
     model_dir.mkdir(parents=True, exist_ok=True)
-    text = config_pbtxt(settings, name, decoupled)
+    text = config_pbtxt(settings, name)
     target = model_dir / "config.pbtxt"
     if not target.exists() or target.read_text() != text:
         with tempfile.NamedTemporaryFile("w", dir=model_dir, delete=False, prefix=".config.") as f:
@@ -104,7 +106,7 @@ def _write_config(settings: Settings, model_dir: Path, name: str, decoupled: boo
 
 def export_dir(settings: Settings, weights_dir: Path, name: str, version: int,
                aliases: dict[str, int] | None = None, source: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write version `version` of `name` (and its streaming twin) from a weights directory."""
+    """Write version `version` of `name` from a weights directory."""
     name, version = check_name(name), check_version(version)
     weights_dir = Path(weights_dir)
     sources = {f: weights_dir / f for f in ARTIFACTS}
@@ -121,7 +123,6 @@ def export_dir(settings: Settings, weights_dir: Path, name: str, version: int,
         raise ExportError(f"{weights_dir}: only fp32 versions are exported to Triton (this one is "
                           f"{json.loads(variant_file.read_text())['variant']}); export its parent version")
     repo = settings.paths.triton_repository
-    stream = check_name(name + STREAM_SUFFIX)
     lineage = json.loads((weights_dir / "_lineage.json").read_text())
     record = {"model": name, "version": version, "source": source or {"weights_dir": str(weights_dir)},
               "weights_sha256": sha256_file(weights_dir / "model.safetensors"),
@@ -133,23 +134,18 @@ def export_dir(settings: Settings, weights_dir: Path, name: str, version: int,
         for dest, src in CODE.items():
             shutil.copy2(PROJECT_DIR / src, tmp / dest)
         write_json(tmp / "export.json", record)
-    with atomic_dir(repo / stream / str(version)) as tmp:
-        for f in (*ARTIFACTS, *CODE, "export.json"):
-            try:
-                os.link(repo / name / str(version) / f, tmp / f)
-            except OSError:
-                shutil.copy2(repo / name / str(version) / f, tmp / f)
-    _write_config(settings, repo / name, name, decoupled=False)
-    _write_config(settings, repo / stream, stream, decoupled=True)
+    _write_config(settings, repo / name, name)
+    # the streaming twin of earlier exports (<name>-stream): one model answers both now
+    shutil.rmtree(repo / (name + LEGACY_STREAM_SUFFIX), ignore_errors=True)
     if aliases is not None:
         write_aliases(repo, name, aliases)
         keep = set(aliases.values()) | {version}
         for old in served_versions(repo, name):
             if old not in keep:
-                for d in (name, stream):
-                    shutil.rmtree(repo / d / str(old), ignore_errors=True)
-                log.info("removed version %s of %s from the repository (no alias names it)", old, name)
-    return {**record, "repository": str(repo), "models": [name, stream],
+                shutil.rmtree(repo / name / str(old), ignore_errors=True)
+                log.info("removed version %s of %s from the repository (no alias names it); the next "
+                         "load of the model unloads it from the server", old, name)
+    return {**record, "repository": str(repo), "models": [name],
             "path": str(repo / name / str(version)), "versions": served_versions(repo, name),
             "aliases": read_aliases(repo, name)}
 

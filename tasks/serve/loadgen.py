@@ -1,4 +1,5 @@
-"""The load generator: concurrent tritonclient gRPC (asyncio) requests against a Triton model.
+"""The load generator: concurrent tritonclient gRPC (asyncio) requests against a Triton model (each on a
+gRPC stream with `stream` false: one final response per request, as the gateway asks).
 
     from tasks.serve import loadgen
     r = loadgen.run("127.0.0.1:8001", "chat-gpt", concurrency=16, requests=64, max_tokens=32)
@@ -40,13 +41,28 @@ def infer_inputs(i: int, max_tokens: int) -> list:
     vals = [("messages", "BYTES",
              json.dumps([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]).encode(), np.object_),
             ("max_tokens", "INT32", max_tokens, np.int32), ("temperature", "FP32", 0.0, np.float32),
-            ("top_p", "FP32", 1.0, np.float32), ("seed", "INT64", -1, np.int64)]
+            ("top_p", "FP32", 1.0, np.float32), ("seed", "INT64", -1, np.int64),
+            ("stream", "BOOL", False, np.bool_)]
     out = []
     for name, dt, v, npdt in vals:
         x = InferInput(name, [1, 1], dt)
         x.set_data_from_numpy(np.array([[v]], dtype=npdt))
         out.append(x)
     return out
+
+
+async def final(client, model: str, inputs: list, version: str = ""):
+    """One request to a decoupled model on its own gRPC stream, asking for one final response (the
+    input `stream` false): what a non-streaming client does. Returns that response."""
+    async def requests():
+        yield {"model_name": model, "inputs": inputs, "model_version": version}
+
+    async for result, error in client.stream_infer(requests()):
+        if error is not None:
+            raise error
+        if result.as_numpy("finish_reason") is not None:
+            return result
+    raise RuntimeError(f"{model}: the stream ended without a final response")
 
 
 async def measure(grpc_url: str, model: str, concurrency: int, requests: int = 0, duration_s: float = 0.0,
@@ -75,8 +91,7 @@ async def measure(grpc_url: str, model: str, concurrency: int, requests: int = 0
             state["next"] += 1
             t0 = time.perf_counter()
             try:
-                r = await client.infer(model, infer_inputs(i, max_tokens), model_version=version,
-                                       client_timeout=timeout_s)
+                r = await asyncio.wait_for(final(client, model, infer_inputs(i, max_tokens), version), timeout_s)
             except Exception as e:  # InferenceServerException, a deadline: counted, the load goes on
                 state["errors"] += 1
                 if not first_error:

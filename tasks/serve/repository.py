@@ -3,7 +3,9 @@ model are on disk and complete, and which alias (champion, challenger) names whi
 
     models/triton/<name>/<N>/               a complete version (export's marker written last)
     models/triton/<name>/aliases.json       {"champion": M, "challenger": N}
-    models/triton/<name>-stream/            the decoupled (streaming) twin of <name>
+
+One Triton model per served model: its engine answers streaming and non-streaming requests alike.
+Exports before that also wrote a decoupled twin <name>-stream/; export removes it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 from tasks.atomic import is_complete, write_json
 from tasks.names import check_name
 
-STREAM_SUFFIX = "-stream"
+LEGACY_STREAM_SUFFIX = "-stream"  # the twin of earlier exports, removed by export
 ALIASES_FILE = "aliases.json"
 
 

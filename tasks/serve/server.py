@@ -24,7 +24,7 @@ from tasks.config import PROJECT_DIR, Settings
 from tasks.procs import alive, pidfile, stop_groups
 from tasks.serve import triton
 from tasks.serve.export import export
-from tasks.serve.repository import STREAM_SUFFIX, served_versions
+from tasks.serve.repository import served_versions
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,9 @@ def _tier_names(settings: Settings) -> list[str]:
 
 
 def _models(settings: Settings) -> tuple[str, ...]:
-    """Every tier's model that has an exported version, each with its streaming twin."""
+    """Every tier's model that has an exported version."""
     repo = settings.paths.triton_repository
-    return tuple(m for n in _tier_names(settings) if served_versions(repo, n) for m in (n, n + STREAM_SUFFIX))
+    return tuple(n for n in _tier_names(settings) if served_versions(repo, n))
 
 
 def up(settings: Settings, timeout: float | None = None) -> dict[str, Any]:

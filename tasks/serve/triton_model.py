@@ -21,7 +21,8 @@ Outputs:               text STRING, token_ids INT64[-1], prompt_tokens INT32, co
                        finish_reason STRING, batch_size INT32,
                        cached_tokens INT32 (prompt tokens whose K/V came from the prefix cache),
                        queue_ms FP32, prefill_ms FP32, decode_ms FP32, steps INT32 (the request's
-                       phases in the engine; `batch_size` is then the sequences decoding when it joined)
+                       phases in the engine), joined INT32 (sequences decoding when it was admitted;
+                       `batch_size` is then the most sequences it decoded together with)
 
 Scheduling (parameter `scheduler`): `continuous` (decoupled models) hands each request to the
 instance's engine (tasks/model/engine.py) and returns: one scheduler thread per instance keeps a
@@ -52,6 +53,43 @@ def _scalar(request, name, default):
         return default
     value = t.as_numpy().reshape(-1)[0]
     return value.item() if hasattr(value, "item") else value  # a BYTES input is bytes already
+
+
+class _EngineMetrics:
+    """The engine's figures on Triton's metrics endpoint (the Python backend's custom metrics), labelled
+    by model and version: gauges of what it holds now, counters of what it has done."""
+
+    GAUGES = {"running": "Sequences in the running batch (decoding or prefilling)",
+              "waiting": "Requests waiting for a place in the running batch",
+              "kv_use": "Share of the preallocated K/V cache positions in use"}
+    COUNTERS = {"finished": "Sequences that ended (stop or length)",
+                "cancelled": "Sequences stopped because their client cancelled (within one step)",
+                "timeouts": "Requests that waited past their deadline",
+                "joined_mid_decode": "Sequences admitted while others were decoding",
+                "steps": "Engine steps (one decode step of the running batch each)",
+                "decode_tokens": "Tokens generated", "prefill_tokens": "Prompt tokens prefilled"}
+
+    def __init__(self, args):
+        labels = {"model": str(args.get("model_name", "")), "version": str(args.get("model_version", ""))}
+        self.metrics, self.sent = {}, {}
+        try:
+            for kind, names in ((pb_utils.MetricFamily.GAUGE, self.GAUGES),
+                                (pb_utils.MetricFamily.COUNTER, self.COUNTERS)):
+                for key, text in names.items():
+                    family = pb_utils.MetricFamily(name=f"llmops_engine_{key}", description=text, kind=kind)
+                    self.metrics[key] = (family, family.Metric(labels=labels))
+        except Exception:  # noqa: BLE001 - a server without custom metrics still serves
+            self.metrics = {}
+
+    def publish(self, snap):
+        for key, (_, metric) in self.metrics.items():
+            if key in self.GAUGES:
+                metric.set(float(snap[key]))
+            else:
+                delta = snap[key] - self.sent.get(key, 0)
+                if delta > 0:
+                    metric.increment(float(delta))
+                    self.sent[key] = snap[key]
 
 
 class TritonPythonModel:
@@ -107,8 +145,9 @@ class TritonPythonModel:
                                         max_batch_tokens=int(params.get("max_batch_tokens", "256")),
                                         prefix_kv=self.prefix_kv, step_delay_s=self.drill_delay_s)
             self._stop = threading.Event()
-            self._loop = threading.Thread(target=self.engine.run, args=(self._stop,), daemon=True,
-                                          name="llmops-engine")
+            self._metrics = _EngineMetrics(args)
+            self._loop = threading.Thread(target=self.engine.run, args=(self._stop, self._metrics.publish),
+                                          daemon=True, name="llmops-engine")
             self._loop.start()
 
     def _parse(self, request):
@@ -212,7 +251,7 @@ class TritonPythonModel:
                 return
             p["cached_tokens"] = seq.cached_tokens
             text = "" if p["stream"] else self.tok.decode(seq.out, skip_special_tokens=True)
-            sender.send(self._response(p, seq.out, seq.finish, seq.joined + 1, text, seq),
+            sender.send(self._response(p, seq.out, seq.finish, seq.peak, text, seq),
                         flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
         return self.engine_mod.Seq(
@@ -252,7 +291,7 @@ class TritonPythonModel:
                         self._final(senders[b], parsed[b][1], outs[b], finish[b], n)
                     continue
                 outs[b].append(tok)
-                if self.decoupled:
+                if self.decoupled and parsed[b][1]["stream"]:
                     text = self.tok.decode(outs[b], skip_special_tokens=True)
                     if text.endswith("\ufffd"):
                         continue  # an incomplete UTF-8 sequence: wait for its next byte
@@ -276,6 +315,7 @@ class TritonPythonModel:
         return pb_utils.InferenceResponse(output_tensors=[
             *(pb_utils.Tensor(k, np.array([[v]], dtype=np.float32)) for k, v in phases.items()),
             pb_utils.Tensor("steps", np.array([[seq.steps if seq is not None else len(out)]], dtype=np.int32)),
+            pb_utils.Tensor("joined", np.array([[seq.joined if seq is not None else 0]], dtype=np.int32)),
             pb_utils.Tensor("text", np.array([[text.encode()]], dtype=np.object_)),
             pb_utils.Tensor("token_ids", np.array([out], dtype=np.int64).reshape(1, len(out))),
             pb_utils.Tensor("prompt_tokens", np.array([[len(p["ids"])]], dtype=np.int32)),
@@ -285,7 +325,8 @@ class TritonPythonModel:
             pb_utils.Tensor("cached_tokens", np.array([[p["cached_tokens"]]], dtype=np.int32))])
 
     def _final(self, sender, p, out, finish, batch):
-        sender.send(self._response(p, out, finish, batch, ""),
+        text = "" if p["stream"] else self.tok.decode(out, skip_special_tokens=True)
+        sender.send(self._response(p, out, finish, batch, text),
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def finalize(self):

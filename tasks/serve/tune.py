@@ -40,7 +40,7 @@ from tasks.errors import InputError
 from tasks.names import check_name
 from tasks.progress import Progress
 from tasks.serve.export import config_pbtxt
-from tasks.serve.repository import STREAM_SUFFIX, read_aliases, served_versions
+from tasks.serve.repository import read_aliases, served_versions
 
 log = logging.getLogger(__name__)
 
@@ -529,11 +529,11 @@ def apply(settings: Settings, report: dict[str, Any], http_url: str | None = Non
     s = with_setting(settings, report["chosen"])
     repo, model = settings.paths.triton_repository, report["model"]
     written, reloaded = [], []
-    for name, decoupled in ((model, False), (model + STREAM_SUFFIX, True)):
+    for name in (model,):
         if not served_versions(repo, name):
             continue
         with atomic_file(repo / name / "config.pbtxt") as tmp:
-            tmp.write_text(config_pbtxt(s, name, decoupled))
+            tmp.write_text(config_pbtxt(s, name))
         written.append(str(repo / name / "config.pbtxt"))
         if http_url and httpx.get(f"http://{http_url}/v2/models/{name}/ready",
                                   timeout=5.0).status_code == 200:

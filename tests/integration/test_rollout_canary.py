@@ -58,7 +58,7 @@ def stack(tmp_path_factory):
     # is at the mercy of a busy CI machine (the gate has its own tests)
     register(s, weights, ev, {"passed": True, "reason": "canary test setup"})
     export(s, alias="challenger")
-    tp = triton.start(s, models=("chat-gpt", "chat-gpt-stream"))
+    tp = triton.start(s, models=("chat-gpt",))
     (s.paths.var_dir / "run").mkdir(parents=True, exist_ok=True)
     proc, base = start_gateway(s, *CANARY)
     yield s, tp, base

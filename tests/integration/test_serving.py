@@ -73,7 +73,7 @@ def root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(root):
     s = make_settings(root, *FAST, *_ports())
-    tp = triton.start(s, models=(MODEL, MODEL + "-stream"))
+    tp = triton.start(s, models=(MODEL,))
     yield s, tp
     tp.stop()
 
@@ -88,16 +88,49 @@ def gateway(server):
     triton.stop_group(proc.pid)
 
 
-def _infer_inputs(mod, messages, max_tokens=12, temperature=0.0, seed=-1):
+def _infer_inputs(mod, messages, max_tokens=12, temperature=0.0, seed=-1, stream=None):
     def t(name, dtype, value, np_dtype):
         x = mod.InferInput(name, [1, 1], dtype)
         x.set_data_from_numpy(np.array([[value]], dtype=np_dtype))
         return x
 
-    return [t("messages", "BYTES", json.dumps(messages).encode(), np.object_),
-            t("max_tokens", "INT32", max_tokens, np.int32),
-            t("temperature", "FP32", temperature, np.float32), t("top_p", "FP32", 1.0, np.float32),
-            t("seed", "INT64", seed, np.int64)]
+    inputs = [t("messages", "BYTES", json.dumps(messages).encode(), np.object_),
+              t("max_tokens", "INT32", max_tokens, np.int32),
+              t("temperature", "FP32", temperature, np.float32), t("top_p", "FP32", 1.0, np.float32),
+              t("seed", "INT64", seed, np.int64)]
+    return inputs + ([t("stream", "BOOL", stream, np.bool_)] if stream is not None else [])
+
+
+def _ask(tp, requests, version="1", stream=False, timeout=120):
+    """Send each (messages, max_tokens) on one gRPC stream, as tritonclient users do with the decoupled
+    model; returns per request the list of its responses (the last one final)."""
+    import tritonclient.grpc as grpcclient
+
+    got: dict[str, list] = {str(i): [] for i in range(len(requests))}
+    errors: list = []
+
+    def callback(result, error):
+        if error is not None:
+            errors.append(error)
+        else:
+            got[result.get_response().id].append(result)
+
+    g = tp.grpc()
+    g.start_stream(callback=callback)
+    for i, (messages, max_tokens) in enumerate(requests):
+        g.async_stream_infer(MODEL, _infer_inputs(grpcclient, messages, max_tokens, stream=stream),
+                             model_version=version, request_id=str(i))
+    deadline = time.monotonic() + timeout
+    while not errors and not all(r and r[-1].as_numpy("finish_reason") is not None for r in got.values()):
+        assert time.monotonic() < deadline, got
+        time.sleep(0.02)
+    g.stop_stream()
+    assert not errors, errors
+    return [got[str(i)] for i in range(len(requests))]
+
+
+def _one(r, name):
+    return r.as_numpy(name).reshape(-1)[0]
 
 
 def _expected(root: Path, messages, max_tokens=12):
@@ -110,44 +143,87 @@ def _expected(root: Path, messages, max_tokens=12):
 
 def test_tritonclient_http_grpc_and_stream_match_the_training_code(root, server):
     import tritonclient.grpc as grpcclient
-    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
 
     s, tp = server
     expected, n_prompt, tok = _expected(root, HELLO)
     assert expected, "the trained model should say something"
+    text = tok.decode(expected, skip_special_tokens=True)
 
-    r = tp.http().infer(MODEL, _infer_inputs(httpclient, HELLO), model_version="1")
+    # one model per version, decoupled: `stream` false gives one final response with the whole reply
+    [[r]] = _ask(tp, [(HELLO, 12)], stream=False)
     assert r.as_numpy("token_ids").reshape(-1).tolist() == expected  # real values, not zeros
-    assert int(r.as_numpy("prompt_tokens").reshape(-1)[0]) == n_prompt  # tokenization parity
-    assert r.as_numpy("text").reshape(-1)[0].decode() == tok.decode(expected, skip_special_tokens=True)
+    assert int(_one(r, "prompt_tokens")) == n_prompt  # tokenization parity
+    assert _one(r, "text").decode() == text and _one(r, "finish_reason").decode() in ("stop", "length")
+    phases = [float(_one(r, k)) for k in ("queue_ms", "prefill_ms", "decode_ms")]
+    assert min(phases) >= 0 and phases[2] > 0 and int(_one(r, "steps")) >= len(expected) - 1
 
-    g = tp.grpc()
-    r = g.infer(MODEL, _infer_inputs(grpcclient, HELLO), model_version="1")
-    assert r.as_numpy("token_ids").reshape(-1).tolist() == expected
+    # HTTP: Triton's generate endpoint takes the decoupled model's one final response
+    g = httpx.post(f"http://{tp.http_url}/v2/models/{MODEL}/versions/1/generate", timeout=60,
+                   json={"messages": json.dumps(HELLO), "max_tokens": 12, "stream": False})
+    assert g.status_code == 200, g.text
+    assert g.json()["token_ids"] == expected and g.json()["text"] == text
 
-    got: list = []
-    g.start_stream(callback=lambda result, error: got.append(error or result))
-    g.async_stream_infer(MODEL + "-stream", _infer_inputs(grpcclient, HELLO), model_version="1")
-    deadline = time.monotonic() + 60
-    while not (got and (isinstance(got[-1], Exception) or got[-1].as_numpy("finish_reason") is not None)):
-        assert time.monotonic() < deadline, got
-        time.sleep(0.05)
-    g.stop_stream()
-    assert not any(isinstance(x, Exception) for x in got), got
+    # streaming (the default): one response per token, then the final one with the counts
+    [got] = _ask(tp, [(HELLO, 12)], stream=True)
     tokens = [int(t) for x in got[:-1] for t in x.as_numpy("token_ids").reshape(-1)]
-    assert tokens == expected and len(got) == len(expected) + 1  # one response per token, then the final one
-    assert "".join(x.as_numpy("text").reshape(-1)[0].decode() for x in got[:-1]) == \
-        tok.decode(expected, skip_special_tokens=True)
-    assert int(got[-1].as_numpy("completion_tokens").reshape(-1)[0]) == len(expected)
-    assert int(got[-1].as_numpy("cached_tokens").reshape(-1)[0]) == 0  # no system prompt, nothing to reuse
+    assert tokens == expected and len(got) == len(expected) + 1
+    assert "".join(_one(x, "text").decode() for x in got[:-1]) == text
+    assert int(_one(got[-1], "completion_tokens")) == len(expected)
+    assert int(_one(got[-1], "cached_tokens")) == 0  # no system prompt, nothing to reuse
+
+    # a unary request cannot take a decoupled model's answers: a clear error, not a hang
+    with pytest.raises(InferenceServerException, match="decoupled"):
+        tp.grpc().infer(MODEL, _infer_inputs(grpcclient, HELLO), model_version="1")
 
     metrics = httpx.get(tp.metrics_url).text
     assert 'nv_inference_request_success{model="chat-gpt",version="1"}' in metrics
+    # the engine's own figures beside Triton's
+    assert _engine_metric(tp, "decode_tokens") >= 2 * len(expected)
+    assert _engine_metric(tp, "running") == 0 and _engine_metric(tp, "steps") > 0
+
+
+def _engine_metric(tp, name, version="1"):
+    """The sum over instances of llmops_engine_<name> for a version on Triton's metrics endpoint."""
+    total = 0.0
+    for line in httpx.get(tp.metrics_url).text.splitlines():
+        if line.startswith(f"llmops_engine_{name}{{") and f'version="{version}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_a_cancelled_stream_stops_in_the_engine_within_one_step(root, server):
+    import tritonclient.grpc as grpcclient
+
+    s, tp = server
+    long = [{"role": "user", "content": "Tell me everything"}]
+    _, _, tok = _expected(root, long, 1)
+    no_stop = grpcclient.InferInput("logit_bias", [1, 1], "BYTES")  # it would run to max_tokens
+    no_stop.set_data_from_numpy(np.array([[json.dumps({tok.token_to_id(t): -100 for t in (EOS, EOT)})
+                                           .encode()]], dtype=np.object_))
+    cancelled, tokens = _engine_metric(tp, "cancelled"), _engine_metric(tp, "decode_tokens")
+    got: list = []
+    g = tp.grpc()
+    g.start_stream(callback=lambda result, error: got.append(error or result))
+    g.async_stream_infer(MODEL, [*_infer_inputs(grpcclient, long, 45, stream=True), no_stop], model_version="1")
+    deadline = time.monotonic() + 60
+    while len(got) < 3:
+        assert time.monotonic() < deadline, got
+        time.sleep(0.001)
+    g.stop_stream(cancel_requests=True)  # the client goes away mid-reply
+    received = len(got)
+    deadline = time.monotonic() + 30
+    while _engine_metric(tp, "cancelled") < cancelled + 1:
+        assert time.monotonic() < deadline, "the engine never saw the cancellation"
+        time.sleep(0.1)
+    time.sleep(1.0)  # the engine has gone idle and published its counters
+    generated = _engine_metric(tp, "decode_tokens") - tokens
+    # the engine stopped the sequence far from the 45 tokens asked for (at the first step after the cancel
+    # reached it: tests/unit/test_engine.py; here the tokens decoded while the cancel travelled count too)
+    assert received <= generated < 45, (received, generated)
 
 
 def test_a_repeated_system_prompt_is_prefilled_from_the_prefix_cache(root, server, gateway):
-    import tritonclient.http as httpclient
-
     s, tp = server
     system = {"role": "system",
               "content": "You are the support assistant of our shop. Be brief."}  # 30 tokens
@@ -155,10 +231,9 @@ def test_a_repeated_system_prompt_is_prefilled_from_the_prefix_cache(root, serve
     expected, n_prompt, tok = _expected(root, messages, max_tokens=4)
     n_system = len(tok.encode(render_chat([system], end_of_text=False), add_special_tokens=False).ids)
     assert s.serve.triton.prefix_cache_min_tokens <= n_system < n_prompt <= 60
-    c = tp.http()
     cached = []
     for _ in range(6):  # two instances, each with its own cache: the second request to either one hits
-        r = c.infer(MODEL, _infer_inputs(httpclient, messages, max_tokens=4), model_version="1")
+        [[r]] = _ask(tp, [(messages, 4)])
         assert r.as_numpy("token_ids").reshape(-1).tolist() == expected
         cached.append(int(r.as_numpy("cached_tokens").reshape(-1)[0]))
         if cached[-1]:
@@ -174,49 +249,70 @@ def test_a_repeated_system_prompt_is_prefilled_from_the_prefix_cache(root, serve
     assert _log_line(s, r.headers["x-request-id"])["cached_tokens"] == n_system
 
 
-def test_dynamic_batching_runs_concurrent_requests_together_with_the_same_answers(root, server):
-    import tritonclient.http as httpclient
-
+def test_continuous_batching_joins_mid_decode_with_the_same_answers(root, server):
     s, tp = server
     prompts = [[{"role": "user", "content": f"{w} my order has not arrived"}] for w in
                ("Hi,", "Hello, sorry but", "Help:", "Why", "Please check:", "Urgent -", "Hey", "So")]
-    client = httpclient.InferenceServerClient(tp.http_url, concurrency=8, network_timeout=120)
-    # long enough generations that 8 concurrent requests outnumber the 2 busy instances and wait together
-    single = [client.infer(MODEL, _infer_inputs(httpclient, p, max_tokens=40),
-                           model_version="1").as_numpy("token_ids")
-              .reshape(-1).tolist() for p in prompts]
-    for _ in range(5):  # a few rounds: the batcher groups what arrives within its queue delay
-        pending = [client.async_infer(MODEL, _infer_inputs(httpclient, p, max_tokens=40), model_version="1")
-                   for p in prompts]
-        results = [p.get_result() for p in pending]
-        sizes = [int(r.as_numpy("batch_size").reshape(-1)[0]) for r in results]
-        if max(sizes) > 1:
+    single = [_ask(tp, [(p, 40)])[0][-1] for p in prompts]
+    together = [r[-1] for r in _ask(tp, [(p, 40) for p in prompts])]
+    # the same tokens, alone or sharing the running batch (greedy)
+    assert [r.as_numpy("token_ids").reshape(-1).tolist() for r in together] == \
+        [r.as_numpy("token_ids").reshape(-1).tolist() for r in single]
+    # 8 requests on 2 instances decoded together (batch_size: the most sequences a request decoded with)
+    assert max(int(_one(r, "batch_size")) for r in together) > 1
+    # a short request sent while long ones decode joins their running batch and ends before them
+    import tritonclient.grpc as grpcclient
+
+    long = [{"role": "user", "content": "Tell me everything"}]
+    _, _, tok = _expected(root, long, 1)
+    no_stop = grpcclient.InferInput("logit_bias", [1, 1], "BYTES")  # the long ones run to max_tokens
+    no_stop.set_data_from_numpy(np.array([[json.dumps({tok.token_to_id(t): -100 for t in (EOS, EOT)})
+                                           .encode()]], dtype=np.object_))
+    for _ in range(5):
+        seen: dict[str, list] = {}
+        g = tp.grpc()
+        g.start_stream(callback=lambda result, error, seen=seen: seen.setdefault(
+            "err" if error else result.get_response().id, []).append((time.monotonic(), error or result)))
+        for i in range(2):
+            g.async_stream_infer(MODEL, [*_infer_inputs(grpcclient, long, 45, stream=True), no_stop],
+                                 model_version="1", request_id=f"long{i}")
+        deadline = time.monotonic() + 60
+        while not (len(seen.get("long0", [])) > 2 and len(seen.get("long1", [])) > 2):  # both decoding
+            assert time.monotonic() < deadline and "err" not in seen, seen
+            time.sleep(0.002)
+        g.async_stream_infer(MODEL, _infer_inputs(grpcclient, prompts[3], 2, stream=False), model_version="1",
+                             request_id="short")
+        while not all(k in seen and seen[k][-1][1].as_numpy("finish_reason") is not None
+                      for k in ("long0", "long1", "short")):
+            assert time.monotonic() < deadline and "err" not in seen, seen
+            time.sleep(0.01)
+        g.stop_stream()
+        (t_short, short), = seen["short"]
+        if int(_one(short, "joined")) >= 1:
             break
-    assert max(sizes) > 1, sizes
-    assert [r.as_numpy("token_ids").reshape(-1).tolist() for r in results] == single
+    assert int(_one(short, "joined")) >= 1, "the short request never joined a running batch"
+    assert t_short < max(seen[k][-1][0] for k in ("long0", "long1"))  # it did not wait for the batch to end
+    assert int(_one(short, "completion_tokens")) <= 2
 
 
 def test_two_versions_are_served_at_once_and_a_model_is_reloaded_through_the_repository_api(root, server):
-    import tritonclient.http as httpclient
-
     s, tp = server
     assert served_versions(s.paths.triton_repository, MODEL) == [1, 2]
     c = tp.http()
     assert c.is_model_ready(MODEL, "1") and c.is_model_ready(MODEL, "2")
     index = {(m["name"], m.get("version")): m.get("state") for m in c.get_model_repository_index()}
     assert index[(MODEL, "1")] == index[(MODEL, "2")] == "READY"
-    outs = [c.infer(MODEL, _infer_inputs(httpclient, HELLO, max_tokens=16),
-                    model_version=v).as_numpy("token_ids")
-            .reshape(-1).tolist() for v in ("1", "2")]
+    outs = [_ask(tp, [(HELLO, 16)], version=v)[0][-1].as_numpy("token_ids").reshape(-1).tolist()
+            for v in ("1", "2")]
     assert outs[0] != outs[1]  # different weights answer differently
-    triton.unload(tp.http_url, MODEL + "-stream")  # explicit model control: unload and load on request
+    assert not (s.paths.triton_repository / (MODEL + "-stream")).exists()  # one Triton model per version
+    triton.unload(tp.http_url, MODEL)  # explicit model control: unload and load on request
     deadline = time.monotonic() + 30
-    while c.is_model_ready(MODEL + "-stream", "1") and time.monotonic() < deadline:
+    while c.is_model_ready(MODEL, "1") and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not c.is_model_ready(MODEL + "-stream", "1") and c.is_model_ready(MODEL, "1")
-    tp.load(MODEL + "-stream")
-    tp.load(MODEL)  # a reload picks up the repository as it is on disk
-    assert c.is_model_ready(MODEL, "1") and c.is_model_ready(MODEL + "-stream", "2")
+    assert not c.is_model_ready(MODEL, "1")
+    tp.load(MODEL)  # a load picks up the repository as it is on disk
+    assert c.is_model_ready(MODEL, "1") and c.is_model_ready(MODEL, "2")
 
 
 def test_every_server_port_is_bound_to_loopback(server, gateway):
@@ -362,17 +458,22 @@ def test_overload_gives_429_with_retry_after_and_never_5xx(gateway):
 
 def test_sessions_safety_request_log_and_metrics(server, gateway):
     s, _ = server
-    h = {"X-Session-Id": "sess-1"}
     url = f"{gateway}/v1/chat/completions"
-    first = httpx.post(url, headers=h, json={"model": "chat-gpt:1", "max_tokens": 8,
-                                              "messages": [{"role": "user",
-                                                            "content": "My email is ann@example.com"}]})
+    for i, tail in enumerate(("", " Thanks.", " Hello!", " Regards")):
+        # a reply the safety filter blocks is not kept in the session: find a first turn the tiny model
+        # answers harmlessly (its random words can look profane to the classifier)
+        sid = f"sess-1-{i}"
+        h = {"X-Session-Id": sid}
+        first = httpx.post(url, headers=h, json={"model": "chat-gpt:1", "max_tokens": 8, "messages": [
+            {"role": "user", "content": "My email is ann@example.com" + tail}]})
+        if first.json()["choices"][0]["finish_reason"] != "content_filter":
+            break
     second = httpx.post(url, headers=h, json={"model": "chat-gpt:1", "max_tokens": 8,
                                                "messages": [{"role": "user", "content": "and what next?"}]})
     assert first.status_code == second.status_code == 200
     # turns 1-2 came along
     assert second.json()["usage"]["prompt_tokens"] > first.json()["usage"]["prompt_tokens"]
-    assert httpx.delete(f"{gateway}/v1/sessions/sess-1").json()["deleted"] is True
+    assert httpx.delete(f"{gateway}/v1/sessions/{sid}").json()["deleted"] is True
     third = httpx.post(url, headers=h, json={"model": "chat-gpt:1", "max_tokens": 8,
                                               "messages": [{"role": "user", "content": "and what next?"}]})
     assert third.json()["usage"]["prompt_tokens"] < second.json()["usage"]["prompt_tokens"]
@@ -390,7 +491,7 @@ def test_sessions_safety_request_log_and_metrics(server, gateway):
                  'gateway_safety_blocked_total{rule="pattern:0",stage="input"}', 'status="200"'):
         assert name in metrics, name
     lines = [json.loads(x) for f in s.paths.requests.glob("dt=*/*.jsonl") for x in f.read_text().splitlines()]
-    mine = [x for x in lines if x.get("session") == "sess-1"]
+    mine = [x for x in lines if x.get("session") == sid]
     assert len(mine) == 3 and all(x["safety_version"].startswith("2026.11.1+") for x in mine)
     assert "ann@example.com" not in json.dumps(lines) and "[EMAIL]" in mine[0]["prompt"]
     assert {"latency_ms", "ttft_ms", "prompt_tokens", "completion_tokens", "version", "safety_input"} <= \
@@ -400,7 +501,7 @@ def test_sessions_safety_request_log_and_metrics(server, gateway):
 
 def test_triton_down_gives_503_and_the_gateway_recovers_when_it_returns(root):
     s = make_settings(root, *FAST, *_ports())
-    tp = triton.start(s, models=(MODEL, MODEL + "-stream"))
+    tp = triton.start(s, models=(MODEL,))
     proc, base = start_gateway(s)
     try:
         body = {"model": "chat-gpt:1", "messages": HELLO, "max_tokens": 4}
@@ -412,7 +513,7 @@ def test_triton_down_gives_503_and_the_gateway_recovers_when_it_returns(root):
                 r.json()["error"]["code"] in ("model_server_unavailable", "model_not_ready")
             assert r.headers.get("retry-after")
         assert httpx.get(f"{base}/healthz").status_code == 503
-        tp = triton.start(s, models=(MODEL, MODEL + "-stream"))
+        tp = triton.start(s, models=(MODEL,))
         deadline = time.monotonic() + 30
         while (r := httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60)).status_code != 200:
             assert r.status_code == 503 and time.monotonic() < deadline, r.text
@@ -595,14 +696,13 @@ def small_tier(root, server, gateway):
     export_dir(one, repo / MODEL / "1", SMALL, 2, aliases={"champion": 1, "challenger": 2})
     try:
         tp.load(SMALL)
-        tp.load(SMALL + "-stream")
         deadline = time.monotonic() + 30  # the gateway sees it on its next poll of the repository index
         while f"{SMALL}:champion" not in {m["id"] for m in httpx.get(f"{gateway}/v1/models").json()["data"]}:
             assert time.monotonic() < deadline, httpx.get(f"{gateway}/healthz").text
             time.sleep(0.5)
         yield s
     finally:  # later tests expect one tier: a short `chat-gpt` request would go small otherwise
-        for m in (SMALL, SMALL + "-stream"):
+        for m in (SMALL,):
             # not loaded: the load's own error is the one to see
             with contextlib.suppress(triton.TritonError):
                 triton.unload(tp.http_url, m)
@@ -767,7 +867,6 @@ def test_an_identical_challenger_under_sampled_traffic_replies_alike_in_the_shad
     export_dir(s, repo / MODEL / "1", MODEL, 3)  # version 1's weights again, as version 3
     try:
         tp.load(MODEL)
-        tp.load(MODEL + "-stream")
         write_aliases(repo, MODEL, {"champion": 1, "challenger": 3})
         rollout.set_traffic(s, 0.0, shadow_percent=100.0)
         deadline = time.monotonic() + 30  # the gateway reads the aliases and the ready versions on its polls

@@ -98,7 +98,7 @@ def test_distilled_student_approaches_its_teacher_and_registers_with_it_in_the_l
     # the small tier's Triton model, exported from the registry beside (not over) the main one
     exported = export(s, alias="challenger", model="chat-gpt-small")
     small = s.paths.triton_repository / "chat-gpt-small"
-    assert exported["models"] == ["chat-gpt-small", "chat-gpt-small-stream"]
+    assert exported["models"] == ["chat-gpt-small"]
     assert json.loads((small / "aliases.json").read_text()) == {"challenger": out["registered"]["version"]}
     assert sha256_file(small / str(out["registered"]["version"]) / "model.safetensors") == \
         sha256_file(Path(out["trained"]["weights"]))

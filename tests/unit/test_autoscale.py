@@ -180,7 +180,7 @@ TRITON = """\
 # HELP nv_inference_request_success Number of successful inference requests, all batch sizes
 # TYPE nv_inference_request_success counter
 nv_inference_request_success{{model="chat-gpt",version="1"}} {ok}
-nv_inference_request_success{{model="chat-gpt-stream",version="1"}} {s_ok}
+nv_inference_request_success{{model="chat-gpt-small",version="1"}} {s_ok}
 nv_inference_request_success{{model="other",version="3"}} {ok}
 # HELP nv_inference_request_failure Number of failed inference requests, all batch sizes
 # TYPE nv_inference_request_failure counter
@@ -191,35 +191,35 @@ nv_inference_request_failure{{model="chat-gpt",reason="CANCELED",version="1"}} 0
 # HELP nv_inference_count Number of inferences performed (does not include cached requests)
 # TYPE nv_inference_count counter
 nv_inference_count{{model="chat-gpt",version="1"}} {ok}
-nv_inference_count{{model="chat-gpt-stream",version="1"}} {s_ok}
+nv_inference_count{{model="chat-gpt-small",version="1"}} {s_ok}
 nv_inference_count{{model="other",version="3"}} {ok}
 # HELP nv_inference_exec_count Number of model executions performed (does not include cached requests)
 # TYPE nv_inference_exec_count counter
 nv_inference_exec_count{{model="chat-gpt",version="1"}} {ex}
-nv_inference_exec_count{{model="chat-gpt-stream",version="1"}} {s_ok}
+nv_inference_exec_count{{model="chat-gpt-small",version="1"}} {s_ok}
 nv_inference_exec_count{{model="other",version="3"}} 1
 # HELP nv_inference_request_duration_us Cumulative inference request duration in microseconds \
 (includes cached requests)
 # TYPE nv_inference_request_duration_us counter
 nv_inference_request_duration_us{{model="chat-gpt",version="1"}} {req_us}
-nv_inference_request_duration_us{{model="chat-gpt-stream",version="1"}} {s_us}
+nv_inference_request_duration_us{{model="chat-gpt-small",version="1"}} {s_us}
 nv_inference_request_duration_us{{model="other",version="3"}} 99999999
 # HELP nv_inference_queue_duration_us Cumulative inference queuing duration in microseconds \
 (includes cached requests)
 # TYPE nv_inference_queue_duration_us counter
 nv_inference_queue_duration_us{{model="chat-gpt",version="1"}} {q_us}
-nv_inference_queue_duration_us{{model="chat-gpt-stream",version="1"}} 0
+nv_inference_queue_duration_us{{model="chat-gpt-small",version="1"}} 0
 # HELP nv_inference_compute_infer_duration_us Cumulative compute inference duration in microseconds \
 (does not include cached requests)
 # TYPE nv_inference_compute_infer_duration_us counter
 nv_inference_compute_infer_duration_us{{model="chat-gpt",version="1"}} {inf_us}
-nv_inference_compute_infer_duration_us{{model="chat-gpt-stream",version="1"}} {s_us}
+nv_inference_compute_infer_duration_us{{model="chat-gpt-small",version="1"}} {s_us}
 nv_inference_compute_infer_duration_us{{model="other",version="3"}} 99999999
 # HELP nv_inference_pending_request_count Instantaneous number of pending requests awaiting execution \
 per-model.
 # TYPE nv_inference_pending_request_count gauge
 nv_inference_pending_request_count{{model="chat-gpt",version="1"}} {pend}
-nv_inference_pending_request_count{{model="chat-gpt-stream",version="1"}} {s_pend}
+nv_inference_pending_request_count{{model="chat-gpt-small",version="1"}} {s_pend}
 nv_inference_pending_request_count{{model="other",version="3"}} 50
 # HELP nv_cpu_utilization CPU utilization rate [0.0 - 1.0]
 # TYPE nv_cpu_utilization gauge
@@ -302,8 +302,8 @@ def test_derive_from_two_scrapes(tmp_path):
     s = make_settings(tmp_path, "serve.triton.instances=2", "serve.triton.max_batch_size=8")
     out = derive(parse(TRITON.format(**T1)), parse(TRITON.format(**T2)), parse(G1), parse(G2), 2.0, s)
     pools = {p["model"]: p for p in out["raw"]["pools"]}
-    assert set(pools) == {"chat-gpt", "chat-gpt-stream"}  # "other" is not ours
-    main, stream = pools["chat-gpt"], pools["chat-gpt-stream"]
+    assert set(pools) == {"chat-gpt", "chat-gpt-small"}  # "other" is not ours
+    main, stream = pools["chat-gpt"], pools["chat-gpt-small"]
     # 4 s of per-request compute over 40 requests in 10 executions = 1 s busy; / (2 s x 2 instances)
     assert (main["busy_s"], main["utilization"], main["mean_batch"], main["batch_fill"]) == \
         (1.0, 0.25, 4.0, 0.5)
@@ -318,7 +318,7 @@ def test_derive_from_two_scrapes(tmp_path):
     # a counter that went down was a restart: the new value is the whole delta
     reset = derive(parse(TRITON.format(**T2)), parse(TRITON.format(**T1)), parse(G1), parse(G1), 2.0, s)
     assert {p["model"]: p["requests"] for p in reset["raw"]["pools"]} == \
-        {"chat-gpt": 100, "chat-gpt-stream": 20}
+        {"chat-gpt": 100, "chat-gpt-small": 20}
 
 
 def test_signals_over_http(servers):
@@ -326,7 +326,7 @@ def test_signals_over_http(servers):
     out = signals(s, interval_s=0.2)
     assert triton.hits == gateway.hits == 2
     assert 0.2 <= out["interval_s"] < 2.0
-    stream = next(p for p in out["raw"]["pools"] if p["model"] == "chat-gpt-stream")
+    stream = next(p for p in out["raw"]["pools"] if p["model"] == "chat-gpt-small")
     assert stream["utilization"] == pytest.approx(2.0 / (out["interval_s"] * 2), rel=1e-2)
     assert out["utilization"] == 1.0  # 2 s of work in a 0.2 s interval: the headline is capped
     assert out["tokens_per_s"] == pytest.approx(500 / out["interval_s"], rel=1e-2)

@@ -1,6 +1,7 @@
 """The gateway's engine: the state one app runs on (routers, admission, safety, metrics, logs, session
-stores) and the client side of Triton: inference over gRPC (streaming for stream mode), coalescing of
-identical requests in flight, and mirroring to a shadow.
+stores) and the client side of Triton: inference over a gRPC stream (the model is decoupled: one
+response per token, or with `stream` false one final response), coalescing of identical requests in
+flight, and mirroring to a shadow.
 
 Shadow: while `traffic.json` holds a `shadow` share (the rollout's shadow phase), that share of
 the requests routed to the champion is sent again to the challenger after the champion's reply
@@ -32,7 +33,6 @@ from tasks.serve.gateway.metrics import Metrics, RequestLog
 from tasks.serve.gateway.routing import Route, Router
 from tasks.serve.gateway.schema import ChatRequest, cut_at_stop
 from tasks.serve.memory import SessionMemory
-from tasks.serve.repository import STREAM_SUFFIX
 from tasks.serve.safety import SafetyFilter
 from tasks.serve.sessions import open_store
 from tasks.serve.tiers import LARGE, SMALL, Decision
@@ -102,12 +102,12 @@ class Gateway:
                 if m.get("state") == "READY" and m.get("version"):
                     ready.setdefault(m.get("name"), set()).add(int(m["version"]))
             for r in self.tiers.values():
-                r.ready, r.stream_ready = ready.get(r.name, set()), ready.get(r.name + STREAM_SUFFIX, set())
+                r.ready = ready.get(r.name, set())
             self.triton_up = True
         except Exception as e:  # noqa: BLE001 - any failure to reach Triton means "down" for routing
             log.warning("Triton at %s unreachable: %s", self.grpc_url, e)
             for r in self.tiers.values():
-                r.ready, r.stream_ready = set(), set()
+                r.ready = set()
             self.triton_up = False
         return self.triton_up
 
@@ -123,19 +123,21 @@ class Gateway:
             self._tokenizers[key] = (Tokenizer.from_file(str(d / "tokenizer.json")), block)
         return self._tokenizers[key]
 
-    def _inputs(self, messages: list[dict], max_tokens: int, req: ChatRequest):
+    def _inputs(self, messages: list[dict], max_tokens: int, req: ChatRequest, stream: bool = True,
+                priority: int = 0):
         from tritonclient.grpc import InferInput
 
         def tensor(name, dtype, value):
             t = InferInput(name, [1, 1], dtype)
-            t.set_data_from_numpy(np.array([[value]], dtype={"BYTES": np.object_, "INT32": np.int32,
+            t.set_data_from_numpy(np.array([[value]], dtype={"BYTES": np.object_, "INT32": np.int32, "BOOL": np.bool_,
                                                               "FP32": np.float32, "INT64": np.int64}[dtype]))
             return t
 
         inputs = [tensor("messages", "BYTES", json.dumps(messages, ensure_ascii=False).encode()),
                   tensor("max_tokens", "INT32", max_tokens), tensor("temperature", "FP32", req.temperature),
                   tensor("top_p", "FP32", req.top_p),
-                  tensor("seed", "INT64", -1 if req.seed is None else req.seed)]
+                  tensor("seed", "INT64", -1 if req.seed is None else req.seed),
+                  tensor("stream", "BOOL", stream), tensor("priority", "INT32", priority)]
         # only when asked for: a version exported before these inputs existed still serves the rest
         if req.presence_penalty:
             inputs.append(tensor("presence_penalty", "FP32", req.presence_penalty))
@@ -152,32 +154,32 @@ class Gateway:
                                        "Socket closed", "unknown model", "is not ready", "not found",
                                        "DEADLINE_EXCEEDED"))
 
-    async def infer(self, route: Route, messages: list[dict], max_tokens: int,
-                    req: ChatRequest) -> dict[str, Any]:
-        from tritonclient.utils import InferenceServerException
-
-        try:
-            res = await self.client().infer(route.triton_model, self._inputs(messages, max_tokens, req),
-                                            model_version=str(route.version),
-                                            client_timeout=self.cfg.request_timeout_s)
-        except InferenceServerException as e:
-            if self._unavailable(e):
-                raise TritonUnavailable(str(e)) from None
-            raise
-        return {"text": res.as_numpy("text").reshape(-1)[0].decode(), **_counts(res)}
+    async def infer(self, route: Route, messages: list[dict], max_tokens: int, req: ChatRequest,
+                    priority: int = 0) -> dict[str, Any]:
+        """The whole reply at once: one final response from the model's engine."""
+        async for kind, value in self._call(route, self._inputs(messages, max_tokens, req, False, priority)):
+            if kind == "final":
+                return value
+        raise RuntimeError("the model server ended the request without a final response")
 
     async def infer_stream(self, route: Route, messages: list[dict], max_tokens: int, req: ChatRequest,
-                           rid: str):
+                           rid: str, priority: int = 0):
         """Yields ("delta", text) per token, then ("final", {...counts, finish_reason})."""
+        async for item in self._call(route, self._inputs(messages, max_tokens, req, True, priority), rid):
+            yield item
+
+    async def _call(self, route: Route, inputs: list, rid: str = ""):
+        """One request on a gRPC stream to the model; yields ("delta", text)s and ("final", counts).
+        The final's `server_ms` is the time from sending to the final response (the engine's phases
+        plus the network and Triton's own handling)."""
         from tritonclient.utils import InferenceServerException
 
-        inputs = self._inputs(messages, max_tokens, req)
-
         async def requests():
-            yield {"model_name": route.triton_model + STREAM_SUFFIX, "inputs": inputs,
-                   "model_version": str(route.version), "request_id": rid}
+            yield {"model_name": route.triton_model, "inputs": inputs, "model_version": str(route.version),
+                   "request_id": rid}
 
         results, ended = None, False
+        t_send = time.perf_counter()
         try:
             results = self.client().stream_infer(requests(), stream_timeout=self.cfg.request_timeout_s)
             async for result, error in results:
@@ -185,7 +187,7 @@ class Gateway:
                     raise error
                 if result.as_numpy("finish_reason") is not None:
                     ended = True
-                    yield "final", _counts(result)
+                    yield "final", {**_counts(result), "server_ms": (time.perf_counter() - t_send) * 1e3}
                     return
                 yield "delta", result.as_numpy("text").reshape(-1)[0].decode()
         except InferenceServerException as e:
@@ -195,7 +197,7 @@ class Gateway:
         finally:
             if results is not None and not ended:
                 # the reader left before the end (the client went away, a stop string, an error): cancel
-                # the gRPC stream, so the engine stops this sequence at its next step and frees its place
+                # the gRPC stream, so the engine stops this sequence at its next step and frees its slot
                 results.cancel()
                 self.metrics.cancelled.inc()
 
@@ -265,7 +267,7 @@ class Gateway:
         try:
             await self.admission.acquire(priority)
             try:
-                out = await self.infer(route, prompt, max_tokens, req)
+                out = await self.infer(route, prompt, max_tokens, req, priority)
             finally:
                 self.admission.release()
             if fut is not None:
@@ -302,9 +304,15 @@ def _counts(res) -> dict[str, Any]:
         x = res.as_numpy(name)
         return None if x is None else x.reshape(-1)[0]
 
-    return {"prompt_tokens": int(one("prompt_tokens")), "completion_tokens": int(one("completion_tokens")),
-            "finish_reason": one("finish_reason").decode(), "batch_size": int(one("batch_size")),
-            "cached_tokens": int(one("cached_tokens") or 0)}
+    out = {"prompt_tokens": int(one("prompt_tokens")), "completion_tokens": int(one("completion_tokens")),
+           "finish_reason": one("finish_reason").decode(), "batch_size": int(one("batch_size")),
+           "cached_tokens": int(one("cached_tokens") or 0)}
+    if (text := one("text")) is not None:
+        out["text"] = text.decode()
+    if one("queue_ms") is not None:  # the engine's phases (absent from older exports)
+        out["engine"] = {k: round(float(one(k)), 3) for k in ("queue_ms", "prefill_ms", "decode_ms")}
+        out["engine"]["steps"] = int(one("steps"))
+    return out
 
 
 def api_keys(settings: Settings) -> tuple[str, ...]:

@@ -38,7 +38,6 @@ class Router:
     def __init__(self, repository: Path, name: str, tier: str = LARGE):
         self.repository, self.name, self.tier = repository, name, tier
         self.ready: set[int] = set()
-        self.stream_ready: set[int] = set()  # versions of the streaming twin (<name>-stream)
         self._stamp: tuple = ()
         self.aliases: dict[str, int] = {}
         self.traffic: dict[str, float] = {}
@@ -96,10 +95,10 @@ class Router:
         return Route(f"{self.name}:challenger", self.name, challenger, "challenger", self.tier)
 
 
-def small_route(tiers: dict[str, Router], routing: RoutingConfig, key: str, stream: bool) -> Route | None:
+def small_route(tiers: dict[str, Router], routing: RoutingConfig, key: str) -> Route | None:
     """Where the small tier would serve the default small model id for this session (its own
     champion/challenger split), or None when it cannot: not exported, not loaded, the version its
-    aliases name not ready (or its streaming twin, for a stream)."""
+    aliases name not ready."""
     small = tiers.get(SMALL)
     if small is None or not small.ready:
         return None
@@ -107,7 +106,7 @@ def small_route(tiers: dict[str, Router], routing: RoutingConfig, key: str, stre
         route = small.route(routing.small_model, key)
     except ApiError:
         return None
-    return route if not stream or route.version in small.stream_ready else None
+    return route
 
 
 def choose_route(tiers: dict[str, Router], routing: RoutingConfig, req: ChatRequest, header: str | None,
@@ -118,7 +117,7 @@ def choose_route(tiers: dict[str, Router], routing: RoutingConfig, req: ChatRequ
     length in tokens of the model a route goes to."""
     large = tiers[LARGE]
     asked = tier_of_model(req.model, large.name, routing)
-    small = small_route(tiers, routing, key, req.stream) if asked is None else None
+    small = small_route(tiers, routing, key) if asked is None else None
 
     def prompt_tokens() -> int:  # in the small model's own tokenizer: the light threshold is about it
         assert small is not None  # decide() counts only when the small tier is served
