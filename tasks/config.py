@@ -556,8 +556,8 @@ class EngineConfig(_Section):
     scheduler: Literal["continuous", "execute"] = Field(
         "continuous", description="continuous: sequences join and leave the running batch at every decode "
         "step; execute: each dynamic batch runs to its end inside one execute() (static batching)")
-    max_seqs: int = Field(16, ge=1, le=1024, description="sequences in an instance's running batch (K/V slots "
-                          "preallocated for each)")
+    max_seqs: int = Field(16, ge=1, le=1024, description="sequences in an instance's running batch "
+                          "(K/V slots preallocated for each)")
     max_batch_tokens: int = Field(256, ge=1, description="tokens per step: one per decoding sequence, the "
                                   "rest for prefill chunks of joining ones")
 

@@ -258,7 +258,8 @@ class Engine:
         if not seq.ids:
             raise ValueError("empty prompt")
         if len(seq.ids) >= self.block:
-            raise ValueError(f"prompt of {len(seq.ids)} tokens leaves no room in the {self.block}-token window")
+            raise ValueError(f"prompt of {len(seq.ids)} tokens leaves no room in the "
+                             f"{self.block}-token window")
         seq.limit = max(0, min(int(seq.max_tokens), self.block - len(seq.ids)))
         seq.cache = self.gpt.KVCache(self.model.cfg.n_layer)
         if self.prefix_kv is not None and seq.cuts:

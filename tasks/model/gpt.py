@@ -407,7 +407,8 @@ def decode_slots(model: GPT, kv: SlotKV, tokens: torch.Tensor, positions: torch.
     width = int(positions.max()) + 1
     mask = (torch.arange(width, device=tokens.device)[None, :] <= positions[:, None]).view(n, 1, 1, width)
     rows = torch.arange(n, device=tokens.device)
-    for layer, block in enumerate(model.blocks):
+    blocks: list[Block] = list(model.blocks)  # type: ignore[arg-type]
+    for layer, block in enumerate(blocks):
         attn = block.attn
         q, k, v = attn.qkv(block.ln1(x)).split(C, dim=2)
         q, k, v = (t.view(n, 1, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))

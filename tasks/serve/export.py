@@ -64,7 +64,8 @@ def config_pbtxt(settings: Settings, name: str, decoupled: bool = True) -> str:
                ("prompt_tokens", "TYPE_INT32", (1,)), ("completion_tokens", "TYPE_INT32", (1,)),
                ("finish_reason", "TYPE_STRING", (1,)),
                ("batch_size", "TYPE_INT32", (1,)), ("cached_tokens", "TYPE_INT32", (1,)),
-               ("queue_ms", "TYPE_FP32", (1,)), ("prefill_ms", "TYPE_FP32", (1,)), ("decode_ms", "TYPE_FP32", (1,)),
+               ("queue_ms", "TYPE_FP32", (1,)), ("prefill_ms", "TYPE_FP32", (1,)),
+               ("decode_ms", "TYPE_FP32", (1,)),
                ("steps", "TYPE_INT32", (1,)), ("joined", "TYPE_INT32", (1,))]
     lines = [f'name: "{name}"', 'backend: "python"', f"max_batch_size: {t.max_batch_size}",
              "version_policy: { all { } }", "input ["]

@@ -91,7 +91,8 @@ async def measure(grpc_url: str, model: str, concurrency: int, requests: int = 0
             state["next"] += 1
             t0 = time.perf_counter()
             try:
-                r = await asyncio.wait_for(final(client, model, infer_inputs(i, max_tokens), version), timeout_s)
+                r = await asyncio.wait_for(final(client, model, infer_inputs(i, max_tokens), version),
+                                           timeout_s)
             except Exception as e:  # InferenceServerException, a deadline: counted, the load goes on
                 state["errors"] += 1
                 if not first_error:

@@ -255,9 +255,10 @@ class TritonPythonModel:
                         flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
         return self.engine_mod.Seq(
-            p["ids"], p["max_tokens"], temperature=p["temperature"], top_p=p["top_p"], generator=p["generator"],
-            penalties=p["penalties"] if p["penalties"].active else None, cuts=p["cuts"],
-            priority=p["priority"], on_token=on_token, on_finish=on_finish, cancelled=request.is_cancelled)
+            p["ids"], p["max_tokens"], temperature=p["temperature"], top_p=p["top_p"],
+            generator=p["generator"], penalties=p["penalties"] if p["penalties"].active else None,
+            cuts=p["cuts"], priority=p["priority"], on_token=on_token, on_finish=on_finish,
+            cancelled=request.is_cancelled)
 
     def _run(self, requests, parsed, responses):
         n = len(parsed)
@@ -314,7 +315,8 @@ class TritonPythonModel:
         phases = seq.phases() if seq is not None else {"queue_ms": 0.0, "prefill_ms": 0.0, "decode_ms": 0.0}
         return pb_utils.InferenceResponse(output_tensors=[
             *(pb_utils.Tensor(k, np.array([[v]], dtype=np.float32)) for k, v in phases.items()),
-            pb_utils.Tensor("steps", np.array([[seq.steps if seq is not None else len(out)]], dtype=np.int32)),
+            pb_utils.Tensor("steps", np.array([[seq.steps if seq is not None else len(out)]],
+                                              dtype=np.int32)),
             pb_utils.Tensor("joined", np.array([[seq.joined if seq is not None else 0]], dtype=np.int32)),
             pb_utils.Tensor("text", np.array([[text.encode()]], dtype=np.object_)),
             pb_utils.Tensor("token_ids", np.array([out], dtype=np.int64).reshape(1, len(out))),

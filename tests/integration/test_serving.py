@@ -205,7 +205,8 @@ def test_a_cancelled_stream_stops_in_the_engine_within_one_step(root, server):
     got: list = []
     g = tp.grpc()
     g.start_stream(callback=lambda result, error: got.append(error or result))
-    g.async_stream_infer(MODEL, [*_infer_inputs(grpcclient, long, 45, stream=True), no_stop], model_version="1")
+    g.async_stream_infer(MODEL, [*_infer_inputs(grpcclient, long, 45, stream=True), no_stop],
+                         model_version="1")
     deadline = time.monotonic() + 60
     while len(got) < 3:
         assert time.monotonic() < deadline, got

@@ -33,14 +33,15 @@ def _seq(args, **kw):
     return Seq(list(ids), n, temperature=temp, generator=g, **kw)
 
 
-PROMPTS = [([5, 17, 3, 44, 9], 20, 0.0, 0), ([7, 8], 12, 0.0, 0), ([2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], 30, 0.9, 7),
+PROMPTS = [([5, 17, 3, 44, 9], 20, 0.0, 0), ([7, 8], 12, 0.0, 0),
+           ([2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], 30, 0.9, 7),
            ([60] * 30, 40, 0.0, 0), ([33, 34], 5, 1.2, 3), ([9, 9, 9], 25, 0.7, 11)]
 
 
 def test_staggered_sequences_equal_their_solo_generate(model):
     engine = Engine(model, gpt, stop_tokens=STOP, max_seqs=3, max_batch_tokens=8)  # chunked prefill too
     seqs = []
-    for i, args in enumerate(PROMPTS):  # one new sequence every two steps: joins mid-decode
+    for args in PROMPTS:  # one new sequence every two steps: joins mid-decode
         seqs.append(_seq(args))
         engine.submit(seqs[-1])
         engine.step()
@@ -74,7 +75,8 @@ def test_a_later_request_finishes_before_a_long_one_ends(model):
 
 def test_penalties_and_bias_match_generate_stream(model):
     pen = Penalties(0.5, 0.8, ((4, 5.0),))
-    ref = [s[0] for s in gpt.generate_stream(model, [[5, 17, 3]], [15], [0.0], penalties=[pen]) if s[0] is not None]
+    ref = [s[0] for s in gpt.generate_stream(model, [[5, 17, 3]], [15], [0.0], penalties=[pen])
+           if s[0] is not None]
     engine = Engine(model, gpt, max_seqs=2, max_batch_tokens=16)
     s = Seq([5, 17, 3], 15, penalties=pen)
     other = Seq([7, 8], 15)

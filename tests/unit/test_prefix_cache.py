@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import importlib
 import json
-import time
 import shutil
 import sys
+import time
 import types
 
 import numpy as np

@@ -129,8 +129,9 @@ class Gateway:
 
         def tensor(name, dtype, value):
             t = InferInput(name, [1, 1], dtype)
-            t.set_data_from_numpy(np.array([[value]], dtype={"BYTES": np.object_, "INT32": np.int32, "BOOL": np.bool_,
-                                                              "FP32": np.float32, "INT64": np.int64}[dtype]))
+            t.set_data_from_numpy(np.array([[value]], dtype={
+                "BYTES": np.object_, "INT32": np.int32, "BOOL": np.bool_, "FP32": np.float32,
+                "INT64": np.int64}[dtype]))
             return t
 
         inputs = [tensor("messages", "BYTES", json.dumps(messages, ensure_ascii=False).encode()),
