@@ -49,6 +49,8 @@ KINDS: tuple[tuple[str, str, str, str], ...] = (
      "recommendations with their signals"),
     ("monitoring", "Serving tune", "reports/tune/*/tune.png", "Triton batch settings under load: throughput "
      "vs p99 per setting, the SLO, the chosen one and the default (tune.json, chosen.pbtxt beside it)"),
+    ("monitoring", "Latency by phase", "reports/latency/*/latency.png", "gateway, network, queue, prefill "
+     "and decode at p50/p90/p99 of served requests (latency.json beside it)"),
 )
 # the fp32 evaluation's glob also matches the quantized tiers' and the tier comparison's directories
 SKIP = {"Evaluation": lambda p: p.parent.name.endswith(("-int8", "-int4", "-tiers"))}

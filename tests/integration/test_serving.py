@@ -898,3 +898,33 @@ def test_an_identical_challenger_under_sampled_traffic_replies_alike_in_the_shad
     finally:
         rollout.set_traffic(s, 0.0)
         write_aliases(repo, MODEL, before)
+
+
+def test_latency_by_phase_sums_to_the_total_in_the_log_metrics_and_report(server, gateway):
+    from tasks.loop.latency import latency_report
+
+    s, _ = server
+    rids = []
+    for i in range(6):
+        body = {"model": "chat-gpt:1", "max_tokens": 8, "stream": i % 2 == 1,
+                "messages": [{"role": "user", "content": f"Where is my parcel number {i}?"}]}
+        r = httpx.post(f"{gateway}/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200
+        rids.append(r.headers["x-request-id"])
+    for rid in rids:
+        line = _log_line(s, rid)
+        ph = line["phases"]
+        assert set(ph) == {"gateway_ms", "network_ms", "queue_ms", "prefill_ms", "decode_ms"}
+        # the engine's own clock fits inside the gateway's round trip: no phase is negative
+        assert min(ph.values()) >= 0 and ph["prefill_ms"] > 0, ph
+        assert abs(sum(ph.values()) - line["latency_ms"]) <= 0.05 * line["latency_ms"], (ph, line)
+        assert line["engine_steps"] >= 0
+    assert "write_ms" in _log_line(s, rids[1])  # a stream's writes to the client
+    metrics = httpx.get(f"{gateway}/metrics").text
+    for phase in ("gateway", "network", "queue", "prefill", "decode"):
+        assert f'gateway_phase_seconds_count{{model="chat-gpt:1",phase="{phase}"}}' in metrics
+    report = latency_report(s, since_hours=1)
+    assert report["requests"] >= 6 and report["sum_gap"]["max"] <= 0.05
+    assert set(report["at"]) == {"p50", "p90", "p99"}
+    assert report["at"]["p50"]["total_ms"] <= report["at"]["p99"]["total_ms"]
+    assert Path(report["files"]["png"]).stat().st_size > 1000

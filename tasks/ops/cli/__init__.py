@@ -41,7 +41,7 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> 
 for command in (data.config, data.synth, data.ingest, data.validate, data.snapshot, data.shard,
                 model.train, model.train_pod, model.evaluate, model.register, model.distill, model.reproduce,
                 model.promote, data.days, serve.export, serve.memory_worker, loop.drift, loop.autoscale,
-                loop.cost, serve.tune_serving, serve.chat, stack.trigger):
+                loop.cost, loop.latency, serve.tune_serving, serve.chat, stack.trigger):
     app.command()(command)  # named after the function: train_pod -> train-pod
 app.command(context_settings=stack.PASS_THROUGH)(stack.airflow)
 for command in (stack.backfill, stack.status, stack.reports, stack.lifecycle):

@@ -106,6 +106,18 @@ def autoscale(
         run_stage(lambda: scaler.autoscale(s, interval))
 
 
+def latency(
+    since_hours: Annotated[float, typer.Option(min=0.01, help="window of request logs")] = 24.0,
+    profile: ProfileOpt = None, set_: SetOpt = None,
+) -> None:
+    """Latency by phase (gateway, network, queue, prefill, decode) at p50/p90/p99 of the served requests:
+    reports/latency/<time>/latency.json + latency.png."""
+    from tasks.loop import latency as lat
+
+    s = settings_for(profile, set_)
+    run_stage(lambda: lat.summary(lat.latency_report(s, since_hours)))
+
+
 def cost(
     since_hours: Annotated[float, typer.Option(min=0.01, help="window of request logs for the "
                                                "serving cost")] = 168.0,

@@ -41,6 +41,7 @@ from tasks.model.chat_template import PromptTooLong, encode_chat, fit_turns, wit
 from tasks.serve.admission import PRIORITIES, Overloaded
 from tasks.serve.gateway.engine import Gateway
 from tasks.serve.gateway.errors import ApiError, TritonUnavailable, overloaded_error
+from tasks.serve.gateway.metrics import phases
 from tasks.serve.gateway.routing import Route, choose_route, session_of
 from tasks.serve.gateway.schema import (
     ChatRequest,
@@ -389,6 +390,12 @@ async def _keep(gw: Gateway, session: str, user: str | None, messages: list[dict
 def _observe(gw: Gateway, model_label: str, status: int, latency: float, ttft: float, out: dict, record: dict,
              messages: list[dict], text: str) -> None:
     m = gw.metrics
+    split = phases(latency * 1e3, out)
+    if split is not None and not record.get("coalesced"):  # a follower's answer is its leader's
+        record["phases"] = split
+        record["engine_steps"] = out["engine"]["steps"]
+        for k, v in split.items():
+            m.phase.labels(model_label, k[:-3]).observe(v / 1e3)
     m.requests.labels(model_label, str(status)).inc()
     m.latency.labels(model_label).observe(latency)
     m.ttft.labels(model_label).observe(ttft)
@@ -457,6 +464,7 @@ async def _stream(gw: Gateway, req: ChatRequest, route: Route, rid: str, prompt:
     blocked = None
     scanner = StopScanner(req.stop)
     pieces = None
+    written = 0.0
     try:
         yield sse(chunk(rid, route.model_id, label, {"role": "assistant", "content": ""}, None))
         pieces = gw.infer_stream(route, prompt, max_tokens, req, rid)
@@ -470,7 +478,9 @@ async def _stream(gw: Gateway, req: ChatRequest, route: Route, rid: str, prompt:
             value = scanner.feed(value)
             parts.append(value)
             if value:
+                w = time.perf_counter()
                 yield sse(chunk(rid, route.model_id, label, {"content": value}, None))
+                written += time.perf_counter() - w  # the write to the client (it overlaps the decoding)
             if scanner.hit:  # a stop string: the reply ends here; closing the stream cancels the rest
                 break
         if tail := scanner.flush():
@@ -498,6 +508,7 @@ async def _stream(gw: Gateway, req: ChatRequest, route: Route, rid: str, prompt:
         if session and not blocked:
             await _keep(gw, session, req.user, messages, text)
         latency = time.perf_counter() - t0
+        record["write_ms"] = round(written * 1e3, 3)
         _observe(gw, label, 200, latency, ttft or latency, {**final, "finish_reason": finish}, record,
                  messages, text)
         _mirror(gw, route, session or rid, prompt, max_tokens, req, record, latency, final, text)

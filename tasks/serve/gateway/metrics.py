@@ -27,6 +27,11 @@ class Metrics:
         self.ttft = Histogram("gateway_ttft_seconds", "Time to first token", ["model"], buckets=lat,
                               registry=r)
         self.tokens = Counter("gateway_tokens", "Tokens by kind", ["model", "kind"], registry=r)
+        self.phase = Histogram(
+            "gateway_phase_seconds", "Where a request's time went: gateway (before sending to the model "
+            "server and after its final answer), network (to the model server and back, Triton's own "
+            "handling), and the engine's queue, prefill and decode", ["model", "phase"],
+            buckets=(0.0005, 0.001, 0.0025, *lat), registry=r)
         self.batch = Histogram("gateway_triton_batch_size", "Size of the Triton batch a request ran in",
                                buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.queue = Gauge("gateway_queue_depth", "Requests waiting for a slot", registry=r)
@@ -94,3 +99,23 @@ class RequestLog:
     def close(self) -> None:
         if self._file:
             self._file.close()
+
+
+PHASES = ("gateway_ms", "network_ms", "queue_ms", "prefill_ms", "decode_ms")
+
+
+def phases(total_ms: float, out: dict[str, Any]) -> dict[str, float] | None:
+    """A request's latency by phase (the seed's L_total = L_network + L_queue + L_prefill + L_decode,
+    with the gateway's own time beside them): `out` is the final answer with the model server's round
+    trip (`server_ms`) and the engine's phases (`engine`). gateway = before sending + after the answer;
+    network = the round trip less the engine's phases. The gateway's intervals partition its own
+    timeline exactly; the engine's phases are measured by the model server's clock, so `network` is
+    where the two meet: never negative when they agree (it is not clamped, so a disagreement shows).
+    None when the answer has no engine phases."""
+    engine, server = out.get("engine"), out.get("server_ms")
+    if not engine or server is None:
+        return None
+    in_engine = engine["queue_ms"] + engine["prefill_ms"] + engine["decode_ms"]
+    return {"gateway_ms": round(total_ms - server, 3),
+            "network_ms": round(server - in_engine, 3),
+            **{k: round(engine[k], 3) for k in ("queue_ms", "prefill_ms", "decode_ms")}}
