@@ -124,6 +124,47 @@ async def measure(grpc_url: str, model: str, concurrency: int, requests: int = 0
             "max_tokens": max_tokens}
 
 
+async def open_loop(grpc_url: str, model: str, rate: float, requests: int, max_tokens: int = 32,
+                    seed: int = 0, timeout_s: float = 120.0) -> dict[str, Any]:
+    """Requests arriving as a Poisson process at `rate` per second (exponential gaps, seeded), each sent
+    at its arrival whatever is still in flight: the load a product sees, unlike a closed loop that
+    slows its clients down when the server slows. Latency counts from the scheduled arrival, so a
+    client that falls behind its schedule counts against the server too. `achieved_rate` is the
+    completed requests over the time from the first arrival to the last completion."""
+    from tritonclient.grpc import aio as grpcaio
+
+    if rate <= 0 or requests < 1:
+        raise InputError(f"rate must be > 0 and requests >= 1 (got {rate}, {requests})")
+    gaps = np.random.default_rng(seed).exponential(1.0 / rate, requests)
+    client = grpcaio.InferenceServerClient(grpc_url)
+    lat: list[float] = []
+    state = {"tokens": 0, "errors": 0}
+
+    async def one(i: int, at: float) -> None:
+        try:
+            r = await asyncio.wait_for(final(client, model, infer_inputs(i, max_tokens)), timeout_s)
+        except Exception:  # noqa: BLE001 - an error or a timeout: counted
+            state["errors"] += 1
+            return
+        lat.append(time.perf_counter() - at)
+        state["tokens"] += int(r.as_numpy("completion_tokens").reshape(-1)[0])
+
+    try:
+        t0 = time.perf_counter()
+        tasks, at = [], t0
+        for i, gap in enumerate(gaps):
+            at += float(gap)
+            await asyncio.sleep(max(0.0, at - time.perf_counter()))
+            tasks.append(asyncio.create_task(one(i, at)))
+        await asyncio.gather(*tasks)
+        wall = time.perf_counter() - t0
+    finally:
+        await client.close()
+    return {"rate": rate, "requests": len(lat), "errors": state["errors"],
+            "achieved_rate": round(len(lat) / wall, 2), "tokens_per_s": round(state["tokens"] / wall, 1),
+            "p50_ms": round(pct(lat, 50) * 1e3, 1), "p99_ms": round(pct(lat, 99) * 1e3, 1)}
+
+
 def run(grpc_url: str, model: str, concurrency: int, requests: int = 0, duration_s: float = 0.0,
         max_tokens: int = 32, warmup: int = 0, version: str = "", timeout_s: float = 120.0) -> dict[str, Any]:
     """`measure` from synchronous code."""

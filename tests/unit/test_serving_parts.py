@@ -355,7 +355,7 @@ def test_coalescing_shares_one_inference_and_survives_its_first_request_being_ca
     route = Route("chat-gpt", "chat-gpt", 1, "champion")
     calls = []
 
-    async def infer(route, prompt, max_tokens, req):
+    async def infer(route, prompt, max_tokens, req, priority=0):
         calls.append(prompt[-1]["content"])
         await asyncio.sleep(0.05)
         if prompt[-1]["content"] == "boom":
