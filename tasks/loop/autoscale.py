@@ -100,6 +100,16 @@ def _by_pool(s: Scrape, name: str, models: set[str]) -> dict[tuple[str, str], fl
             for lab, v in s.get(name, []) if lab.get("model") in models}
 
 
+def _sum_by_pool(s: Scrape, name: str, models: set[str]) -> dict[tuple[str, str], float]:
+    """Like _by_pool, summed over the series of one pool (the engine's metrics carry an instance label)."""
+    out: dict[tuple[str, str], float] = {}
+    for lab, v in s.get(name, []):
+        if lab.get("model") in models:
+            key = (lab.get("model", ""), lab.get("version", ""))
+            out[key] = out.get(key, 0.0) + v
+    return out
+
+
 def _delta(a: float, b: float) -> float:
     return b - a if b >= a else b  # a counter that went down was reset (server restart): count from zero
 
@@ -119,9 +129,16 @@ def derive(triton_a: Scrape, triton_b: Scrape, gateway_a: Scrape, gateway_b: Scr
                     counter over-counts busy time by the mean batch size; this divides it back out)
       utilization = busy_s / (elapsed_s × instances)       busy share per instance
       batch_fill  = Δnv_inference_count / Δexec_count / max_batch_size
+    A pool served by the continuous-batching engine (its `llmops_engine_*` series are on Triton's
+    metrics) is measured by the engine instead, since its execute() only hands requests over:
+      busy_s      = Δllmops_engine_busy_seconds (time spent stepping, all instances)
+      mean_batch  = Δllmops_engine_decode_tokens / Δllmops_engine_steps (sequences per step)
+      batch_fill  = mean_batch / serve.engine.max_seqs
+      waiting, running, kv_use: the engine's gauges at the second scrape (kv_use: the fullest instance)
     The headline `utilization` and `batch_fill` are the busiest pool's: scaling is for the pool
     that saturates first (capped at 1; the pools keep the raw figure). `queue_depth` = Triton
-    pending (all pools, at the second scrape) + the gateway's admission queue (same).
+    pending + the engines' waiting requests (all pools, at the second scrape) + the gateway's
+    admission queue (same).
     `tokens_per_s` = Δgateway_tokens_total{kind="completion"} / elapsed_s: the gauge
     `gateway_tokens_per_second` keeps its last value when traffic stops, so it is reported raw only.
     """
@@ -134,30 +151,48 @@ def derive(triton_a: Scrape, triton_b: Scrape, gateway_a: Scrape, gateway_b: Scr
              "executions": "nv_inference_exec_count",
              "compute_infer_us": "nv_inference_compute_infer_duration_us",
              "request_us": "nv_inference_request_duration_us", "queue_us": "nv_inference_queue_duration_us"}
-    before = {k: _by_pool(triton_a, n, models) for k, n in names.items()}
-    after = {k: _by_pool(triton_b, n, models) for k, n in names.items()}
+    names |= {"engine_busy_s": "llmops_engine_busy_seconds", "engine_steps": "llmops_engine_steps",
+              "engine_tokens": "llmops_engine_decode_tokens"}
+    before = {k: _sum_by_pool(triton_a, n, models) for k, n in names.items()}
+    after = {k: _sum_by_pool(triton_b, n, models) for k, n in names.items()}
+    gauges = {k: {lab_key: [v for lab, v in triton_b.get(f"llmops_engine_{k}", [])
+                            if (lab.get("model"), lab.get("version")) == lab_key]
+                  for lab_key in after["requests"]} for k in ("running", "waiting", "kv_use")}
     pools = []
     for key in sorted(set().union(*(after[k].keys() for k in names))):
         d = {k: _delta(before[k].get(key, 0.0), after[k].get(key, 0.0)) for k in names}
-        busy_s = d["compute_infer_us"] / 1e6 * (d["executions"] / d["requests"]) if d["requests"] else 0.0
-        mean_batch = d["inferences"] / d["executions"] if d["executions"] else 0.0
+        engine = key in after["engine_steps"]
+        if engine:
+            busy_s = d["engine_busy_s"]
+            mean_batch = d["engine_tokens"] / d["engine_steps"] if d["engine_steps"] else 0.0
+            fill = mean_batch / settings.serve.engine.max_seqs
+        else:
+            busy_s = d["compute_infer_us"] / 1e6 * (d["executions"] / d["requests"]) if d["requests"] else 0.0
+            mean_batch = d["inferences"] / d["executions"] if d["executions"] else 0.0
+            fill = mean_batch / t.max_batch_size
         pools.append({"model": key[0], "version": key[1], "requests": d["requests"],
                       "executions": d["executions"], "inferences": d["inferences"],
+                      "scheduler": "continuous" if engine else "execute",
                       "busy_s": round(busy_s, 6), "utilization": round(busy_s / (elapsed_s * t.instances), 4),
                       "mean_batch": round(mean_batch, 3),
-                      "batch_fill": round(mean_batch / t.max_batch_size, 4),
+                      "batch_fill": round(fill, 4),
+                      **({"engine_running": sum(gauges["running"].get(key, [])),
+                          "engine_waiting": sum(gauges["waiting"].get(key, [])),
+                          "kv_use": max(gauges["kv_use"].get(key, []), default=0.0)} if engine else {}),
                       "mean_request_ms": (round(d["request_us"] / d["requests"] / 1e3, 3) if d["requests"]
                                           else None),
                       "mean_queue_ms": (round(d["queue_us"] / d["requests"] / 1e3, 3) if d["requests"]
                                         else None)})
     busiest = max(pools, key=lambda p: p["utilization"], default=None)
     pending = sum(_by_pool(triton_b, "nv_inference_pending_request_count", models).values())
+    waiting = sum(p.get("engine_waiting", 0.0) for p in pools)
     gw_queue = _sum(gateway_b, "gateway_queue_depth")
     completion = _delta(_sum(gateway_a, "gateway_tokens", kind="completion"),
                         _sum(gateway_b, "gateway_tokens", kind="completion"))
     tps = completion / elapsed_s
     return {
-        "queue_depth": pending + gw_queue,
+        "queue_depth": pending + waiting + gw_queue,
+        "kv_use": max((p.get("kv_use", 0.0) for p in pools), default=0.0),
         "batch_fill": busiest["batch_fill"] if busiest else 0.0,
         "tokens_per_s": round(tps, 3),
         "tokens_per_s_per_instance": round(tps / t.instances, 3),
@@ -168,6 +203,7 @@ def derive(triton_a: Scrape, triton_b: Scrape, gateway_a: Scrape, gateway_b: Scr
         "interval_s": round(elapsed_s, 3),
         "raw": {
             "triton_pending": pending,
+            "engine_waiting": waiting,
             "gateway_queue_depth": gw_queue,
             "gateway_inflight": _sum(gateway_b, "gateway_inflight"),
             "gateway_tokens_per_second_gauge": _sum(gateway_b, "gateway_tokens_per_second"),

@@ -117,7 +117,8 @@ class Engine:
         self._order = itertools.count()
         self._cond = threading.Condition()
         self.stats = {"submitted": 0, "finished": 0, "cancelled": 0, "timeouts": 0, "errors": 0,
-                      "joined_mid_decode": 0, "steps": 0, "decode_tokens": 0, "prefill_tokens": 0}
+                      "joined_mid_decode": 0, "steps": 0, "decode_tokens": 0, "prefill_tokens": 0,
+                      "busy_s": 0.0}
 
     # -- any thread ---------------------------------------------------------------------------------
 
@@ -172,6 +173,13 @@ class Engine:
 
     @torch.no_grad()
     def step(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._step()
+        finally:
+            self.stats["busy_s"] += time.perf_counter() - t0
+
+    def _step(self) -> None:
         self.stats["steps"] += 1
         self._drop()
         self._admit()

@@ -67,16 +67,19 @@ class _EngineMetrics:
                 "timeouts": "Requests that waited past their deadline",
                 "joined_mid_decode": "Sequences admitted while others were decoding",
                 "steps": "Engine steps (one decode step of the running batch each)",
-                "decode_tokens": "Tokens generated", "prefill_tokens": "Prompt tokens prefilled"}
+                "decode_tokens": "Tokens generated", "prefill_tokens": "Prompt tokens prefilled",
+                "busy_s": "Seconds the engine spent stepping (its busy time)"}
 
     def __init__(self, args):
-        labels = {"model": str(args.get("model_name", "")), "version": str(args.get("model_version", ""))}
+        labels = {"model": str(args.get("model_name", "")), "version": str(args.get("model_version", "")),
+                  "instance": str(args.get("model_instance_name", ""))}
         self.metrics, self.sent = {}, {}
         try:
             for kind, names in ((pb_utils.MetricFamily.GAUGE, self.GAUGES),
                                 (pb_utils.MetricFamily.COUNTER, self.COUNTERS)):
                 for key, text in names.items():
-                    family = pb_utils.MetricFamily(name=f"llmops_engine_{key}", description=text, kind=kind)
+                    name = "llmops_engine_busy_seconds" if key == "busy_s" else f"llmops_engine_{key}"
+                    family = pb_utils.MetricFamily(name=name, description=text, kind=kind)
                     self.metrics[key] = (family, family.Metric(labels=labels))
         except Exception:  # noqa: BLE001 - a server without custom metrics still serves
             self.metrics = {}

@@ -379,3 +379,34 @@ def test_cli_replays_a_load_curve(tmp_path):
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout[r.stdout.index("{"):])
     assert out["summary"]["max_instances"] == 8 and out["changes"][0]["action"] == "scale_out"
+
+
+def _engine_text(ok, busy, steps, tokens, running, waiting, kv):
+    lines = [f'nv_inference_request_success{{model="chat-gpt",version="3"}} {ok}',
+             f'nv_inference_count{{model="chat-gpt",version="3"}} {ok}',
+             f'nv_inference_exec_count{{model="chat-gpt",version="3"}} {ok}',
+             # execute() only hands requests to the engine: Triton's compute time says nothing
+             'nv_inference_compute_infer_duration_us{model="chat-gpt",version="3"} 10']
+    for i, share in enumerate((0.25, 0.75)):  # two instances, each its own series
+        lab = f'model="chat-gpt",version="3",instance="chat-gpt_{i}"'
+        lines += [f"llmops_engine_busy_seconds{{{lab}}} {busy * share}",
+                  f"llmops_engine_steps{{{lab}}} {steps * share}",
+                  f"llmops_engine_decode_tokens{{{lab}}} {tokens * share}",
+                  f"llmops_engine_running{{{lab}}} {running * share}",
+                  f"llmops_engine_waiting{{{lab}}} {waiting * share}",
+                  f"llmops_engine_kv_use{{{lab}}} {kv * (i + 1) / 2}"]
+    return "\n".join(lines) + "\n"
+
+
+def test_derive_reads_the_continuous_engine_s_own_signals(tmp_path):
+    s = make_settings(tmp_path, "serve.triton.instances=2", "serve.engine.max_seqs=8")
+    a = parse(_engine_text(100, 10.0, 1000, 4000, 0, 0, 0.0))
+    b = parse(_engine_text(140, 12.0, 1100, 4600, 8, 4, 0.5))
+    out = derive(a, b, parse(G1), parse(G1), 2.0, s)
+    [pool] = out["raw"]["pools"]
+    assert pool["scheduler"] == "continuous"
+    # 2 s of stepping over 2 s x 2 instances; 600 tokens in 100 steps = 6 sequences per step of 8
+    assert (pool["busy_s"], pool["utilization"], pool["mean_batch"], pool["batch_fill"]) == \
+        (2.0, 0.5, 6.0, 0.75)
+    assert (pool["engine_running"], pool["engine_waiting"], pool["kv_use"]) == (8.0, 4.0, 0.5)
+    assert out["queue_depth"] == 4.0 + out["raw"]["gateway_queue_depth"] and out["kv_use"] == 0.5
