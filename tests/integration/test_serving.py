@@ -928,3 +928,22 @@ def test_latency_by_phase_sums_to_the_total_in_the_log_metrics_and_report(server
     assert set(report["at"]) == {"p50", "p90", "p99"}
     assert report["at"]["p50"]["total_ms"] <= report["at"]["p99"]["total_ms"]
     assert Path(report["files"]["png"]).stat().st_size > 1000
+
+
+def test_a_version_no_alias_names_leaves_the_repository_and_the_server(root, server):
+    """(Last in this module: it takes version 2 away.) An export whose aliases no longer name a version
+    removes it from the repository, and the next load of the model unloads it from tritonserver."""
+    s, tp = server
+    repo = s.paths.triton_repository
+    c = tp.http()
+    assert c.is_model_ready(MODEL, "2")
+    export_dir(s, repo / MODEL / "1", MODEL, 4, aliases={"champion": 1, "challenger": 4})
+    assert served_versions(repo, MODEL) == [1, 4]
+    tp.load(MODEL)
+    assert c.is_model_ready(MODEL, "1") and c.is_model_ready(MODEL, "4")
+    assert not c.is_model_ready(MODEL, "2") and not c.is_model_ready(MODEL, "3")
+    deadline = time.monotonic() + 30  # its instances finish what they hold, then go
+    while (states := {m.get("version"): m.get("state") for m in c.get_model_repository_index()
+                      if m["name"] == MODEL}).get("2") not in (None, "UNAVAILABLE"):
+        assert time.monotonic() < deadline and states.get("2") == "UNLOADING", states
+        time.sleep(0.5)
