@@ -11,7 +11,7 @@
   coalescing on vs off in interleaved rounds against one tritonserver: Triton inferences, requests/s
   and p99
 - tuner: `llmops tune-serving`'s grid on the same server and model; the chosen setting's throughput
-  vs the default's (serve.triton as configured), with both p99s
+  vs the default's (serve.engine and serve.triton as configured), with both p99s
 The model is the profile's GPT shape with random weights (bench/serve.py's build): serving cost does
 not depend on the values.
 """
@@ -173,8 +173,8 @@ def coalescing(tp, root: Path, profile: str, overrides: list[str], requests: int
             "p99_ratio": round(on["p99_ms"] / off["p99_ms"], 2)}
 
 
-# a smaller grid than serve.tune's (19 points, ~5 min here): the default and its neighbours
-TUNE_GRID = ["serve.tune.max_batch_size=[4,8,16]", "serve.tune.max_queue_delay_us=[2000,10000]",
+# a smaller grid than serve.tune's (16 points): the default (s16/t256/i2) and its neighbours
+TUNE_GRID = ["serve.tune.max_seqs=[8,16,32]", "serve.tune.max_batch_tokens=[64,256]",
              "serve.tune.instances=[2]", "serve.tune.requests=128", "serve.tune.rounds=2"]
 
 
@@ -184,7 +184,8 @@ def tuner(profile: str, root: Path, overrides: list[str], tp, concurrency: int, 
     s = load_settings(profile, [f"paths.root={root}", *overrides, *TUNE_GRID,
                                 f"serve.tune.concurrency={concurrency}",
                                 f"serve.tune.max_tokens={max_tokens}"])
-    report = tune.tune(s, http_url=tp.http_url, grpc_url=tp.grpc_url, out_dir=root / "tune")
+    report = tune.tune(s, http_url=tp.http_url, grpc_url=tp.grpc_url, out_dir=root / "tune",
+                       metrics_url=tp.metrics_url)
     return {**tune.compare(report), "points": len(report["points"])}
 
 

@@ -501,20 +501,17 @@ class AutoscaleConfig(_Section):
 
 
 class TuneConfig(_Section):
-    """`llmops tune-serving` (tasks/serve/tune.py): Triton's batch settings measured on a grid under load,
-    the highest throughput whose p99 is within the SLO chosen. Every combination of the three lists
-    is one point; serve.triton's own setting (the default) is always measured too."""
+    """`llmops tune-serving` (tasks/serve/tune.py): the serving engine's batch settings (serve.engine's
+    max_seqs and max_batch_tokens, serve.triton's instances) measured on a grid under load, the highest
+    throughput whose p99 is within the SLO chosen. Every combination of the three lists is one point
+    (those with max_batch_tokens < max_seqs skipped: the engine refuses them); serve.engine's and
+    serve.triton's own setting (the default) is always measured too."""
 
     slo_p99_ms: float | None = Field(None, gt=0, description="p99 latency (ms, Triton direct) the choice "
                                      "must keep; empty: monitor.slo_p99_ms")
-    max_batch_size: tuple[Annotated[int, Field(ge=1, le=1024)], ...] = Field((4, 8, 16), min_length=1)
-    max_queue_delay_us: tuple[Annotated[int, Field(ge=0, le=10_000_000)], ...] = Field((0, 2000, 10000),
-                                                                                       min_length=1)
+    max_seqs: tuple[Annotated[int, Field(ge=1, le=1024)], ...] = Field((4, 8, 16, 32), min_length=1)
+    max_batch_tokens: tuple[Annotated[int, Field(ge=1, le=1_000_000)], ...] = Field((64, 256), min_length=1)
     instances: tuple[Annotated[int, Field(ge=1, le=64)], ...] = Field((1, 2), min_length=1)
-    preferred_batch_sizes: Literal["max", "keep"] = Field(
-        "max", description="a grid point's preferred batch sizes: max ([max_batch_size]: batches as large as "
-        "the queue delay allows; what Triton fills in when none are given) or keep serve.triton's (those "
-        "over the point's max_batch_size dropped)")
     objective: Literal["tokens_per_s", "req_per_s"] = Field("tokens_per_s",
                                                             description="what throughput means")
     concurrency: int | None = Field(None, ge=1, le=4096, description="closed-loop clients; "
@@ -531,7 +528,7 @@ class TuneConfig(_Section):
     max_points: int = Field(48, ge=1, description="a grid larger than this is refused (each point reloads "
                             "the model)")
 
-    @field_validator("max_batch_size", "max_queue_delay_us", "instances")
+    @field_validator("max_seqs", "max_batch_tokens", "instances")
     @classmethod
     def _distinct(cls, v: tuple[int, ...]) -> tuple[int, ...]:
         if len(set(v)) != len(v):
@@ -543,10 +540,15 @@ class TuneConfig(_Section):
         if (self.requests > 0) == (self.duration_s > 0):
             raise ValueError(f"set requests > 0 or duration_s > 0, not both (requests={self.requests}, "
                              f"duration_s={self.duration_s})")
-        n = len(self.max_batch_size) * len(self.max_queue_delay_us) * len(self.instances)
+        pairs = sum(t >= s for s in self.max_seqs for t in self.max_batch_tokens)
+        if not pairs:
+            raise ValueError(f"every max_batch_tokens {list(self.max_batch_tokens)} is below every max_seqs "
+                             f"{list(self.max_seqs)}: the engine needs max_batch_tokens >= max_seqs")
+        n = pairs * len(self.instances)
         if n > self.max_points:
-            raise ValueError(f"the grid has {n} points (max_batch_size x max_queue_delay_us x instances), "
-                             f"more than max_points={self.max_points}: shorten a list or raise max_points")
+            raise ValueError(f"the grid has {n} points (max_seqs x max_batch_tokens x instances, "
+                             f"max_batch_tokens >= max_seqs), more than max_points={self.max_points}: "
+                             "shorten a list or raise max_points")
         return self
 
 

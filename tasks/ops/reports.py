@@ -47,8 +47,9 @@ KINDS: tuple[tuple[str, str, str, str], ...] = (
     ("monitoring", "Cost", "reports/cost/*/cost.html", "$ per 1M tokens, training and serving, per version"),
     ("monitoring", "Autoscale", "reports/autoscale/recommendations.jsonl", "scale-out / scale-in "
      "recommendations with their signals"),
-    ("monitoring", "Serving tune", "reports/tune/*/tune.png", "Triton batch settings under load: throughput "
-     "vs p99 per setting, the SLO, the chosen one and the default (tune.json, chosen.pbtxt beside it)"),
+    ("monitoring", "Serving tune", "reports/tune/*/tune.png", "the engine's batch settings under load: "
+     "throughput vs p99 per setting, the SLO, the chosen one and the default (tune.json, chosen.pbtxt "
+     "beside it)"),
     ("monitoring", "Latency by phase", "reports/latency/*/latency.png", "gateway, network, queue, prefill "
      "and decode at p50/p90/p99 of served requests (latency.json beside it)"),
 )

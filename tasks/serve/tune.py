@@ -1,25 +1,33 @@
-"""`llmops tune-serving`: Triton's dynamic-batching settings chosen against a p99 latency SLO.
+"""`llmops tune-serving`: the serving engine's batch settings chosen against a p99 latency SLO.
 
     llmops tune-serving                          # the tritonserver `llmops serve` runs, grid from serve.tune
     llmops tune-serving --own-server --slo-p99-ms 800 --requests 128
 
-Each point of the grid (serve.tune: max_batch_size x max_queue_delay_us x instances, plus serve.triton's
-own setting, the default) is loaded into the running server through the repository API with a config
-override (nothing on disk changes; no restart), warmed up, and measured with the load generator
-(tasks/serve/loadgen.py): requests/s, completion tokens/s, p50/p99, the mean batch. The choice (`choose`, a
-pure function of the recorded points) is the highest throughput whose p99 is within the SLO; when no
-point meets it, the lowest p99, with slo_met false. The default is measured first and again last, so
-the report shows (and warns) how much the machine drifted meanwhile; serve.tune.rounds > 1 measures
-the grid round-robin that many times and takes each point's medians. The model's configuration from
-before is loaded back at the end, on error too. Written to reports/tune/<UTC time>/:
+The model batches in its continuous-batching engine (tasks/model/engine.py), not in Triton's dynamic
+batcher, so the grid (serve.tune) is over the engine's knobs: max_seqs (sequences in an instance's
+running batch) x max_batch_tokens (tokens per engine step) x instances (Triton model instances, one
+engine each); a combination with max_batch_tokens < max_seqs is skipped (the engine refuses it), and
+serve.engine's and serve.triton's own setting, the default, is always measured. Each point is loaded
+into the running server through the repository API with a config override (the model's `max_seqs`
+and `max_batch_tokens` parameters and its instance count; nothing on disk changes; no restart), warmed
+up, and measured with the load generator (tasks/serve/loadgen.py): requests/s, completion tokens/s,
+p50/p99, the mean batch; beside them the engine's own counters from Triton's metrics endpoint
+(llmops_engine_*): tokens per engine step (the running batch's mean occupancy) and the share of
+sequences that joined mid-decode. The choice (`choose`, a pure function of the recorded points) is the
+highest throughput whose p99 is within the SLO; when no point meets it, the lowest p99, with slo_met
+false. The default is measured first and again last, so the report shows (and warns) how much the
+machine drifted meanwhile; serve.tune.rounds > 1 measures the grid round-robin that many times and
+takes each point's medians. The model's configuration from before is loaded back at the end, on error
+too. Written to reports/tune/<UTC time>/:
 
     tune.json      every point, the SLO, the choice, the default, chosen/default throughput and p99
     tune.png       throughput vs p99 per setting, the SLO line, the chosen and default points marked
     chosen.pbtxt   the config.pbtxt `llmops export` writes with the chosen values (--set overrides in
                    tune.json)
 
-A GPU server is tuned the same way: the grid runs wherever the server runs. The streaming twin
-(<model>-stream) shares serve.triton's settings; only the model itself is measured.
+A GPU server is tuned the same way: the grid runs wherever the server runs. A model that runs the
+`execute` scheduler (serve.engine.scheduler: Triton's dynamic batcher shapes its batches) is refused:
+these knobs do nothing there.
 """
 
 from __future__ import annotations
@@ -30,12 +38,13 @@ import itertools
 import json
 import logging
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 from tasks.atomic import atomic_dir, atomic_file, write_json
-from tasks.config import Settings
+from tasks.config import EngineConfig, Settings
 from tasks.errors import InputError
 from tasks.names import check_name
 from tasks.progress import Progress
@@ -44,91 +53,75 @@ from tasks.serve.repository import read_aliases, served_versions
 
 log = logging.getLogger(__name__)
 
-TUNED = ("max_batch_size", "dynamic_batching", "instance_group")  # the parts of a model config a point sets
+KNOBS = ("max_seqs", "max_batch_tokens", "instances")  # a setting, as the report holds it
+PARAMS = ("max_seqs", "max_batch_tokens")  # the knobs that are model parameters (the engine's)
+TUNED = ("parameters", "instance_group")  # the parts of a model config a point sets
 
 
 class TuneError(InputError):
-    """The tuner cannot measure as asked (no served version, a bad grid)."""
+    """The tuner cannot measure as asked (no served version, a bad grid, a model without the engine)."""
 
 
 # ---------------------------------------------------------------- the grid
 
 
 def label(setting: dict[str, Any]) -> str:
-    """b8/d2000us/i2 (+ /p4,8 with preferred batch sizes other than [max_batch_size]; nobatch without
-    dynamic batching)."""
-    delay = "nobatch" if not setting["dynamic_batching"] else f"d{setting['max_queue_delay_us']}us"
-    preferred = setting.get("preferred_batch_sizes") or []
-    own = preferred and preferred != [setting["max_batch_size"]]
-    return (f"b{setting['max_batch_size']}/{delay}/i{setting['instances']}"
-            + (f"/p{','.join(str(x) for x in preferred)}" if own else ""))
+    """s16/t256/i2: max_seqs 16, max_batch_tokens 256, 2 instances."""
+    return f"s{setting['max_seqs']}/t{setting['max_batch_tokens']}/i{setting['instances']}"
 
 
 def default_setting(settings: Settings) -> dict[str, Any]:
-    """serve.triton's own batch setting: what `llmops export` writes into config.pbtxt."""
-    t = settings.serve.triton
-    return {"max_batch_size": t.max_batch_size, "dynamic_batching": t.dynamic_batching,
-            "max_queue_delay_us": t.max_queue_delay_us if t.dynamic_batching else None,
-            "preferred_batch_sizes": list(t.preferred_batch_sizes) if t.dynamic_batching else [],
-            "instances": t.instances}
+    """serve.engine's and serve.triton's own setting: what `llmops export` writes into config.pbtxt."""
+    e, t = settings.serve.engine, settings.serve.triton
+    return {"max_seqs": e.max_seqs, "max_batch_tokens": e.max_batch_tokens, "instances": t.instances}
+
+
+def _combinations(settings: Settings) -> list[dict[str, Any]]:
+    g = settings.serve.tune
+    return [{"max_seqs": s, "max_batch_tokens": t, "instances": i}
+            for s, t, i in itertools.product(g.max_seqs, g.max_batch_tokens, g.instances)]
+
+
+def skipped(settings: Settings) -> list[str]:
+    """The combinations of serve.tune's lists the engine refuses (max_batch_tokens < max_seqs)."""
+    return [label(c) for c in _combinations(settings) if c["max_batch_tokens"] < c["max_seqs"]]
 
 
 def grid(settings: Settings) -> list[dict[str, Any]]:
-    """The settings to measure: the default first, then every combination of serve.tune's lists
-    (with dynamic batching on), each once."""
-    g, base = settings.serve.tune, default_setting(settings)
-    out = [{**base, "default": True}]
-    for b, d, i in itertools.product(g.max_batch_size, g.max_queue_delay_us, g.instances):
-        # Triton fills in [max_batch_size] when none are given: "max" says so explicitly
-        preferred = ([x for x in settings.serve.triton.preferred_batch_sizes if x <= b]
-                     if g.preferred_batch_sizes == "keep" else [b])
-        s = {"max_batch_size": b, "dynamic_batching": True, "max_queue_delay_us": d,
-             "preferred_batch_sizes": preferred, "instances": i, "default": False}
-        if not any(_same(s, o) for o in out):
-            out.append(s)
+    """The settings to measure: the default first, then every combination of serve.tune's lists with
+    max_batch_tokens >= max_seqs, each once."""
+    out = [{**default_setting(settings), "default": True}]
+    for c in _combinations(settings):
+        if c["max_batch_tokens"] >= c["max_seqs"] and not any(_same(c, o) for o in out):
+            out.append({**c, "default": False})
     return out
 
 
 def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    keys = ("max_batch_size", "dynamic_batching", "max_queue_delay_us", "preferred_batch_sizes", "instances")
-    return all(a[k] == b[k] for k in keys)
+    return all(a[k] == b[k] for k in KNOBS)
 
 
 def overrides(setting: dict[str, Any]) -> list[str]:
     """The --set overrides that make `llmops export` write this setting."""
-    out = [f"serve.triton.max_batch_size={setting['max_batch_size']}",
-           f"serve.triton.dynamic_batching={str(setting['dynamic_batching']).lower()}",
-           f"serve.triton.instances={setting['instances']}"]
-    if setting["dynamic_batching"]:
-        out += [f"serve.triton.max_queue_delay_us={setting['max_queue_delay_us']}",
-                f"serve.triton.preferred_batch_sizes="
-                f"[{','.join(str(x) for x in setting['preferred_batch_sizes'])}]"]
-    return out
+    return [f"serve.engine.max_seqs={setting['max_seqs']}",
+            f"serve.engine.max_batch_tokens={setting['max_batch_tokens']}",
+            f"serve.triton.instances={setting['instances']}"]
 
 
 def with_setting(settings: Settings, setting: dict[str, Any]) -> Settings:
-    t = settings.serve.triton
-    update: dict[str, Any] = {"max_batch_size": setting["max_batch_size"],
-                              "dynamic_batching": setting["dynamic_batching"],
-                              "instances": setting["instances"]}
-    if setting["dynamic_batching"]:
-        update |= {"max_queue_delay_us": setting["max_queue_delay_us"],
-                   "preferred_batch_sizes": tuple(setting["preferred_batch_sizes"])}
-    return settings.model_copy(update={"serve": settings.serve.model_copy(
-        update={"triton": t.model_copy(update=update)})})
+    serve = settings.serve
+    engine = serve.engine.model_copy(update={k: setting[k] for k in PARAMS})
+    triton = serve.triton.model_copy(update={"instances": setting["instances"]})
+    serve = serve.model_copy(update={"engine": engine, "triton": triton})
+    return settings.model_copy(update={"serve": serve})
 
 
 def model_config_for(original: dict[str, Any], setting: dict[str, Any]) -> dict[str, Any]:
-    """The model configuration (Triton JSON) to load for `setting`: the original with the batch
-    settings and the instance count replaced."""
+    """The model configuration (Triton JSON) to load for `setting`: the original with the engine's
+    parameters (max_seqs, max_batch_tokens) and the instance count replaced."""
     cfg = copy.deepcopy(original)
-    cfg["max_batch_size"] = setting["max_batch_size"]
-    if setting["dynamic_batching"]:
-        cfg["dynamic_batching"] = {**(cfg.get("dynamic_batching") or {}),
-                                   "max_queue_delay_microseconds": setting["max_queue_delay_us"],
-                                   "preferred_batch_size": list(setting["preferred_batch_sizes"])}
-    else:
-        cfg.pop("dynamic_batching", None)
+    cfg["parameters"] = {**(cfg.get("parameters") or {}),
+                         **{k: {"string_value": str(setting[k])} for k in PARAMS}}
     groups = cfg.get("instance_group") or [{"kind": "KIND_CPU"}]
     if len(groups) != 1:
         raise TuneError(f"model {cfg.get('name')!r} has {len(groups)} instance groups; "
@@ -138,14 +131,24 @@ def model_config_for(original: dict[str, Any], setting: dict[str, Any]) -> dict[
 
 
 def setting_of(config: dict[str, Any]) -> dict[str, Any]:
-    """The batch setting a Triton model configuration (JSON) holds."""
-    db = config.get("dynamic_batching")
+    """The engine setting a Triton model configuration (JSON) holds; an absent parameter is
+    serve.engine's default."""
+    params = config.get("parameters") or {}
     groups = config.get("instance_group") or [{}]
-    return {"max_batch_size": int(config.get("max_batch_size", 0)), "dynamic_batching": db is not None,
-            "max_queue_delay_us": int(db.get("max_queue_delay_microseconds", 0)) if db is not None else None,
-            "preferred_batch_sizes": ([int(x) for x in db.get("preferred_batch_size", [])] if db is not None
-                                      else []),
-            "instances": sum(int(g.get("count", 1)) for g in groups)}
+    out: dict[str, Any] = {k: int(params[k]["string_value"]) if k in params
+                           else EngineConfig.model_fields[k].default for k in PARAMS}
+    return {**out, "instances": sum(int(g.get("count", 1)) for g in groups)}
+
+
+def engine_of(config: dict[str, Any]) -> str | None:
+    """Why a loaded model's batches are not the engine's (so the grid means nothing), or None: the
+    continuous scheduler runs only in a decoupled model (tasks/serve/triton_model.py)."""
+    scheduler = ((config.get("parameters") or {}).get("scheduler") or {}).get("string_value", "continuous")
+    if scheduler != "continuous":
+        return f"it runs the {scheduler!r} scheduler (serve.engine.scheduler)"
+    if not (config.get("model_transaction_policy") or {}).get("decoupled"):
+        return "it is not decoupled (an export from before the engine)"
+    return None
 
 
 def slo_p99_ms(settings: Settings) -> float:
@@ -200,7 +203,8 @@ def choose(points: list[dict[str, Any]], slo_ms: float, objective: str = "tokens
 
 
 def _brief(p: dict[str, Any]) -> dict[str, Any]:
-    keys = ("label", "setting", "tokens_per_s", "req_per_s", "p50_ms", "p99_ms", "mean_batch")
+    keys = ("label", "setting", "tokens_per_s", "req_per_s", "p50_ms", "p99_ms", "mean_batch",
+            "engine_tokens_per_step")
     return {k: p.get(k) for k in keys}
 
 
@@ -271,11 +275,80 @@ def _stats_delta(a: dict[str, float], b: dict[str, float]) -> dict[str, float | 
             "compute_ms_mean": per("compute_ns", "compute_n", 1e-6)}
 
 
+ENGINE = ("steps", "decode_tokens", "joined_mid_decode", "finished")  # llmops_engine_<counter>s read
+_SAMPLE = re.compile(r"^llmops_engine_(?P<name>\w+)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)")
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+
+
+def engine_counters(text: str, model: str, version: str = "") -> dict[str, float] | None:
+    """The engine's counters in Triton's metrics (Prometheus text: llmops_engine_*, summed over the
+    lines of the model; all versions, or one); None when it has none of them."""
+    out, seen = dict.fromkeys(ENGINE, 0.0), False
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if m is None or m["name"] not in out:
+            continue
+        labels = dict(_LABEL.findall(m["labels"] or ""))
+        if labels.get("model") == model and (not version or labels.get("version") == version):
+            out[m["name"]] += float(m["value"])
+            seen = True
+    return out if seen else None
+
+
+def _engine(metrics_url: str, model: str, version: str) -> dict[str, float] | None:
+    """engine_counters from the server's metrics endpoint; None when it cannot be read."""
+    import httpx
+
+    try:
+        r = httpx.get(metrics_url, timeout=10.0)
+        r.raise_for_status()
+    except httpx.HTTPError as e:
+        log.debug("engine metrics at %s not read: %s", metrics_url, e)
+        return None
+    return engine_counters(r.text, model, version)
+
+
+def _engine_settled(metrics_url: str, model: str, version: str, wait_s: float = 0.2,
+                    tries: int = 10) -> dict[str, float] | None:
+    """The engine's counters once two reads wait_s apart agree: an engine publishes them every 0.5 s
+    while busy and once more when it goes idle, which may come just after the last reply."""
+    last = _engine(metrics_url, model, version)
+    for _ in range(tries):
+        if last is None:
+            return None
+        time.sleep(wait_s)
+        now = _engine(metrics_url, model, version)
+        if now == last:
+            return now
+        last = now
+    return last
+
+
+def engine_delta(a: dict[str, float] | None, b: dict[str, float] | None,
+                 max_seqs: int) -> dict[str, float | None]:
+    """The engine's figures over a point: its steps (all instances), the tokens generated per step
+    (about the running batch's mean size) and that against max_seqs (occupancy; a little over 1 when
+    full: a sequence whose prefill ends samples its first token in the step it first decodes in), the
+    share of sequences admitted while others were decoding."""
+    none: dict[str, float | None] = {"engine_steps": None, "engine_tokens_per_step": None,
+                                     "engine_occupancy": None, "engine_joined_mid_decode": None}
+    if a is None or b is None:
+        return none
+    d = {k: b[k] - a[k] for k in ENGINE}
+    if d["steps"] <= 0 or any(v < 0 for v in d.values()):  # nothing ran, or the counters were reset
+        return none
+    per_step = d["decode_tokens"] / d["steps"]
+    return {"engine_steps": d["steps"], "engine_tokens_per_step": round(per_step, 3),
+            "engine_occupancy": round(per_step / max_seqs, 3),
+            "engine_joined_mid_decode": (round(d["joined_mid_decode"] / d["finished"], 3) if d["finished"]
+                                         else None)}
+
+
 def _clean(r: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
 
 
-def _measure(settings: Settings, http_url: str, grpc_url: str, model: str, version: str,
+def _measure(settings: Settings, http_url: str, grpc_url: str, metrics_url: str, model: str, version: str,
              original: dict[str, Any], setting: dict[str, Any]) -> dict[str, Any]:
     """Load `setting` into the server and measure it: one point of the report."""
     from tasks.serve import loadgen, triton
@@ -297,16 +370,19 @@ def _measure(settings: Settings, http_url: str, grpc_url: str, model: str, versi
     if shape["warmup_requests"]:
         loadgen.run(grpc_url, model, shape["concurrency"], requests=shape["warmup_requests"],
                     max_tokens=shape["max_tokens"], version=version, timeout_s=shape["request_timeout_s"])
-    before = _stats(http_url, model, version)
+    before, engine_before = _stats(http_url, model, version), _engine_settled(metrics_url, model, version)
     r = loadgen.run(grpc_url, model, shape["concurrency"], requests=shape["requests"],
                     duration_s=shape["duration_s"], max_tokens=shape["max_tokens"], version=version,
                     timeout_s=shape["request_timeout_s"])
-    return {**point, **_clean(r), **_stats_delta(before, _stats(http_url, model, version))}
+    after = _stats(http_url, model, version)
+    engine = engine_delta(engine_before, _engine_settled(metrics_url, model, version), setting["max_seqs"])
+    return {**point, **_clean(r), **_stats_delta(before, after), **engine}
 
 
 MEDIAN = ("req_per_s", "tokens_per_s", "p50_ms", "p99_ms", "mean_ms", "mean_batch", "triton_mean_batch",
-          "queue_ms_mean", "compute_ms_mean", "reload_s", "wall_s")
-SUMMED = ("requests", "errors", "completion_tokens")
+          "queue_ms_mean", "compute_ms_mean", "engine_tokens_per_step", "engine_occupancy",
+          "engine_joined_mid_decode", "reload_s", "wall_s")
+SUMMED = ("requests", "errors", "completion_tokens", "engine_steps")
 DRIFT = 0.15  # the default's throughput may move this much between its first and last measurement
 
 
@@ -322,10 +398,11 @@ def _combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         vals = [r[k] for r in rounds if _num(r.get(k))]
         out[k] = round(statistics.median(vals), 3) if vals else None
     for k in SUMMED:
-        out[k] = sum(r.get(k) or 0 for r in rounds)
+        out[k] = (sum(r[k] for r in rounds if _num(r.get(k)))
+                  if any(_num(r.get(k)) for r in rounds) else None)
     out["error"] = next((r["error"] for r in rounds if r.get("error")), None)
-    out["rounds"] = [{k: r.get(k)
-                      for k in ("tokens_per_s", "req_per_s", "p50_ms", "p99_ms", "mean_batch", "errors")}
+    out["rounds"] = [{k: r.get(k) for k in ("tokens_per_s", "req_per_s", "p50_ms", "p99_ms", "mean_batch",
+                                            "engine_tokens_per_step", "errors")}
                      for r in rounds]
     return out
 
@@ -355,14 +432,18 @@ def _version(settings: Settings, model: str, version: int | None) -> str:
 
 def tune(settings: Settings, http_url: str, grpc_url: str, model: str | None = None,
          version: int | None = None, out_dir: Path | str | None = None,
-         server: str = "running") -> dict[str, Any]:
+         server: str = "running", metrics_url: str | None = None) -> dict[str, Any]:
     """Measure every setting of the grid on the tritonserver at http_url/grpc_url (the model loaded
-    there), choose, restore, and write the report. Returns tune.json's contents (+ file paths)."""
+    there), choose, restore, and write the report. Returns tune.json's contents (+ file paths).
+    metrics_url: the server's Prometheus endpoint, for the engine's counters (default: http_url's host
+    on serve.triton.metrics_port)."""
     import httpx
 
     from tasks.serve import triton
 
     model = check_name(model or settings.serve.triton.model_name)
+    metrics_url = metrics_url or (f"http://{http_url.rsplit(':', 1)[0]}:"
+                                  f"{settings.serve.triton.metrics_port}/metrics")
     try:
         live = httpx.get(f"http://{http_url}/v2/health/live", timeout=5.0).status_code == 200
     except httpx.HTTPError:
@@ -377,10 +458,16 @@ def tune(settings: Settings, http_url: str, grpc_url: str, model: str | None = N
         raise TuneError(f"model {model!r}{f' version {ver}' if ver else ''} is not ready in the tritonserver "
                         f"at {http_url}: export it (`llmops export`) and load it (`llmops serve`)")
     original = triton.model_config(http_url, model)
+    why = engine_of(original)
+    if why:
+        raise TuneError(f"model {model!r} does not batch in the serving engine: {why}; the tuner's grid is "
+                        "the engine's knobs (serve.engine.max_seqs, max_batch_tokens): export it with "
+                        "serve.engine.scheduler=continuous")
     before = setting_of(original)
     points_to_run = grid(settings)
     if not _same(before, points_to_run[0]):
-        log.warning("%s is loaded with %s, not serve.triton's %s; it is loaded back as it was at the end",
+        log.warning("%s is loaded with %s, not serve.engine's and serve.triton's %s; it is loaded back as it "
+                    "was at the end",
                     model, label(before), label(points_to_run[0]))
     slo, shape, objective = slo_p99_ms(settings), load_shape(settings), settings.serve.tune.objective
     log.info("tuning %s%s on %s: %d settings, concurrency %d, %s requests of %d tokens each, "
@@ -396,14 +483,15 @@ def tune(settings: Settings, http_url: str, grpc_url: str, model: str | None = N
     order = [*((i, x) for _ in range(rounds) for i, x in enumerate(points_to_run)), (-1, points_to_run[0])]
     try:
         for i, setting in order:
-            p = _measure(settings, http_url, grpc_url, model, ver, original, setting)
+            p = _measure(settings, http_url, grpc_url, metrics_url, model, ver, original, setting)
             if i >= 0:
                 measured[i].append(p)
             else:
                 repeat = p
-            log.info("%-22s %s", p["label"], p["error"] or
+            log.info("%-16s %s", p["label"], p["error"] or
                      f"{p.get('tokens_per_s')} tok/s {p.get('req_per_s')} req/s p50 {p.get('p50_ms')} ms "
-                     f"p99 {p.get('p99_ms')} ms batch {p.get('mean_batch')} errors {p.get('errors')}")
+                     f"p99 {p.get('p99_ms')} ms batch {p.get('mean_batch')} "
+                     f"tokens/step {p.get('engine_tokens_per_step')} errors {p.get('errors')}")
             progress.update(1)
     finally:
         problem = _restore(http_url, model, original, settings.serve.triton.startup_timeout_s)
@@ -422,9 +510,7 @@ def tune(settings: Settings, http_url: str, grpc_url: str, model: str | None = N
         "server": {"http": http_url, "grpc": grpc_url, "kind": server,
                    "device": settings.serve.triton.device},
         "slo_p99_ms": slo, "objective": objective, "load": shape, "rounds": rounds,
-        "grid": {k: list(getattr(settings.serve.tune, k))
-                 for k in ("max_batch_size", "max_queue_delay_us", "instances")}
-        | {"preferred_batch_sizes": settings.serve.tune.preferred_batch_sizes},
+        "grid": {k: list(getattr(settings.serve.tune, k)) for k in KNOBS} | {"skipped": skipped(settings)},
         "loaded_before": before, "restored": True, "default": points[0]["label"], "points": points,
         "choice": choice, "chosen": chosen["setting"], "overrides": overrides(chosen["setting"])}
     warnings = []
@@ -458,7 +544,7 @@ def write_report(settings: Settings, report: dict[str, Any], out_dir: Path | str
                                   "pbtxt": str(out_dir / "chosen.pbtxt")}}
     with atomic_dir(out_dir) as tmp:
         (tmp / "chosen.pbtxt").write_text(config_pbtxt(with_setting(settings, report["chosen"]),
-                                                       report["model"], decoupled=False))
+                                                       report["model"]))
         _plot(report, tmp / "tune.png")
         write_json(tmp / "tune.json", report)
     log.info("tune report: %s", out_dir)
@@ -484,8 +570,10 @@ def _plot(report: dict[str, Any], path: Path) -> None:
                    zorder=3)
         ax.annotate(str(n), (p["p99_ms"], p[obj]), textcoords="offset points", xytext=(4, 3), fontsize=7)
         mark = " *" if p["label"] == chosen else " d" if p["label"] == default else ""
-        rows.append(f"{n:>2} {p['label']:<22} {p[obj]:>9.1f} {p['p99_ms']:>8.1f}{mark}")
-    rows += [f" - {p['label']:<22} {'failed':>9}" for p in report["points"] if not _eligible(p)]
+        per_step = p.get("engine_tokens_per_step")
+        rows.append(f"{n:>2} {p['label']:<16} {p[obj]:>9.1f} {p['p99_ms']:>8.1f} "
+                    f"{format(per_step, '.2f') if _num(per_step) else '-':>6}{mark}")
+    rows += [f" - {p['label']:<16} {'failed':>9}" for p in report["points"] if not _eligible(p)]
     by = {p["label"]: p for p in pts}
     if default in by:
         ax.scatter(by[default]["p99_ms"], by[default][obj], s=200, facecolors="none", edgecolors="black",
@@ -509,7 +597,7 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    head = f"{'#':>2} {'setting':<22} {obj:>9} {'p99 ms':>8}"
+    head = f"{'#':>2} {'setting':<16} {obj:>9} {'p99 ms':>8} {'tok/st':>6}"
     fig.text(0.64, 0.9, "\n".join([head, *rows]), family="monospace", fontsize=7.5, va="top")
     fig.savefig(path, format="png", dpi=100)
     plt.close(fig)
@@ -519,9 +607,9 @@ def _plot(report: dict[str, Any], path: Path) -> None:
 
 
 def apply(settings: Settings, report: dict[str, Any], http_url: str | None = None) -> dict[str, Any]:
-    """Write the chosen setting into the repository's config.pbtxt of the model and its streaming twin
-    and reload those loaded at http_url. A later `llmops export` writes serve.triton's values again:
-    the report's overrides belong in configs/serve.yaml to keep them."""
+    """Write the chosen setting into the repository's config.pbtxt of the model and reload it when it
+    is loaded at http_url. A later `llmops export` writes serve.engine's and serve.triton's values
+    again: the report's overrides belong in configs/serve.yaml to keep them."""
     import httpx
 
     from tasks.serve import triton
@@ -564,11 +652,13 @@ def tune_serving(settings: Settings, model: str | None = None, version: int | No
         tp = triton.start(private, models=(model,),
                           log=settings.paths.var_dir / "log" / "tritonserver-tune.log")
         try:
-            report = tune(settings, tp.http_url, tp.grpc_url, model, version, server="own")
+            report = tune(settings, tp.http_url, tp.grpc_url, model, version, server="own",
+                          metrics_url=tp.metrics_url)
         finally:
             tp.stop()
     else:
-        report = tune(settings, u["triton_http"], u["triton_grpc"], model, version)
+        report = tune(settings, u["triton_http"], u["triton_grpc"], model, version,
+                      metrics_url=u["triton_metrics"])
     if apply_chosen and report["choice"]["slo_met"]:
         import httpx
 

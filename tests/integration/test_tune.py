@@ -1,4 +1,5 @@
-"""`llmops tune-serving` against a real tritonserver: a 2-point grid plus the default, short loads.
+"""`llmops tune-serving` against a real tritonserver: a 2-point grid of the engine's knobs plus the
+default, short loads.
 
 The model is the profile's GPT shape with random weights on a tokenizer from the real data path
 (synth -> ingest -> snapshot -> shard, ~5 s), as bench/serve.py builds it: no training, and every
@@ -24,11 +25,10 @@ from tests.helpers.project import make_settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 MODEL = "chat-gpt"
-# the default (serve.triton) is b4/d0us/i1; the grid adds b8 with a 5 ms queue delay and b1
-# (no batching at all)
-SMALL = ["serve.triton.instances=1", "serve.triton.max_batch_size=4",
-         "serve.triton.preferred_batch_sizes=[4]", "serve.triton.max_queue_delay_us=0",
-         "serve.tune.max_batch_size=[1,8]", "serve.tune.max_queue_delay_us=[5000]",
+# the default (serve.engine, serve.triton) is s4/t64/i2; the grid adds one instance whose engine runs one
+# sequence at a time (s1: no batching at all) or up to 8, with 16 tokens per step (chunked prefill)
+SMALL = ["serve.triton.instances=2", "serve.engine.max_seqs=4", "serve.engine.max_batch_tokens=64",
+         "serve.tune.max_seqs=[1,8]", "serve.tune.max_batch_tokens=[16]",
          "serve.tune.instances=[1]", "serve.tune.concurrency=4", "serve.tune.requests=24",
          "serve.tune.max_tokens=16", "serve.tune.warmup_requests=8"]
 
@@ -82,17 +82,26 @@ def test_tuning_a_real_server_reports_a_choice_within_the_slo_and_puts_the_confi
     assert triton.model_config(tp.http_url, MODEL) == before  # every field as it was, instances included
     assert report["restored"] is True
     labels = [p["label"] for p in report["points"]]
-    assert labels == ["b4/d0us/i1", "b1/d5000us/i1", "b8/d5000us/i1"]
+    assert labels == ["s4/t64/i2", "s1/t16/i1", "s8/t16/i1"]
     assert report["default"] == labels[0] and report["points"][0]["default"] is True
+    assert report["grid"] == {"max_seqs": [1, 8], "max_batch_tokens": [16], "instances": [1], "skipped": []}
     for p in report["points"]:
         assert p["error"] is None and p["errors"] == 0 and p["requests"] == 24, p
         assert "loaded_as" not in p  # the server ran exactly the setting the point names
         assert p["tokens_per_s"] > 0 and p["p50_ms"] <= p["p99_ms"] and p["reload_s"] >= 0
-        assert 1 <= p["mean_batch"] <= p["setting"]["max_batch_size"]  # the model's own batch_size output
+        # the model's own batch_size output: the most sequences a request decoded together with
+        assert 1 <= p["mean_batch"] <= p["setting"]["max_seqs"]
         assert p["triton_mean_batch"] is not None and p["queue_ms_mean"] is not None  # Triton's statistics
+        # the engine's counters from Triton's metrics endpoint, summed over the point's instances
+        assert p["engine_steps"] > 0 and p["engine_tokens_per_step"] > 0, p
     by = {p["label"]: p for p in report["points"]}
-    assert by["b1/d5000us/i1"]["mean_batch"] == 1.0  # the override really changed the model's batching
-    assert by["b8/d5000us/i1"]["mean_batch"] > 1.0  # 4 clients, one instance: batches form
+    # the override really changed the engine: one sequence at a time, nobody joins a running batch ...
+    assert by["s1/t16/i1"]["mean_batch"] == 1.0 and by["s1/t16/i1"]["engine_joined_mid_decode"] == 0
+    # ... and up to 8: 4 clients on one instance decode together and join mid-decode
+    s8 = by["s8/t16/i1"]
+    assert s8["mean_batch"] > 1.0 and s8["engine_joined_mid_decode"] > 0
+    assert s8["engine_tokens_per_step"] > by["s1/t16/i1"]["engine_tokens_per_step"]
+    assert s8["engine_occupancy"] == round(s8["engine_tokens_per_step"] / 8, 3)
 
     chosen = by[report["choice"]["label"]]
     if report["choice"]["slo_met"]:
@@ -106,7 +115,8 @@ def test_tuning_a_real_server_reports_a_choice_within_the_slo_and_puts_the_confi
     d = s.paths.reports_dir / "tune" / "t1"
     assert (d / "_SUCCESS").is_file() and (d / "tune.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((d / "tune.json").read_text())["choice"] == report["choice"]
-    assert f"max_batch_size: {chosen['setting']['max_batch_size']}\n" in (d / "chosen.pbtxt").read_text()
+    assert (f'key: "max_seqs" value: {{ string_value: "{chosen["setting"]["max_seqs"]}" }}'
+            in (d / "chosen.pbtxt").read_text())
     c = tune.compare(d / "tune.json")
     assert c["default"]["label"] == labels[0] and c["chosen"]["label"] == chosen["label"]
     assert c["throughput_ratio"] == round(chosen["tokens_per_s"] / by[labels[0]]["tokens_per_s"], 3)
@@ -137,7 +147,7 @@ def test_the_config_is_put_back_when_tuning_fails_midway(server, monkeypatch):
     with pytest.raises(RuntimeError, match="the load generator broke"):
         tune.tune(s, tp.http_url, tp.grpc_url, out_dir=s.paths.reports_dir / "tune" / "t2")
     now = triton.model_config(tp.http_url, MODEL)
-    assert now == before and tune.setting_of(now)["max_batch_size"] == 4
+    assert now == before and tune.setting_of(now) == {"max_seqs": 4, "max_batch_tokens": 64, "instances": 2}
     assert not (s.paths.reports_dir / "tune" / "t2").exists()  # no half report
 
 
@@ -151,8 +161,7 @@ def test_cli_exits_1_when_no_setting_meets_the_slo_and_applies_nothing(server):
     on_disk, before = pbtxt.read_text(), triton.model_config(tp.http_url, MODEL)
     t = s.serve.triton
     # the grid is the default itself: one point
-    only_default = ["serve.tune.max_batch_size=[4]", "serve.tune.max_queue_delay_us=[0]",
-                    "serve.tune.instances=[1]", "serve.tune.preferred_batch_sizes=keep"]
+    only_default = ["serve.tune.max_seqs=[4]", "serve.tune.max_batch_tokens=[64]", "serve.tune.instances=[2]"]
     args = [x for o in (f"paths.root={s.paths.root}", *SMALL, *only_default,
                         f"serve.triton.http_port={t.http_port}", f"serve.triton.grpc_port={t.grpc_port}")
             for x in ("--set", o)]
@@ -160,7 +169,7 @@ def test_cli_exits_1_when_no_setting_meets_the_slo_and_applies_nothing(server):
     assert r.exit_code == 1, r.output
     assert "no setting met the SLO p99 <= 0.01 ms" in r.output
     out = json.loads(r.stdout[r.stdout.index("{"):r.stdout.rindex("}") + 1])
-    assert out["slo_met"] is False and out["points"] == 1 and out["chosen"]["label"] == "b4/d0us/i1"
+    assert out["slo_met"] is False and out["points"] == 1 and out["chosen"]["label"] == "s4/t64/i2"
     assert out["applied"] == {"skipped": "no setting met the SLO: nothing was written"}
     assert Path(out["report"]["json"]).is_file() and Path(out["report"]["png"]).is_file()
     assert pbtxt.read_text() == on_disk and triton.model_config(tp.http_url, MODEL) == before
@@ -168,26 +177,23 @@ def test_cli_exits_1_when_no_setting_meets_the_slo_and_applies_nothing(server):
 
 def test_apply_writes_config_pbtxt_and_the_server_loads_it(server):
     s, tp = server
-    pbtxt, stream = (s.paths.triton_repository / m / "config.pbtxt" for m in (MODEL, MODEL + "-stream"))
-    on_disk = {p: p.read_text() for p in (pbtxt, stream)}
-    chosen = {"max_batch_size": 8, "dynamic_batching": True, "max_queue_delay_us": 5000,
-              "preferred_batch_sizes": [8], "instances": 1}
+    pbtxt = s.paths.triton_repository / MODEL / "config.pbtxt"
+    on_disk = pbtxt.read_text()
+    chosen = {"max_seqs": 8, "max_batch_tokens": 32, "instances": 1}
     before = triton.model_config(tp.http_url, MODEL)
     # as a tuning run leaves it: the old configuration as an override
     triton.load(tp.http_url, MODEL, config=before)
     try:
         out = tune.apply(s, {"model": MODEL, "chosen": chosen, "overrides": tune.overrides(chosen)},
                          tp.http_url)
-        # the twin is not loaded here
-        assert out["written"] == [str(pbtxt), str(stream)] and out["reloaded"] == [MODEL]
-        for p in (pbtxt, stream):
-            assert "max_batch_size: 8\n" in p.read_text() and \
-                "max_queue_delay_microseconds: 5000" in p.read_text()
-        assert "decoupled: true" in stream.read_text() and "decoupled" not in pbtxt.read_text()
+        assert out["written"] == [str(pbtxt)] and out["reloaded"] == [MODEL]
+        text = pbtxt.read_text()
+        assert 'parameters { key: "max_seqs" value: { string_value: "8" } }' in text
+        assert 'parameters { key: "max_batch_tokens" value: { string_value: "32" } }' in text
+        assert "instance_group [ { count: 1 kind: KIND_CPU } ]" in text and "decoupled: true" in text
         # a plain load read the new file
         assert tune.setting_of(triton.model_config(tp.http_url, MODEL)) == chosen
     finally:
-        for p, text in on_disk.items():
-            p.write_text(text)
+        pbtxt.write_text(on_disk)
         triton.load(tp.http_url, MODEL)
     assert tune.setting_of(triton.model_config(tp.http_url, MODEL)) == tune.setting_of(before)

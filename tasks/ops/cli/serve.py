@@ -123,17 +123,18 @@ def tune_serving(
     own_server: Annotated[bool, typer.Option(help="start a private tritonserver (free loopback ports, only "
                                              "this model) instead of using the one "
                                              "`llmops serve` runs")] = False,
-    apply: Annotated[bool, typer.Option(help="write the chosen values into the repository's config.pbtxt "
-                                        "(and the -stream twin's) and reload them; the printed overrides "
-                                        "keep them past `llmops export`")] = False,
+    apply: Annotated[bool, typer.Option(help="write the chosen values into the model's config.pbtxt in the "
+                                        "repository and reload it; the printed overrides keep them past "
+                                        "`llmops export`")] = False,
     profile: ProfileOpt = None, set_: SetOpt = None,
 ) -> None:
-    """Measure Triton batch settings (serve.tune's grid) under load; choose the highest throughput within
-    the p99 SLO.
+    """Measure the serving engine's batch settings (serve.tune's grid) under load; choose the highest
+    throughput within the p99 SLO.
 
     Needs the tritonserver `llmops serve` runs, with the model loaded, or --own-server.
 
-    Each setting is loaded with a config override; the original configuration is loaded back at the end.
+    The grid is max_seqs x max_batch_tokens x instances (serve.engine, serve.triton). Each setting is loaded
+    with a config override; the original configuration is loaded back at the end.
 
     Writes reports/tune/<time>/ (tune.json, tune.png, chosen.pbtxt); exits 1 when no setting meets the SLO."""
     from tasks.serve import tune as mod
