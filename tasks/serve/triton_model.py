@@ -144,7 +144,8 @@ class TritonPythonModel:
         self.engine = None
         if self.decoupled and params.get("scheduler", "continuous") == "continuous":
             self.engine_mod = engine
-            self.engine = engine.Engine(self.model, gpt, self.stop, max_seqs=int(params.get("max_seqs", "16")),
+            self.engine = engine.Engine(self.model, gpt, self.stop,
+                                        max_seqs=int(params.get("max_seqs", "16")),
                                         max_batch_tokens=int(params.get("max_batch_tokens", "256")),
                                         prefix_kv=self.prefix_kv, step_delay_s=self.drill_delay_s)
             self._stop = threading.Event()
