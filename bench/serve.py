@@ -39,6 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -295,6 +296,14 @@ def main() -> None:
         streaming = asyncio.run(through_gateway(base, 4, a.requests, a.max_tokens, stream=True))
         streaming.pop("latencies_ms")
         memory = {name: rss(s.paths.triton_repository, model) for name, model in engines.items()}
+        engine_stats = {}
+        for line in httpx.get(tp.metrics_url, timeout=10).text.splitlines():
+            if line.startswith("llmops_engine_") and 'model="chat-gpt"' in line:
+                name = line.split("{", 1)[0].removeprefix("llmops_engine_")
+                engine_stats[name] = engine_stats.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+        if engine_stats.get("steps"):
+            engine_stats["ms_per_step"] = round(engine_stats["busy_seconds"] / engine_stats["steps"] * 1e3, 3)
+            engine_stats["tokens_per_step"] = round(engine_stats["decode_tokens"] / engine_stats["steps"], 2)
         best_tps = max(p["tokens_per_s"] for r in rounds for p in r.values())
         cost_h = s.serve.gateway.cost_per_hour_usd
         c1, mid = "continuous_c1", max(c for c in concs if c <= 16)
@@ -327,7 +336,7 @@ def main() -> None:
             },
             "open_loop": open_points, "slo_p99_ms": slo,
             "gateway_c1_p50_ms": round(_pct(gw_lat, 50), 2), "direct_c1_p50_ms": d_all["p50_ms"],
-            "streaming_c4": streaming, "memory": memory,
+            "streaming_c4": streaming, "memory": memory, "engine_counters": engine_stats,
             "cost_per_hour_usd": cost_h, "cost_per_1m_tokens_usd": round(cost_h / (best_tps * 3600) * 1e6, 4),
             "wall_s": round(time.perf_counter() - t_start, 1),
         }))

@@ -562,6 +562,8 @@ class EngineConfig(_Section):
                           "(K/V slots preallocated for each)")
     max_batch_tokens: int = Field(256, ge=1, description="tokens per step: one per decoding sequence, the "
                                   "rest for prefill chunks of joining ones")
+    cancel_check_ms: float = Field(0.0, ge=0, description="ask Triton whether requests were cancelled at "
+                                   "most this often (each ask is a round trip to the server); 0: every step")
 
     @model_validator(mode="after")
     def _budget(self) -> EngineConfig:

@@ -95,7 +95,8 @@ class Engine:
     one thread only, which owns the model and the K/V cache."""
 
     def __init__(self, model, gpt, stop_tokens: Sequence[int] = (), max_seqs: int = 8,
-                 max_batch_tokens: int = 256, prefix_kv=None, step_delay_s: float = 0.0):
+                 max_batch_tokens: int = 256, prefix_kv=None, step_delay_s: float = 0.0,
+                 cancel_check_s: float = 0.0):
         if max_seqs < 1:
             raise ValueError("serve.engine.max_seqs must be at least 1")
         if max_batch_tokens < max_seqs:
@@ -111,6 +112,10 @@ class Engine:
         self.kv = gpt.SlotKV(model.cfg, max_seqs, p.device, p.dtype)
         self.prefix_kv = prefix_kv
         self.step_delay_s = step_delay_s
+        # asking whether a request was cancelled may cost a round trip (Triton's backend asks its server):
+        # at most this often, so a cancel is seen within max(one step, cancel_check_s)
+        self.cancel_check_s = cancel_check_s
+        self._last_check = -math.inf
         self.decoding: list[Seq] = []  # decoding[i] holds slot i
         self.prefilling: list[Seq] = []
         self._waiting: list[tuple[int, float, int, Seq]] = []
@@ -118,7 +123,7 @@ class Engine:
         self._cond = threading.Condition()
         self.stats = {"submitted": 0, "finished": 0, "cancelled": 0, "timeouts": 0, "errors": 0,
                       "joined_mid_decode": 0, "steps": 0, "decode_tokens": 0, "prefill_tokens": 0,
-                      "busy_s": 0.0}
+                      "busy_s": 0.0, "cancel_checks": 0}
 
     # -- any thread ---------------------------------------------------------------------------------
 
@@ -181,9 +186,13 @@ class Engine:
 
     def _step(self) -> None:
         self.stats["steps"] += 1
-        self._drop()
+        now = time.monotonic()
+        if now - self._last_check >= self.cancel_check_s:
+            self._last_check = now
+            self._drop()
         self._admit()
         budget = self.max_batch_tokens - len(self.decoding)
+        budget -= self._prefill_together(budget)
         for seq in list(self.prefilling):
             if budget <= 0:
                 break
@@ -215,6 +224,7 @@ class Engine:
             self.decoding.pop()
 
     def _cancelled(self, seq: Seq) -> bool:
+        self.stats["cancel_checks"] += 1
         try:
             return bool(seq.cancelled())
         except Exception:  # noqa: BLE001 - a request whose state cannot be read is treated as gone
@@ -279,28 +289,54 @@ class Engine:
         if seq.penalties is not None and seq.penalties.active:
             seq.seen = torch.zeros(self.vocab, device=self.device)
 
-    def _prefill(self, seq: Seq, budget: int) -> int:
-        """Run the next chunk of a joining sequence's prompt; returns the tokens computed."""
-        chunk = seq.ids[seq.pos:seq.pos + budget]
-        logits, _ = self.model(torch.tensor([chunk], dtype=torch.long, device=self.device), cache=seq.cache)
-        seq.pos += len(chunk)
-        self.stats["prefill_tokens"] += len(chunk)
-        if seq.pos < len(seq.ids):
-            return len(chunk)
+    def _prefill_together(self, budget: int) -> int:
+        """Prefill, in one left-padded forward, the joining sequences that start from scratch (no cached
+        prefix, nothing computed yet) and fit the budget whole; returns the tokens computed. The rest
+        (long prompts: chunked; cached prefixes) go one by one."""
+        group, used = [], 0
+        for seq in self.prefilling:
+            if seq.pos == 0 and used + len(seq.ids) <= budget:
+                group.append(seq)
+                used += len(seq.ids)
+        if len(group) < 2:
+            return 0
+        longest = max(len(s.ids) for s in group)
+        pad = torch.tensor([longest - len(s.ids) for s in group], dtype=torch.long, device=self.device)
+        ids = torch.tensor([[0] * (longest - len(s.ids)) + s.ids for s in group], dtype=torch.long,
+                           device=self.device)
+        cache = self.gpt.KVCache(self.model.cfg.n_layer)
+        logits, _ = self.model(ids, cache=cache, pad=pad if bool(pad.any()) else None)
+        self.stats["prefill_tokens"] += used
+        for b, seq in enumerate(group):
+            seq.pos = len(seq.ids)
+            self._joined(seq, cache, b, longest - len(seq.ids), logits[b:b + 1, -1, :])
+        return used
+
+    def _joined(self, seq: Seq, cache, row: int, start: int, last: torch.Tensor) -> None:
+        """A sequence whose prompt is computed: its K/V into a slot, its first token out."""
         self.prefilling.remove(seq)
         seq.slot = len(self.decoding)
-        self.kv.put(seq.slot, seq.cache, seq.pos)
+        self.kv.put(seq.slot, cache, seq.pos, row, start)
         seq.cache = None
         self.decoding.append(seq)
         if seq.limit == 0:
             seq.t_first = time.monotonic()
             self._finish(seq, "length")
             self._release({seq.slot})
-            return len(chunk)
-        tok = self._pick(logits[:, -1, :], [seq])[0]
+            return
+        tok = self._pick(last, [seq])[0]
         seq.t_first = time.monotonic()
         if self._emit(seq, tok):
             self._release({seq.slot})
+
+    def _prefill(self, seq: Seq, budget: int) -> int:
+        """Run the next chunk of a joining sequence's prompt; returns the tokens computed."""
+        chunk = seq.ids[seq.pos:seq.pos + budget]
+        logits, _ = self.model(torch.tensor([chunk], dtype=torch.long, device=self.device), cache=seq.cache)
+        seq.pos += len(chunk)
+        self.stats["prefill_tokens"] += len(chunk)
+        if seq.pos == len(seq.ids):
+            self._joined(seq, seq.cache, 0, 0, logits[:, -1, :])
         return len(chunk)
 
     def _pick(self, logits: torch.Tensor, seqs: Sequence[Seq]) -> list[int]:

@@ -378,11 +378,12 @@ class SlotKV:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
-    def put(self, slot: int, cache: KVCache, n: int) -> None:
-        """Copy the first n positions of a batch-1 cache (a finished prefill) into a slot."""
+    def put(self, slot: int, cache: KVCache, n: int, row: int = 0, start: int = 0) -> None:
+        """Copy n positions of one row of a cache (a finished prefill), from position `start` on (after a
+        left-padded row's pads), into a slot's positions 0..n-1."""
         for dst, src in ((self.k, cache.k), (self.v, cache.v)):
             for layer, t in enumerate(src):
-                dst[layer][slot, :, :n] = _filled(t)[0, :, :n]
+                dst[layer][slot, :, :n] = _filled(t)[row, :, start:start + n]
 
     def move(self, src: int, dst: int, n: int) -> None:
         """Move a sequence's first n positions to another slot (keeps the running batch in 0..n-1)."""

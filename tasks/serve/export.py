@@ -90,7 +90,8 @@ def config_pbtxt(settings: Settings, name: str, decoupled: bool = True) -> str:
                        ("device", t.device), ("prefix_cache_mb", str(t.prefix_cache_mb)),
                        ("prefix_cache_min_tokens", str(t.prefix_cache_min_tokens)),
                        ("scheduler", e.scheduler), ("max_seqs", str(e.max_seqs)),
-                       ("max_batch_tokens", str(e.max_batch_tokens))):
+                       ("max_batch_tokens", str(e.max_batch_tokens)),
+                       ("cancel_check_ms", str(e.cancel_check_ms))):
         lines.append(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
     return "\n".join(lines) + "\n"
 

@@ -68,7 +68,8 @@ class _EngineMetrics:
                 "joined_mid_decode": "Sequences admitted while others were decoding",
                 "steps": "Engine steps (one decode step of the running batch each)",
                 "decode_tokens": "Tokens generated", "prefill_tokens": "Prompt tokens prefilled",
-                "busy_s": "Seconds the engine spent stepping (its busy time)"}
+                "busy_s": "Seconds the engine spent stepping (its busy time)",
+                "cancel_checks": "Requests asked whether their client cancelled them"}
 
     def __init__(self, args):
         labels = {"model": str(args.get("model_name", "")), "version": str(args.get("model_version", "")),
@@ -147,12 +148,20 @@ class TritonPythonModel:
             self.engine = engine.Engine(self.model, gpt, self.stop,
                                         max_seqs=int(params.get("max_seqs", "16")),
                                         max_batch_tokens=int(params.get("max_batch_tokens", "256")),
-                                        prefix_kv=self.prefix_kv, step_delay_s=self.drill_delay_s)
+                                        prefix_kv=self.prefix_kv, step_delay_s=self.drill_delay_s,
+                                        cancel_check_s=float(params.get("cancel_check_ms", "0")) / 1e3)
             self._stop = threading.Event()
             self._metrics = _EngineMetrics(args)
-            self._loop = threading.Thread(target=self.engine.run, args=(self._stop, self._metrics.publish),
-                                          daemon=True, name="llmops-engine")
+            self._loop = threading.Thread(target=self._serve, args=(threads,), daemon=True,
+                                          name="llmops-engine")
             self._loop.start()
+
+    def _serve(self, threads):
+        """The engine's thread. torch's intra-op thread count is per thread (OpenMP): set it here too, or
+        this thread would use every core and oversubscribe the machine with the other instances."""
+        if threads > 0:
+            self.torch.set_num_threads(threads)
+        self.engine.run(self._stop, self._metrics.publish)
 
     def _parse(self, request):
         raw = pb_utils.get_input_tensor_by_name(request, "messages").as_numpy().reshape(-1)[0]

@@ -117,8 +117,10 @@ def _ask(tp, requests, version="1", stream=False, timeout=120):
 
     g = tp.grpc()
     g.start_stream(callback=callback)
-    for i, (messages, max_tokens) in enumerate(requests):
-        g.async_stream_infer(MODEL, _infer_inputs(grpcclient, messages, max_tokens, stream=stream),
+    for i, (messages, max_tokens, *sampling) in enumerate(requests):
+        temperature, seed = sampling[0] if sampling else (0.0, -1)
+        g.async_stream_infer(MODEL, _infer_inputs(grpcclient, messages, max_tokens, temperature, seed,
+                                                  stream=stream),
                              model_version=version, request_id=str(i))
     deadline = time.monotonic() + timeout
     while not errors and not all(r and r[-1].as_numpy("finish_reason") is not None for r in got.values()):
@@ -254,9 +256,11 @@ def test_continuous_batching_joins_mid_decode_with_the_same_answers(root, server
     s, tp = server
     prompts = [[{"role": "user", "content": f"{w} my order has not arrived"}] for w in
                ("Hi,", "Hello, sorry but", "Help:", "Why", "Please check:", "Urgent -", "Hey", "So")]
-    single = [_ask(tp, [(p, 40)])[0][-1] for p in prompts]
-    together = [r[-1] for r in _ask(tp, [(p, 40) for p in prompts])]
-    # the same tokens, alone or sharing the running batch (greedy)
+    # greedy, and sampled with a seed (each sequence draws from its own generator)
+    asks = [(p, 40, (0.0, -1) if i % 2 else (0.9, 100 + i)) for i, p in enumerate(prompts)]
+    single = [_ask(tp, [a])[0][-1] for a in asks]
+    together = [r[-1] for r in _ask(tp, asks)]
+    # the same tokens, alone or sharing the running batch
     assert [r.as_numpy("token_ids").reshape(-1).tolist() for r in together] == \
         [r.as_numpy("token_ids").reshape(-1).tolist() for r in single]
     # 8 requests on 2 instances decoded together (batch_size: the most sequences a request decoded with)

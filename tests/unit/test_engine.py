@@ -165,3 +165,25 @@ def test_run_thread_serves_submissions(model):
     assert [s.out for s in seqs] == [model.generate([5 + i, 6], 10, temperature=0.0) for i in range(6)]
     snap = engine.snapshot()
     assert snap["running"] == 0 and snap["finished"] == 6 and snap["kv_bytes"] > 0
+
+
+def test_joiners_prefilled_together_still_equal_their_solo_generate(model):
+    engine = Engine(model, gpt, stop_tokens=STOP, max_seqs=6, max_batch_tokens=256)
+    seqs = [_seq(args) for args in PROMPTS]
+    for s in seqs:
+        engine.submit(s)
+    engine.step()  # all six admitted and prefilled in one left-padded forward
+    assert not engine.prefilling and engine.stats["prefill_tokens"] == sum(len(a[0]) for a in PROMPTS)
+    while not engine.idle:
+        engine.step()
+    assert [s.out for s in seqs] == [_solo(model, args) for args in PROMPTS]
+
+
+def test_cancel_checks_are_rate_limited_when_asked(model):
+    engine = Engine(model, gpt, max_seqs=2, max_batch_tokens=16, cancel_check_s=3600.0)
+    asked = []
+    s = Seq([5, 6], 10, cancelled=lambda: asked.append(1) or False)
+    engine.submit(s)
+    while not engine.idle:
+        engine.step()
+    assert len(asked) <= 1 and s.finish == "length"  # checked at most once in the hour
