@@ -362,6 +362,8 @@ class GatewayConfig(_Section):
     batch_queue_share: float = Field(0.5, ge=0.0, le=1.0, description="share of the queue batch-priority "
                                      "requests may fill")
     retry_after_s: int = Field(1, ge=1)
+    docs: bool = Field(False, description="serve /docs and /openapi.json (off: any web page the operator "
+                       "opens could read the API's shape and script against a keyless gateway)")
     request_timeout_s: float = Field(120.0, gt=0)
     default_max_tokens: int = Field(64, ge=1)
     max_request_bytes: int = Field(1_000_000, ge=1024)

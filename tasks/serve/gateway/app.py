@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import json
+import logging
 import secrets
 import time
 import uuid
@@ -56,13 +57,19 @@ from tasks.serve.gateway.schema import (
 from tasks.serve.sessions import SESSION_ID
 from tasks.serve.tiers import SMALL, Decision
 
+log = logging.getLogger("llmops.gateway")
+
 
 def create_app(settings: Settings, triton_grpc: str | None = None, triton_http: str | None = None) -> FastAPI:
     gw = Gateway(settings, triton_grpc, triton_http)
-    app = FastAPI(title="llmops chat gateway", version="1", lifespan=_lifespan)
+    docs = settings.serve.gateway.docs  # off by default: a page any site can frame or script against
+    app = FastAPI(title="llmops chat gateway", version="1", lifespan=_lifespan,
+                  docs_url="/docs" if docs else None, redoc_url=None,
+                  openapi_url="/openapi.json" if docs else None)
     app.state.gateway = gw  # the handlers find it here
     app.middleware("http")(_api_key)
     app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(Exception, _unexpected)
     app.get("/healthz")(healthz)
     app.get("/metrics")(metrics)
     app.get("/v1/models")(models)
@@ -100,7 +107,18 @@ async def _api_key(request: Request, call_next):
 
 
 async def _api_error(request: Request, e: ApiError):
-    return e.response(_gateway(request).headers)
+    gw = _gateway(request)
+    return e.response(gw.headers, gw.cfg.retry_after_s)
+
+
+async def _unexpected(request: Request, e: Exception):
+    """Whatever else fails is still an OpenAI error body, logged with its traceback and counted: never a
+    bare 500."""
+    gw = _gateway(request)
+    log.exception("unexpected failure of %s %s", request.method, request.url.path)
+    gw.metrics.rejected.labels("internal_error").inc()
+    return ApiError(500, f"the gateway failed this request ({type(e).__name__}); it has been logged",
+                    type_="server_error", code="internal_error").response(gw.headers)
 
 
 # ---------------------------------------------------------------- health, metrics, models, deletions
@@ -202,7 +220,7 @@ async def chat(request: Request):
             gw.metrics.rejected.labels("unavailable").inc()
         gw.log.write({**x.record, "status": e.status, "error": e.code,
                       "latency_ms": (time.perf_counter() - t0) * 1e3})
-        return e.response({**gw.headers, **x.tier_headers})
+        return e.response({**gw.headers, **x.tier_headers}, gw.cfg.retry_after_s)
     except TritonUnavailable as e:
         gw.triton_up = False
         gw.metrics.requests.labels(x.model_label, "503").inc()
@@ -262,16 +280,22 @@ async def _complete(gw: Gateway, request: Request, x: Exchange) -> Response:
 
 async def _read_request(gw: Gateway, request: Request) -> tuple[ChatRequest, list[dict]]:
     """The validated request and its messages as plain turns (a developer message is a system one)."""
-    body = await request.body()
-    if len(body) > gw.cfg.max_request_bytes:
-        raise ApiError(413, f"request body of {len(body)} bytes exceeds {gw.cfg.max_request_bytes}",
-                       code="request_too_large")
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":  # a browser's cross-site form or text/plain POST never gets this far
+        raise ApiError(415, f"Content-Type must be application/json, got {kind or 'none'!r}",
+                       code="unsupported_media_type")
+    body = await read_capped(request, gw.cfg.max_request_bytes)
     try:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ApiError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(payload, dict):
         raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+    try:  # JSON may escape a lone surrogate ("\ud800"): no text a model or a log can hold
+        json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(400, f"the request holds invalid Unicode ({e.reason}: "
+                            f"{e.object[e.start:e.end]!r}); send UTF-8 text", code="invalid_value") from None
     check_supported(payload)
     try:
         req = ChatRequest.model_validate(payload)
@@ -286,6 +310,20 @@ async def _read_request(gw: Gateway, request: Request) -> tuple[ChatRequest, lis
         raise ApiError(400, "the last message must be from the user (or system)", param="messages",
                        code="invalid_value")
     return req, messages
+
+
+async def read_capped(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed `limit` bytes: from Content-Length
+    before reading anything, else while it streams in (never buffered past the limit)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body of {declared} bytes exceeds {limit}", code="request_too_large")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise ApiError(413, f"request body exceeds {limit} bytes", code="request_too_large")
+    return bytes(body)
 
 
 def _priority(req: ChatRequest, request: Request) -> int:

@@ -20,9 +20,13 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.headers = headers or {}
 
-    def response(self, extra_headers: dict[str, str]) -> JSONResponse:
+    def response(self, extra_headers: dict[str, str], retry_after_s: int = 1) -> JSONResponse:
+        """The JSON answer; a 429 or 503 always says when to retry (`Retry-After`)."""
         body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers={**extra_headers, **self.headers})
+        headers = {**extra_headers, **self.headers}
+        if self.status in (429, 503):
+            headers.setdefault("Retry-After", str(retry_after_s))
+        return JSONResponse(body, status_code=self.status, headers=headers)
 
 
 class TritonUnavailable(Exception):

@@ -1,0 +1,112 @@
+"""The gateway's answers to hostile or broken input (issue 22, robust requests): every failure an OpenAI
+error body, never a bare 500; the body's type and size checked before it is read."""
+
+import pytest
+
+from tasks.procs import free_port
+from tasks.serve.gateway.errors import ApiError
+from tests.helpers.project import make_settings
+
+BODY = b'{"model": "chat-gpt", "messages": [{"role": "user", "content": "hi"}]}'
+
+
+@pytest.fixture
+def http(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from tasks.serve.gateway import create_app
+
+    s = make_settings(tmp_path, f"serve.triton.grpc_port={free_port()}",
+                      "serve.gateway.max_request_bytes=4096", "serve.memory.enabled=false")
+    with TestClient(create_app(s), raise_server_exceptions=False) as client:
+        yield client
+
+
+def _err(r, status, code):
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    err = r.json()["error"]
+    assert err["code"] == code and err["message"] and err["type"]
+    return err
+
+
+def test_only_json_bodies_are_read(http):
+    # what a cross-site form or fetch without a preflight can send
+    for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+        headers = {"content-type": kind} if kind else {}
+        _err(http.post("/v1/chat/completions", content=BODY, headers=headers), 415, "unsupported_media_type")
+    # charset parameters are fine; past the checks this request meets the missing model server
+    r = http.post("/v1/chat/completions", content=BODY,
+                  headers={"content-type": "application/json; charset=utf-8"})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+
+
+def test_oversized_bodies_are_refused_without_reading_them(http):
+    big = b'{"model": "chat-gpt", "messages": [{"role": "user", "content": "' + b"x" * 10_000 + b'"}]}'
+    _err(http.post("/v1/chat/completions", content=big, headers={"content-type": "application/json"}),
+         413, "request_too_large")
+    # a chunked upload without Content-Length: the reader stops a chunk past the limit (the ASGI test
+    # client buffers whole bodies, so the reader is driven directly, as uvicorn drives it)
+    import asyncio
+
+    from starlette.requests import Request
+
+    from tasks.serve.gateway.app import read_capped
+
+    sent = []
+
+    async def receive():
+        sent.append(1)
+        return {"type": "http.request", "body": b" " * 1024, "more_body": len(sent) < 1024}
+
+    scope = {"type": "http", "method": "POST", "path": "/",
+             "headers": [(b"content-type", b"application/json")]}
+    with pytest.raises(ApiError) as e:
+        asyncio.run(read_capped(Request(scope, receive), 4096))
+    assert e.value.status == 413 and len(sent) == 5  # 5 KB read of the 1 MB, nothing more
+    declared = {**scope, "headers": [(b"content-length", b"1048576")]}
+    with pytest.raises(ApiError):
+        asyncio.run(read_capped(Request(declared, receive), 4096))
+    assert len(sent) == 5  # refused on its declared length: not a byte read
+
+
+@pytest.mark.parametrize("text", ["\\ud800", "a\\udfffb", "\\udc00\\ud800"])
+def test_lone_surrogates_are_a_400_not_a_500(http, text):
+    body = b'{"model": "chat-gpt", "messages": [{"role": "user", "content": "' + text.encode() + b'"}]}'
+    err = _err(http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"}),
+               400, "invalid_value")
+    assert "Unicode" in err["message"]
+
+
+def test_an_unexpected_failure_is_an_error_body_and_counted(http, monkeypatch):
+    from tasks.serve.gateway import app as gateway_app
+
+    async def broken(*args, **kwargs):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(gateway_app, "_complete", broken)
+    err = _err(http.post("/v1/chat/completions", content=BODY, headers={"content-type": "application/json"}),
+               500, "internal_error")
+    assert "KeyError" in err["message"] and "a bug" not in err["message"]  # no internals in the answer
+    assert 'gateway_rejected_total{reason="internal_error"} 1.0' in http.get("/metrics").text
+
+
+def test_docs_are_off_unless_asked_for(http, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from tasks.serve.gateway import create_app
+
+    assert http.get("/docs").status_code == 404 and http.get("/openapi.json").status_code == 404
+    s = make_settings(tmp_path / "docs", f"serve.triton.grpc_port={free_port()}", "serve.gateway.docs=true",
+                      "serve.memory.enabled=false")
+    with TestClient(create_app(s)) as client:
+        assert client.get("/openapi.json").json()["paths"]["/v1/chat/completions"]
+
+
+def test_every_429_and_503_says_when_to_retry():
+    for status in (429, 503):
+        r = ApiError(status, "busy", code="x").response({}, retry_after_s=3)
+        assert r.headers["retry-after"] == "3"
+    own = ApiError(503, "down", headers={"Retry-After": "10"}).response({}, retry_after_s=3)
+    assert own.headers["retry-after"] == "10"
+    assert "retry-after" not in ApiError(400, "bad").response({}).headers
