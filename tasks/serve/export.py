@@ -107,15 +107,22 @@ def _write_config(settings: Settings, model_dir: Path, name: str) -> None:
 
 
 def export_dir(settings: Settings, weights_dir: Path, name: str, version: int,
-               aliases: dict[str, int] | None = None, source: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write version `version` of `name` from a weights directory."""
+               aliases: dict[str, int] | None = None, source: dict[str, Any] | None = None,
+               expected_sha256: str | None = None) -> dict[str, Any]:
+    """Write version `version` of `name` from a weights directory. `expected_sha256`: the weights must
+    hash to it (the registered version's `weights_sha256` tag), or nothing is written."""
     name, version = check_name(name), check_version(version)
     weights_dir = Path(weights_dir)
     sources = {f: weights_dir / f for f in ARTIFACTS}
     if not sources["tokenizer.json"].is_file() and (weights_dir / "_lineage.json").is_file():
-        # a training run's final/ names its tokenizer in the lineage; a registered version carries a copy
-        sources["tokenizer.json"] = Path(
-            json.loads((weights_dir / "_lineage.json").read_text())["tokenizer"]["path"])
+        # a training run's final/ names its tokenizer in the lineage; a registered version carries a copy.
+        # The path is data: it must lie inside the project's data directory, or it is not copied
+        named = Path(json.loads((weights_dir / "_lineage.json").read_text())["tokenizer"]["path"])
+        data = settings.paths.data_dir.resolve()
+        if not named.resolve().is_relative_to(data):
+            raise ExportError(f"{weights_dir / '_lineage.json'}: tokenizer.path {str(named)!r} lies outside "
+                              f"the data directory {data}; refusing to copy it")
+        sources["tokenizer.json"] = named
     for f, src in sources.items():
         if not src.is_file():
             raise ExportError(f"{weights_dir}: {f} missing ({src}); "
@@ -126,8 +133,12 @@ def export_dir(settings: Settings, weights_dir: Path, name: str, version: int,
                           f"{json.loads(variant_file.read_text())['variant']}); export its parent version")
     repo = settings.paths.triton_repository
     lineage = json.loads((weights_dir / "_lineage.json").read_text())
+    weights_sha = sha256_file(weights_dir / "model.safetensors")
+    if expected_sha256 and weights_sha != expected_sha256:
+        raise ExportError(f"{weights_dir / 'model.safetensors'}: sha256 {weights_sha[:12]} differs from the "
+                          f"registered weights_sha256 {expected_sha256[:12]}; not exported")
     record = {"model": name, "version": version, "source": source or {"weights_dir": str(weights_dir)},
-              "weights_sha256": sha256_file(weights_dir / "model.safetensors"),
+              "weights_sha256": weights_sha,
               "tokenizer_sha256": sha256_file(sources["tokenizer.json"]),
               "lineage_id": lineage.get("id"), "serve_config_hash": settings.hash("serve")}
     with atomic_dir(repo / name / str(version)) as tmp:
@@ -187,6 +198,7 @@ def export(settings: Settings, alias: str | None = None, version: int | None = N
                                                          tracking_uri=client._tracking_client.tracking_uri))
         out = export_dir(settings, local, settings.serve.triton.model_name, int(v.version), aliases=aliases,
                          source={"registered_model": name, "version": int(v.version), "alias": alias,
-                                 "run_id": v.run_id, "source": v.source})
+                                 "run_id": v.run_id, "source": v.source},
+                         expected_sha256=(v.tags or {}).get("weights_sha256") or None)
     log.info("exported %s version %s to %s", name, v.version, out["path"])
     return out

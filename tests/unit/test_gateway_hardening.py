@@ -110,3 +110,31 @@ def test_every_429_and_503_says_when_to_retry():
     own = ApiError(503, "down", headers={"Retry-After": "10"}).response({}, retry_after_s=3)
     assert own.headers["retry-after"] == "10"
     assert "retry-after" not in ApiError(400, "bad").response({}).headers
+
+
+def test_export_checks_the_weights_hash_and_where_the_tokenizer_comes_from(tmp_path):
+    import json
+
+    from tasks.atomic import sha256_file
+    from tasks.serve.export import ExportError, export_dir
+
+    s = make_settings(tmp_path)
+    w = tmp_path / "final"
+    w.mkdir()
+    (w / "model.safetensors").write_bytes(b"weights")
+    (w / "config.json").write_text("{}")
+    outside = tmp_path / "elsewhere" / "tokenizer.json"  # e.g. ~/.ssh/id_rsa named by a forged lineage
+    outside.parent.mkdir()
+    outside.write_text("{}")
+    (w / "_lineage.json").write_text(json.dumps({"id": "x", "tokenizer": {"path": str(outside)}}))
+    with pytest.raises(ExportError, match="outside the data directory"):
+        export_dir(s, w, "chat-gpt", 1)
+    inside = s.paths.tokenizers / "k" / "tokenizer.json"
+    inside.parent.mkdir(parents=True)
+    inside.write_text("{}")
+    (w / "_lineage.json").write_text(json.dumps({"id": "x", "tokenizer": {"path": str(inside)}}))
+    with pytest.raises(ExportError, match="differs from the registered"):
+        export_dir(s, w, "chat-gpt", 1, expected_sha256="0" * 64)
+    assert not (s.paths.triton_repository / "chat-gpt" / "1").exists()  # nothing written
+    out = export_dir(s, w, "chat-gpt", 1, expected_sha256=sha256_file(w / "model.safetensors"))
+    assert out["weights_sha256"] == sha256_file(w / "model.safetensors")
