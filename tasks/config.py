@@ -364,6 +364,9 @@ class GatewayConfig(_Section):
     retry_after_s: int = Field(1, ge=1)
     docs: bool = Field(False, description="serve /docs and /openapi.json (off: any web page the operator "
                        "opens could read the API's shape and script against a keyless gateway)")
+    allowed_hosts: tuple[str, ...] = Field((), description="Host header names the gateway answers (a "
+                                           "DNS-rebinding page sends its own); empty: the loopback names and "
+                                           "stack.host; '*' answers any")
     request_timeout_s: float = Field(120.0, gt=0)
     default_max_tokens: int = Field(64, ge=1)
     max_request_bytes: int = Field(1_000_000, ge=1024)

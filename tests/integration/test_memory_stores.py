@@ -112,7 +112,7 @@ def test_deleting_a_session_removes_turns_summaries_vectors_and_queued_exchanges
 
     s = _settings(tmp_path, mode, pg)
     sid, other = f"del-{uuid.uuid4().hex[:6]}", f"keep-{uuid.uuid4().hex[:6]}"
-    with TestClient(create_app(s)) as client:
+    with TestClient(create_app(s), base_url="http://127.0.0.1") as client:
         gw = client.app.state.gateway
         memory = gw.memory
 
@@ -199,7 +199,7 @@ def test_deleting_a_user_removes_their_memories_from_every_session(tmp_path, pg,
 
     s = _settings(tmp_path, mode, pg)
     user, tag = f"u-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex[:6]
-    with TestClient(create_app(s)) as client:
+    with TestClient(create_app(s), base_url="http://127.0.0.1") as client:
         memory = client.app.state.gateway.memory
 
         async def write():

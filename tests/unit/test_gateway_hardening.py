@@ -18,7 +18,7 @@ def http(tmp_path):
 
     s = make_settings(tmp_path, f"serve.triton.grpc_port={free_port()}",
                       "serve.gateway.max_request_bytes=4096", "serve.memory.enabled=false")
-    with TestClient(create_app(s), raise_server_exceptions=False) as client:
+    with TestClient(create_app(s), base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
         yield client
 
 
@@ -99,7 +99,7 @@ def test_docs_are_off_unless_asked_for(http, tmp_path):
     assert http.get("/docs").status_code == 404 and http.get("/openapi.json").status_code == 404
     s = make_settings(tmp_path / "docs", f"serve.triton.grpc_port={free_port()}", "serve.gateway.docs=true",
                       "serve.memory.enabled=false")
-    with TestClient(create_app(s)) as client:
+    with TestClient(create_app(s), base_url="http://127.0.0.1") as client:
         assert client.get("/openapi.json").json()["paths"]["/v1/chat/completions"]
 
 
@@ -138,3 +138,25 @@ def test_export_checks_the_weights_hash_and_where_the_tokenizer_comes_from(tmp_p
     assert not (s.paths.triton_repository / "chat-gpt" / "1").exists()  # nothing written
     out = export_dir(s, w, "chat-gpt", 1, expected_sha256=sha256_file(w / "model.safetensors"))
     assert out["weights_sha256"] == sha256_file(w / "model.safetensors")
+
+
+def test_only_requests_addressed_to_the_gateway_by_name_are_answered(http, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from tasks.serve.gateway import create_app
+    from tasks.serve.gateway.app import allowed_hosts, host_name
+
+    # a DNS-rebinding page: its own name, resolved to 127.0.0.1
+    for host in ("attacker.example", "attacker.example:9000", "127.0.0.1.attacker.example", ""):
+        _err(http.get("/v1/models", headers={"host": host}), 400, "invalid_host")
+        _err(http.post("/v1/chat/completions", content=BODY,
+                       headers={"host": host, "content-type": "application/json"}), 400, "invalid_host")
+    for host in ("127.0.0.1:9000", "localhost", "LOCALHOST:9000", "[::1]:9000"):
+        assert http.get("/healthz", headers={"host": host}).status_code in (200, 503), host
+    assert host_name("[::1]:9000") == "[::1]" and host_name("a.example:1") == "a.example"
+    assert allowed_hosts(make_settings(tmp_path, "stack.host=0.0.0.0")) == {"127.0.0.1", "localhost", "[::1]"}
+    s = make_settings(tmp_path / "c", f"serve.triton.grpc_port={free_port()}", "serve.memory.enabled=false",
+                      "serve.gateway.allowed_hosts=[gateway]")
+    with TestClient(create_app(s), base_url="http://gateway:9000") as client:  # compose's service name
+        assert client.get("/v1/models").status_code == 200
+        assert client.get("/v1/models", headers={"host": "localhost"}).status_code == 400

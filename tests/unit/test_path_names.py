@@ -76,7 +76,7 @@ def test_gateway_refuses_traversal_in_session_ids_and_model_ids(tmp_path):
     from tasks.serve.gateway import create_app
 
     s = make_settings(tmp_path, f"serve.triton.grpc_port={free_port()}")
-    with TestClient(create_app(s)) as http:
+    with TestClient(create_app(s), base_url="http://127.0.0.1") as http:
         assert http.delete("/v1/sessions/..%2F..%2Fetc").status_code in (400, 404)
         r = http.post("/v1/chat/completions", headers={"X-Session-Id": "../../etc/passwd"},
                       json={"model": "chat-gpt", "messages": [{"role": "user", "content": "hi"}]})

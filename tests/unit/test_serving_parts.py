@@ -214,7 +214,7 @@ def test_gateway_api_keys_from_the_environment_401_without_them(tmp_path, monkey
     monkeypatch.setenv("LLMOPS_GATEWAY_API_KEYS", f"{key}, sk-other-{'y' * 16}")
     s = make_settings(tmp_path, "serve.gateway.api_keys_env=LLMOPS_GATEWAY_API_KEYS",
                       f"serve.triton.grpc_port={free_port()}")
-    with TestClient(create_app(s)) as http:
+    with TestClient(create_app(s), base_url="http://127.0.0.1") as http:
         for headers in ({}, {"Authorization": "Bearer wrong-key-0123456789"}, {"Authorization": key}):
             r = http.get("/v1/models", headers=headers)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
@@ -417,7 +417,7 @@ def test_unsupported_openai_parameters_answer_400_naming_them(tmp_path):
 
     s = make_settings(tmp_path, f"serve.triton.grpc_port={free_port()}")
     base = {"model": "chat-gpt", "messages": [{"role": "user", "content": "hi"}]}
-    with TestClient(create_app(s)) as http:
+    with TestClient(create_app(s), base_url="http://127.0.0.1") as http:
         for param, value in (("logprobs", True), ("top_logprobs", 3),
                              ("response_format", {"type": "json_object"}),
                              ("tools", [{"type": "function", "function": {"name": "f"}}]),

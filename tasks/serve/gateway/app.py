@@ -68,6 +68,8 @@ def create_app(settings: Settings, triton_grpc: str | None = None, triton_http: 
                   openapi_url="/openapi.json" if docs else None)
     app.state.gateway = gw  # the handlers find it here
     app.middleware("http")(_api_key)
+    app.middleware("http")(_host)  # added last: runs first
+    app.state.allowed_hosts = allowed_hosts(settings)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(Exception, _unexpected)
     app.get("/healthz")(healthz)
@@ -90,6 +92,40 @@ async def _lifespan(app: FastAPI):
         await gw.memory.wait_ready()  # CPU burst under the first requests, no recall skipped
     yield
     await gw.close()
+
+
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+
+
+def allowed_hosts(settings: Settings) -> frozenset[str]:
+    """The Host names the gateway answers: serve.gateway.allowed_hosts, or the loopback names and
+    stack.host (unless it is a wildcard address)."""
+    named = settings.serve.gateway.allowed_hosts
+    if named:
+        return frozenset(h.lower() for h in named)
+    host = settings.stack.host
+    return frozenset((*LOOPBACK_NAMES, *(() if host in ("0.0.0.0", "::") else (host.lower(),))))
+
+
+def host_name(header: str) -> str:
+    """The name part of a Host header: 'a.example:9000' -> 'a.example', '[::1]:9000' -> '[::1]'."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[:header.find("]") + 1]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+async def _host(request: Request, call_next):
+    """Answer only requests addressed to this gateway by name: a page on another site that rebinds its
+    own name to 127.0.0.1 (DNS rebinding) still sends that name."""
+    allowed = request.app.state.allowed_hosts
+    name = host_name(request.headers.get("host", ""))
+    if "*" not in allowed and name not in allowed:
+        gw = _gateway(request)
+        gw.metrics.rejected.labels("host").inc()
+        return ApiError(400, f"Host {name!r} is not served here (serve.gateway.allowed_hosts)",
+                        code="invalid_host").response(gw.headers)
+    return await call_next(request)
 
 
 async def _api_key(request: Request, call_next):
