@@ -292,14 +292,13 @@ def test_continuous_batching_joins_mid_decode_with_the_same_answers(root, server
             assert time.monotonic() < deadline and "err" not in seen, seen
             time.sleep(0.01)
         g.stop_stream()
-        (t_short, short), = seen["short"]
+        (_, short), = seen["short"]
         if int(_one(short, "joined")) >= 1:
             break
     assert int(_one(short, "joined")) >= 1, "the short request never joined a running batch"
     # admitted while the longs decoded (joined), it ran its own 2 tokens and left: it did not wait for the
     # running batch to end (the client's clock is not used: on a loaded machine the stream's delivery lags)
     assert int(_one(short, "completion_tokens")) <= 2 and int(_one(short, "steps")) <= 2
-    assert t_short > 0
 
 
 def test_two_versions_are_served_at_once_and_a_model_is_reloaded_through_the_repository_api(root, server):
