@@ -362,6 +362,8 @@ class GatewayConfig(_Section):
     batch_queue_share: float = Field(0.5, ge=0.0, le=1.0, description="share of the queue batch-priority "
                                      "requests may fill")
     retry_after_s: int = Field(1, ge=1)
+    queue_timeout_s: float = Field(30.0, ge=0, description="the longest a request waits for a slot before "
+                                   "its 429 (0: no limit)")
     docs: bool = Field(False, description="serve /docs and /openapi.json (off: any web page the operator "
                        "opens could read the API's shape and script against a keyless gateway)")
     allowed_hosts: tuple[str, ...] = Field((), description="Host header names the gateway answers (a "

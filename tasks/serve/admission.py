@@ -23,8 +23,9 @@ class Overloaded(Exception):
 
 
 class Admission:
-    def __init__(self, max_inflight: int, max_queue: int, batch_share: float = 0.5):
+    def __init__(self, max_inflight: int, max_queue: int, batch_share: float = 0.5, timeout_s: float = 0.0):
         self.max_inflight, self.max_queue = max_inflight, max_queue
+        self.timeout_s = timeout_s  # the longest wait in the queue (0: no limit); then Overloaded
         self.batch_limit = int(max_queue * batch_share)
         self.inflight = 0
         self._waiters: list[tuple[int, int, asyncio.Future]] = []
@@ -44,10 +45,14 @@ class Admission:
         fut = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiters, (priority, next(self._seq), fut))
         try:
-            await fut  # resolved by release(): the slot is handed over, inflight stays the same
+            # resolved by release(): the slot is handed over, inflight stays the same
+            done, _ = await asyncio.wait({fut}, timeout=self.timeout_s or None)
+            if not done and fut.cancel():  # (a slot handed over at this very moment is kept)
+                raise Overloaded(f"no slot within {self.timeout_s:g}s ({self.inflight} requests in flight, "
+                                 f"{self.queued} queued)")
         except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
-                self.release()  # got the slot just as the caller went away: pass it on
+            if not fut.cancel():  # got the slot just as the caller went away: pass it on
+                self.release()
             raise
 
     def release(self) -> None:

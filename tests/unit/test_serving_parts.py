@@ -145,6 +145,25 @@ def test_admission_cancelled_waiter_does_not_leak_a_slot():
     asyncio.run(scenario())
 
 
+def test_admission_wait_has_a_deadline_and_a_late_slot_is_not_lost():
+    async def scenario():
+        adm = Admission(max_inflight=1, max_queue=4, timeout_s=0.05)
+        await adm.acquire()
+        t0 = asyncio.get_running_loop().time()
+        with pytest.raises(Overloaded, match="no slot within 0.05s"):
+            await adm.acquire()
+        assert asyncio.get_running_loop().time() - t0 < 1 and adm.queued == 0
+        waiting = asyncio.create_task(adm.acquire())  # gets the slot released before its deadline
+        await asyncio.sleep(0.01)
+        adm.release()
+        await waiting
+        assert adm.inflight == 1
+        adm.release()
+        assert adm.inflight == 0
+
+    asyncio.run(scenario())
+
+
 def test_router_aliases_sticky_split_and_unknown_models(tmp_path):
     d = tmp_path / "chat-gpt"
     d.mkdir()

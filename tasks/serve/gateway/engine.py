@@ -58,7 +58,7 @@ class Gateway:
         self.tiers = {LARGE: self.router}
         if self.routing.enabled:
             self.tiers[SMALL] = Router(settings.paths.triton_repository, self.routing.small_model, SMALL)
-        self.admission = Admission(g.max_inflight, g.max_queue, g.batch_queue_share)
+        self.admission = Admission(g.max_inflight, g.max_queue, g.batch_queue_share, g.queue_timeout_s)
         self.safety = SafetyFilter(settings.serve.safety)
         self.metrics = Metrics(g.throughput_window_s, g.cost_per_hour_usd)
         self.log = RequestLog(settings.paths.requests, g.log_requests, settings.ingest.pii_kinds)
