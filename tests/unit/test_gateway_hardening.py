@@ -160,3 +160,31 @@ def test_only_requests_addressed_to_the_gateway_by_name_are_answered(http, tmp_p
     with TestClient(create_app(s), base_url="http://gateway:9000") as client:  # compose's service name
         assert client.get("/v1/models").status_code == 200
         assert client.get("/v1/models", headers={"host": "localhost"}).status_code == 400
+
+
+def test_cpu_work_runs_off_the_event_loop(tmp_path):
+    import asyncio
+    import time
+    from types import SimpleNamespace
+
+    from tasks.serve.gateway.app import off_loop
+
+    gw = SimpleNamespace(cfg=SimpleNamespace(request_timeout_s=0.5))
+
+    async def scenario():
+        ticks = []
+
+        async def ticker():
+            for _ in range(20):
+                ticks.append(time.perf_counter())
+                await asyncio.sleep(0.01)
+
+        t = asyncio.create_task(ticker())
+        assert await off_loop(gw, lambda: time.sleep(0.2) or "done") == "done"  # a slow tokenisation
+        assert len(ticks) >= 10  # the loop kept serving meanwhile
+        await t
+        with pytest.raises(ApiError) as e:
+            await off_loop(gw, time.sleep, 1.0)
+        assert e.value.status == 503 and e.value.code == "timeout"
+
+    asyncio.run(scenario())

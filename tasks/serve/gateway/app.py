@@ -23,6 +23,7 @@ behind the caller's back. A reply to the champion may then be mirrored to the ch
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -297,14 +298,15 @@ async def _complete(gw: Gateway, request: Request, x: Exchange) -> Response:
     x.record.update({"model": route.model_id, "version": route.version, "alias": route.alias,
                      "tier": decision.tier, "route_reason": decision.reason, "requested_model": req.model,
                      "session": session, "stream": req.stream, "priority": priority})
-    verdict_in = gw.safety.check("\n".join(m["content"] for m in messages if m["role"] == "user"))
+    verdict_in = await off_loop(gw, gw.safety.check,
+                                 "\n".join(m["content"] for m in messages if m["role"] == "user"))
     x.record["safety_input"] = verdict_in.to_dict()
     if verdict_in.blocked:
         gw.metrics.safety.labels("input", verdict_in.rule).inc()
         return _refusal(gw, req, route, x.rid, x.record, x.t0, messages, x.tier_headers)
     asked = await _recall(gw, req, session, messages, history, tok, block - max_tokens, x.record)
     try:
-        prompt = fit_turns(tok, history, asked, block - max_tokens)
+        prompt = await off_loop(gw, fit_turns, tok, history, asked, block - max_tokens)
     except PromptTooLong as e:
         raise ApiError(400, f"This model's maximum context length is {block} tokens: {e}",
                        param="messages", code="context_length_exceeded") from None
@@ -346,6 +348,16 @@ async def _read_request(gw: Gateway, request: Request) -> tuple[ChatRequest, lis
         raise ApiError(400, "the last message must be from the user (or system)", param="messages",
                        code="invalid_value")
     return req, messages
+
+
+async def off_loop(gw: Gateway, fn, *args):
+    """Run CPU work (tokenising, the safety classifier) in a worker thread, so a long prompt does not
+    hold up every other request's event loop; past serve.gateway.request_timeout_s it is a 503."""
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(fn, *args), gw.cfg.request_timeout_s)
+    except TimeoutError:
+        raise ApiError(503, f"the request's preparation took longer than {gw.cfg.request_timeout_s:g}s",
+                       type_="server_error", code="timeout") from None
 
 
 async def read_capped(request: Request, limit: int) -> bytes:
@@ -430,7 +442,7 @@ async def _answer(gw: Gateway, req: ChatRequest, route: Route, x: Exchange, prom
     if stopped:
         out = {**out, "finish_reason": "stop"}
         text = text.strip()
-    verdict_out = gw.safety.check(text)
+    verdict_out = await off_loop(gw, gw.safety.check, text)
     x.record["safety_output"] = verdict_out.to_dict()
     if verdict_out.blocked:
         gw.metrics.safety.labels("output", verdict_out.rule).inc()
