@@ -607,8 +607,11 @@ def test_a_memory_from_an_early_turn_is_recalled_many_turns_later_only_when_rele
         {"role": "user", "content": "Tell me about the history of Roman aqueducts."}]}, h)
     rec = _log_line(s, other.headers["x-request-id"])
     assert rec["memories"] == [] and rec["memories_recalled"] == 0, rec
-    assert _metric(gateway, "gateway_memory_sessions ") >= 1 and \
-        _metric(gateway, 'gateway_memory_bytes{stat="total"}') > 0
+    deadline = time.monotonic() + 10  # the index's totals are recomputed at most every 5 s
+    while not (_metric(gateway, "gateway_memory_sessions ") >= 1
+               and _metric(gateway, 'gateway_memory_bytes{stat="total"}') > 0):
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
     gone = httpx.delete(f"{gateway}/v1/sessions/{sid}").json()
     assert gone["turns"] and gone["memories"] >= 1 + len(filler), gone  # a repeated exchange is one memory
     again = _chat(gateway, {"model": "chat-gpt:1", "max_tokens": 2, "messages": [

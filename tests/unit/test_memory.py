@@ -155,3 +155,26 @@ def test_a_deleted_session_loses_queued_and_in_flight_exchanges(memory):
         await memory.remember("d1", None, "I moved to Porto.", "Porto is lovely too.")
         assert await memory.process(await memory.queue.get(16, timeout=1)) == 1
     run(scenario())
+
+
+def test_metrics_scrapes_reuse_the_index_totals_for_a_few_seconds(memory):
+    calls = []
+    real = memory.index.stats
+
+    async def counted():
+        calls.append(1)
+        return await real()
+
+    async def scenario():
+        memory.index.stats = counted
+        try:
+            first = await memory.update_gauges(now=1000.0)
+            for t in (1000.5, 1002.0, 1004.9):  # scrapes every second or so: one scan
+                assert await memory.update_gauges(now=t) == first
+            assert len(calls) == 1
+            await memory.update_gauges(now=1000.0 + memory.STATS_TTL_S + 0.1)
+            assert len(calls) == 2
+        finally:
+            del memory.index.stats
+
+    run(scenario())

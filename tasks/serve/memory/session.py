@@ -162,10 +162,19 @@ class SessionMemory:
                 raise TimeoutError(f"memory queue not drained within {timeout:.0f}s")
             await asyncio.sleep(0.02)
 
-    async def update_gauges(self) -> dict[str, int]:
+    STATS_TTL_S = 5.0  # a scrape reads the index's totals at most this often (they scan the whole index)
+
+    async def update_gauges(self, now: float | None = None) -> dict[str, int]:
+        """The memory gauges; the index's totals are computed at most every STATS_TTL_S seconds, so
+        frequent /metrics scrapes do not scan the index under the lock recall needs."""
         if self.index is None:
             return {}
+        now = time.monotonic() if now is None else now
+        cached = getattr(self, "_stats", None)
+        if cached is not None and now - cached[0] < self.STATS_TTL_S:
+            return cached[1]
         s = await self.index.stats()
+        self._stats = (now, s)
         self.m_bytes.labels("total").set(s["bytes"])
         self.m_bytes.labels("max_session").set(s["max_session_bytes"])
         self.m_sessions.set(s["sessions"])
