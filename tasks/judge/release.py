@@ -163,8 +163,21 @@ def skip_identical(settings: Settings, weights_dir: Path | str) -> str | None:
 
 def register_evaluated(settings: Settings, evaluated: dict[str, Any]) -> dict[str, Any]:
     """Register the gated fp32 weights as `challenger` with the evaluation's metrics; refused when a version
-    with the same weights is registered already."""
+    with the same weights is registered already from another run. Registering the same run again (an
+    Airflow retry of `register`) returns the version it registered the first time: no second version."""
     if (same := identical_weights(settings, evaluated["weights_dir"])) is not None:
+        from tasks.tracking import mlflow_client
+
+        result = Path(evaluated["weights_dir"]) / "result.json"
+        run_id = json.loads(result.read_text()).get("mlflow_run_id") if result.is_file() else None
+        name = settings.tracking.registered_model
+        v = mlflow_client(settings).get_model_version(name, str(same["version"]))
+        if run_id and v.run_id == run_id:
+            log.info("%s version %s is this run's registration already: not registered again", name,
+                     v.version)
+            return {"name": name, "version": int(v.version),
+                    "alias": "challenger" if "challenger" in same["aliases"] else None, "variant": "fp32",
+                    "source": v.source, "already_registered": True}
         raise RegistrationRefused(same["reason"])
     ev = json.loads(Path(evaluated["metrics_path"]).read_text())
     return register(settings, evaluated["weights_dir"], ev, ev["gate"])

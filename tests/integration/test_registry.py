@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -144,8 +145,17 @@ def test_register_promote_load_and_refuse_a_worse_model(root):
     assert same["version"] == 1 and "champion" in same["aliases"] and "byte for byte" in same["reason"]
     assert identical_weights(s, Path(worse["weights"]).parent) is None
     before = len(client.search_model_versions("name='chat-gpt'"))
+    # the same run registered again (an Airflow retry of `register`): its own version back, no second one
+    retried = register_evaluated(s, {"weights_dir": str(Path(good["weights"]).parent),
+                                     "metrics_path": "unused"})
+    assert retried["version"] == 1 and retried["already_registered"] is True
+    # the same bytes from another run (a retrain of unchanged inputs): refused, naming the version
+    other = root / "other-run"
+    shutil.copytree(Path(good["weights"]).parent, other)
+    result = json.loads((other / "result.json").read_text())
+    (other / "result.json").write_text(json.dumps({**result, "mlflow_run_id": "another-run"}))
     with pytest.raises(RegistrationRefused, match="byte for byte"):
-        register_evaluated(s, {"weights_dir": str(Path(good["weights"]).parent), "metrics_path": "unused"})
+        register_evaluated(s, {"weights_dir": str(other), "metrics_path": "unused"})
     assert len(client.search_model_versions("name='chat-gpt'")) == before
 
 
