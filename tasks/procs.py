@@ -1,8 +1,10 @@
 """Process supervision: the servers this project starts (Airflow, MLflow, tritonserver, the gateway).
 
-Each server runs in its own session; its process-group id is kept in var/run/<name>.pid, so any
-later process (`llmops stack down`, `llmops serve down`, a DAG task) can tell whether it is up and
-stop the whole group: SIGTERM, then SIGKILL after a grace period.
+Each server runs in its own session; its process-group id is kept in var/run/<name>.pid with the
+process's start time, so any later process (`llmops stack down`, `llmops serve down`, a DAG task) can
+tell whether it is up and stop the whole group: SIGTERM, then SIGKILL after a grace period. A pid file
+whose process has gone, or whose pid now belongs to another process (its start time differs), is
+stale: removed, never signalled.
 """
 
 from __future__ import annotations
@@ -42,18 +44,38 @@ def pidfile(settings: Settings, name: str) -> Path:
     return settings.paths.var_dir / "run" / f"{name}.pid"
 
 
+def start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks after boot, /proc/<pid>/stat field 22), None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()[19]  # fields after the command name, which may hold spaces
+
+
+def write_pidfile(settings: Settings, name: str, pid: int) -> None:
+    pf = pidfile(settings, name)
+    pf.parent.mkdir(parents=True, exist_ok=True)
+    pf.write_text(f"{pid} {start_time(pid) or ''}".strip())
+
+
 def alive(settings: Settings, name: str) -> int | None:
-    """The process-group id of the named server when it runs, else None (a stale pid file is removed)."""
+    """The process-group id of the named server when it runs, else None (a stale pid file is removed:
+    its process is gone, or the pid was reused by another process since)."""
     pf = pidfile(settings, name)
     if not pf.is_file():
         return None
-    pgid = int(pf.read_text())
+    pid_text, _, started = pf.read_text().strip().partition(" ")
+    pgid = int(pid_text)
     try:
         os.killpg(pgid, 0)
-        return pgid
     except ProcessLookupError:
         pf.unlink(missing_ok=True)
         return None
+    if started and start_time(pgid) != started:  # not the process that wrote this file
+        pf.unlink(missing_ok=True)
+        return None
+    return pgid
 
 
 def wait_http(url: str, timeout: float, name: str, log: Path) -> None:

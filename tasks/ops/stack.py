@@ -33,7 +33,7 @@ from typing import Any
 
 from tasks.config import PROJECT_DIR, Settings
 from tasks.errors import ServiceError
-from tasks.procs import alive, pidfile, stop_groups, venv_bin, wait_http
+from tasks.procs import alive, stop_groups, venv_bin, wait_http, write_pidfile
 
 SQLITE_CONNECT_ARGS = {"timeout": 60}  # sqlite3.connect(timeout=...): seconds to wait for a lock
 
@@ -240,7 +240,7 @@ def up(settings: Settings, timeout: float = 180.0) -> dict[str, Any]:
             proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True, cwd=settings.paths.root,
                                     umask=0o077)
-        pidfile(settings, name).write_text(str(proc.pid))
+        write_pidfile(settings, name, proc.pid)
         started.append(name)
     u = urls(settings)
     wait_http(f"{u['airflow']}/api/v2/monitor/health", timeout, "Airflow api-server",

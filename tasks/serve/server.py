@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 
 from tasks.config import PROJECT_DIR, Settings
-from tasks.procs import alive, pidfile, stop_groups
+from tasks.procs import alive, stop_groups, write_pidfile
 from tasks.serve import triton
 from tasks.serve.export import export
 from tasks.serve.repository import served_versions
@@ -57,7 +57,7 @@ def up(settings: Settings, timeout: float | None = None) -> dict[str, Any]:
     u = urls(settings)
     if not alive(settings, "tritonserver"):
         tp = triton.start(settings, models=_models(settings), log=logs / "tritonserver.log", wait=False)
-        pidfile(settings, "tritonserver").write_text(str(tp.proc.pid))
+        write_pidfile(settings, "tritonserver", tp.proc.pid)
         started.append("tritonserver")
         tp.wait_ready(timeout, _models(settings))
     else:  # a tier exported since the server started (e.g. the small model) is loaded now
@@ -73,7 +73,7 @@ def up(settings: Settings, timeout: float | None = None) -> dict[str, Any]:
                                      settings.profile],
                                     env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True, cwd=PROJECT_DIR)
-        pidfile(settings, "gateway").write_text(str(proc.pid))
+        write_pidfile(settings, "gateway", proc.pid)
         started.append("gateway")
     from tasks.serve.gateway import auth_headers
 
