@@ -55,6 +55,11 @@ def up(settings: Settings, timeout: float | None = None) -> dict[str, Any]:
     logs = settings.paths.var_dir / "log"
     started = []
     u = urls(settings)
+    if alive(settings, "tritonserver") and not _answers(f"http://{u['triton_http']}/v2/health/live"):
+        # its group outlived it (a kill -9 leaves the backend stubs behind) or it hangs: start afresh
+        log.warning("tritonserver's process group is there but the server does not answer: restarting it")
+        stop_groups(settings, ["tritonserver"], grace=5.0)
+        started.append("tritonserver (restarted)")
     if not alive(settings, "tritonserver"):
         tp = triton.start(settings, models=_models(settings), log=logs / "tritonserver.log", wait=False)
         write_pidfile(settings, "tritonserver", tp.proc.pid)
@@ -79,6 +84,13 @@ def up(settings: Settings, timeout: float | None = None) -> dict[str, Any]:
 
     wait_gateway(u["gateway"], timeout, logs / "gateway.log", auth_headers(settings))
     return {"started": started, **u, "models": list(_models(settings))}
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=3.0).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def wait_gateway(base: str, timeout: float, log: Path, headers: dict[str, str] | None = None) -> None:
