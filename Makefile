@@ -81,7 +81,7 @@ stop:
 
 clean: stop
 	rm -rf var reports data/raw data/clean data/quarantine data/shards data/snapshots data/tokenizers \
-	       data/.dvc data/.dvcignore data/.gitignore data/clean.dvc data/.snapshot.lock data/requests \
+	       data/.dvc data/.dvcignore data/.gitignore data/clean.dvc data/.data.lock data/requests \
 	       models/triton models/checkpoints models/exports dvcstore
 
 bench: install

@@ -13,6 +13,7 @@ Readers check `is_complete(dir)` (the `_SUCCESS` marker) before trusting a direc
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -118,3 +119,24 @@ def tree_hash(files: dict[str, str]) -> str:
     for name in sorted(files):
         h.update(f"{name}\0{files[name]}\n".encode())
     return h.hexdigest()
+
+
+class Busy(Exception):
+    """Another process holds a lock this one would not wait for."""
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, wait: bool = True, what: str = "") -> Iterator[None]:
+    """An exclusive lock between processes on this machine (fcntl on `path`, created if missing; the
+    kernel releases it if the holder dies). wait False: raise Busy at once when another process holds
+    it. A process must not take the same lock twice (the second waits forever)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise Busy(f"{what or path} is held by another process ({path})") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from tasks.atomic import atomic_dir, sha256_file, tree_hash
 from tasks.config import Settings
 from tasks.data.adapters import SUFFIXES, RawUnit, iter_units
-from tasks.data.partition import check_day
+from tasks.data.partition import check_day, data_lock
 from tasks.data.text import normalize, scrub_pii
 from tasks.errors import InputError
 from tasks.lineage import LINEAGE_FILE, code_hash, make_lineage, read_lineage
@@ -281,7 +281,7 @@ def ingest(day: str, settings: Settings) -> dict[str, Any]:
     part_dir = settings.paths.clean / f"dt={day}"
     table = pa.Table.from_pydict(rows, schema=SCHEMA)
     config_hash = settings.hash("ingest")
-    with atomic_dir(part_dir) as tmp:
+    with data_lock(settings), atomic_dir(part_dir) as tmp:  # no snapshot or shard reads it half replaced
         hashes = {}
         for i, start in enumerate(range(0, max(n_clean, 1), cfg.rows_per_part)):
             name = f"part-{i:05d}.parquet"

@@ -12,7 +12,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tasks.atomic import is_complete
+from tasks.atomic import file_lock, is_complete
+from tasks.config import Settings
 from tasks.errors import InputError
 
 
@@ -54,3 +55,10 @@ def turns_table(records: pa.Table) -> pa.Table:
         "role": flat.field("role"),
         "content": flat.field("content"),
     })
+
+
+def data_lock(settings: Settings):
+    """The one lock over data/ that ingest's publication of a clean partition, snapshot and shard take:
+    a snapshot never hashes a partition being replaced, a shard never reads one (parallel backfill days
+    run on one machine; DVC's own lock fails instead of waiting)."""
+    return file_lock(settings.paths.data_dir / ".data.lock", what="the data lock")

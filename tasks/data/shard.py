@@ -29,7 +29,7 @@ import numpy as np
 
 from tasks.atomic import atomic_dir, is_complete, sha256_file, write_json
 from tasks.config import Settings
-from tasks.data.partition import read_partition
+from tasks.data.partition import data_lock, read_partition
 from tasks.data.snapshot import SnapshotError, corpus_partitions, load_snapshot
 from tasks.errors import InputError
 from tasks.lineage import LINEAGE_FILE, make_lineage
@@ -155,7 +155,13 @@ def tokenizer_info(tok_dir: Path) -> dict[str, Any]:
 
 
 def shard(settings: Settings, snapshot_hash: str | None = None) -> dict[str, Any]:
-    """Tokenize the snapshot's corpus into train/val shards; reuse everything whose inputs are unchanged."""
+    """Tokenize the snapshot's corpus into train/val shards; reuse everything whose inputs are unchanged.
+    Holds the data lock: no day is published into data/clean while its partitions are read."""
+    with data_lock(settings):
+        return _shard(settings, snapshot_hash)
+
+
+def _shard(settings: Settings, snapshot_hash: str | None) -> dict[str, Any]:
     import tokenizers
 
     snap = load_snapshot(settings, snapshot_hash)

@@ -12,12 +12,9 @@ back by copying data/snapshots/<id>.dvcmeta to data/clean.dvc and running `dvc p
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +22,7 @@ import yaml
 
 from tasks.atomic import atomic_file, is_complete, tree_hash, write_json
 from tasks.config import Settings
+from tasks.data.partition import data_lock
 from tasks.errors import InputError
 from tasks.lineage import LINEAGE_FILE, make_lineage
 
@@ -41,17 +39,6 @@ class SnapshotError(InputError):
     """No clean partitions or no such snapshot."""
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Serialise snapshot runs (parallel backfill days) on one machine; DVC's own lock fails instead of
-    waiting."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def corpus_partitions(settings: Settings) -> dict[str, str]:
@@ -96,7 +83,7 @@ def dvc_repo(data_dir: Path, settings: Settings):
 
 def snapshot(settings: Settings) -> dict[str, Any]:
     data_dir = settings.paths.data_dir
-    with _locked(data_dir / ".snapshot.lock"):
+    with data_lock(settings):
         parts = corpus_partitions(settings)
         if not parts:
             raise SnapshotError(f"no complete clean partitions under {settings.paths.clean}; "

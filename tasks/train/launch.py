@@ -116,11 +116,26 @@ def train(settings: Settings, manifest: Path | str | None = None, resume: bool =
           teacher: dict[str, Any] | None = None, trigger: dict[str, str] | None = None) -> dict[str, Any]:
     """Train on the shards of `manifest`. With `teacher` (tasks/train/distill.py builds it: weights_dir,
     weights_sha256, temperature, alpha, and who the teacher is) the ranks distill a student from it.
-    `trigger` ({"reason": ..., "drift_report": ...}: why this training runs) is tagged on the MLflow run."""
+    `trigger` ({"reason": ..., "drift_report": ...}: why this training runs) is tagged on the MLflow run.
+    One process at a time per run: a second train of the same run (same inputs) fails at once, instead of
+    sharing its directory (or, with resume=False, deleting it under the first)."""
+    from tasks.atomic import Busy, file_lock
+
+    manifest = Path(manifest) if manifest else latest_manifest(settings)
+    run_id = run_identity(settings, manifest, teacher)
+    lock = settings.paths.models_dir / "checkpoints" / f".{run_id}.lock"
+    try:
+        with file_lock(lock, wait=False, what=f"training run {run_id}"):
+            return _train(settings, manifest, resume, teacher, trigger)
+    except Busy as e:
+        raise TrainError(f"{e}: another process trains it now; wait for it, or change the inputs") from None
+
+
+def _train(settings: Settings, manifest: Path, resume: bool, teacher: dict[str, Any] | None,
+           trigger: dict[str, str] | None) -> dict[str, Any]:
     import torch
 
     t = settings.train
-    manifest = Path(manifest) if manifest else latest_manifest(settings)
     man = json.loads(manifest.read_text())
     vocab = -(-man["vocab_size"] // 64) * 64  # round up: faster matmuls, room for added tokens
     config_hash = settings.hash("model", "train")
