@@ -382,8 +382,14 @@ class GatewayConfig(_Section):
     throughput_window_s: float = Field(60.0, gt=0)
     log_requests: bool = True
     # OpenAI-style `Authorization: Bearer <key>` on /v1/*: the keys come only from the environment
-    # variable named here (comma-separated); empty: no key is asked for (loopback-only default)
+    # variable named here (comma-separated `principal=key` entries; tasks/serve/gateway/tenancy.py);
+    # empty: no key is asked for, and the gateway refuses to listen beyond loopback
     api_keys_env: str = Field("", pattern=r"^([A-Z_][A-Z0-9_]*)?$")
+    rate_limit_rps: float = Field(0.0, ge=0.0, description="requests per second each principal (API key's "
+                                  "owner) may make on average, per gateway process; beyond: 429 with "
+                                  "Retry-After (0: no limit)")
+    rate_limit_burst: int = Field(20, ge=1, description="requests a principal may make at once before "
+                                  "rate_limit_rps applies")
 
 
 class RoutingConfig(_Section):

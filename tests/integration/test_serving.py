@@ -479,7 +479,20 @@ def test_sessions_safety_request_log_and_metrics(server, gateway):
     assert first.status_code == second.status_code == 200
     # turns 1-2 came along
     assert second.json()["usage"]["prompt_tokens"] > first.json()["usage"]["prompt_tokens"]
-    assert httpx.delete(f"{gateway}/v1/sessions/{sid}").json()["deleted"] is True
+    from tasks.serve.gateway.tenancy import LOCAL, Pseudonyms
+
+    pseudonym = Pseudonyms.of_install(s)(LOCAL.scoped(sid))  # what the log keeps of the session id
+
+    def logged() -> list[dict]:
+        return [json.loads(x) for f in s.paths.requests.glob("dt=*/*.jsonl")
+                for x in f.read_text().splitlines()]
+
+    assert len([x for x in logged() if x.get("session") == pseudonym]) == 2
+    first_line = next(x for x in logged() if x["request_id"] == first.headers["x-request-id"])
+    gone = httpx.delete(f"{gateway}/v1/sessions/{sid}").json()
+    # its turns, and its lines in the request log (the refused first turns of other sessions stay)
+    assert gone["deleted"] is True and gone["log_lines"] == 2, gone
+    assert not [x for x in logged() if x.get("session") == pseudonym]
     third = httpx.post(url, headers=h, json={"model": "chat-gpt:1", "max_tokens": 8,
                                               "messages": [{"role": "user", "content": "and what next?"}]})
     assert third.json()["usage"]["prompt_tokens"] < second.json()["usage"]["prompt_tokens"]
@@ -496,10 +509,11 @@ def test_sessions_safety_request_log_and_metrics(server, gateway):
                  "gateway_cost_per_million_tokens_usd",
                  'gateway_safety_blocked_total{rule="pattern:0",stage="input"}', 'status="200"'):
         assert name in metrics, name
-    lines = [json.loads(x) for f in s.paths.requests.glob("dt=*/*.jsonl") for x in f.read_text().splitlines()]
-    mine = [x for x in lines if x.get("session") == sid]
-    assert len(mine) == 3 and all(x["safety_version"].startswith("2026.11.1+") for x in mine)
-    assert "ann@example.com" not in json.dumps(lines) and "[EMAIL]" in mine[0]["prompt"]
+    lines = logged()
+    mine = [x for x in lines if x.get("session") == pseudonym]
+    assert len(mine) == 1 and all(x["safety_version"].startswith("2026.11.1+") for x in mine)
+    assert sid not in json.dumps(lines)  # session ids only as pseudonyms
+    assert "ann@example.com" not in json.dumps(lines) and "[EMAIL]" in first_line["prompt"]
     assert {"latency_ms", "ttft_ms", "prompt_tokens", "completion_tokens", "version", "safety_input"} <= \
         set(mine[0])
     assert any(x.get("safety_input", {}).get("blocked") for x in lines)
@@ -617,6 +631,65 @@ def test_a_memory_from_an_early_turn_is_recalled_many_turns_later_only_when_rele
     again = _chat(gateway, {"model": "chat-gpt:1", "max_tokens": 2, "messages": [
         {"role": "user", "content": "My dog's name?"}]}, h)
     assert _log_line(s, again.headers["x-request-id"])["memories"] == []
+
+
+def test_two_api_keys_share_no_session_memory_log_line_or_deletion(server, monkeypatch):
+    """Tenancy through the real model server and memory: two principals using the same session and
+    user ids have separate conversations and memories, and neither can delete the other's."""
+    s, _ = server
+    from tasks.serve.gateway.tenancy import Principal, Pseudonyms
+
+    key_a, key_b = "sk-alice-" + "a" * 20, "sk-bob-" + "b" * 20
+    monkeypatch.setenv("LLMOPS_TEST_GATEWAY_KEYS", f"alice={key_a},bob={key_b}")
+    proc, base = start_gateway(s, "serve.gateway.api_keys_env=LLMOPS_TEST_GATEWAY_KEYS",
+                               "serve.memory.scope=user", "serve.memory.max_prompt_share=0.9",
+                               "serve.memory.summary_max_chars=120")
+
+    def as_(key, sid):
+        return {"Authorization": f"Bearer {key}", "X-Session-Id": sid}
+
+    def ask(key, sid, text, tokens=2):
+        r = _chat(base, {"model": "chat-gpt:1", "max_tokens": tokens, "user": "u1",
+                         "messages": [{"role": "user", "content": text}]}, as_(key, sid))
+        assert r.status_code == 200, r.text
+        return _log_line(s, r.headers["x-request-id"])
+
+    try:
+        r = _chat(base, {"model": "chat-gpt:1", "messages": [{"role": "user", "content": "hi"}]},
+                  {"X-Session-Id": "s1"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        stored = _metric(base, 'gateway_memory_jobs_total{outcome="stored"}')
+        ask(key_a, "s1", "My dog is Rex.", tokens=4)
+        deadline = time.monotonic() + 60
+        while _metric(base, 'gateway_memory_jobs_total{outcome="stored"}') < stored + 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        # bob, same session and user ids: none of alice's turns, none of her user's memories
+        rec = ask(key_b, "s1", "My dog's name?")
+        assert rec["history_turns_used"] == 0, rec
+        rec = ask(key_b, "s2", "My dog's name?")
+        assert rec["memories_recalled"] == 0, rec
+        # alice: her turns in s1, her user's memory recalled in another of her sessions
+        assert ask(key_a, "s1", "My dog's name?")["history_turns_used"] > 0
+        assert ask(key_a, "s2", "My dog's name?")["memories_recalled"] >= 1
+        pseudonym = Pseudonyms.of_install(s)
+        alice_s1 = pseudonym(Principal("alice").scoped("s1"))
+        lines = [json.loads(x) for f in s.paths.requests.glob("dt=*/*.jsonl")
+                 for x in f.read_text().splitlines()]
+        assert sum(x.get("session") == alice_s1 for x in lines) == 2
+        # bob deletes "s1" and "u1": his own, alice's stay
+        assert httpx.delete(f"{base}/v1/sessions/s1", headers=as_(key_b, "s1")).status_code == 200
+        bob = httpx.delete(f"{base}/v1/users/u1", headers=as_(key_b, "s1")).json()
+        assert bob["sessions"] == 1, bob  # his s2 (s1 went above); alice's three are not his
+        lines = [json.loads(x) for f in s.paths.requests.glob("dt=*/*.jsonl")
+                 for x in f.read_text().splitlines()]
+        assert sum(x.get("session") == alice_s1 for x in lines) == 2
+        assert ask(key_a, "s1", "My dog's name?")["history_turns_used"] > 0
+        assert ask(key_a, "s3", "My dog's name?")["memories_recalled"] >= 1
+        alice = httpx.delete(f"{base}/v1/users/u1", headers=as_(key_a, "s1")).json()
+        assert alice["deleted"] and alice["memories"] >= 1 and alice["sessions"] == 3, alice
+    finally:
+        triton.stop_group(proc.pid)
 
 
 def test_identical_concurrent_requests_are_served_by_one_inference(server, gateway):

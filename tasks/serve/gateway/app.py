@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import secrets
@@ -55,6 +54,7 @@ from tasks.serve.gateway.schema import (
     sse,
     validation_error,
 )
+from tasks.serve.gateway.tenancy import LOCAL, Principal, authenticate, retry_after
 from tasks.serve.sessions import SESSION_ID
 from tasks.serve.tiers import SMALL, Decision
 
@@ -130,17 +130,32 @@ async def _host(request: Request, call_next):
 
 
 async def _api_key(request: Request, call_next):
-    """/v1/* needs one of the configured keys when any is set; health and metrics stay open."""
+    """/v1/* acts for a principal: the owner of the request's API key when keys are configured (401
+    without one), else `local`; then the principal's rate limit (429). Health and metrics stay open."""
     gw = _gateway(request)
-    if gw.api_keys and request.url.path.startswith("/v1/"):
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip().encode(), k.encode())
-                                                  for k in gw.api_keys):
+    if not request.url.path.startswith("/v1/"):
+        return await call_next(request)
+    principal = LOCAL
+    if gw.api_keys:
+        principal = authenticate(gw.api_keys, request.headers.get("authorization", ""))
+        if principal is None:
             gw.metrics.rejected.labels("unauthorized").inc()
             e = ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
                          code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
             return e.response(gw.headers)
+    wait = gw.rate_limit.take(principal.id)
+    if wait > 0:
+        gw.metrics.rejected.labels("rate_limited").inc()
+        e = ApiError(429, f"Rate limit reached for {principal.id}: {gw.cfg.rate_limit_rps:g} requests per "
+                     f"second (bursts of {gw.cfg.rate_limit_burst}); retry in {wait:.2f}s",
+                     type_="requests", code="rate_limit_exceeded", headers={"Retry-After": retry_after(wait)})
+        return e.response(gw.headers)
+    request.state.principal = principal
     return await call_next(request)
+
+
+def _principal(request: Request) -> Principal:
+    return request.state.principal
 
 
 async def _api_error(request: Request, e: ApiError):
@@ -203,30 +218,42 @@ async def models(request: Request):
 
 
 async def delete_session(session_id: str, request: Request):
+    """The caller's own session: its turns, its long-term memories (queued or stored) and its lines in
+    the request and shadow logs."""
     gw = _gateway(request)
     if not SESSION_ID.fullmatch(session_id):
         raise ApiError(400, "invalid session id", param="session_id", code="invalid_value")
-    turns = await gw.store.delete(session_id)
+    session = _principal(request).scoped(session_id)
+    turns = await gw.store.delete(session)
     gone = {"queued": 0, "memories": 0}
     if gw.memory is not None:
-        gone = await gw.memory.forget(session=session_id)
-    return JSONResponse({"id": session_id, "object": "session", "deleted": bool(turns or gone["memories"]),
-                         "turns": turns, "memories": gone["memories"], "queued": gone["queued"]},
+        gone = await gw.memory.forget(session=session)
+    lines = await gw.forget_logs(session=session)
+    return JSONResponse({"id": session_id, "object": "session",
+                         "deleted": bool(turns or gone["memories"] or lines), "turns": turns,
+                         "memories": gone["memories"], "queued": gone["queued"], "log_lines": lines},
                         headers=gw.headers)
 
 
 async def delete_user(user_id: str, request: Request):
-    """A user's long-term memories from every session, and the session keyed by the user id itself
-    (a request with `user` and no session id keeps its turns under the user id)."""
+    """One of the caller's users: the short-term turns of every session that named this user, the
+    session keyed by the user id itself (a request with `user` and no session id keeps its turns
+    there), the user's long-term memories from every session, and the lines of all of these in the
+    request and shadow logs."""
     gw = _gateway(request)
     if not SESSION_ID.fullmatch(user_id):
         raise ApiError(400, "invalid user id", param="user_id", code="invalid_value")
-    turns = await gw.store.delete(user_id)
+    user = _principal(request).scoped(user_id)
+    turns = await gw.store.delete(user)
+    sessions = await gw.store.delete_user(user)
     gone = {"queued": 0, "memories": 0}
     if gw.memory is not None:
-        gone = await gw.memory.forget(session=user_id, user=user_id)
-    return JSONResponse({"id": user_id, "object": "user", "deleted": bool(turns or gone["memories"]),
-                         "turns": turns, **gone}, headers=gw.headers)
+        gone = await gw.memory.forget(session=user, user=user)
+    lines = await gw.forget_logs(user=user)
+    return JSONResponse({"id": user_id, "object": "user",
+                         "deleted": bool(turns or sessions or gone["memories"] or lines),
+                         "turns": turns, "sessions": sessions, **gone, "log_lines": lines},
+                        headers=gw.headers)
 
 
 # ---------------------------------------------------------------- chat completions
@@ -270,7 +297,11 @@ async def chat(request: Request):
 async def _complete(gw: Gateway, request: Request, x: Exchange) -> Response:
     """The request from its body to its answer; an error is raised, for chat() to answer and log."""
     req, messages = await _read_request(gw, request)
-    session = session_of(req, request)
+    who = _principal(request)
+    # the caller's names, kept in its principal's space: no other key's requests can reach them
+    session = who.scoped(session_of(req, request))
+    if req.user is not None:  # from here on `user` is the scoped name too (recall, remember)
+        req = req.model_copy(update={"user": who.scoped(req.user)})
     priority = _priority(req, request)
     await gw.poll_triton()
     if not gw.triton_up:
@@ -297,7 +328,8 @@ async def _complete(gw: Gateway, request: Request, x: Exchange) -> Response:
                        param="max_tokens", code="invalid_value")
     x.record.update({"model": route.model_id, "version": route.version, "alias": route.alias,
                      "tier": decision.tier, "route_reason": decision.reason, "requested_model": req.model,
-                     "session": session, "stream": req.stream, "priority": priority})
+                     "session": gw.pseudonym(session), "user": gw.pseudonym(req.user), "stream": req.stream,
+                     "priority": priority})
     verdict_in = await off_loop(gw, gw.safety.check,
                                  "\n".join(m["content"] for m in messages if m["role"] == "user"))
     x.record["safety_input"] = verdict_in.to_dict()
@@ -464,10 +496,11 @@ async def _answer(gw: Gateway, req: ChatRequest, route: Route, x: Exchange, prom
 
 
 async def _keep(gw: Gateway, session: str, user: str | None, messages: list[dict], reply: str) -> None:
-    """A finished exchange: its turns into the short-term store, and queued for long-term memory
-    (condensed and embedded by the memory worker, after this request has been answered)."""
-    await gw.store.append(session, [m for m in messages if m["role"] != "system"]
-                          + [{"role": "assistant", "content": reply}])
+    """A finished exchange: its turns (PII scrubbed) into the short-term store, and queued for long-term
+    memory (condensed and embedded by the memory worker, after this request has been answered)."""
+    turns = [m for m in messages if m["role"] != "system"] + [{"role": "assistant", "content": reply}]
+    # kept PII-scrubbed, as the logs and long-term memories are: a later turn sees "[EMAIL]"
+    await gw.store.append(session, [{**m, "content": gw.log.scrub(m["content"])} for m in turns], user)
     if gw.memory is not None:
         last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
         await gw.memory.remember(session, user, last_user, reply)
@@ -511,7 +544,7 @@ def _mirror(gw: Gateway, route: Route, key: str, prompt: list[dict], max_tokens:
                 "finish_reason": out["finish_reason"], "safety_output": record.get("safety_output"),
                 "response": gw.log.scrub(text)}
     gw.mirror(shadow, prompt, max_tokens, req, {"request_id": record["request_id"],
-                                                 "session": record.get("session"),
+                                                 "session": record.get("session"), "user": record.get("user"),
                                                  "prompt": gw.log.scrub(last_user), "reply": champion})
 
 

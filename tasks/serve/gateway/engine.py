@@ -10,7 +10,7 @@ counts, safety verdicts) is one line under data/requests/shadow/dt=YYYY-MM-DD/, 
 `tasks.loop.rollout.shadow_report` scores. Mirrors run under their own small concurrency bound and
 are dropped (counted) rather than queued when it is full, so they cannot crowd out live traffic.
 
-Also the API keys the gateway accepts, and the headers its own clients (the CLI, the DAGs) send.
+Which principal a request acts for, and its rate limit: tenancy.py.
 """
 
 from __future__ import annotations
@@ -19,19 +19,18 @@ import asyncio
 import hashlib
 import json
 import logging
-import os
 import time
 from typing import Any
 
 import numpy as np
 
 from tasks.config import Settings
-from tasks.errors import ConfigError
 from tasks.serve.admission import Admission
 from tasks.serve.gateway.errors import LeaderGone, TritonUnavailable
 from tasks.serve.gateway.metrics import Metrics, RequestLog
 from tasks.serve.gateway.routing import Route, Router
 from tasks.serve.gateway.schema import ChatRequest, cut_at_stop
+from tasks.serve.gateway.tenancy import Pseudonyms, RateLimiter, api_keys, check_exposure
 from tasks.serve.memory import SessionMemory
 from tasks.serve.safety import SafetyFilter
 from tasks.serve.sessions import open_store
@@ -70,7 +69,10 @@ class Gateway:
         self.memory = (SessionMemory(m, settings.ingest.pii_kinds, registry=self.metrics.registry)
                        if m.enabled else None)
         self._inflight: dict[str, asyncio.Future] = {}  # coalescing: request key -> the leader's result
-        self.api_keys = api_keys(settings)
+        self.api_keys = api_keys(settings)  # key -> principal
+        check_exposure(settings, self.api_keys)
+        self.rate_limit = RateLimiter(g.rate_limit_rps, g.rate_limit_burst)
+        self.pseudonym = Pseudonyms.of_install(settings)  # what the logs keep of session and user ids
         self._client = None
         self._tokenizers: dict[tuple[str, int], tuple[Any, int]] = {}
         self.triton_up = False
@@ -234,6 +236,7 @@ class Gateway:
                     "latency_ms": round((time.perf_counter() - t0) * 1e3, 3)}
             self.metrics.shadow.labels("error").inc()
         self.shadow_log.write({"request_id": champion["request_id"], "session": champion.get("session"),
+                               "user": champion.get("user"),
                                "model": shadow.triton_model, "tier": shadow.tier,
                                "prompt": champion["prompt"], "champion": champion["reply"],
                                "challenger": out})
@@ -283,6 +286,14 @@ class Gateway:
             if key and self._inflight.get(key) is fut:
                 del self._inflight[key]
 
+    async def forget_logs(self, session: str | None = None, user: str | None = None) -> int:
+        """Remove a session's (or user's) lines from the request and shadow logs: the lines whose
+        pseudonymised `session` is this session (or the user's own), or whose `user` is this user."""
+        match = {"session": {self.pseudonym(n) for n in (session, user) if n is not None}}
+        if user is not None:
+            match["user"] = {self.pseudonym(user)}
+        return sum([await asyncio.to_thread(log.forget, match) for log in (self.log, self.shadow_log)])
+
     async def close(self) -> None:
         for task in list(self._shadow_tasks):
             task.cancel()
@@ -314,21 +325,3 @@ def _counts(res) -> dict[str, Any]:
         out["engine"] = {k: round(float(one(k)), 3) for k in ("queue_ms", "prefill_ms", "decode_ms")}
         out["engine"]["steps"] = int(one("steps"))
     return out
-
-
-def api_keys(settings: Settings) -> tuple[str, ...]:
-    """The keys the gateway accepts, from the environment variable `serve.gateway.api_keys_env` names."""
-    var = settings.serve.gateway.api_keys_env
-    if not var:
-        return ()
-    keys = tuple(k.strip() for k in os.environ.get(var, "").split(",") if k.strip())
-    if not keys or any(len(k) < 16 for k in keys):
-        raise ConfigError(f"serve.gateway.api_keys_env={var}: set ${var} to one or more comma-separated keys "
-                         "of 16 characters or more")
-    return keys
-
-
-def auth_headers(settings: Settings) -> dict[str, str]:
-    """What a client of this gateway sends: the first configured key, if keys are on."""
-    keys = api_keys(settings)
-    return {"Authorization": f"Bearer {keys[0]}"} if keys else {}

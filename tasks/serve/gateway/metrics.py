@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
 import os
 import time
@@ -69,12 +70,17 @@ class Metrics:
 
 
 class RequestLog:
-    """One JSON line per request under data/requests/dt=YYYY-MM-DD/, PII scrubbed as in ingest."""
+    """One JSON line per request under data/requests/dt=YYYY-MM-DD/, PII scrubbed as in ingest; session
+    and user ids only as keyed pseudonyms (tenancy.Pseudonyms), which is what `forget` matches.
+
+    Each write holds an exclusive flock on its file, and `forget` rewrites a file (atomically, under
+    the same lock) without the lines it removes; a writer that finds its file replaced reopens it,
+    so no line is lost between the two, whichever gateway process wrote the file."""
 
     def __init__(self, root: Path, enabled: bool, pii_kinds: tuple[str, ...]):
         self.root, self.enabled, self.pii_kinds = root, enabled, pii_kinds
         self._file = None
-        self._day = None
+        self._path: Path | None = None
 
     def scrub(self, text: str) -> str:
         from tasks.data.text import scrub_pii
@@ -85,20 +91,64 @@ class RequestLog:
         if not self.enabled:
             return
         now = dt.datetime.now(dt.UTC)
-        day = now.strftime("%Y-%m-%d")
-        if day != self._day:
-            if self._file:
-                self._file.close()
-            d = self.root / f"dt={day}"
-            d.mkdir(parents=True, exist_ok=True)
-            self._file = open(d / f"gateway-{os.getpid()}.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-            self._day = day
-        self._file.write(json.dumps({"ts": now.isoformat(), **record}, ensure_ascii=False) + "\n")
-        self._file.flush()
+        path = self.root / f"dt={now.strftime('%Y-%m-%d')}" / f"gateway-{os.getpid()}.jsonl"
+        line = json.dumps({"ts": now.isoformat(), **record}, ensure_ascii=False) + "\n"
+        while True:
+            if path != self._path or self._file is None:
+                self.close()
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._file, self._path = open(path, "a", encoding="utf-8"), path  # noqa: SIM115
+            fcntl.flock(self._file, fcntl.LOCK_EX)
+            try:
+                if _replaced(self._file, path):  # `forget` rewrote it since it was opened: use the new one
+                    self.close()
+                    continue
+                self._file.write(line)
+                self._file.flush()
+                return
+            finally:
+                if self._file is not None:
+                    fcntl.flock(self._file, fcntl.LOCK_UN)
+
+    def forget(self, match: dict[str, set[str]]) -> int:
+        """Remove every line in which some field of `match` holds one of its values, from every
+        partition; returns how many lines went."""
+        from tasks.atomic import atomic_file
+
+        removed = 0
+        for path in sorted(self.root.glob("dt=*/*.jsonl")):
+            with open(path, "a", encoding="utf-8") as held:
+                fcntl.flock(held, fcntl.LOCK_EX)  # writers wait; the lock goes with the old file
+                if _replaced(held, path):
+                    continue  # rewritten meanwhile by another `forget`, which saw the same lines
+                lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+                keep = [x for x in lines if not _matches(x, match)]
+                if len(keep) == len(lines):
+                    continue
+                with atomic_file(path) as tmp:
+                    tmp.write_text("".join(keep), encoding="utf-8")
+                removed += len(lines) - len(keep)
+        return removed
 
     def close(self) -> None:
         if self._file:
             self._file.close()
+        self._file = self._path = None
+
+
+def _replaced(f, path: Path) -> bool:
+    try:
+        return os.fstat(f.fileno()).st_ino != os.stat(path).st_ino
+    except FileNotFoundError:
+        return True
+
+
+def _matches(line: str, match: dict[str, set[str]]) -> bool:
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:
+        return False  # a torn last line: kept as it is
+    return isinstance(rec, dict) and any(rec.get(k) in v for k, v in match.items())
 
 
 PHASES = ("gateway_ms", "network_ms", "queue_ms", "prefill_ms", "decode_ms")
