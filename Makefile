@@ -15,7 +15,7 @@ RUN_FROM ?= 2026-11-01
 RUN_TO   ?= 2026-11-03
 PYTEST_ARGS ?=
 
-.PHONY: help install test lint run status stop clean bench browser
+.PHONY: help install test lint run status stop clean bench browser fuzz
 
 help:
 	@echo "make run      install, start Airflow + MLflow + Triton + gateway on 127.0.0.1, run the lifecycle on the $(PROFILE) profile, print URLs"
@@ -23,6 +23,7 @@ help:
 	@echo "make test     install, then make lint (ruff, import-linter, mypy) + pytest (unit, integration, e2e)"
 	@echo "make stop     stop the stack;   make clean  stop and remove generated state"
 	@echo "make bench    print the benchmark JSON lines"
+	@echo "make fuzz     ~2,250 schema-generated requests against a real gateway + model server (no 5xx, OpenAI error bodies)"
 
 install: $(STAMP) $(SERVE_STAMP)
 
@@ -68,6 +69,9 @@ browser:
 
 test: install lint browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+fuzz: install
+	LLMOPS_FUZZ_SCALE=5 $(BIN)/python -m pytest -q -s tests/integration/test_serving.py -k fuzzing
 
 run: install
 	@echo "==> the lifecycle on the $(PROFILE) profile, through Airflow's REST API (first run about 8 minutes on 2 cores; again: only checks, seconds)"

@@ -53,3 +53,27 @@ def test_memory_store_lru_ttl_and_bad_urls():
     asyncio.run(scenario())
     with pytest.raises(ValueError, match="context_store"):
         open_store(GatewayConfig(context_store="postgres://x"))
+
+
+@pytest.mark.parametrize("kind", ["redis", "memory"])
+def test_deleting_a_user_deletes_every_session_that_named_it_and_no_other(kind):
+    if kind == "redis":
+        redis_up()
+
+    async def scenario():
+        store = (RedisStore(REDIS_URL, 8, 60) if kind == "redis" else MemoryStore(8, 60, 100))
+        tag = uuid.uuid4().hex[:8]
+        turn = [{"role": "user", "content": "hi"}]
+        for sid in ("s1", "s2"):
+            await store.append(f"a/{tag}-{sid}", turn, user=f"a/{tag}-u1")
+        await store.append(f"a/{tag}-s3", turn, user=f"a/{tag}-u2")
+        await store.append(f"b/{tag}-s1", turn, user=f"b/{tag}-u1")  # another principal's u1
+        assert await store.delete_user(f"a/{tag}-u1") == 2
+        assert await store.get(f"a/{tag}-s1") == [] == await store.get(f"a/{tag}-s2")
+        assert await store.get(f"a/{tag}-s3") == turn and await store.get(f"b/{tag}-s1") == turn
+        assert await store.delete_user(f"a/{tag}-u1") == 0  # nothing left to delete
+        for k in (f"a/{tag}-u2", f"b/{tag}-u1"):
+            assert await store.delete_user(k) == 1
+        await store.close()
+
+    asyncio.run(scenario())

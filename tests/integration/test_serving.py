@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -690,6 +691,71 @@ def test_two_api_keys_share_no_session_memory_log_line_or_deletion(server, monke
         assert alice["deleted"] and alice["memories"] >= 1 and alice["sessions"] == 3, alice
     finally:
         triton.stop_group(proc.pid)
+
+
+# generated requests per operation and generation mode (the rest: 10, or as many as there are), times
+# $LLMOPS_FUZZ_SCALE: 1 in `make test` (~450 requests), 5 in `make fuzz` (~2,250)
+FUZZ_SCALE = float(os.environ.get("LLMOPS_FUZZ_SCALE", "1"))
+FUZZ_EXAMPLES = {k: round(v * FUZZ_SCALE) for k, v in {
+    "POST /v1/chat/completions": 160, "DELETE /v1/sessions/{session_id}": 30,
+    "DELETE /v1/users/{user_id}": 30}.items()}
+
+
+def _fuzz(op, mode, base: str, key: str, seen: Counter):
+    """Run `op`'s generated cases of `mode` against the gateway at `base`, counting answers in `seen`."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis.errors import Unsatisfiable
+
+    name = f"{op.method.upper()} {op.path}"
+
+    @settings(max_examples=FUZZ_EXAMPLES.get(name, 10), deadline=None, database=None, print_blob=True,
+              suppress_health_check=list(HealthCheck))
+    @given(case=op.as_strategy(generation_mode=mode))
+    def one(case):
+        keyed = seen["requests"] % 10 != 9  # every tenth without the key: 401
+        r = case.call(base_url=base, headers={"Authorization": f"Bearer {key}"} if keyed else {}, timeout=120)
+        seen["requests"] += 1
+        seen[f"{name} {mode.value} {r.status_code}"] += 1
+        assert r.status_code < 500, f"{r.status_code} {r.text[:300]}\n{case.as_curl_command()}"
+        if r.status_code >= 400:
+            err = r.json()["error"]
+            assert set(err) == {"message", "type", "param", "code"}, r.text
+            assert isinstance(err["message"], str) and err["message"] and err["type"], r.text
+
+    try:
+        one()
+    except Unsatisfiable:  # nothing to generate: a negative case of an operation without parameters
+        assert mode.value == "negative" and not op.path_parameters and not op.body, name
+
+
+def test_fuzzing_the_gateway_from_its_openapi_schema_gives_no_5xx_and_openai_errors(server, monkeypatch):
+    """schemathesis generates requests from the gateway's own OpenAPI schema, valid ones and ones that
+    break it on purpose (wrong types, missing fields, out-of-range values, odd path ids), with and
+    without the API key, against a real gateway in front of the real model server: no answer is a
+    5xx, and every error is an OpenAI error body."""
+    import schemathesis
+    from schemathesis import GenerationMode
+
+    s, _ = server
+    key = "sk-fuzz-" + "f" * 24
+    monkeypatch.setenv("LLMOPS_TEST_FUZZ_KEYS", f"fuzz={key}")
+    proc, base = start_gateway(s, "serve.gateway.docs=true",
+                               "serve.gateway.api_keys_env=LLMOPS_TEST_FUZZ_KEYS")
+    seen: Counter = Counter()
+    try:
+        schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
+        operations = [r.ok() for r in schema.get_all_operations()]
+        assert {f"{o.method.upper()} {o.path}" for o in operations} >= set(FUZZ_EXAMPLES)
+        for op in operations:
+            for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+                _fuzz(op, mode, base, key, seen)
+    finally:
+        triton.stop_group(proc.pid)
+    print(json.dumps(dict(sorted(seen.items())), indent=1))
+    assert seen["requests"] >= 0.9 * 2 * sum(FUZZ_EXAMPLES.values()), seen
+    # the fuzzing reached the model, not only the validation in front of it
+    answered = seen["POST /v1/chat/completions positive 200"]
+    assert answered >= 0.05 * FUZZ_EXAMPLES["POST /v1/chat/completions"], seen
 
 
 def test_identical_concurrent_requests_are_served_by_one_inference(server, gateway):

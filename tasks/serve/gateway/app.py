@@ -79,7 +79,42 @@ def create_app(settings: Settings, triton_grpc: str | None = None, triton_http: 
     app.delete("/v1/sessions/{session_id}")(delete_session)
     app.delete("/v1/users/{user_id}")(delete_user)
     app.post("/v1/chat/completions")(chat)
+    app.openapi = lambda: _openapi(app)
     return app
+
+
+ERRORS = {400: "invalid request (the body names the parameter)", 401: "missing or unknown API key",
+          404: "model not served", 413: "body too large", 415: "not application/json",
+          429: "rate limit or capacity (Retry-After)", 503: "model server unavailable (Retry-After)"}
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, plus what the chat handler reads itself (it parses the body to answer bad
+    JSON, wrong types and sizes with OpenAI error bodies): the request body's schema, and the error
+    answers of /v1/*. What /docs shows and what schema-driven fuzzers (schemathesis) generate from."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        body = ChatRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(body.pop("$defs", {}))
+        components["ChatRequest"] = body
+        components["Error"] = {"type": "object", "required": ["error"], "properties": {"error": {
+            "type": "object", "required": ["message", "type", "param", "code"], "properties": {
+                "message": {"type": "string"}, "type": {"type": "string"},
+                "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+        chat_op = schema["paths"]["/v1/chat/completions"]["post"]
+        chat_op["requestBody"] = {"required": True, "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/ChatRequest"}}}}
+        for path, ops in schema["paths"].items():
+            for op in ops.values() if path.startswith("/v1/") else ():
+                op["responses"].pop("422", None)  # FastAPI's own validation answer: never sent here
+                for status, what in ERRORS.items():
+                    op["responses"].setdefault(str(status), {"description": what, "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def _gateway(request: Request) -> Gateway:

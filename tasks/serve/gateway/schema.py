@@ -12,19 +12,28 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tasks.serve.gateway.errors import ApiError
 
 
+class ContentPart(BaseModel):
+    """One part of a message's content in OpenAI's array form; only `{"type": "text", "text": ...}`
+    parts are served (an image or audio part gets a 400 naming it)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[dict[str, Any]]
+    content: str | list[ContentPart]
 
     def text(self) -> str:
         if isinstance(self.content, str):
             return self.content
         parts = []
         for p in self.content:
-            if p.get("type") != "text" or not isinstance(p.get("text"), str):
-                raise ValueError("only text content parts are supported")
-            parts.append(p["text"])
+            if p.type != "text" or p.text is None:
+                raise ValueError(f"only text content parts are supported, not {p.type[:40]!r}")
+            parts.append(p.text)
         return "".join(parts)
 
 
