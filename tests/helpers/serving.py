@@ -32,9 +32,9 @@ def small_tokenizer(corpus: tuple[str, ...] = ("hello there, how can I help you 
     return tok
 
 
-def start_gateway(s, *extra: str) -> tuple[subprocess.Popen, str]:
+def start_gateway(s, *extra: str, headers: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     """The gateway as its own process (FAST and `extra` set) in front of `s`'s tritonserver; waits until it
-    answers. Returns the process and its base URL."""
+    answers (sending `headers`: the key, when keys are on). Returns the process and its base URL."""
     port = free_port()
     t = s.serve.triton
     args = [sys.executable, "-m", "tasks.serve.gateway", "--port", str(port),
@@ -48,7 +48,7 @@ def start_gateway(s, *extra: str) -> tuple[subprocess.Popen, str]:
                                 env={**os.environ, "NO_PROXY": "127.0.0.1"})
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_gateway(f"{base}/v1", 60, log)
+        wait_gateway(f"{base}/v1", 60, log, headers)
     except Exception:
         proc.kill()
         raise

@@ -644,7 +644,8 @@ def test_two_api_keys_share_no_session_memory_log_line_or_deletion(server, monke
     monkeypatch.setenv("LLMOPS_TEST_GATEWAY_KEYS", f"alice={key_a},bob={key_b}")
     proc, base = start_gateway(s, "serve.gateway.api_keys_env=LLMOPS_TEST_GATEWAY_KEYS",
                                "serve.memory.scope=user", "serve.memory.max_prompt_share=0.9",
-                               "serve.memory.summary_max_chars=120")
+                               "serve.memory.summary_max_chars=120",
+                               headers={"Authorization": f"Bearer {key_a}"})
 
     def as_(key, sid):
         return {"Authorization": f"Bearer {key}", "X-Session-Id": sid}
@@ -740,7 +741,8 @@ def test_fuzzing_the_gateway_from_its_openapi_schema_gives_no_5xx_and_openai_err
     key = "sk-fuzz-" + "f" * 24
     monkeypatch.setenv("LLMOPS_TEST_FUZZ_KEYS", f"fuzz={key}")
     proc, base = start_gateway(s, "serve.gateway.docs=true",
-                               "serve.gateway.api_keys_env=LLMOPS_TEST_FUZZ_KEYS")
+                               "serve.gateway.api_keys_env=LLMOPS_TEST_FUZZ_KEYS",
+                               headers={"Authorization": f"Bearer {key}"})
     seen: Counter = Counter()
     try:
         schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
