@@ -1,6 +1,6 @@
 """Tenancy: which principal a request acts for, the names its data is kept under, and its rate limit.
 
-    LLMOPS_GATEWAY_API_KEYS="support=sk-...,analytics=sk-..."   # principal=key, comma-separated
+    export LLMOPS_GATEWAY_API_KEYS=support=$KEY1,analytics=$KEY2   # principal=key, comma-separated
     llmops serve --set serve.gateway.api_keys_env=LLMOPS_GATEWAY_API_KEYS
 
 Each API key belongs to a principal (a bare key is its own principal, named `key-` and the first 12
