@@ -127,6 +127,8 @@ class IngestConfig(_Section):
     rate_counts_duplicates: bool = False
     rows_per_part: int = Field(200_000, gt=0)
     pii_kinds: tuple[Literal["email", "phone", "card", "ip"], ...] = ("email", "phone", "card", "ip")
+    keep_metadata: bool = Field(True, description="keep a record's non-message keys as its `metadata` "
+                                "(PII-scrubbed like content); False: every record's metadata is {}")
     near_dup: NearDupConfig = NearDupConfig()
 
     @field_validator("roles")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from tasks.config import Settings
+from tasks.credentials import export_file_secret
 from tasks.procs import alive
 
 
@@ -28,6 +29,8 @@ def mlflow_client(settings: Settings):
     rewrites $MLFLOW_TRACKING_URI for the whole process, leaking one caller's store into the next."""
     import mlflow
 
+    # docker-compose.yml hands the worker its MLflow password as a file; MLflow's client reads the variable
+    export_file_secret("MLFLOW_TRACKING_PASSWORD")
     return mlflow.MlflowClient(tracking_uri=tracking_uri(settings))
 
 

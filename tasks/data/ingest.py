@@ -4,7 +4,7 @@
 
 Reads every source under data/raw/<source>/dt=<day>/ (OpenAI chat JSONL, chatterbot YAML), the
 gateway's served exchanges of the day among them when consented (tasks/data/served.py),
-normalises text, scrubs PII, drops exact and near duplicates, and writes
+normalises text, scrubs PII (in content and metadata), drops exact and near duplicates, and writes
 data/clean/dt=<day>/part-NNNNN.parquet. Every rejected unit goes verbatim to
 data/quarantine/dt=<day>/rejects.jsonl with file, line and reason; input = clean + rejected
 is asserted. Outputs are byte-identical on re-runs, so retries and backfills are safe.
@@ -96,6 +96,18 @@ def _parse(unit: RawUnit, cfg) -> dict[str, Any]:
     if len(msgs) > cfg.max_messages:
         raise _Reject("over_long", f"{len(msgs)} messages > max_messages={cfg.max_messages}")
     return obj
+
+
+def _scrub_metadata(value: Any, kinds: tuple[str, ...], pii: Counter) -> Any:
+    """The record's non-message keys with PII scrubbed as in content: string keys and values at every
+    depth. Numbers are left alone: a 10-digit epoch time would read as a phone number."""
+    if isinstance(value, dict):
+        return {scrub_pii(str(k), kinds, pii): _scrub_metadata(v, kinds, pii) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub_metadata(v, kinds, pii) for v in value]
+    if isinstance(value, str):
+        return scrub_pii(value, kinds, pii)
+    return value
 
 
 def _clean_messages(obj: dict[str, Any], cfg, pii: Counter) -> list[dict[str, str]]:
@@ -241,7 +253,9 @@ def ingest(day: str, settings: Settings) -> dict[str, Any]:
             rejects.append(rec)
             continue
         content_hash = hashlib.sha256(json.dumps(messages, ensure_ascii=False).encode()).hexdigest()
-        meta = {k: v for k, v in obj.items() if k != "messages"}
+        # the column stays (validate's column set is a contract); dropped metadata is an empty object
+        meta = (_scrub_metadata({k: v for k, v in obj.items() if k != "messages"}, cfg.pii_kinds, pii)
+                if cfg.keep_metadata else {})
         rows["record_id"].append(f"{day}-{content_hash[:16]}")
         rows["content_hash"].append(content_hash)
         rows["source"].append(unit.file.split("/", 1)[0])

@@ -16,9 +16,10 @@ metadata DB on PostgreSQL, the CeleryExecutor with a Redis broker and one more p
 worker; MLflow's tracking server on PostgreSQL with its basic-auth app. The Postgres databases and
 their roles are created idempotently on `up` through `stack.postgres_admin_url`. Secrets come only
 from the environment: $LLMOPS_MLFLOW_ADMIN_PASSWORD, and in the stack's URLs `${NAME}` stands for
-the environment variable NAME (postgresql+psycopg://airflow:${AIRFLOW_DB_PASSWORD}@db/airflow), read
-when the processes start. An AIRFLOW__* variable already in the caller's environment never changes
-which database the stack uses: the URLs come from the config alone.
+the environment variable NAME, or the file $NAME_FILE names
+(postgresql+psycopg://airflow:${AIRFLOW_DB_PASSWORD}@db/airflow), read when the processes start.
+An AIRFLOW__* variable already in the caller's environment never changes which database the stack
+uses: the URLs come from the config alone.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tasks import credentials
 from tasks.config import PROJECT_DIR, Settings
-from tasks.errors import ServiceError
+from tasks.errors import ConfigError, ServiceError
 from tasks.procs import alive, stop_groups, venv_bin, wait_http, write_pidfile
 
 SQLITE_CONNECT_ARGS = {"timeout": 60}  # sqlite3.connect(timeout=...): seconds to wait for a lock
@@ -95,18 +97,17 @@ def airflow_env(settings: Settings) -> dict[str, str]:
 
 
 def expand_env(url: str, key: str) -> str:
-    """`${NAME}` in a configured URL -> the environment variable NAME (a secret stays out of configs/)."""
-    def value(m: re.Match) -> str:
-        if m.group(1) not in os.environ:
-            raise StackError(f"{key} refers to ${{{m.group(1)}}}, which is not set in the environment")
-        return os.environ[m.group(1)]
-
-    return re.sub(r"\$\{([A-Z_][A-Z0-9_]*)\}", value, url)
+    """`${NAME}` in a configured URL -> the secret NAME, from $NAME or the file $NAME_FILE names
+    (tasks/credentials.py; a secret stays out of configs/)."""
+    try:
+        return credentials.expand_env(url, key)
+    except ConfigError as e:
+        raise StackError(str(e)) from None
 
 
 def mlflow_credentials() -> dict[str, str]:
     """The MLflow client's basic-auth credentials: the admin, password from $LLMOPS_MLFLOW_ADMIN_PASSWORD."""
-    password = os.environ.get("LLMOPS_MLFLOW_ADMIN_PASSWORD", "")
+    password = credentials.secret_env("LLMOPS_MLFLOW_ADMIN_PASSWORD", "stack.mlflow_auth") or ""
     if len(password) < 12 or password == "password1234":
         raise StackError("stack.mlflow_auth is on: set LLMOPS_MLFLOW_ADMIN_PASSWORD to the MLflow admin "
                          "password (12 characters or more, not MLflow's default)")

@@ -21,6 +21,7 @@ from collections import OrderedDict
 from typing import Protocol
 
 from tasks.config import GatewayConfig
+from tasks.credentials import expand_env
 from tasks.errors import ConfigError
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
@@ -120,7 +121,8 @@ class RedisStore:
 
 def open_store(cfg: GatewayConfig) -> ContextStore:
     if cfg.context_store.startswith(("redis://", "rediss://", "unix://")):
-        return RedisStore(cfg.context_store, cfg.session_max_turns, cfg.session_ttl_s)
+        return RedisStore(expand_env(cfg.context_store, "serve.gateway.context_store"), cfg.session_max_turns,
+                          cfg.session_ttl_s)
     if cfg.context_store:
         raise ConfigError(f"serve.gateway.context_store: {cfg.context_store!r} "
                           "is neither empty nor a redis:// URL")

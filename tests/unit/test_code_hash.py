@@ -14,8 +14,8 @@ from tasks.data.synth import synth_day
 from tasks.train.launch import run_identity
 from tests.helpers.project import REPO, make_settings
 
-BASE = {"__init__", "__main__", "errors", "profiles", "config", "atomic", "procs", "tracking",
-        "names", "lineage", "progress"}
+BASE = {"__init__", "__main__", "errors", "profiles", "config", "atomic", "secret", "credentials", "procs",
+        "tracking", "names", "lineage", "progress"}
 
 
 def _copy(tmp_path: Path, name: str, edit: str | None = None) -> Path:

@@ -178,3 +178,23 @@ def test_unchanged_input_is_skipped_and_any_change_runs_again(settings):
     # another ingest config over the same bytes: ingested again
     other = make_settings(settings.paths.root, "ingest.max_record_bytes=60000")
     assert not is_current(other, DAY) and "skipped" not in ingest(DAY, other)
+
+
+def test_metadata_is_scrubbed_like_content_and_counted(settings):
+    meta = {"customer": {"email": "bob.smith@example.org", "phones": ["call 555-123-4567 after 5"]},
+            "ticket": "T-9", "created": 1733500000}
+    write_raw(settings, DAY, [conv("What is the capital of France?", **meta)])
+    r = ingest(DAY, settings)
+    found = {k: n for k, n in r["pii_scrubbed"].items() if n}
+    assert found == {"email": 1, "phone": 1}  # the content has none: both came from metadata
+    (row,) = read_partition(r["partition"]).column("metadata").to_pylist()
+    assert json.loads(row) == {"customer": {"email": "[EMAIL]", "phones": ["call [PHONE] after 5"]},
+                               "ticket": "T-9", "created": 1733500000}  # numbers are left as they are
+    assert "example.org" not in row and "555" not in row
+
+
+def test_metadata_dropped_by_config(settings):
+    write_raw(settings, DAY, [conv("What is the capital of France?", ticket="T-1", owner="bob@example.org")])
+    r = ingest(DAY, make_settings(settings.paths.root, "ingest.keep_metadata=false"))
+    assert not any(r["pii_scrubbed"].values())  # dropped, not scrubbed
+    assert read_partition(r["partition"]).column("metadata").to_pylist() == ["{}"]

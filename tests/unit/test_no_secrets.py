@@ -13,7 +13,7 @@ PATTERNS = {
     "GitHub token": re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,}\b"),
     "Slack token": re.compile(r"\bxox[abposr]-[A-Za-z0-9-]{10,}"),
     "OpenAI-style key": re.compile(r"\bsk-[A-Za-z0-9_-]{24,}\b"),
-    "password in a URL": re.compile(r"\b[a-z][a-z0-9+.-]*://[^/\s:@'\"]+:(?!\$\{|\*\*\*|<)[^@\s/'\"]{3,}@"),
+    "password in a URL": re.compile(r"\b[a-z][a-z0-9+.-]*://[^/\s:@'\"]+:(?!\$?\$\{|\*\*\*|<)[^@\s/'\"]{3,}@"),
     "password assignment": re.compile(r"(?i)\w*(password|passwd|secret|api_key|token)\w*\s*[:=]\s*"
                                       r"['\"](?!\$\{)[^'\"\s]{8,}['\"]"),
 }
@@ -43,5 +43,7 @@ def test_the_scanner_finds_what_it_looks_for():
     assert PATTERNS["password in a URL"].search("postgresql://airflow:" + "hunter2hunter2@db:5432/airflow")
     assert not PATTERNS["password in a URL"].search(
         "postgresql://airflow:${POSTGRES_PASSWORD}@postgres:5432/airflow")
+    assert not PATTERNS["password in a URL"].search(   # compose's escaped reference, expanded by the process
+        "postgresql://memory:$${MEMORY_DB_PASSWORD}@postgres:5432/memory")
     assert PATTERNS["password assignment"].search('admin_password = "' + 'correct-horse-battery"')
     assert PATTERNS["AWS access key"].search("key AKIA" + "ABCDEFGHIJKLMNOP")

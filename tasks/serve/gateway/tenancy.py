@@ -26,12 +26,12 @@ import hashlib
 import hmac
 import ipaddress
 import math
-import os
 import re
 import time
 from dataclasses import dataclass
 
 from tasks.config import Settings
+from tasks.credentials import secret_env
 from tasks.errors import ConfigError
 
 PRINCIPAL_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -98,14 +98,17 @@ def parse_keys(value: str, source: str) -> dict[str, Principal]:
 
 def api_keys(settings: Settings) -> dict[str, Principal]:
     """The keys the gateway accepts and their principals, from the environment variable
-    `serve.gateway.api_keys_env` names; empty when none is named."""
+    `serve.gateway.api_keys_env` names, or the file its `<NAME>_FILE` variable names (docker-compose.yml
+    mounts it; one entry a line or comma-separated); empty when none is named."""
     var = settings.serve.gateway.api_keys_env
     if not var:
         return {}
-    keys = parse_keys(os.environ.get(var, ""), f"${var} (serve.gateway.api_keys_env)")
+    raw = secret_env(var, "serve.gateway.api_keys_env") or ""
+    keys = parse_keys(raw.replace("\n", ","), f"${var} (serve.gateway.api_keys_env)")
     if not keys:
-        raise ConfigError(f"serve.gateway.api_keys_env={var}: set ${var} to one or more comma-separated "
-                          f"`principal=key` entries (keys of {MIN_KEY_CHARS} characters or more)")
+        raise ConfigError(f"serve.gateway.api_keys_env={var}: set ${var} (or ${var}_FILE, a file) to one or "
+                          f"more comma-separated `principal=key` entries (keys of {MIN_KEY_CHARS} characters "
+                          "or more)")
     return keys
 
 

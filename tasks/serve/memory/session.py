@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from tasks.config import MemoryConfig
+from tasks.credentials import expand_env
 from tasks.serve.memory.embedder import Embedder
 from tasks.serve.memory.index import Index, LocalIndex, PostgresIndex
 from tasks.serve.memory.queue import LocalQueue, RedisQueue
@@ -26,7 +27,9 @@ class SessionMemory:
 
         self.cfg, self.pii_kinds, self.clock = cfg, pii_kinds, clock
         self.embedder = Embedder(cfg.embedding_model, cfg.query_cache)
-        self.queue = RedisQueue(cfg.queue, cfg.max_pending) if cfg.queue else LocalQueue(cfg.max_pending)
+        # ${NAME} in the URLs is a secret read here (tasks/credentials.py), never written in configs/
+        self.queue = (RedisQueue(expand_env(cfg.queue, "serve.memory.queue"), cfg.max_pending) if cfg.queue
+                      else LocalQueue(cfg.max_pending))
         self.index: Index | None = None
         self.run_worker = cfg.worker_in_gateway if run_worker is None else run_worker
         self._worker: asyncio.Task | None = None
@@ -61,7 +64,8 @@ class SessionMemory:
     async def _load(self) -> None:
         await asyncio.to_thread(self.embedder.load)
         if self.index is None:
-            self.index = (PostgresIndex(self.cfg, self.cfg.index, self.embedder.dim, self.clock)
+            self.index = (PostgresIndex(self.cfg, expand_env(self.cfg.index, "serve.memory.index"),
+                                        self.embedder.dim, self.clock)
                           if self.cfg.index else LocalIndex(self.cfg, self.clock))
         log.info("memory: %s ready (%d dims), index %s, queue %s", self.cfg.embedding_model,
                  self.embedder.dim, "postgres" if self.cfg.index else "in-process",
