@@ -15,7 +15,7 @@ from tasks.train.launch import run_identity
 from tests.helpers.project import REPO, make_settings
 
 BASE = {"__init__", "__main__", "errors", "profiles", "config", "atomic", "procs", "tracking",
-        "names", "lineage", "progress"}
+        "names", "lineage", "progress", "secret"}
 
 
 def _copy(tmp_path: Path, name: str, edit: str | None = None) -> Path:
