@@ -340,6 +340,10 @@ class TritonConfig(_Section):
                                          "recomputed, not cached")
     startup_timeout_s: float = Field(90.0, gt=0)
     exit_timeout_s: int = Field(5, ge=0, description="on SIGTERM, how long in-flight requests may finish")
+    restrict_admin: bool = Field(True, description="the model-repository, model-config, shared-memory, trace "
+                                 "and logging APIs answer only requests with the per-install admin key "
+                                 "(var/secrets/triton_admin_key or $LLMOPS_TRITON_ADMIN_KEY); inference, "
+                                 "health, metadata and statistics stay open")
     # the numpy<2 environment of the Python backend stub (under the project)
     serve_env: Path = Path(".venv-serve")
     # empty: the binary in the nvidia-pytriton wheel; else a tritonserver install (bin/, backends/

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 
 from tasks import credentials
 from tasks.config import PROJECT_DIR, Settings
+from tasks.credentials import install_secret
 from tasks.errors import ConfigError, ServiceError
 from tasks.procs import alive, stop_groups, venv_bin, wait_http, write_pidfile
 
@@ -68,7 +68,7 @@ def airflow_env(settings: Settings) -> dict[str, str]:
         "AIRFLOW__API__HOST": st.host,
         "AIRFLOW__API__PORT": str(st.airflow_port),
         "AIRFLOW__API__BASE_URL": base,
-        "AIRFLOW__API_AUTH__JWT_SECRET": _secret(home / "jwt_secret"),
+        "AIRFLOW__API_AUTH__JWT_SECRET": install_secret(home / "jwt_secret"),
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": expand_env(st.airflow_db_url, "stack.airflow_db_url")
         or f"sqlite:///{home / 'airflow.db'}",
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
@@ -130,16 +130,6 @@ def _mlflow_auth_config(settings: Settings) -> Path:
         f.write(body)
     path.chmod(0o600)
     return path
-
-
-def _secret(path: Path) -> str:
-    """A random secret generated once per install, kept in `path` with mode 0600, never committed."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(48))
-    return path.read_text().strip()
 
 
 def provision_postgres(settings: Settings) -> list[str]:
@@ -219,7 +209,8 @@ def up(settings: Settings, timeout: float = 180.0) -> dict[str, Any]:
     if settings.stack.mlflow_auth:
         env["MLFLOW_AUTH_CONFIG_PATH"] = str(_mlflow_auth_config(settings))
         # CSRF
-        env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = _secret(settings.paths.var_dir / "mlflow" / "flask_secret")
+        env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = install_secret(settings.paths.var_dir / "mlflow"
+                                                               / "flask_secret")
     provision_postgres(settings)
     if not any(alive(settings, n) for n in _components(settings) if n.startswith("airflow")):
         r = subprocess.run([venv_bin("airflow"), "db", "migrate"], env=env, capture_output=True, text=True,

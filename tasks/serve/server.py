@@ -68,7 +68,7 @@ def up(settings: Settings, timeout: float | None = None) -> dict[str, Any]:
     else:  # a tier exported since the server started (e.g. the small model) is loaded now
         for m in _models(settings):
             if httpx.get(f"http://{u['triton_http']}/v2/models/{m}/ready", timeout=5.0).status_code != 200:
-                triton.load(u["triton_http"], m)
+                triton.load(u["triton_http"], m, headers=triton.admin_headers(settings))
         triton.wait_ready(u["triton_http"], timeout, _models(settings))
     if not alive(settings, "gateway"):
         env = {**os.environ, "LLMOPS_ROOT": str(settings.paths.root), "LLMOPS_PROFILE": settings.profile,
@@ -121,9 +121,9 @@ def status(settings: Settings) -> dict[str, Any]:
 
 def reload(settings: Settings, models: tuple[str, ...]) -> None:
     """(Re)load models in the running tritonserver through its repository API and wait until ready."""
-    http = urls(settings)["triton_http"]
+    http, admin = urls(settings)["triton_http"], triton.admin_headers(settings)
     for m in models:
-        triton.load(http, m)
+        triton.load(http, m, headers=admin)
     triton.wait_ready(http, settings.serve.triton.startup_timeout_s, models)
 
 

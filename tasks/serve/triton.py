@@ -1,8 +1,14 @@
 """Run the real `tritonserver` on the model repository `llmops export` writes.
 
     proc = start(settings)            # bound to 127.0.0.1, explicit model control, waits for readiness
-    proc.load("chat-gpt")             # through the repository API
+    proc.load("chat-gpt")             # through the repository API, with the admin key
     proc.stop()                       # SIGTERM to its process group
+
+With serve.triton.restrict_admin (the default) the APIs that change or reveal what the server runs
+(model-repository: index, load with a configuration override, unload; model-config; shared-memory; trace;
+logging) answer only requests that carry the per-install admin key in the `llmops-admin-key` header
+(gRPC: `triton-grpc-protocol-llmops-admin-key` metadata); `admin_headers(settings)` gives it to the
+project's own clients. Inference, health, metadata and statistics stay open on loopback.
 
 On one machine the binary is the one the `nvidia-pytriton` wheel ships (installed with --no-deps:
 only the binary is used). Its Python backend runs our model.py in a stub process whose Python is
@@ -25,12 +31,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.config import PROJECT_DIR, Settings
+from tasks.credentials import install_secret
 from tasks.errors import ServiceError
 from tasks.procs import reap
+
+# One restricted group for both endpoints (Triton allows an API in one group only). Statistics stay
+# open: the metrics port, which Triton cannot restrict, publishes the same counters.
+ADMIN_APIS = ("model-repository", "model-config", "shared-memory", "trace", "logging")
+ADMIN_HEADER = "llmops-admin-key"
+GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"  # Triton's gRPC frontend prefixes the key
+ADMIN_KEY_ENV = "LLMOPS_TRITON_ADMIN_KEY"
 
 
 class TritonError(ServiceError):
     """tritonserver is missing, did not start, or refused a repository request."""
+
+
+class AdminKeyRefused(TritonError):
+    """tritonserver refused an admin request for want of the right admin key: a retry gets the same."""
+
+    retryable = False
 
 
 def _pytriton_dir() -> Path:
@@ -90,6 +110,26 @@ def server_env(settings: Settings) -> dict[str, str]:
             "PYTHONNOUSERSITE": "1", "NO_PROXY": "127.0.0.1,localhost"}
 
 
+def admin_key(settings: Settings) -> str | None:
+    """The admin key of this install ($LLMOPS_TRITON_ADMIN_KEY, else var/secrets/triton_admin_key, created
+    with mode 0600 on first use); None when serve.triton.restrict_admin is off."""
+    if not settings.serve.triton.restrict_admin:
+        return None
+    return install_secret(settings.paths.var_dir / "secrets" / "triton_admin_key", env=ADMIN_KEY_ENV)
+
+
+def admin_headers(settings: Settings) -> dict[str, str]:
+    """HTTP headers for the restricted APIs (empty when they are not restricted)."""
+    key = admin_key(settings)
+    return {ADMIN_HEADER: key} if key else {}
+
+
+def grpc_admin_headers(settings: Settings) -> dict[str, str]:
+    """gRPC metadata for the restricted APIs (tritonclient's `headers=`; empty when not restricted)."""
+    key = admin_key(settings)
+    return {GRPC_ADMIN_HEADER: key} if key else {}
+
+
 def command(settings: Settings, repository: Path, http_port: int, grpc_port: int, metrics_port: int,
             models: tuple[str, ...] = ()) -> list[str]:
     host = settings.stack.host
@@ -100,7 +140,24 @@ def command(settings: Settings, repository: Path, http_port: int, grpc_port: int
            "--allow-metrics=true", "--allow-gpu-metrics=false", "--strict-readiness=false",
            "--exit-on-error=false", "--log-verbose=0", "--log-info=true",
            f"--exit-timeout-secs={settings.serve.triton.exit_timeout_s}"]
+    key = admin_key(settings)
+    if key:
+        # tritonserver takes the key on its command line only: this machine's other users can read it in
+        # /proc/<pid>/cmdline unless /proc is mounted with hidepid=2 (README, Security)
+        group = f"{','.join(ADMIN_APIS)}:{ADMIN_HEADER}={key}"
+        cmd += [f"--http-restricted-api={group}", f"--grpc-restricted-protocol={group}"]
     return cmd + [f"--load-model={m}" for m in models]
+
+
+def _refused(r, what: str) -> TritonError:
+    """The error for a repository request Triton answered with something other than 200."""
+    if r.status_code == 403 and "restricted" in r.text:
+        return AdminKeyRefused(
+            f"{what}: {r.status_code} {r.text[:300]} (the server restricts its admin APIs: send the "
+            f"`{ADMIN_HEADER}` header with this install's admin key, triton.admin_headers(settings); a "
+            "server started with another key, or with serve.triton.restrict_admin on while this "
+            "client has it off, needs a restart: `llmops serve down` and `llmops serve`)")
+    return TritonError(f"{what}: {r.status_code} {r.text[:500]}")
 
 
 @dataclass
@@ -111,6 +168,8 @@ class TritonProcess:
     metrics_url: str
     log: Path
     repository: Path
+    admin: dict[str, str]  # HTTP headers for the restricted APIs (empty when they are open)
+    grpc_admin: dict[str, str]  # the same as gRPC metadata
 
     def http(self):
         import tritonclient.http as httpclient
@@ -126,8 +185,14 @@ class TritonProcess:
         wait_ready(self.http_url, timeout, models, self.log, self.proc)
 
     def load(self, name: str, timeout: float = 120.0) -> None:
-        load(self.http_url, name)
+        load(self.http_url, name, headers=self.admin)
         self.wait_ready(timeout, (name,))
+
+    def unload(self, name: str) -> None:
+        unload(self.http_url, name, headers=self.admin)
+
+    def model_config(self, name: str) -> dict:
+        return model_config(self.http_url, name, headers=self.admin)
 
     def stop(self, grace: float = 15.0) -> None:
         stop_group(self.proc.pid, grace)
@@ -160,40 +225,40 @@ def wait_ready(http_url: str, timeout: float, models: tuple[str, ...] = (), log:
     raise TritonError(f"tritonserver at {http_url} {state} within {timeout:.0f}s; log {log}:\n{tail}")
 
 
-def load(http_url: str, name: str, config: dict | None = None) -> None:
+def load(http_url: str, name: str, config: dict | None = None, headers: dict[str, str] | None = None) -> None:
     """(Re)load a model through the repository API: picks up every version directory on disk. With
     `config` (a model configuration as /v2/models/<name>/config returns it) the model is loaded with
     that configuration instead of its config.pbtxt; nothing on disk changes. A plain load after such
     an override keeps the override while the model directory is unchanged: load the old
-    configuration back explicitly (tasks/serve/tune.py does)."""
+    configuration back explicitly (tasks/serve/tune.py does). `headers`: admin_headers(settings)."""
     import json
 
     import httpx
 
     body = {"parameters": {"config": json.dumps(config)}} if config is not None else None
-    r = httpx.post(f"http://{http_url}/v2/repository/models/{name}/load", json=body, timeout=600.0)
+    r = httpx.post(f"http://{http_url}/v2/repository/models/{name}/load", json=body, headers=headers,
+                   timeout=600.0)
     if r.status_code != 200:
-        raise TritonError(f"loading {name!r} into {http_url} failed: {r.status_code} {r.text[:500]}")
+        raise _refused(r, f"loading {name!r} into {http_url} failed")
 
 
-def model_config(http_url: str, name: str) -> dict:
+def model_config(http_url: str, name: str, headers: dict[str, str] | None = None) -> dict:
     """The configuration a loaded model runs with (JSON of Triton's ModelConfig, defaults filled in)."""
     import httpx
 
-    r = httpx.get(f"http://{http_url}/v2/models/{name}/config", timeout=30.0)
+    r = httpx.get(f"http://{http_url}/v2/models/{name}/config", headers=headers, timeout=30.0)
     if r.status_code != 200:
-        raise TritonError(f"model {name!r} has no configuration at {http_url} (not loaded?): "
-                          f"{r.status_code} {r.text[:300]}")
+        raise _refused(r, f"model {name!r} has no configuration at {http_url} (not loaded?)")
     return r.json()
 
 
-def unload(http_url: str, name: str) -> None:
+def unload(http_url: str, name: str, headers: dict[str, str] | None = None) -> None:
     """Unload a model (all its versions) through the repository API; requests for it then get 4xx."""
     import httpx
 
-    r = httpx.post(f"http://{http_url}/v2/repository/models/{name}/unload", timeout=120.0)
+    r = httpx.post(f"http://{http_url}/v2/repository/models/{name}/unload", headers=headers, timeout=120.0)
     if r.status_code != 200:
-        raise TritonError(f"unloading {name!r} from {http_url} failed: {r.status_code} {r.text[:500]}")
+        raise _refused(r, f"unloading {name!r} from {http_url} failed")
 
 
 def stop_group(pgid: int, grace: float = 15.0) -> None:
@@ -232,7 +297,8 @@ def start(settings: Settings, repository: Path | None = None, http_port: int | N
                                 stdin=subprocess.DEVNULL, start_new_session=True, cwd=repository)
     host = settings.stack.host
     tp = TritonProcess(proc, f"{host}:{http_port}", f"{host}:{grpc_port}",
-                       f"http://{host}:{metrics_port}/metrics", log, repository)
+                       f"http://{host}:{metrics_port}/metrics", log, repository, admin_headers(settings),
+                       grpc_admin_headers(settings))
     if wait:
         try:
             tp.wait_ready(t.startup_timeout_s, models)

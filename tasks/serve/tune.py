@@ -358,12 +358,13 @@ def _measure(settings: Settings, http_url: str, grpc_url: str, metrics_url: str,
                              "setting": {k: v for k, v in setting.items() if k != "default"}, "error": None}
     t0 = time.monotonic()
     try:
-        triton.load(http_url, model, config=model_config_for(original, setting))
+        triton.load(http_url, model, config=model_config_for(original, setting),
+                    headers=triton.admin_headers(settings))
         triton.wait_ready(http_url, settings.serve.triton.startup_timeout_s, (model,))
     except triton.TritonError as e:  # Triton keeps the previous configuration loaded: nothing to measure
         return {**point, "error": f"load failed: {e}"[:1000], "errors": 0, "requests": 0}
     point["reload_s"] = round(time.monotonic() - t0, 2)
-    loaded = setting_of(triton.model_config(http_url, model))
+    loaded = setting_of(triton.model_config(http_url, model, headers=triton.admin_headers(settings)))
     if not _same(loaded, setting):  # Triton filled something in, or the override did not take
         point["loaded_as"] = loaded
         log.warning("%s was loaded as %s, not %s", model, label(loaded), point["label"])
@@ -407,14 +408,15 @@ def _combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _restore(http_url: str, model: str, original: dict[str, Any], timeout: float) -> str | None:
+def _restore(http_url: str, model: str, original: dict[str, Any], timeout: float,
+             admin: dict[str, str]) -> str | None:
     """Load the configuration from before back; None when it is back, else what went wrong."""
     from tasks.serve import triton
 
     try:
-        triton.load(http_url, model, config=original)
+        triton.load(http_url, model, config=original, headers=admin)
         triton.wait_ready(http_url, timeout, (model,))
-        now = triton.model_config(http_url, model)
+        now = triton.model_config(http_url, model, headers=admin)
     except Exception as e:  # the server gone, a refused load: reported, never raised over the error at hand
         return f"{type(e).__name__}: {e}"
     differs = [k for k in TUNED if now.get(k) != original.get(k)]
@@ -457,7 +459,8 @@ def tune(settings: Settings, http_url: str, grpc_url: str, model: str | None = N
     if ready.status_code != 200:
         raise TuneError(f"model {model!r}{f' version {ver}' if ver else ''} is not ready in the tritonserver "
                         f"at {http_url}: export it (`llmops export`) and load it (`llmops serve`)")
-    original = triton.model_config(http_url, model)
+    admin = triton.admin_headers(settings)
+    original = triton.model_config(http_url, model, headers=admin)
     why = engine_of(original)
     if why:
         raise TuneError(f"model {model!r} does not batch in the serving engine: {why}; the tuner's grid is "
@@ -494,13 +497,13 @@ def tune(settings: Settings, http_url: str, grpc_url: str, model: str | None = N
                      f"tokens/step {p.get('engine_tokens_per_step')} errors {p.get('errors')}")
             progress.update(1)
     finally:
-        problem = _restore(http_url, model, original, settings.serve.triton.startup_timeout_s)
+        problem = _restore(http_url, model, original, settings.serve.triton.startup_timeout_s, admin)
         if problem:
             log.error("could not load %s's configuration from before back: %s", model, problem)
     if problem:
         raise TuneError(f"tuning finished but {model}'s configuration from before could not be loaded back "
                         f"({problem}); reload it with `llmops serve` or "
-                        f"POST /v2/repository/models/{model}/load")
+                        f"POST /v2/repository/models/{model}/load with the {triton.ADMIN_HEADER} header")
     points = [_combine(m) for m in measured]
     choice = choose(points, slo, objective)
     chosen = next(p for p in points if p["label"] == choice["label"])
@@ -625,7 +628,8 @@ def apply(settings: Settings, report: dict[str, Any], http_url: str | None = Non
         written.append(str(repo / name / "config.pbtxt"))
         if http_url and httpx.get(f"http://{http_url}/v2/models/{name}/ready",
                                   timeout=5.0).status_code == 200:
-            triton.load(http_url, name)  # config.pbtxt changed on disk: the load reads it
+            # config.pbtxt changed on disk: the load reads it
+            triton.load(http_url, name, headers=triton.admin_headers(settings))
             triton.wait_ready(http_url, settings.serve.triton.startup_timeout_s, (name,))
             reloaded.append(name)
     return {"written": written, "reloaded": reloaded, "overrides": report["overrides"]}

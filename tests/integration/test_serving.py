@@ -307,19 +307,68 @@ def test_two_versions_are_served_at_once_and_a_model_is_reloaded_through_the_rep
     assert served_versions(s.paths.triton_repository, MODEL) == [1, 2]
     c = tp.http()
     assert c.is_model_ready(MODEL, "1") and c.is_model_ready(MODEL, "2")
-    index = {(m["name"], m.get("version")): m.get("state") for m in c.get_model_repository_index()}
+    index = {(m["name"], m.get("version")): m.get("state")
+             for m in c.get_model_repository_index(headers=tp.admin)}
     assert index[(MODEL, "1")] == index[(MODEL, "2")] == "READY"
     outs = [_ask(tp, [(HELLO, 16)], version=v)[0][-1].as_numpy("token_ids").reshape(-1).tolist()
             for v in ("1", "2")]
     assert outs[0] != outs[1]  # different weights answer differently
     assert not (s.paths.triton_repository / (MODEL + "-stream")).exists()  # one Triton model per version
-    triton.unload(tp.http_url, MODEL)  # explicit model control: unload and load on request
+    tp.unload(MODEL)  # explicit model control: unload and load on request
     deadline = time.monotonic() + 30
     while c.is_model_ready(MODEL, "1") and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not c.is_model_ready(MODEL, "1")
     tp.load(MODEL)  # a load picks up the repository as it is on disk
     assert c.is_model_ready(MODEL, "1") and c.is_model_ready(MODEL, "2")
+
+
+def test_the_admin_apis_need_the_install_key_and_inference_does_not(root, server):
+    """Load, unload, the repository index, a model's configuration, trace and logging settings are refused
+    over HTTP and gRPC without this install's admin key (or with another); with it they work. Inference,
+    health, metadata and statistics need no key."""
+    import stat
+
+    from tritonclient.utils import InferenceServerException
+
+    s, tp = server
+    key_file = s.paths.var_dir / "secrets" / "triton_admin_key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    key = key_file.read_text().strip()
+    assert tp.admin == {"llmops-admin-key": key} == triton.admin_headers(s)
+    assert key not in tp.log.read_text(errors="replace")  # the server's log does not print it
+    wrong = {"llmops-admin-key": "not-the-key-of-this-install"}
+    base = f"http://{tp.http_url}"
+    admin_calls = [("POST", "/v2/repository/index"), ("POST", f"/v2/repository/models/{MODEL}/unload"),
+                   ("POST", f"/v2/repository/models/{MODEL}/load"), ("GET", f"/v2/models/{MODEL}/config"),
+                   ("GET", "/v2/trace/setting"), ("POST", "/v2/logging"),
+                   ("GET", "/v2/systemsharedmemory/status")]
+    for method, path in admin_calls:
+        for headers in (None, wrong):
+            r = httpx.request(method, base + path, headers=headers, json={} if method == "POST" else None,
+                              timeout=30)
+            assert r.status_code == 403 and "restricted" in r.text, (method, path, headers, r.text)
+    with pytest.raises(triton.AdminKeyRefused, match=r"unloading .* 403 .*llmops-admin-key"):
+        triton.unload(tp.http_url, MODEL)  # the project's own client without the key says what is missing
+    c, g = tp.http(), tp.grpc()
+    assert c.is_model_ready(MODEL, "1") and c.is_model_ready(MODEL, "2")  # nothing was unloaded
+    for call in (lambda h: g.get_model_repository_index(headers=h),
+                 lambda h: g.unload_model(MODEL, headers=h), lambda h: g.get_model_config(MODEL, headers=h)):
+        for headers in (None, {"triton-grpc-protocol-llmops-admin-key": "not-the-key-of-this-install"}):
+            with pytest.raises(InferenceServerException, match="restricted"):
+                call(headers)
+    assert c.is_model_ready(MODEL, "1") and c.is_model_ready(MODEL, "2")
+    # with the key: HTTP and gRPC
+    index = httpx.post(f"{base}/v2/repository/index", headers=tp.admin, json={}, timeout=30)
+    assert index.status_code == 200 and {m["name"] for m in index.json()} == {MODEL}
+    assert tp.model_config(MODEL)["name"] == MODEL
+    assert {m.name for m in g.get_model_repository_index(headers=tp.grpc_admin).models} == {MODEL}
+    assert g.get_model_config(MODEL, headers=tp.grpc_admin).config.name == MODEL
+    # open without a key: inference (gRPC stream), health, metadata, statistics
+    assert _ask(tp, [(HELLO, 4)])[0][-1].as_numpy("finish_reason") is not None
+    assert c.is_server_live() and c.is_server_ready() and c.get_model_metadata(MODEL)["name"] == MODEL
+    assert c.get_inference_statistics(MODEL)["model_stats"]
+    assert g.is_model_ready(MODEL, "1") and g.get_model_metadata(MODEL).name == MODEL
 
 
 def test_every_server_port_is_bound_to_loopback(server, gateway):
@@ -855,7 +904,7 @@ def small_tier(root, server, gateway):
         for m in (SMALL,):
             # not loaded: the load's own error is the one to see
             with contextlib.suppress(triton.TritonError):
-                triton.unload(tp.http_url, m)
+                tp.unload(m)
         deadline = time.monotonic() + 30
         httpx.get(f"{gateway}/healthz")  # makes the gateway read the repository index now
         while _chat(gateway, {"model": MODEL, "messages": HELLO,
@@ -1092,7 +1141,8 @@ def test_a_version_no_alias_names_leaves_the_repository_and_the_server(root, ser
     assert c.is_model_ready(MODEL, "1") and c.is_model_ready(MODEL, "4")
     assert not c.is_model_ready(MODEL, "2") and not c.is_model_ready(MODEL, "3")
     deadline = time.monotonic() + 30  # its instances finish what they hold, then go
-    while (states := {m.get("version"): m.get("state") for m in c.get_model_repository_index()
+    while (states := {m.get("version"): m.get("state")
+                      for m in c.get_model_repository_index(headers=tp.admin)
                       if m["name"] == MODEL}).get("2") not in (None, "UNAVAILABLE"):
         assert time.monotonic() < deadline and states.get("2") == "UNLOADING", states
         time.sleep(0.5)

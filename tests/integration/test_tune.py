@@ -74,12 +74,12 @@ def server(tmp_path_factory):
 
 def test_tuning_a_real_server_reports_a_choice_within_the_slo_and_puts_the_config_back(server):
     s, tp = server
-    before = triton.model_config(tp.http_url, MODEL)
+    before = tp.model_config(MODEL)
     # the SLO is monitor.slo_p99_ms (2 s): what the settings reach on a busy machine is not known in
     # advance, so the assertions hold for either outcome, and a split SLO is chosen on the points below
     report = tune.tune(s, tp.http_url, tp.grpc_url, out_dir=s.paths.reports_dir / "tune" / "t1")
 
-    assert triton.model_config(tp.http_url, MODEL) == before  # every field as it was, instances included
+    assert tp.model_config(MODEL) == before  # every field as it was, instances included
     assert report["restored"] is True
     labels = [p["label"] for p in report["points"]]
     assert labels == ["s4/t64/i2", "s1/t16/i1", "s8/t16/i1"]
@@ -132,7 +132,7 @@ def test_tuning_a_real_server_reports_a_choice_within_the_slo_and_puts_the_confi
 
 def test_the_config_is_put_back_when_tuning_fails_midway(server, monkeypatch):
     s, tp = server
-    before = triton.model_config(tp.http_url, MODEL)
+    before = tp.model_config(MODEL)
     from tasks.serve import loadgen
 
     real, calls = loadgen.run, []
@@ -146,7 +146,7 @@ def test_the_config_is_put_back_when_tuning_fails_midway(server, monkeypatch):
     monkeypatch.setattr(loadgen, "run", flaky)
     with pytest.raises(RuntimeError, match="the load generator broke"):
         tune.tune(s, tp.http_url, tp.grpc_url, out_dir=s.paths.reports_dir / "tune" / "t2")
-    now = triton.model_config(tp.http_url, MODEL)
+    now = tp.model_config(MODEL)
     assert now == before and tune.setting_of(now) == {"max_seqs": 4, "max_batch_tokens": 64, "instances": 2}
     assert not (s.paths.reports_dir / "tune" / "t2").exists()  # no half report
 
@@ -158,7 +158,7 @@ def test_cli_exits_1_when_no_setting_meets_the_slo_and_applies_nothing(server):
 
     s, tp = server
     pbtxt = s.paths.triton_repository / MODEL / "config.pbtxt"
-    on_disk, before = pbtxt.read_text(), triton.model_config(tp.http_url, MODEL)
+    on_disk, before = pbtxt.read_text(), tp.model_config(MODEL)
     t = s.serve.triton
     # the grid is the default itself: one point
     only_default = ["serve.tune.max_seqs=[4]", "serve.tune.max_batch_tokens=[64]", "serve.tune.instances=[2]"]
@@ -172,7 +172,7 @@ def test_cli_exits_1_when_no_setting_meets_the_slo_and_applies_nothing(server):
     assert out["slo_met"] is False and out["points"] == 1 and out["chosen"]["label"] == "s4/t64/i2"
     assert out["applied"] == {"skipped": "no setting met the SLO: nothing was written"}
     assert Path(out["report"]["json"]).is_file() and Path(out["report"]["png"]).is_file()
-    assert pbtxt.read_text() == on_disk and triton.model_config(tp.http_url, MODEL) == before
+    assert pbtxt.read_text() == on_disk and tp.model_config(MODEL) == before
 
 
 def test_apply_writes_config_pbtxt_and_the_server_loads_it(server):
@@ -180,9 +180,9 @@ def test_apply_writes_config_pbtxt_and_the_server_loads_it(server):
     pbtxt = s.paths.triton_repository / MODEL / "config.pbtxt"
     on_disk = pbtxt.read_text()
     chosen = {"max_seqs": 8, "max_batch_tokens": 32, "instances": 1}
-    before = triton.model_config(tp.http_url, MODEL)
+    before = tp.model_config(MODEL)
     # as a tuning run leaves it: the old configuration as an override
-    triton.load(tp.http_url, MODEL, config=before)
+    triton.load(tp.http_url, MODEL, config=before, headers=tp.admin)
     try:
         out = tune.apply(s, {"model": MODEL, "chosen": chosen, "overrides": tune.overrides(chosen)},
                          tp.http_url)
@@ -192,8 +192,8 @@ def test_apply_writes_config_pbtxt_and_the_server_loads_it(server):
         assert 'parameters { key: "max_batch_tokens" value: { string_value: "32" } }' in text
         assert "instance_group [ { count: 1 kind: KIND_CPU } ]" in text and "decoupled: true" in text
         # a plain load read the new file
-        assert tune.setting_of(triton.model_config(tp.http_url, MODEL)) == chosen
+        assert tune.setting_of(tp.model_config(MODEL)) == chosen
     finally:
         pbtxt.write_text(on_disk)
-        triton.load(tp.http_url, MODEL)
-    assert tune.setting_of(triton.model_config(tp.http_url, MODEL)) == tune.setting_of(before)
+        triton.load(tp.http_url, MODEL, headers=tp.admin)
+    assert tune.setting_of(tp.model_config(MODEL)) == tune.setting_of(before)

@@ -14,7 +14,7 @@ from tasks.data.synth import synth_day
 from tasks.train.launch import run_identity
 from tests.helpers.project import REPO, make_settings
 
-BASE = {"__init__", "__main__", "errors", "profiles", "config", "atomic", "secret", "credentials", "procs",
+BASE = {"__init__", "__main__", "errors", "profiles", "config", "atomic", "credentials", "procs",
         "tracking", "names", "lineage", "progress"}
 
 

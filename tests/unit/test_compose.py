@@ -132,13 +132,17 @@ def test_no_secret_in_an_argv_or_an_environment_value(compose):
 
 def test_each_service_gets_only_its_own_secrets(compose):
     svc = compose["services"]
-    assert _granted(svc["gateway"]) == {"gateway_api_keys", "redis_password", "memory_db_password"}
+    # the gateway: its keys, Redis, the memory role, the Triton admin key (its poll of the repository
+    # index) and the log pseudonyms' key (the same for every replica and restart)
+    assert _granted(svc["gateway"]) == {"gateway_api_keys", "redis_password", "memory_db_password",
+                                        "triton_admin_key", "log_pseudonym_key"}
     assert _granted(svc["memory-worker"]) == {"redis_password", "memory_db_password"}
     for name in ("gateway", "memory-worker"):
         env = _env(svc[name])
         assert not [k for k in env if k.startswith(("AIRFLOW__", "MLFLOW_", "POSTGRES_"))], (name, env)
         assert set(env) <= {"LLMOPS_ROOT", "LLMOPS_PROFILE", "LLMOPS_GATEWAY_API_KEYS_FILE",
-                            "REDIS_PASSWORD_FILE", "MEMORY_DB_PASSWORD_FILE"}, (name, env)
+                            "REDIS_PASSWORD_FILE", "MEMORY_DB_PASSWORD_FILE", "LLMOPS_TRITON_ADMIN_KEY_FILE",
+                            "LLMOPS_LOG_PSEUDONYM_KEY_FILE"}, (name, env)
         argv = " ".join(svc[name]["command"])
         assert "postgresql://memory:" in argv and "postgresql://airflow" not in argv, \
             f"{name} must reach the memory DB as its own role"
@@ -147,14 +151,17 @@ def test_each_service_gets_only_its_own_secrets(compose):
     airflow_base = {"airflow_db_password", "redis_password", "airflow_fernet_key", "airflow_secret_key",
                     "airflow_jwt_secret"}
     for name in AIRFLOW:
-        extra = {"mlflow_admin_password"} if name == "airflow-worker" else set()
+        # the worker runs the tasks: MLflow, and Triton's admin key for deploys (load, unload)
+        extra = {"mlflow_admin_password", "triton_admin_key"} if name == "airflow-worker" else set()
         assert _granted(svc[name]) == airflow_base | extra, name
         assert not [k for k in _env(svc[name]) if k.startswith("MLFLOW_TRACKING_PASSWORD")] or extra, name
     assert _granted(svc["postgres"]) == {"postgres_password", "airflow_db_password", "mlflow_db_password",
                                          "memory_db_password"}
     assert _granted(svc["redis"]) == {"redis_password"}
-    for name in ("tritonserver", "prometheus"):
-        assert not _granted(svc[name]), f"{name} needs no secret"
+    assert _granted(svc["tritonserver"]) == {"triton_admin_key"}
+    assert "$$(cat /run/secrets/triton_admin_key)" in " ".join(svc["tritonserver"]["command"]) or \
+        "$(cat /run/secrets/triton_admin_key)" in " ".join(svc["tritonserver"]["command"])
+    assert not _granted(svc["prometheus"]), "prometheus needs no secret"
     for name, s in svc.items():   # a non-root reader needs the file to be its own
         for g in s.get("secrets", []):
             assert isinstance(g, dict) and g.get("uid") and g.get("mode") in ("0o400", 0o400, 256), (name, g)

@@ -35,6 +35,7 @@ from tasks.serve.memory import SessionMemory
 from tasks.serve.safety import SafetyFilter
 from tasks.serve.sessions import open_store
 from tasks.serve.tiers import LARGE, SMALL, Decision
+from tasks.serve.triton import grpc_admin_headers
 
 log = logging.getLogger("llmops.gateway")
 
@@ -49,6 +50,7 @@ class Gateway:
         host = settings.stack.host
         self.grpc_url = triton_grpc or f"{host}:{t.grpc_port}"
         self.http_url = triton_http or f"{host}:{t.http_port}"
+        self.triton_admin = grpc_admin_headers(settings)  # the repository index is a restricted API
         self.cfg = g
         self.routing = settings.serve.routing
         if self.routing.small_model == t.model_name:  # a gateway pointed at the small model itself: one tier
@@ -98,7 +100,8 @@ class Gateway:
             return self.triton_up
         self._last_poll = time.monotonic()
         try:
-            index = await asyncio.wait_for(self.client().get_model_repository_index(as_json=True), 5.0)
+            index = await asyncio.wait_for(
+                self.client().get_model_repository_index(headers=self.triton_admin, as_json=True), 5.0)
             ready: dict[str, set[int]] = {}
             for m in index.get("models", []):
                 if m.get("state") == "READY" and m.get("version"):

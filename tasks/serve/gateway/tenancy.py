@@ -61,7 +61,7 @@ class Pseudonyms:
 
     @classmethod
     def of_install(cls, settings: Settings) -> Pseudonyms:
-        from tasks.secret import install_secret
+        from tasks.credentials import install_secret
 
         return cls(install_secret(settings.paths.var_dir / "secrets" / "log_pseudonym_key",
                                   env="LLMOPS_LOG_PSEUDONYM_KEY"))
