@@ -55,7 +55,7 @@ def test_the_environment_wins_and_a_bad_value_is_refused(tmp_path, monkeypatch):
     assert install_secret(path, env="LLMOPS_TEST_KEY") == "from-the-environment-0123456789"
     assert not path.exists()  # nothing written when the environment holds it
     monkeypatch.setenv("LLMOPS_TEST_KEY", "short")
-    with pytest.raises(SecretError, match=r"\$LLMOPS_TEST_KEY \(or the file \$LLMOPS_TEST_KEY_FILE names\) must be 16 to 512"):
+    with pytest.raises(SecretError, match=r"\$LLMOPS_TEST_KEY \(or the file .*\) must be 16 to 512"):
         install_secret(path, env="LLMOPS_TEST_KEY")
     monkeypatch.setenv("LLMOPS_TEST_KEY", "has:a,colon=and-comma-in-it")  # would break Triton's flag
     with pytest.raises(SecretError, match="LLMOPS_TEST_KEY"):
