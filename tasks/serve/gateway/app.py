@@ -109,6 +109,9 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
             "application/json": {"schema": {"$ref": "#/components/schemas/ChatRequest"}}}}
         for path, ops in schema["paths"].items():
             for op in ops.values() if path.startswith("/v1/") else ():
+                for p in op.get("parameters", ()):  # the ids the handlers check (400 otherwise)
+                    if p["in"] == "path" and p["name"] in ("session_id", "user_id"):
+                        p["schema"] = {"type": "string", "pattern": SESSION_ID.pattern, "maxLength": 128}
                 op["responses"].pop("422", None)  # FastAPI's own validation answer: never sent here
                 for status, what in ERRORS.items():
                     op["responses"].setdefault(str(status), {"description": what, "content": {
