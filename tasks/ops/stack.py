@@ -35,7 +35,19 @@ from tasks import credentials
 from tasks.config import PROJECT_DIR, Settings
 from tasks.credentials import install_secret
 from tasks.errors import ConfigError, ServiceError
-from tasks.procs import alive, stop_groups, venv_bin, wait_http, write_pidfile
+from tasks.procs import (
+    Component,
+    alive,
+    ensure_supervisor,
+    spawn,
+    stop_groups,
+    supervision,
+    supervision_lock,
+    unsupervised,
+    venv_bin,
+    wait_http,
+    watch,
+)
 
 SQLITE_CONNECT_ARGS = {"timeout": 60}  # sqlite3.connect(timeout=...): seconds to wait for a lock
 
@@ -171,11 +183,26 @@ def provision_postgres(settings: Settings) -> list[str]:
     return created
 
 
-def _components(settings: Settings) -> dict[str, list[str]]:
+def names(settings: Settings) -> list[str]:
+    """The stack's processes (what `up` starts and `down` stops)."""
+    extra = ["airflow-celery-worker"] if settings.stack.executor == "CeleryExecutor" else []
+    return ["airflow-api-server", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer", "mlflow",
+            *extra]
+
+
+def components(settings: Settings) -> dict[str, Component]:
+    """How to start each of the stack's processes: what `up` starts and the supervisor restarts."""
     st = settings.stack
+    env = airflow_env(settings)
+    if st.mlflow_auth:
+        env["MLFLOW_AUTH_CONFIG_PATH"] = str(_mlflow_auth_config(settings))
+        # CSRF
+        env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = install_secret(settings.paths.var_dir / "mlflow"
+                                                               / "flask_secret")
     af = venv_bin("airflow")
     mlflow_dir = settings.paths.var_dir / "mlflow"
-    out = {
+    u = urls(settings)
+    cmds = {
         "airflow-api-server": [af, "api-server", "--host", st.host, "--port", str(st.airflow_port)],
         "airflow-scheduler": [af, "scheduler", "--skip-serve-logs"],
         "airflow-dag-processor": [af, "dag-processor"],
@@ -188,9 +215,14 @@ def _components(settings: Settings) -> dict[str, list[str]]:
                    *(["--app-name", "basic-auth"] if st.mlflow_auth else [])],
     }
     if st.executor == "CeleryExecutor":  # task logs are read from disk on this machine: no log server
-        out["airflow-celery-worker"] = [af, "celery", "worker", "--concurrency", str(st.celery_concurrency),
-                                        "--skip-serve-logs", "--without-gossip", "--without-mingle"]
-    return out
+        cmds["airflow-celery-worker"] = [af, "celery", "worker", "--concurrency", str(st.celery_concurrency),
+                                         "--skip-serve-logs", "--without-gossip", "--without-mingle"]
+    health = {"airflow-api-server": (f"{u['airflow']}/api/v2/monitor/health",),
+              "mlflow": (f"{u['mlflow']}/health",)}
+    logs = settings.paths.var_dir / "log"
+    # umask 077: what the servers write (the generated admin password above all) is the owner's alone
+    return {n: Component(n, cmd, env, logs / f"{n}.log", settings.paths.root, health.get(n, ()), umask=0o077)
+            for n, cmd in cmds.items()}
 
 
 def urls(settings: Settings) -> dict[str, str]:
@@ -201,39 +233,33 @@ def urls(settings: Settings) -> dict[str, str]:
 
 
 def up(settings: Settings, timeout: float = 180.0) -> dict[str, Any]:
-    env = airflow_env(settings)
+    """Start what is not running, wait until Airflow and MLflow answer, and leave the supervisor watching
+    (it restarts any of them that dies)."""
     logs = settings.paths.var_dir / "log"
     logs.mkdir(parents=True, exist_ok=True)
     (settings.paths.var_dir / "run").mkdir(parents=True, exist_ok=True)
     (settings.paths.var_dir / "mlflow" / "artifacts").mkdir(parents=True, exist_ok=True)
-    if settings.stack.mlflow_auth:
-        env["MLFLOW_AUTH_CONFIG_PATH"] = str(_mlflow_auth_config(settings))
-        # CSRF
-        env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = install_secret(settings.paths.var_dir / "mlflow"
-                                                               / "flask_secret")
+    comps = components(settings)
+    env = comps["airflow-scheduler"].env
     provision_postgres(settings)
-    if not any(alive(settings, n) for n in _components(settings) if n.startswith("airflow")):
-        r = subprocess.run([venv_bin("airflow"), "db", "migrate"], env=env, capture_output=True, text=True,
-                           timeout=300)
-        if r.returncode:
-            # no password in logs
-            where = re.sub(r"//[^@/]*@", "//***@", env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])
-            raise StackError(f"airflow db migrate failed ({where}):\n{r.stderr[-2000:]}")
-        # one training at a time on this machine (chat_train's `train` task runs in this pool)
-        subprocess.run([venv_bin("airflow"), "pools", "set", "training", "1", "DeepSpeed training runs"],
-                       env=env, check=True, capture_output=True, timeout=120)
     started = []
-    for name, cmd in _components(settings).items():
-        if alive(settings, name):
-            continue
-        with open(logs / f"{name}.log", "ab") as out:
-            # umask 077: what the servers write (the generated admin password above all) is the
-            # owner's alone
-            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=settings.paths.root,
-                                    umask=0o077)
-        write_pidfile(settings, name, proc.pid)
-        started.append(name)
+    with supervision_lock(settings):  # the supervisor restarts nothing meanwhile
+        if not any(alive(settings, n) for n in comps if n.startswith("airflow")):
+            r = subprocess.run([venv_bin("airflow"), "db", "migrate"], env=env, capture_output=True,
+                               text=True, timeout=300)
+            if r.returncode:
+                # no password in logs
+                where = re.sub(r"//[^@/]*@", "//***@", env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])
+                raise StackError(f"airflow db migrate failed ({where}):\n{r.stderr[-2000:]}")
+            # one training at a time on this machine (chat_train's `train` task runs in this pool)
+            subprocess.run([venv_bin("airflow"), "pools", "set", "training", "1", "DeepSpeed training runs"],
+                           env=env, check=True, capture_output=True, timeout=120)
+        for name, c in comps.items():
+            watch(settings, name)
+            if not alive(settings, name):
+                spawn(settings, c)
+                started.append(name)
+    ensure_supervisor(settings)
     u = urls(settings)
     wait_http(f"{u['airflow']}/api/v2/monitor/health", timeout, "Airflow api-server",
               logs / "airflow-api-server.log")
@@ -245,8 +271,11 @@ def up(settings: Settings, timeout: float = 180.0) -> dict[str, Any]:
 
 
 def down(settings: Settings, grace: float = 20.0) -> dict[str, Any]:
-    return {"stopped": stop_groups(settings, list(_components(settings)), grace)}
+    """Stop the stack's processes; the supervisor first, so that it does not start them again."""
+    with unsupervised(settings, names(settings)):
+        return {"stopped": stop_groups(settings, names(settings), grace)}
 
 
 def status(settings: Settings) -> dict[str, Any]:
-    return {"running": {n: bool(alive(settings, n)) for n in _components(settings)}, **urls(settings)}
+    return {"running": {n: bool(alive(settings, n)) for n in names(settings)}, **urls(settings),
+            "supervisor": supervision(settings, names(settings))}

@@ -116,6 +116,8 @@ def collect(settings: Settings, per_dag: int = 3) -> dict[str, Any]:
         "urls": {"airflow": st["airflow"], "airflow_password_file": st["airflow_password_file"],
                  "mlflow": st["mlflow"], "gateway": sv["gateway"], "triton_http": sv["triton_http"],
                  "triton_grpc": sv["triton_grpc"], "triton_metrics": sv["triton_metrics"]},
+        "supervisor": {"running": st["supervisor"]["running"] or sv["supervisor"]["running"],
+                       "restarts": {**st["supervisor"]["components"], **sv["supervisor"]["components"]}},
         "served": {"versions": sv["versions"],
                    "aliases": read_aliases(settings.paths.triton_repository,
                                            settings.serve.triton.model_name)},
@@ -169,6 +171,16 @@ def _took(a: str | None, b: str | None) -> str:
     return f"{secs / 60:.1f} min" if secs >= 60 else f"{secs:.0f} s"
 
 
+def restarts(name: str, r: dict[str, Any]) -> str:
+    """One server's restarts as a phrase: "mlflow restarted 2x, last 12-07 10:01 (killed by SIGKILL), back
+    in 4.1 s"."""
+    text = f"{name} restarted {r['restarts']}x, last {_when(r.get('last_restart'))} ({r.get('last_exit')})"
+    if r.get("gave_up"):
+        return f"[red]{text}, given up[/]"
+    back = r.get("recovery_s")
+    return text + (f", back in {back} s" if back is not None else ", not answering yet")
+
+
 def render(info: dict[str, Any], console: Console | None = None) -> None:
     console = console or Console(soft_wrap=True)
     u = info["urls"]
@@ -185,7 +197,13 @@ def render(info: dict[str, Any], console: Console | None = None) -> None:
     t.add_row("tritonserver", ok if up.get("tritonserver") else down,
               f"http {u['triton_http']}, grpc {u['triton_grpc']}, metrics {u['triton_metrics']}")
     t.add_row("chat gateway (OpenAI API)", ok if up.get("gateway") else down, u["gateway"])
+    if "memory-worker" in up:
+        t.add_row("memory worker", ok if up["memory-worker"] else down, "embeds session memories")
     console.print(t)
+    sup = info.get("supervisor") or {}
+    console.print(f"supervisor            : {'running' if sup.get('running') else '[red]not running[/]'}"
+                  + "".join(f"; {restarts(n, r)}" for n, r in (sup.get("restarts") or {}).items()
+                            if r.get("restarts")))
 
     if isinstance(info["dags"], dict):
         t = Table(title="last DAG runs", title_justify="left")

@@ -5,14 +5,15 @@
     llmops serve down
 
 Each runs in its own process group with its pid in var/run/ (as `llmops stack` does); logs go to
-var/log/. `deploy` exports a registered version and (re)loads it in the running server.
+var/log/. With `serve.memory.worker_in_gateway` false (a Redis queue), a third process embeds the
+session memories: `llmops memory-worker`. The stack's supervisor restarts any of them that dies.
+`deploy` exports a registered version and (re)loads it in the running server.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,14 +22,24 @@ from typing import Any
 import httpx
 
 from tasks.config import PROJECT_DIR, Settings
-from tasks.procs import alive, stop_groups, write_pidfile
+from tasks.procs import (
+    Component,
+    alive,
+    ensure_supervisor,
+    spawn,
+    stop_groups,
+    supervision,
+    supervision_lock,
+    unsupervised,
+    watch,
+)
 from tasks.serve import triton
 from tasks.serve.export import export
 from tasks.serve.repository import served_versions
 
 log = logging.getLogger(__name__)
 
-COMPONENTS = ("tritonserver", "gateway")
+COMPONENTS = ("tritonserver", "gateway", "memory-worker")
 
 
 def urls(settings: Settings) -> dict[str, str]:
@@ -49,41 +60,66 @@ def _models(settings: Settings) -> tuple[str, ...]:
     return tuple(n for n in _tier_names(settings) if served_versions(repo, n))
 
 
-def up(settings: Settings, timeout: float | None = None) -> dict[str, Any]:
-    timeout = timeout or settings.serve.triton.startup_timeout_s
-    (settings.paths.var_dir / "run").mkdir(parents=True, exist_ok=True)
+def components(settings: Settings) -> dict[str, Component]:
+    """How to start each serving process: what `up` starts and the supervisor restarts. tritonserver
+    loads every tier's exported model at start."""
+    from tasks.serve.gateway import auth_headers
+
     logs = settings.paths.var_dir / "log"
+    env = {**os.environ, "LLMOPS_ROOT": str(settings.paths.root), "LLMOPS_PROFILE": settings.profile,
+           "NO_PROXY": "127.0.0.1,localhost"}
+    out = {"tritonserver": triton.component(settings, models=_models(settings),
+                                            log=logs / "tritonserver.log"),
+           "gateway": Component("gateway", [sys.executable, "-m", "tasks.serve.gateway", "--profile",
+                                            settings.profile], env, logs / "gateway.log", PROJECT_DIR,
+                                (f"{urls(settings)['gateway']}/models",), headers=auth_headers(settings))}
+    if _separate_worker(settings):
+        out["memory-worker"] = Component("memory-worker", [sys.executable, "-m", "tasks", "memory-worker",
+                                                           "--profile", settings.profile],
+                                         env, logs / "memory-worker.log", PROJECT_DIR)
+    return out
+
+
+def up(settings: Settings, timeout: float | None = None) -> dict[str, Any]:
+    """Start what is not running (a tritonserver that does not answer is started afresh), load the tiers
+    exported since, wait until the gateway answers, and leave the supervisor watching. A server that
+    cannot be reached is a TritonError, never a traceback."""
+    try:
+        return _up(settings, timeout or settings.serve.triton.startup_timeout_s)
+    except httpx.HTTPError as e:
+        raise triton.TritonError(f"a serving process did not answer ({type(e).__name__}: {e}); see "
+                                 f"{settings.paths.var_dir / 'log'}, then `llmops serve up` again") from None
+
+
+def _up(settings: Settings, timeout: float) -> dict[str, Any]:
+    (settings.paths.var_dir / "run").mkdir(parents=True, exist_ok=True)
     started = []
     u = urls(settings)
-    if alive(settings, "tritonserver") and not _answers(f"http://{u['triton_http']}/v2/health/live"):
-        # its group outlived it (a kill -9 leaves the backend stubs behind) or it hangs: start afresh
-        log.warning("tritonserver's process group is there but the server does not answer: restarting it")
-        stop_groups(settings, ["tritonserver"], grace=5.0)
-        started.append("tritonserver (restarted)")
-    if not alive(settings, "tritonserver"):
-        tp = triton.start(settings, models=_models(settings), log=logs / "tritonserver.log", wait=False)
-        write_pidfile(settings, "tritonserver", tp.proc.pid)
-        started.append("tritonserver")
-        tp.wait_ready(timeout, _models(settings))
-    else:  # a tier exported since the server started (e.g. the small model) is loaded now
+    with supervision_lock(settings):  # the supervisor restarts nothing meanwhile
+        if alive(settings, "tritonserver") and not _answers(f"http://{u['triton_http']}/v2/health/live"):
+            # its group outlived it (a kill -9 leaves the backend stubs behind) or it hangs: start afresh
+            log.warning("tritonserver's process group is there but the server does not answer: restarting it")
+            stop_groups(settings, ["tritonserver"], grace=5.0)
+            started.append("tritonserver (restarted)")
+        comps = components(settings)
+        for name, c in comps.items():
+            watch(settings, name)
+            if not alive(settings, name):
+                spawn(settings, c)
+                started.append(name)
+    ensure_supervisor(settings)
+    if "tritonserver" not in started:  # a tier exported since the server started (e.g. the small model)
         for m in _models(settings):
             if httpx.get(f"http://{u['triton_http']}/v2/models/{m}/ready", timeout=5.0).status_code != 200:
                 triton.load(u["triton_http"], m, headers=triton.admin_headers(settings))
-        triton.wait_ready(u["triton_http"], timeout, _models(settings))
-    if not alive(settings, "gateway"):
-        env = {**os.environ, "LLMOPS_ROOT": str(settings.paths.root), "LLMOPS_PROFILE": settings.profile,
-               "NO_PROXY": "127.0.0.1,localhost"}
-        with open(logs / "gateway.log", "ab") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "tasks.serve.gateway", "--profile",
-                                     settings.profile],
-                                    env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, cwd=PROJECT_DIR)
-        write_pidfile(settings, "gateway", proc.pid)
-        started.append("gateway")
-    from tasks.serve.gateway import auth_headers
-
-    wait_gateway(u["gateway"], timeout, logs / "gateway.log", auth_headers(settings))
+    triton.wait_ready(u["triton_http"], timeout, _models(settings), comps["tritonserver"].log)
+    wait_gateway(u["gateway"], timeout, comps["gateway"].log, comps["gateway"].headers)
     return {"started": started, **u, "models": list(_models(settings))}
+
+
+def _separate_worker(settings: Settings) -> bool:
+    m = settings.serve.memory
+    return bool(m.enabled and m.queue and not m.worker_in_gateway)
 
 
 def _answers(url: str) -> bool:
@@ -109,12 +145,16 @@ def wait_gateway(base: str, timeout: float, log: Path, headers: dict[str, str] |
 
 
 def down(settings: Settings) -> dict[str, Any]:
-    return {"stopped": stop_groups(settings, list(COMPONENTS), grace=15.0)}
+    """Stop the serving processes; the supervisor first, so that it does not start them again."""
+    with unsupervised(settings, list(COMPONENTS)):
+        return {"stopped": stop_groups(settings, list(COMPONENTS), grace=15.0)}
 
 
 def status(settings: Settings) -> dict[str, Any]:
     repo = settings.paths.triton_repository
-    return {"running": {n: bool(alive(settings, n)) for n in COMPONENTS}, **urls(settings),
+    names = [n for n in COMPONENTS if n != "memory-worker" or _separate_worker(settings)]
+    return {"running": {n: bool(alive(settings, n)) for n in names}, **urls(settings),
+            "supervisor": supervision(settings, names),
             "versions": served_versions(repo, settings.serve.triton.model_name),
             "tiers": {n: served_versions(repo, n) for n in _tier_names(settings)}}
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from tasks.config import PROJECT_DIR, Settings
 from tasks.credentials import install_secret
 from tasks.errors import ServiceError
-from tasks.procs import reap
+from tasks.procs import Component, launch, reap
 
 # One restricted group for both endpoints (Triton allows an API in one group only). Statistics stay
 # open: the metrics port, which Triton cannot restrict, publishes the same counters.
@@ -280,24 +280,38 @@ def stop_group(pgid: int, grace: float = 15.0) -> None:
         pass
 
 
+def _ports(settings: Settings, http: int | None, grpc: int | None,
+           metrics: int | None) -> tuple[int, int, int]:
+    t = settings.serve.triton
+    return http or t.http_port, grpc or t.grpc_port, metrics or t.metrics_port
+
+
+def component(settings: Settings, repository: Path | None = None, http_port: int | None = None,
+              grpc_port: int | None = None, metrics_port: int | None = None, models: tuple[str, ...] = (),
+              log: Path | None = None) -> Component:
+    """How to start tritonserver on `repository` (default: the project's) with `models` loaded; healthy
+    once live and every one of `models` is ready."""
+    repository = Path(repository or settings.paths.triton_repository)
+    repository.mkdir(parents=True, exist_ok=True)
+    http_port, grpc_port, metrics_port = _ports(settings, http_port, grpc_port, metrics_port)
+    base = f"http://{settings.stack.host}:{http_port}"
+    return Component("tritonserver",
+                     command(settings, repository, http_port, grpc_port, metrics_port, models),
+                     server_env(settings), log or settings.paths.var_dir / "log" / "tritonserver.log",
+                     repository, (f"{base}/v2/health/live", *(f"{base}/v2/models/{m}/ready" for m in models)),
+                     headers=admin_headers(settings))
+
+
 def start(settings: Settings, repository: Path | None = None, http_port: int | None = None,
           grpc_port: int | None = None, metrics_port: int | None = None, models: tuple[str, ...] = (),
           log: Path | None = None, wait: bool = True) -> TritonProcess:
     """Start tritonserver in its own process group; with `wait`, return once it and `models` are ready."""
     t = settings.serve.triton
-    repository = Path(repository or settings.paths.triton_repository)
-    repository.mkdir(parents=True, exist_ok=True)
-    http_port, grpc_port, metrics_port = (http_port or t.http_port, grpc_port or t.grpc_port,
-                                          metrics_port or t.metrics_port)
-    log = log or settings.paths.var_dir / "log" / "tritonserver.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = command(settings, repository, http_port, grpc_port, metrics_port, models)
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(cmd, env=server_env(settings), stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True, cwd=repository)
+    c = component(settings, repository, http_port, grpc_port, metrics_port, models, log)
+    http_port, grpc_port, metrics_port = _ports(settings, http_port, grpc_port, metrics_port)
     host = settings.stack.host
-    tp = TritonProcess(proc, f"{host}:{http_port}", f"{host}:{grpc_port}",
-                       f"http://{host}:{metrics_port}/metrics", log, repository, admin_headers(settings),
+    tp = TritonProcess(launch(c), f"{host}:{http_port}", f"{host}:{grpc_port}",
+                       f"http://{host}:{metrics_port}/metrics", c.log, c.cwd, admin_headers(settings),
                        grpc_admin_headers(settings))
     if wait:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -39,6 +40,22 @@ def stack_status(profile: ProfileOpt = None, set_: SetOpt = None) -> None:
 
     s = settings_for(profile, set_)
     run_stage(lambda: stack.status(s))
+
+
+@stack_app.command("supervise")
+def stack_supervise(
+    settings_file: Annotated[Path | None, typer.Option(help="the settings `up` wrote (var/run/supervisor."
+                                                      "settings.json); else --profile and --set")] = None,
+    profile: ProfileOpt = None, set_: SetOpt = None,
+) -> None:
+    """Restart any server of the stack that dies, with backoff, until stopped (`stack up` and `serve up`
+    start it in the background; `stack status` shows its restarts)."""
+    from tasks.config import Settings
+    from tasks.ops.supervisor import supervise
+
+    s = (Settings.model_validate_json(settings_file.read_text()) if settings_file
+         else settings_for(profile, set_))
+    supervise(s)
 
 
 def trigger(
