@@ -85,6 +85,10 @@ def airflow_env(settings: Settings) -> dict[str, str]:
         or f"sqlite:///{home / 'airflow.db'}",
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
         "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+        # a task that died with its scheduler (its LocalExecutor worker is in the scheduler's process group,
+        # which the supervisor clears before the restart) is failed, and so retried, after 90 s without a
+        # heartbeat instead of 300
+        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "90",
         "LLMOPS_ROOT": str(settings.paths.root),
         "LLMOPS_PROFILE": settings.profile,
         "GX_ANALYTICS_ENABLED": "false",
