@@ -187,6 +187,14 @@ class Supervisor:
                 proc = spawn(self.settings, spec)
         except Busy:
             return False  # `up` is starting servers: look again next time
+        except Exception as e:  # noqa: BLE001 - e.g. a config that no longer resolves: a failed restart
+            w.failures += 1
+            w.restarts.append(now)
+            w.restart_at = now + self.backoff.delay(w.failures)
+            w.record["last_error"] = f"{type(e).__name__}: {e}"
+            log.error("%s could not be started (%s); next try in %.0f s", name, w.record["last_error"],
+                      w.restart_at - now)
+            return True
         w.pid, w.started, w.spec = proc.pid, start_time(proc.pid) or "", spec
         w.failures += 1
         w.restarts.append(now)
