@@ -56,8 +56,9 @@ class Backoff:
     window_s: float = 600.0
 
     def delay(self, failures: int) -> float:
-        """Seconds to wait before the restart that follows `failures` restarts in a row."""
-        return min(self.cap_s, self.first_s * 2 ** failures)
+        """Seconds to wait before the restart that follows `failures` restarts in a row: none before the
+        first, then first_s, doubling up to cap_s."""
+        return 0.0 if failures == 0 else min(self.cap_s, self.first_s * 2 ** (failures - 1))
 
 
 @dataclass
@@ -237,4 +238,9 @@ def stack_spec(settings: Settings) -> Callable[[str], Component]:
 
 
 def supervise(settings: Settings, poll_s: float = 1.0) -> None:
+    # imported now, not at the first restart: a server that died waits for no imports
+    import tasks.ops.stack
+    import tasks.serve.gateway
+    import tasks.serve.server  # noqa: F401
+
     Supervisor(settings, stack_spec(settings), poll_s=poll_s).run()

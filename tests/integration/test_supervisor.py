@@ -78,17 +78,17 @@ def test_a_killed_server_comes_back_with_backoff_and_down_stops_it_for_good(tmp_
         os.kill(first.pid, signal.SIGKILL)
         assert _back(s, "web", port, first.pid, 30) <= 30
         r = _restarts(s, "web", 1)
-        assert r["history"][-1]["delay_s"] == 1.0 and r["last_exit"].startswith("unknown")  # `up`'s child
+        assert r["history"][-1]["delay_s"] == 0.0 and r["last_exit"].startswith("unknown")  # `up`'s child
         assert r["gave_up"] is False and r["recovery_s"] <= 30
 
-        # it keeps dying: each restart waits twice as long as the one before (1, 2, 4 s)
+        # it keeps dying: the first restart was at once, then each waits twice as long (1, 2 s)
         for n in (2, 3):
             pid = alive(s, "web")
             os.kill(pid, signal.SIGKILL)
             _back(s, "web", port, pid, 30)
             r = _restarts(s, "web", n)
             assert r["last_exit"] == "killed by SIGKILL"  # the supervisor started this one: it knows
-        assert [h["delay_s"] for h in r["history"]] == [1.0, 2.0, 4.0]
+        assert [h["delay_s"] for h in r["history"]] == [0.0, 1.0, 2.0]
         assert [h["down_s"] >= h["delay_s"] for h in r["history"]] == [True] * 3
 
         # a pid file naming a process that is not the one which wrote it (another start time): "other" is
