@@ -132,16 +132,17 @@ def test_no_secret_in_an_argv_or_an_environment_value(compose):
 
 def test_each_service_gets_only_its_own_secrets(compose):
     svc = compose["services"]
-    # the gateway: its keys, Redis, the memory role, the Triton admin key (its poll of the repository
-    # index) and the log pseudonyms' key (the same for every replica and restart)
+    # the gateway: its keys, Redis, the memory role and the log pseudonyms' key (the same for every
+    # replica and restart); not Triton's admin key (it asks which versions are ready over the open
+    # health API)
     assert _granted(svc["gateway"]) == {"gateway_api_keys", "redis_password", "memory_db_password",
-                                        "triton_admin_key", "log_pseudonym_key"}
+                                        "log_pseudonym_key"}
     assert _granted(svc["memory-worker"]) == {"redis_password", "memory_db_password"}
     for name in ("gateway", "memory-worker"):
         env = _env(svc[name])
         assert not [k for k in env if k.startswith(("AIRFLOW__", "MLFLOW_", "POSTGRES_"))], (name, env)
         assert set(env) <= {"LLMOPS_ROOT", "LLMOPS_PROFILE", "LLMOPS_GATEWAY_API_KEYS_FILE",
-                            "REDIS_PASSWORD_FILE", "MEMORY_DB_PASSWORD_FILE", "LLMOPS_TRITON_ADMIN_KEY_FILE",
+                            "REDIS_PASSWORD_FILE", "MEMORY_DB_PASSWORD_FILE",
                             "LLMOPS_LOG_PSEUDONYM_KEY_FILE"}, (name, env)
         argv = " ".join(svc[name]["command"])
         assert "postgresql://memory:" in argv and "postgresql://airflow" not in argv, \

@@ -32,10 +32,10 @@ from tasks.serve.gateway.routing import Route, Router
 from tasks.serve.gateway.schema import ChatRequest, cut_at_stop
 from tasks.serve.gateway.tenancy import Pseudonyms, RateLimiter, api_keys, check_exposure
 from tasks.serve.memory import SessionMemory
+from tasks.serve.repository import served_versions
 from tasks.serve.safety import SafetyFilter
 from tasks.serve.sessions import open_store
 from tasks.serve.tiers import LARGE, SMALL, Decision
-from tasks.serve.triton import grpc_admin_headers
 
 log = logging.getLogger("llmops.gateway")
 
@@ -50,7 +50,6 @@ class Gateway:
         host = settings.stack.host
         self.grpc_url = triton_grpc or f"{host}:{t.grpc_port}"
         self.http_url = triton_http or f"{host}:{t.http_port}"
-        self.triton_admin = grpc_admin_headers(settings)  # the repository index is a restricted API
         self.cfg = g
         self.routing = settings.serve.routing
         if self.routing.small_model == t.model_name:  # a gateway pointed at the small model itself: one tier
@@ -95,19 +94,21 @@ class Gateway:
         return self._client
 
     async def poll_triton(self, force: bool = False) -> bool:
-        """Refresh which versions are ready (at most every 2 s unless forced)."""
+        """Refresh which versions are ready (at most every 2 s unless forced): each version exported
+        to the repository is asked for over Triton's open health API (ModelReady), so the gateway,
+        which faces clients, holds no key to Triton's restricted repository API."""
         if not force and time.monotonic() - self._last_poll < 2.0:
             return self.triton_up
         self._last_poll = time.monotonic()
         try:
-            index = await asyncio.wait_for(
-                self.client().get_model_repository_index(headers=self.triton_admin, as_json=True), 5.0)
-            ready: dict[str, set[int]] = {}
-            for m in index.get("models", []):
-                if m.get("state") == "READY" and m.get("version"):
-                    ready.setdefault(m.get("name"), set()).add(int(m["version"]))
+            client = self.client()
+            if not await asyncio.wait_for(client.is_server_live(), 5.0):
+                raise RuntimeError("tritonserver is not live")
             for r in self.tiers.values():
-                r.ready = ready.get(r.name, set())
+                versions = served_versions(r.repository, r.name)
+                ready = await asyncio.wait_for(asyncio.gather(
+                    *[_model_ready(client, r.name, v) for v in versions]), 5.0)
+                r.ready = {v for v, ok in zip(versions, ready, strict=True) if ok}
             self.triton_up = True
         except Exception as e:  # noqa: BLE001 - any failure to reach Triton means "down" for routing
             log.warning("Triton at %s unreachable: %s", self.grpc_url, e)
@@ -310,6 +311,18 @@ class Gateway:
         await self.store.close()
         self.log.close()
         self.shadow_log.close()
+
+
+async def _model_ready(client, name: str, version: int) -> bool:
+    """Whether Triton serves this version now (a version it does not know is not ready)."""
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        return bool(await client.is_model_ready(name, str(version)))
+    except InferenceServerException as e:
+        if "unknown model" in str(e).lower() or "not found" in str(e).lower():
+            return False
+        raise
 
 
 def _counts(res) -> dict[str, Any]:
