@@ -326,7 +326,8 @@ async def chat(request: Request):
     except TritonUnavailable as e:
         gw.triton_up = False
         gw.metrics.requests.labels(x.model_label, "503").inc()
-        gw.log.write({**x.record, "status": 503, "error": "model_server_unavailable"})
+        gw.log.write({**x.record, "status": 503, "error": "model_server_unavailable",
+                      "error_detail": str(e)[:300]})
         down = ApiError(503, f"the model server is unavailable: {str(e)[:200]}", type_="server_error",
                         code="model_server_unavailable", headers={"Retry-After": str(gw.cfg.retry_after_s)})
         return down.response({**gw.headers, **x.tier_headers})
@@ -504,6 +505,9 @@ async def _answer(gw: Gateway, req: ChatRequest, route: Route, x: Exchange, prom
     except TritonUnavailable:
         raise
     except Exception as e:  # noqa: BLE001 - any other model-server failure: a 502 with a body, never a bare 500
+        x.record["error_detail"] = str(e)[:300]
+        if not await gw.serving(route):  # the model server is restarting or reloading this version: retry
+            raise TritonUnavailable(str(e)) from None
         raise ApiError(502, f"the model server failed this request: {str(e)[:300]}", type_="server_error",
                        code="model_server_error") from None
     if shared:
@@ -669,18 +673,18 @@ async def _stream(gw: Gateway, req: ChatRequest, route: Route, rid: str, prompt:
         _observe(gw, label, 200, latency, ttft or latency, {**final, "finish_reason": finish}, record,
                  messages, text)
         _mirror(gw, route, session or rid, prompt, max_tokens, req, record, latency, final, text)
-    except TritonUnavailable as e:
-        gw.triton_up = False
-        gw.metrics.requests.labels(label, "503").inc()
-        gw.log.write({**record, "status": 503, "error": "model_server_unavailable"})
-        err = {"error": {"message": f"the model server is unavailable: {str(e)[:200]}",
-                         "type": "server_error", "param": None, "code": "model_server_unavailable"}}
-        yield sse(err)
     except Exception as e:  # noqa: BLE001 - the stream ends with an error event, not a dropped connection
-        gw.metrics.requests.labels(label, "502").inc()
-        gw.log.write({**record, "status": 502, "error": "model_server_error"})
-        yield sse({"error": {"message": f"the model server failed this request: {str(e)[:200]}",
-                              "type": "server_error", "param": None, "code": "model_server_error"}})
+        # unavailable: Triton is down, or restarting or reloading this version (a failure while it is
+        # not ready); else the model server failed this request
+        down = isinstance(e, TritonUnavailable) or not await gw.serving(route)
+        if down:
+            gw.triton_up = False
+        status, code = (503, "model_server_unavailable") if down else (502, "model_server_error")
+        gw.metrics.requests.labels(label, str(status)).inc()
+        gw.log.write({**record, "status": status, "error": code, "error_detail": str(e)[:300]})
+        what = "is unavailable" if down else "failed this request"
+        yield sse({"error": {"message": f"the model server {what}: {str(e)[:200]}",
+                             "type": "server_error", "param": None, "code": code}})
     finally:
         if pieces is not None:  # ended, stopped, or the client went away (this task cancelled): the model
             # server's stream is cancelled unless it ended, and the engine stops decoding it

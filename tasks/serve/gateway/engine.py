@@ -117,6 +117,10 @@ class Gateway:
             self.triton_up = False
         return self.triton_up
 
+    async def serving(self, route: Route) -> bool:
+        """Whether Triton is up with this route's version ready now (asked afresh: after a failure)."""
+        return await self.poll_triton(force=True) and route.version in self.tiers[route.tier].ready
+
     def tokenizer(self, route: Route):
         """The tokenizer and context window of the model version a route goes to (each tier, each
         version its own: a distilled model may share the teacher's tokenizer, but nothing relies on it)."""
