@@ -474,12 +474,20 @@ class MemoryConfig(_Section):
 
 
 class SafetyConfig(_Section):
-    """The runtime safety filter on prompts and replies (tasks/serve/safety.py)."""
+    """The runtime safety filter on prompts and replies, and how it is measured (tasks/safety.py)."""
 
     version: str = Field("2026.11.1", pattern=NAME)
     classifier_threshold: float = Field(0.8, gt=0.0, lt=1.0)
     blocked_patterns: tuple[str, ...] = ()
     refusal: str = "I can't help with that request."
+    labelled_set: Path = Field(Path("configs/eval/safety_labelled.jsonl"),
+                               description="labelled prompts and replies (harmful/benign) the filter's false "
+                               "positive and negative rates are measured on (by the eval, the gateway's "
+                               "/metrics and `llmops safety-calibrate`)")
+    target_fn_rate: float = Field(0.10, gt=0.0, lt=1.0,
+                                  description="the combined filter's false-negative rate "
+                                  "`llmops safety-calibrate` chooses classifier_threshold for (the highest "
+                                  "threshold meeting it on the labelled set's calibration split)")
 
     @field_validator("blocked_patterns")
     @classmethod

@@ -1,4 +1,5 @@
-"""Evaluate trained weights: perplexity, ROUGE-L, BLEU, embedding similarity, toxicity, factuality, latency.
+"""Evaluate trained weights: perplexity, ROUGE-L, BLEU, embedding similarity, toxicity, factuality, latency,
+and the safety filter's false positive and negative rates on the labelled set (tasks/safety.py).
 
     llmops evaluate --weights models/checkpoints/<run>/final
 
@@ -174,6 +175,11 @@ def evaluate(settings: Settings, weights_dir: Path | str, champion: dict[str, fl
         "tokens_per_s_b8": _batch8_tokens_per_s(model, tok, [r["prompt"] for r in held], cfg.max_new_tokens),
     }
     metrics.update(speed or {})
+    from tasks.safety import SafetyFilter, load_labelled, measure, metrics_of
+
+    safe = settings.serve.safety
+    safety_measured = measure(SafetyFilter(safe), load_labelled(safe.labelled_set))
+    metrics.update(metrics_of(safety_measured))
     slices: dict[str, dict[str, float]] = {}
     by_slice: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(held):
@@ -193,7 +199,7 @@ def evaluate(settings: Settings, weights_dir: Path | str, champion: dict[str, fl
     samples += [{"prompt": q["question"], "reference": " | ".join(q["answers"]), "reply": a}
                 for q, a in list(zip(qa, qa_replies, strict=True))[:3]]
     result = {"run_id": run_id, "weights": str(weights_dir), "metrics": metrics, "slices": slices,
-              "champion": champion, "gate": gate,
+              "champion": champion, "gate": gate, "safety_filter": safety_measured,
               "lineage": lineage, "samples": samples, "latencies_ms": [x * 1e3 for x in gen.latencies],
               "metrics_path": str(out_dir / "metrics.json"), "report": str(out_dir / "report.html")}
     write_json(out_dir / "metrics.json", result)

@@ -48,7 +48,7 @@ def test_an_upward_import_breaks_the_layers(tmp_path):
 def test_the_model_may_not_import_the_base_and_serve_may_not_import_judge(tmp_path):
     root = _copy(tmp_path)
     _append(root / "tasks" / "model" / "gpt.py", "from tasks.config import Settings  # noqa")
-    _append(root / "tasks" / "serve" / "safety.py", "from tasks.judge.metrics import bleu  # noqa")
+    _append(root / "tasks" / "serve" / "admission.py", "from tasks.judge.metrics import bleu  # noqa")
     r = _lint(root)
     assert r.returncode != 0
     assert "tasks.model is not allowed to import tasks.config" in r.stdout, r.stdout[-3000:]

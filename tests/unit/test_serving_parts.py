@@ -13,11 +13,11 @@ from tasks.config import SafetyConfig
 from tasks.model.chat_template import PromptTooLong, encode_chat, fit_turns
 from tasks.model.gpt import GPT, GPTConfig, KVCache, generate_stream
 from tasks.names import BadName, check_name, check_version
+from tasks.safety import SafetyFilter
 from tasks.serve.admission import BATCH, INTERACTIVE, Admission, Overloaded
 from tasks.serve.export import config_pbtxt
 from tasks.serve.gateway import ApiError, Router
 from tasks.serve.repository import served_versions
-from tasks.serve.safety import SafetyFilter
 from tests.helpers.project import make_settings
 from tests.helpers.serving import small_tokenizer
 

@@ -40,7 +40,8 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> 
 # `llmops --help` lists the commands in this order, then the groups (stack, serve, rollout).
 for command in (data.config, data.synth, data.ingest, data.validate, data.snapshot, data.shard,
                 model.train, model.train_pod, model.evaluate, model.register, model.distill, model.reproduce,
-                model.promote, data.days, serve.export, serve.memory_worker, loop.drift, loop.autoscale,
+                model.promote, model.safety_calibrate,
+                data.days, serve.export, serve.memory_worker, loop.drift, loop.autoscale,
                 loop.cost, loop.latency, serve.tune_serving, serve.chat, stack.trigger):
     app.command()(command)  # named after the function: train_pod -> train-pod
 app.command(context_settings=stack.PASS_THROUGH)(stack.airflow)

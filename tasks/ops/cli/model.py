@@ -140,3 +140,13 @@ def promote(
 
     s = settings_for(profile, set_)
     run_stage(lambda: run(s, version, reason, who))
+
+
+def safety_calibrate(profile: ProfileOpt = None, set_: SetOpt = None) -> None:
+    """The safety filter's FP/FN rates on the labelled set, and the classifier threshold that meets
+    serve.safety.target_fn_rate (with the FP it costs and the filter version it makes); writes
+    reports/safety/calibration.json. Apply it with the printed --set override or in configs/serve.yaml."""
+    from tasks.safety import calibrate
+
+    s = settings_for(profile, set_)
+    run_stage(lambda: calibrate(s))

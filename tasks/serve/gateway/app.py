@@ -127,6 +127,7 @@ def _gateway(request: Request) -> Gateway:
 async def _lifespan(app: FastAPI):
     gw: Gateway = app.state.gateway
     await gw.poll_triton(force=True)
+    await asyncio.to_thread(gw.measure_safety)  # off the event loop; before the first request is served
     if gw.memory is not None:  # serving starts with the embedder loaded (~6 s on 2 cores): no
         await gw.memory.wait_ready()  # CPU burst under the first requests, no recall skipped
     yield

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from tasks.config import Settings
+from tasks.safety import SafetyFilter
 from tasks.serve.admission import Admission
 from tasks.serve.gateway.errors import LeaderGone, TritonUnavailable
 from tasks.serve.gateway.metrics import Metrics, RequestLog
@@ -33,7 +34,6 @@ from tasks.serve.gateway.schema import ChatRequest, cut_at_stop
 from tasks.serve.gateway.tenancy import Pseudonyms, RateLimiter, api_keys, check_exposure
 from tasks.serve.memory import SessionMemory
 from tasks.serve.repository import served_versions
-from tasks.serve.safety import SafetyFilter
 from tasks.serve.sessions import open_store
 from tasks.serve.tiers import LARGE, SMALL, Decision
 
@@ -78,6 +78,22 @@ class Gateway:
         self._tokenizers: dict[tuple[str, int], tuple[Any, int]] = {}
         self.triton_up = False
         self._last_poll = 0.0
+
+    def measure_safety(self) -> dict[str, Any] | None:
+        """The filter's FP/FN rates on the labelled set, into gateway_safety_error_rate (run once at start, in
+        a thread: a few hundred texts, one classifier batch). A missing set is logged, not fatal."""
+        from tasks.safety import PARTS, SafetyError, load_labelled, measure
+
+        try:
+            m = measure(self.safety, load_labelled(self.settings.serve.safety.labelled_set))
+        except SafetyError as e:
+            log.warning("safety filter not measured: %s", e)
+            return None
+        for part in PARTS:
+            for kind in ("fp", "fn"):
+                rate = m["held_out"][part][f"{kind}_rate"]
+                self.metrics.safety_error.labels(kind, part, m["version"]).set(rate)
+        return m
 
     @property
     def headers(self) -> dict[str, str]:

@@ -43,6 +43,10 @@ class Metrics:
                           "Serving cost per 1M completion tokens at the measured throughput", registry=r)
         self.safety = Counter("gateway_safety_blocked", "Requests the safety filter blocked",
                               ["stage", "rule"], registry=r)
+        self.safety_error = Gauge("gateway_safety_error_rate", "The safety filter's false positive (kind=fp) "
+                                  "and false negative (kind=fn) rate on the labelled set's held-out split, "
+                                  "per part (rules, classifier, combined), measured at gateway start",
+                                  ["kind", "part", "version"], registry=r)
         self.rejected = Counter("gateway_rejected", "Requests refused before inference", ["reason"],
                                 registry=r)
         self.shadow = Counter("gateway_shadow_requests", "Requests mirrored to the challenger, by outcome",
