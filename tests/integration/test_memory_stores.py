@@ -16,6 +16,7 @@ import uuid
 import pytest
 
 from tasks.config import MemoryConfig
+from tasks.serve.gateway.tenancy import LOCAL
 from tasks.serve.memory import PostgresIndex, RedisQueue
 from tests.helpers.memory import Clock, make_memory, unit_vector
 from tests.helpers.project import REPO, make_settings
@@ -111,7 +112,9 @@ def test_deleting_a_session_removes_turns_summaries_vectors_and_queued_exchanges
     from tasks.serve.gateway import create_app
 
     s = _settings(tmp_path, mode, pg)
-    sid, other = f"del-{uuid.uuid4().hex[:6]}", f"keep-{uuid.uuid4().hex[:6]}"
+    # kept as the chat handler keeps them: under the caller's principal (`local` without keys)
+    name, other = f"del-{uuid.uuid4().hex[:6]}", LOCAL.scoped(f"keep-{uuid.uuid4().hex[:6]}")
+    sid = LOCAL.scoped(name)
     with TestClient(create_app(s), base_url="http://127.0.0.1") as client:
         gw = client.app.state.gateway
         memory = gw.memory
@@ -138,10 +141,10 @@ def test_deleting_a_session_removes_turns_summaries_vectors_and_queued_exchanges
         before = client.portal.call(state, sid)
         assert before["turns"] == 2 and before["memories"] == 2 and before["bytes"] > 0
 
-        r = client.delete(f"/v1/sessions/{sid}")
+        r = client.delete(f"/v1/sessions/{name}")
         assert r.status_code == 200, r.text
-        assert r.json() == \
-            {"id": sid, "object": "session", "deleted": True, "turns": True, "memories": 2, "queued": 1}
+        assert r.json() == {"id": name, "object": "session", "deleted": True, "turns": True, "memories": 2,
+                            "queued": 1, "log_lines": 0}
         assert client.portal.call(state, sid) == {"turns": 0, "memories": 0, "bytes": 0}
         assert client.portal.call(state, other)["memories"] == 2  # another session keeps its own
         if mode == "production":  # and nothing is left in the stores themselves
@@ -198,24 +201,25 @@ def test_deleting_a_user_removes_their_memories_from_every_session(tmp_path, pg,
     from tasks.serve.gateway import create_app
 
     s = _settings(tmp_path, mode, pg)
-    user, tag = f"u-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex[:6]
+    name, tag = f"u-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex[:6]
+    user = LOCAL.scoped(name)  # as the chat handler keeps it: under the caller's principal
+    a, b, c = (LOCAL.scoped(f"{x}-{tag}") for x in "abc")
     with TestClient(create_app(s), base_url="http://127.0.0.1") as client:
         memory = client.app.state.gateway.memory
 
         async def write():
             await memory.wait_ready()
-            for sid in (f"a-{tag}", f"b-{tag}"):
+            for sid in (a, b):
                 await memory.remember(sid, user, "My sister lives in Oslo.", "Oslo is beautiful.")
-            await memory.remember(f"c-{tag}", None, "My sister lives in Oslo.",
-                                  "Oslo is beautiful.")  # no user
+            await memory.remember(c, None, "My sister lives in Oslo.", "Oslo is beautiful.")  # no user
             await memory.process(await memory.queue.get(16, timeout=2))
 
         client.portal.call(write)
-        r = client.delete(f"/v1/users/{user}")
+        r = client.delete(f"/v1/users/{name}")
         assert r.status_code == 200 and r.json()["memories"] == 2, r.text
 
         async def left(sid):
             return await memory.index.session_bytes(sid)
-        assert client.portal.call(left, f"a-{tag}") == client.portal.call(left, f"b-{tag}") == 0
-        assert client.portal.call(left, f"c-{tag}") > 0  # another person's memory of the same words stays
+        assert client.portal.call(left, a) == client.portal.call(left, b) == 0
+        assert client.portal.call(left, c) > 0  # another person's memory of the same words stays
         assert client.delete("/v1/users/a%20b").status_code == 400
